@@ -1,0 +1,103 @@
+"""FLOPs of one S2H step over one dense training step (METHOD §6), counted, not timed.
+
+    python bench/step_flops.py [--model resnet50] [--image-size 224] [--batch 2] [--out rows.jsonl]
+
+Counts with ``torch.utils.flop_counter`` on the plain PyTorch path: one ``pruner.train_step``
+(soft forward, hard forward on kept channels, gate-only backward of the mask-side gap term,
+the main backward) against a dense forward + backward of the same model. The floor is
+``(4 + 3p) / 3`` (METHOD §6); the bar is ``<= 1.1 x floor``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import s2h  # noqa: E402
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"],
+                                       cwd=os.path.dirname(__file__), text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return None
+
+
+def _model(name: str):
+    import timm
+
+    return timm.create_model(name, pretrained=False, num_classes=1000)
+
+
+def count_dense_step(name, x, y) -> int:
+    torch.manual_seed(0)
+    model = _model(name)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with FlopCounterMode(display=False) as fc:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return fc.get_total_flops()
+
+
+def count_s2h_step(name, x, y, ratio) -> tuple[int, float, int]:
+    torch.manual_seed(0)
+    model = _model(name)
+    pruner = s2h.S2HPruner(model, x[:1], ratio, warn=False)
+    pruner.set_widths(ratio)
+    opt = torch.optim.SGD([{"params": pruner.weight_parameters()},
+                           {"params": pruner.gate_parameters()}], lr=0.0)
+    with FlopCounterMode(display=False) as fc:
+        pruner.train_step(x, y, opt)
+    return fc.get_total_flops(), pruner.hard_flops_ratio(), pruner.dense_flops
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet50")
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--ratios", default="0.15,0.35")
+    ap.add_argument("--out", default=None, help="append JSON rows to this file")
+    args = ap.parse_args(argv)
+    x = torch.randn(args.batch, 3, args.image_size, args.image_size)
+    y = torch.randint(0, 1000, (args.batch,))
+    dense = count_dense_step(args.model, x, y)
+    rows = []
+    for r in [float(v) for v in args.ratios.split(",")]:
+        step, p, _ = count_s2h_step(args.model, x, y, r)
+        floor = (4 + 3 * p) / 3
+        rows.append({"bench": "step_flops", "case": f"{args.model}@{args.image_size}",
+                     "keep": round(p, 4), "batch": args.batch, "dense_step_gflops": dense / 1e9,
+                     "s2h_step_gflops": step / 1e9, "ratio_to_dense": step / dense,
+                     "floor": floor, "ratio_to_floor": step / dense / floor,
+                     "within_bar": step / dense <= 1.1 * floor, "commit": _commit(),
+                     "torch": torch.__version__})
+    print(f"\nS2H step FLOPs vs dense training step: {args.model}, {args.image_size}x"
+          f"{args.image_size}, batch {args.batch} (torch.utils.flop_counter, reference path)")
+    print(f"{'hard FLOPs p':>13s}{'dense GFLOP':>13s}{'S2H GFLOP':>12s}{'S2H/dense':>11s}"
+          f"{'floor (4+3p)/3':>16s}{'/ floor':>9s}{'<=1.1x floor':>14s}")
+    for r in rows:
+        print(f"{r['keep']:13.3f}{r['dense_step_gflops']:13.2f}{r['s2h_step_gflops']:12.2f}"
+              f"{r['ratio_to_dense']:11.3f}{r['floor']:16.3f}{r['ratio_to_floor']:9.3f}"
+              f"{str(r['within_bar']):>14s}")
+    if args.out:
+        with open(args.out, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    return 0 if all(r["within_bar"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,183 @@
+"""Pieces shared by the dual kernels: interpreter detection, autotune configs, op registration.
+
+Only imported when triton is importable (see ``kernels/__init__.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+# Triton decides at ``@triton.jit`` time whether kernels are interpreted, from this variable;
+# reading it once at import keeps our choices (configs, op registration) in step with it.
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# ``torch.library.triton_op`` lets torch.compile see (and fuse around) the kernels, but its
+# implementation doubles as the fake kernel, which only works when ``wrap_triton`` recognises
+# the kernel: interpreted kernels are not recognised. Under the interpreter (and on torch
+# without triton_op) we register an opaque ``custom_op`` with an explicit fake instead.
+USE_TRITON_OP: bool = hasattr(torch.library, "triton_op") and not INTERPRET
+
+# Row granularity of the mask-gradient partial sums (one fp32 row of partials per PARTIAL_ROWS
+# rows of activations). Every config's BLOCK_M is a multiple of it, so each buffer row is
+# written by exactly one tile whatever config autotuning picks (and re-running a config while
+# benchmarking rewrites the same rows: no stale partials).
+PARTIAL_ROWS: int = 64
+
+
+def _config(bm: int, bn: int, bk: int, *, warps: int, stages: int) -> triton.Config:
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
+    return triton.Config(meta, num_warps=warps, num_stages=stages)
+
+
+def gemm_configs() -> list[triton.Config]:
+    """Autotune configs for the 2-D tile GEMMs (forward and data gradient).
+
+    ``BLOCK_M`` x ``BLOCK_N`` is the output tile, ``BLOCK_K`` the reduction step. Under the
+    interpreter, a single config (no benchmarking) with large tiles: the interpreter's cost is
+    per operation, not per element, so fewer, bigger tiles keep the CPU tests fast.
+    """
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
+    return [  # BLOCK_M: multiples of PARTIAL_ROWS
+        _config(128, 128, 64, warps=8, stages=3),
+        _config(128, 256, 64, warps=8, stages=3),
+        _config(256, 128, 64, warps=8, stages=3),
+        _config(128, 64, 64, warps=4, stages=4),
+        _config(64, 128, 64, warps=4, stages=4),
+        _config(64, 64, 32, warps=4, stages=4),
+    ]
+
+
+def wgrad_configs() -> list[triton.Config]:
+    """Configs for weight-gradient GEMMs: output tile ``BLOCK_N`` x ``BLOCK_K``, row step
+    ``BLOCK_M``."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32})]
+    cfg = triton.Config
+    return [
+        cfg({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
+        cfg({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        cfg({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+        cfg({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    ]
+
+
+def depthwise_configs() -> list[triton.Config]:
+    """Configs for the depthwise (direct, non-GEMM) kernels: ``BLOCK_M`` pixels x ``BLOCK_C``
+    channels."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_C": 32})]
+    cfg = triton.Config
+    return [  # BLOCK_M: multiples of PARTIAL_ROWS
+        cfg({"BLOCK_M": 64, "BLOCK_C": 64}, num_warps=4),
+        cfg({"BLOCK_M": 128, "BLOCK_C": 32}, num_warps=4),
+        cfg({"BLOCK_M": 64, "BLOCK_C": 128}, num_warps=4),
+        cfg({"BLOCK_M": 128, "BLOCK_C": 64}, num_warps=8),
+    ]
+
+
+def dot_precision(dtype: torch.dtype, kind: str) -> str:
+    """``input_precision`` for ``tl.dot``, following torch's own TF32 switches for fp32.
+
+    ``kind`` is ``"matmul"`` (F.linear: ``torch.backends.cuda.matmul.allow_tf32``, off by
+    default) or ``"conv"`` (F.conv2d: ``torch.backends.cudnn.allow_tf32``, on by default), so
+    that the fused op rounds like the PyTorch layer it replaces. For fp16/bf16 operands the
+    value is irrelevant (a string is passed all the same: a ``None`` constexpr is one more
+    thing for torch.compile's handling of user kernels to get wrong).
+    """
+    if dtype != torch.float32:
+        return "tf32"
+    if INTERPRET:
+        return "ieee"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the allow_tf32 flags are being deprecated upstream
+        if kind == "conv":
+            allow = bool(torch.backends.cudnn.allow_tf32)
+        else:
+            allow = bool(torch.backends.cuda.matmul.allow_tf32)
+    return "tf32" if allow else "ieee"
+
+
+def upcast_dot(dtype: torch.dtype) -> bool:
+    """Whether kernels cast dot operands to fp32 before ``tl.dot``.
+
+    Triton's interpreter computes bf16 ``tl.dot`` wrongly (garbage of order 1e10, checked with
+    triton 3.9), so under the interpreter operands are cast to fp32 first. The products of
+    fp16/bf16 values are exact in fp32 and the accumulator is fp32 anyway, so the numerics are
+    those of the GPU path (which keeps the narrow operands for the tensor cores).
+    """
+    return INTERPRET and dtype != torch.float32
+
+
+def num_programs_target(device: torch.device) -> int:
+    """How many programs a launch should have to fill the device (used to pick split-K factors).
+
+    Off CUDA (the interpreter) a number that makes the tests' tiny shapes use the row splits,
+    including splits left empty by the row-block rounding.
+    """
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 32
+
+
+def launcher(kernel: Any) -> Any:
+    """The kernel as it must be called inside an op body (``wrap_triton`` when tracing works)."""
+    if USE_TRITON_OP:
+        return torch.library.wrap_triton(kernel)
+    return kernel
+
+
+def register_op(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., Any]], Any]:
+    """Decorator: register ``fn`` as the op ``name`` (triton_op when usable, else custom_op
+    with the ``fake`` kernel)."""
+
+    def deco(fn: Callable[..., Any]) -> Any:
+        if USE_TRITON_OP:
+            return torch.library.triton_op(name, mutates_args=())(fn)
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        op.register_fake(fake)
+        return op
+
+    return deco
+
+
+def empty_grad(like: torch.Tensor) -> torch.Tensor:
+    """Placeholder for a gradient that was not requested (op schemas cannot return None)."""
+    return like.new_empty((0,))
+
+
+@triton.jit
+def grouped_tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Map a linear tile id to (pid_m, pid_n), ``GROUP_M`` row tiles at a time (L2 reuse of B)."""
+    num_in_group = GROUP_M * num_pid_n
+    group_id = tile // num_in_group
+    first_m = group_id * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % num_in_group) % group_size
+    pid_n = (tile % num_in_group) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
+def store_partial_column_sums(
+    part_ptr, values, pid_m, M, n_cols, offs_col, col_ok,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+):  # fmt: skip
+    """Store the column sums of ``values`` (``[BLOCK_M, BLOCK_N]`` fp32, row tile ``pid_m``)
+    per group of ``ROWS`` rows into ``part`` (contiguous ``[cdiv(M, ROWS), n_cols]`` fp32).
+
+    Rows of ``values`` past ``M`` must be zero. Summing them later over the first axis gives
+    the full column sums, deterministically and independently of ``BLOCK_M``.
+    """
+    GROUPS: tl.constexpr = BLOCK_M // ROWS
+    sums = tl.sum(tl.reshape(values, (GROUPS, ROWS, BLOCK_N)), axis=1)
+    rows = pid_m * GROUPS + tl.arange(0, GROUPS)
+    ok = (rows < tl.cdiv(M, ROWS))[:, None] & col_ok[None, :]
+    tl.store(part_ptr + rows[:, None] * n_cols + offs_col[None, :], sums, mask=ok)

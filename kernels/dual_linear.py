@@ -1,0 +1,577 @@
+"""Fused dual (soft + hard) masked linear: Triton kernels, the ops that launch them, autograd.
+
+Math (``W`` is ``[N, K]``, ``i = in_keep``, ``o = out_keep``)::
+
+    y_soft = (x_soft * soft_in_mask) @ W.T + b                    # [M_s, N]
+    y_hard = (x_hard * hard_in_mask) @ W[o][:, i].T + b[o]        # [M_h, N_h]
+
+Kernels (each one launch covering the tiles of *both* problems; soft tiles come first
+because their reduction is longer, so the short hard tiles fill the tail of the wave):
+
+* ``_dual_linear_fwd_kernel``   the input mask is applied to the A operand as it is loaded,
+  the bias is added in the epilogue (gathered through ``out_keep`` for the hard problem).
+* ``_dual_linear_dgrad_kernel`` ``g = dY @ W`` (gradient w.r.t. the masked input); the
+  epilogue writes ``dx = g * mask`` and the per-row-tile partial sums of ``g * x`` that give
+  the mask gradient, so neither ``g`` nor ``x * mask`` is ever materialised.
+* ``_dual_linear_wgrad_kernel`` ``dW = (dY.T @ x) * mask`` with the rows split in
+  ``SPLIT`` chunks (the reduction is over the batch, which is long while ``N x K`` may give
+  few tiles); the bias gradient (column sums of ``dY``) rides along in the tiles of the
+  first ``K`` block. Partial sums go to fp32 buffers that are summed afterwards: no atomics,
+  so results are deterministic and autotuning may rerun the kernel freely.
+
+The hard problem reads a gathered copy ``W[o][:, i]`` (``N_h x K_h``, contiguous) rather
+than gathering inside the kernel: ``i`` indexes the contiguous dimension of ``W``, so an
+in-kernel gather would turn every weight-tile load into scattered scalar loads (no
+vectorisation, no TMA) on the hot loop, while the copy costs one pass over at most the size
+of ``W`` per call, which is ``M_h / BLOCK_M`` times less traffic than the GEMM reads of that
+operand. The bias is gathered in the kernel (one vector per tile). The hard weight gradient is
+computed compact and scattered into ``dW[o][:, i]`` by an index-add.
+"""
+
+# torch.library infers op schemas from typing.Optional (the GPU host's torch 2.11 included);
+# keep it rather than `X | None`.
+# ruff: noqa: UP045
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    INTERPRET,
+    PARTIAL_ROWS,
+    dot_precision,
+    gemm_configs,
+    grouped_tile_coords,
+    launcher,
+    num_programs_target,
+    register_op,
+    store_partial_column_sums,
+    upcast_dot,
+    wgrad_configs,
+)
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_tile(
+    tile, x_ptr, mask_ptr, w_ptr, b_ptr, bias_index_ptr, y_ptr,
+    M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, BIAS_GATHER: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """One ``BLOCK_M x BLOCK_N`` tile of ``y = (x * mask) @ w.T + b``."""
+    pid_m, pid_n = grouped_tile_coords(tile, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_cols = w_ptr + offs_n[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        a = tl.load(
+            x_rows + offs_k[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0
+        )
+        gate = tl.load(mask_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        # The mask multiply is the A-operand prologue: one rounding to the operand dtype.
+        a = (a.to(tl.float32) * gate[None, :]).to(x_ptr.dtype.element_ty)
+        b = tl.load(
+            w_cols + offs_k[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :], other=0.0
+        )
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        if BIAS_GATHER:
+            bias_rows = tl.load(bias_index_ptr + offs_n, mask=n_ok, other=0)
+            bias = tl.load(b_ptr + bias_rows, mask=n_ok, other=0.0)
+        else:
+            bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.autotune(configs=gemm_configs(), key=["M_s", "M_h", "N", "K", "N_h", "K_h"])
+@triton.jit
+def _dual_linear_fwd_kernel(
+    xs_ptr, xh_ptr, w_ptr, wh_ptr, b_ptr, out_keep_ptr, ms_ptr, mh_ptr, ys_ptr, yh_ptr,
+    M_s, M_h, N, K, N_h, K_h,
+    stride_xs_m, stride_xs_k, stride_xh_m, stride_xh_k,
+    stride_w_n, stride_w_k, stride_wh_n, stride_wh_k,
+    stride_ys_m, stride_ys_n, stride_yh_m, stride_yh_n,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """Grouped launch: programs ``[0, T_s)`` do soft tiles, ``[T_s, T_s + T_h)`` hard tiles."""
+    pid = tl.program_id(0)
+    soft_tiles = tl.cdiv(M_s, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    if pid < soft_tiles:
+        _fwd_tile(
+            pid, xs_ptr, ms_ptr, w_ptr, b_ptr, out_keep_ptr, ys_ptr, M_s, N, K,
+            stride_xs_m, stride_xs_k, stride_w_n, stride_w_k, stride_ys_m, stride_ys_n,
+            HAS_BIAS, False, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+        )  # fmt: skip
+    else:
+        _fwd_tile(
+            pid - soft_tiles, xh_ptr, mh_ptr, wh_ptr, b_ptr, out_keep_ptr, yh_ptr, M_h, N_h, K_h,
+            stride_xh_m, stride_xh_k, stride_wh_n, stride_wh_k, stride_yh_m, stride_yh_n,
+            HAS_BIAS, True, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+        )  # fmt: skip
+
+
+@triton.jit
+def _dgrad_tile(
+    tile, dy_ptr, w_ptr, x_ptr, mask_ptr, dx_ptr, dmask_part_ptr,
+    M, N, K, stride_dym, stride_dyn, stride_wn, stride_wk, stride_xm, stride_xk,
+    NEED_DX: tl.constexpr, NEED_DMASK: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """One ``BLOCK_M x BLOCK_N`` tile (rows x input features) of ``g = dy @ w``, reduced over
+    ``N`` output features in ``BLOCK_K`` steps, with the mask-gradient partial in the epilogue.
+    ``dx`` is contiguous ``[M, K]``; ``dmask_part`` is contiguous ``[*, K]`` fp32, one row per
+    row tile."""
+    pid_m, pid_k = grouped_tile_coords(tile, tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    k_ok = offs_k < K
+    dy_rows = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_K):
+        offs_n = n0 + tl.arange(0, BLOCK_K)
+        n_ok = offs_n < N
+        a = tl.load(
+            dy_rows + offs_n[None, :] * stride_dyn, mask=m_ok[:, None] & n_ok[None, :], other=0.0
+        )
+        b = tl.load(
+            w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+            mask=n_ok[:, None] & k_ok[None, :], other=0.0,
+        )  # fmt: skip
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a.to(b.dtype), b, acc, input_precision=PRECISION)
+    ok = m_ok[:, None] & k_ok[None, :]
+    if NEED_DX:
+        gate = tl.load(mask_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]
+        tl.store(dx_ptrs, (acc * gate[None, :]).to(dx_ptr.dtype.element_ty), mask=ok)
+    if NEED_DMASK:
+        x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        x = tl.load(x_ptrs, mask=ok, other=0.0).to(tl.float32)
+        store_partial_column_sums(
+            dmask_part_ptr, acc * x, pid_m, M, K, offs_k, k_ok, BLOCK_M, BLOCK_N, PARTIAL_ROWS
+        )
+
+
+@triton.autotune(configs=gemm_configs(), key=["M_s", "M_h", "N", "K", "N_h", "K_h"])
+@triton.jit
+def _dual_linear_dgrad_kernel(
+    dys_ptr, dyh_ptr, w_ptr, wh_ptr, xs_ptr, xh_ptr, ms_ptr, mh_ptr,
+    dxs_ptr, dxh_ptr, dms_part_ptr, dmh_part_ptr,
+    M_s, M_h, N, K, N_h, K_h,
+    stride_dys_m, stride_dys_n, stride_dyh_m, stride_dyh_n,
+    stride_w_n, stride_w_k, stride_wh_n, stride_wh_k,
+    stride_xs_m, stride_xs_k, stride_xh_m, stride_xh_k,
+    NEED_DX_S: tl.constexpr, NEED_DM_S: tl.constexpr,
+    NEED_DX_H: tl.constexpr, NEED_DM_H: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """Grouped data-gradient launch over the soft then the hard problem's tiles."""
+    pid = tl.program_id(0)
+    soft_tiles = tl.cdiv(M_s, BLOCK_M) * tl.cdiv(K, BLOCK_N)
+    if pid < soft_tiles:
+        _dgrad_tile(
+            pid, dys_ptr, w_ptr, xs_ptr, ms_ptr, dxs_ptr, dms_part_ptr, M_s, N, K,
+            stride_dys_m, stride_dys_n, stride_w_n, stride_w_k, stride_xs_m, stride_xs_k,
+            NEED_DX_S, NEED_DM_S, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+        )  # fmt: skip
+    else:
+        _dgrad_tile(
+            pid - soft_tiles, dyh_ptr, wh_ptr, xh_ptr, mh_ptr, dxh_ptr, dmh_part_ptr,
+            M_h, N_h, K_h,
+            stride_dyh_m, stride_dyh_n, stride_wh_n, stride_wh_k, stride_xh_m, stride_xh_k,
+            NEED_DX_H, NEED_DM_H, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+        )  # fmt: skip
+
+
+@triton.jit
+def _wgrad_tile(
+    tile, dy_ptr, x_ptr, mask_ptr, dw_part_ptr, db_part_ptr,
+    M, N, K, SPLIT, stride_dym, stride_dyn, stride_xm, stride_xk,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One ``BLOCK_N x BLOCK_K`` tile of one row split of ``dW = dy.T @ (x * mask)``.
+    ``dw_part`` is contiguous ``[SPLIT, N, K]`` fp32, ``db_part`` ``[SPLIT, N]`` fp32."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_k = tl.cdiv(K, BLOCK_K)
+    # Split slowest: concurrently running tiles read the same rows of dy and x (L2 reuse).
+    split = tile // (num_n * num_k)
+    rest = tile % (num_n * num_k)
+    pid_n = rest // num_k
+    pid_k = rest % num_k
+    rows_per_split = tl.cdiv(tl.cdiv(M, SPLIT), BLOCK_M) * BLOCK_M
+    m_lo = split * rows_per_split
+    m_hi = tl.minimum(M, m_lo + rows_per_split)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_ok = offs_n < N
+    k_ok = offs_k < K
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < m_hi
+        rows = offs_m.to(tl.int64)
+        # dy loaded already transposed ([BLOCK_N, BLOCK_M]) so the dot needs no permute.
+        a = tl.load(
+            dy_ptr + rows[None, :] * stride_dym + offs_n[:, None] * stride_dyn,
+            mask=n_ok[:, None] & m_ok[None, :], other=0.0,
+        )  # fmt: skip
+        xb = tl.load(
+            x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=m_ok[:, None] & k_ok[None, :], other=0.0,
+        )  # fmt: skip
+        if HAS_BIAS:  # noqa: SIM102 (a constexpr gate, then a runtime test)
+            if pid_k == 0:
+                bias_acc += tl.sum(a.to(tl.float32), axis=1)
+        if UPCAST:
+            a = a.to(tl.float32)
+            xb = xb.to(tl.float32)
+        acc = tl.dot(a.to(xb.dtype), xb, acc, input_precision=PRECISION)
+    # The mask is constant along the reduction: dy.T @ (x * m) == (dy.T @ x) * m, so it is
+    # applied once here, keeping the loop a plain GEMM (and x * m unrounded).
+    gate = tl.load(mask_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+    acc = acc * gate[None, :]
+    dw_ptrs = dw_part_ptr + split.to(tl.int64) * N * K + offs_n[:, None] * K + offs_k[None, :]
+    tl.store(dw_ptrs, acc, mask=n_ok[:, None] & k_ok[None, :])
+    if HAS_BIAS:  # noqa: SIM102 (a constexpr gate, then a runtime test)
+        if pid_k == 0:
+            tl.store(db_part_ptr + split * N + offs_n, bias_acc, mask=n_ok)
+
+
+@triton.autotune(configs=wgrad_configs(), key=["M_s", "M_h", "N", "K", "N_h", "K_h", "SPLIT"])
+@triton.jit
+def _dual_linear_wgrad_kernel(
+    dys_ptr, dyh_ptr, xs_ptr, xh_ptr, ms_ptr, mh_ptr,
+    dws_part_ptr, dwh_part_ptr, dbs_part_ptr, dbh_part_ptr,
+    M_s, M_h, N, K, N_h, K_h, SPLIT, soft_on,
+    stride_dys_m, stride_dys_n, stride_dyh_m, stride_dyh_n,
+    stride_xs_m, stride_xs_k, stride_xh_m, stride_xh_k,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Grouped weight-gradient launch over the soft then the hard problem's (split, tile)s.
+    ``soft_on`` is 0 when the soft problem is skipped (its tiles span ``N x K``, not rows)."""
+    pid = tl.program_id(0)
+    soft_tiles = SPLIT * tl.cdiv(N, BLOCK_N) * tl.cdiv(K, BLOCK_K) * soft_on
+    if pid < soft_tiles:
+        _wgrad_tile(
+            pid, dys_ptr, xs_ptr, ms_ptr, dws_part_ptr, dbs_part_ptr, M_s, N, K, SPLIT,
+            stride_dys_m, stride_dys_n, stride_xs_m, stride_xs_k,
+            HAS_BIAS, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+    else:
+        _wgrad_tile(
+            pid - soft_tiles, dyh_ptr, xh_ptr, mh_ptr, dwh_part_ptr, dbh_part_ptr,
+            M_h, N_h, K_h, SPLIT,
+            stride_dyh_m, stride_dyh_n, stride_xh_m, stride_xh_k,
+            HAS_BIAS, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers (the bodies of the registered ops)
+# --------------------------------------------------------------------------------------------
+
+
+def gather_hard_weight(
+    weight: torch.Tensor, in_keep: torch.Tensor, out_keep: torch.Tensor
+) -> torch.Tensor:
+    """``weight[out_keep][:, in_keep]`` as a contiguous ``[N_h, K_h]`` tensor (see module doc)."""
+    return weight.index_select(0, out_keep).index_select(1, in_keep)
+
+
+def _rows(t: torch.Tensor, features: int) -> torch.Tensor:
+    """``t`` as ``[rows, features]`` (a view whenever strides allow; kernels take strides)."""
+    return t.reshape(-1, features)
+
+
+def _row_splits(device: torch.device, rows: int, tiles: int) -> int:
+    """Split factor over rows for the weight-gradient GEMM so the launch fills the device.
+
+    ``tiles`` is the number of output tiles at 128 x 128 (the typical config); each split
+    keeps at least a few row blocks so the fp32 partial buffers stay small relative to work.
+    """
+    target = num_programs_target(device)
+    if tiles >= target or rows == 0:
+        return 1
+    min_rows = 32 if INTERPRET else 512
+    return max(1, min(triton.cdiv(target, max(tiles, 1)), triton.cdiv(rows, min_rows), 64))
+
+
+def _fwd_fake(
+    x_soft: torch.Tensor, x_hard: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    soft_in_mask: torch.Tensor, hard_in_mask: torch.Tensor, in_keep: torch.Tensor,
+    out_keep: torch.Tensor, weight_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    y_soft = x_soft.new_empty((*x_soft.shape[:-1], weight.shape[0]))
+    y_hard = x_hard.new_empty((*x_hard.shape[:-1], out_keep.shape[0]))
+    return y_soft, y_hard
+
+
+@register_op("s2h_kernels::dual_linear", fake=_fwd_fake)
+def dual_linear_op(
+    x_soft: torch.Tensor, x_hard: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    soft_in_mask: torch.Tensor, hard_in_mask: torch.Tensor, in_keep: torch.Tensor,
+    out_keep: torch.Tensor, weight_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Forward of the dual linear (one launch). Arguments as ``s2h.functional.dual_linear``;
+    ``weight_grad`` only matters to autograd."""
+    n_out, n_in = weight.shape
+    n_out_h, n_in_h = out_keep.shape[0], in_keep.shape[0]
+    xs = _rows(x_soft, n_in)
+    xh = _rows(x_hard, n_in_h)
+    w_hard = gather_hard_weight(weight, in_keep, out_keep)
+    ys = torch.empty((xs.shape[0], n_out), dtype=x_soft.dtype, device=x_soft.device)
+    yh = torch.empty((xh.shape[0], n_out_h), dtype=x_hard.dtype, device=x_hard.device)
+    m_s, m_h = xs.shape[0], xh.shape[0]
+    if m_s * n_out + m_h * n_out_h > 0:
+
+        def grid(meta: dict) -> tuple[int]:
+            bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
+            return (
+                triton.cdiv(m_s, bm) * triton.cdiv(n_out, bn)
+                + triton.cdiv(m_h, bm) * triton.cdiv(n_out_h, bn),
+            )
+
+        launcher(_dual_linear_fwd_kernel)[grid](
+            xs, xh, weight, w_hard, bias if bias is not None else weight, out_keep,
+            soft_in_mask.contiguous(), hard_in_mask.contiguous(), ys, yh,
+            m_s, m_h, n_out, n_in, n_out_h, n_in_h,
+            xs.stride(0), xs.stride(1), xh.stride(0), xh.stride(1),
+            weight.stride(0), weight.stride(1), w_hard.stride(0), w_hard.stride(1),
+            ys.stride(0), ys.stride(1), yh.stride(0), yh.stride(1),
+            HAS_BIAS=bias is not None, UPCAST=upcast_dot(weight.dtype),
+            PRECISION=dot_precision(weight.dtype, "matmul"),
+        )  # fmt: skip
+    return (
+        ys.reshape(*x_soft.shape[:-1], n_out),
+        yh.reshape(*x_hard.shape[:-1], n_out_h),
+    )
+
+
+def _dgrad_fake(
+    grad_soft: Optional[torch.Tensor], grad_hard: Optional[torch.Tensor], x_soft: torch.Tensor,
+    x_hard: torch.Tensor, weight: torch.Tensor, soft_in_mask: torch.Tensor,
+    hard_in_mask: torch.Tensor, in_keep: torch.Tensor, out_keep: torch.Tensor,
+    need_x_soft: bool, need_x_hard: bool, need_soft_mask: bool, need_hard_mask: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    soft, hard = grad_soft is not None, grad_hard is not None
+    return (
+        torch.empty_like(x_soft, memory_format=torch.contiguous_format)
+        if soft and need_x_soft
+        else x_soft.new_empty((0,)),
+        torch.empty_like(x_hard, memory_format=torch.contiguous_format)
+        if hard and need_x_hard
+        else x_soft.new_empty((0,)),
+        torch.empty_like(soft_in_mask) if soft and need_soft_mask else x_soft.new_empty((0,)),
+        torch.empty_like(hard_in_mask) if hard and need_hard_mask else x_soft.new_empty((0,)),
+    )
+
+
+@register_op("s2h_kernels::dual_linear_dgrad", fake=_dgrad_fake)
+def dual_linear_dgrad_op(
+    grad_soft: Optional[torch.Tensor], grad_hard: Optional[torch.Tensor], x_soft: torch.Tensor,
+    x_hard: torch.Tensor, weight: torch.Tensor, soft_in_mask: torch.Tensor,
+    hard_in_mask: torch.Tensor, in_keep: torch.Tensor, out_keep: torch.Tensor,
+    need_x_soft: bool, need_x_hard: bool, need_soft_mask: bool, need_hard_mask: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Activation and mask gradients of both paths in one launch.
+
+    Returns ``(dx_soft, dx_hard, d_soft_mask, d_hard_mask)``; an output that was not asked
+    for, or whose path has no incoming gradient (``None``), is an empty tensor.
+    """
+    n_out, n_in = weight.shape
+    n_out_h, n_in_h = out_keep.shape[0], in_keep.shape[0]
+    do_soft = grad_soft is not None and (need_x_soft or need_soft_mask)
+    do_hard = grad_hard is not None and (need_x_hard or need_hard_mask)
+    xs = _rows(x_soft, n_in)
+    xh = _rows(x_hard, n_in_h)
+    m_s = xs.shape[0] if do_soft else 0
+    m_h = xh.shape[0] if do_hard else 0
+    dys = _rows(grad_soft, n_out) if do_soft else xs
+    dyh = _rows(grad_hard, n_out_h) if do_hard else xh
+    w_hard = gather_hard_weight(weight, in_keep, out_keep) if do_hard else weight
+    dxs = torch.empty((m_s, n_in), dtype=x_soft.dtype, device=x_soft.device)
+    dxh = torch.empty((m_h, n_in_h), dtype=x_hard.dtype, device=x_hard.device)
+    dms_part = torch.empty(
+        (triton.cdiv(m_s, PARTIAL_ROWS), n_in), dtype=torch.float32, device=xs.device
+    )
+    dmh_part = torch.empty(
+        (triton.cdiv(m_h, PARTIAL_ROWS), n_in_h), dtype=torch.float32, device=xs.device
+    )
+    if m_s * n_in + m_h * n_in_h > 0:
+
+        def grid(meta: dict) -> tuple[int]:
+            bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
+            return (
+                triton.cdiv(m_s, bm) * triton.cdiv(n_in, bn)
+                + triton.cdiv(m_h, bm) * triton.cdiv(n_in_h, bn),
+            )
+
+        launcher(_dual_linear_dgrad_kernel)[grid](
+            dys, dyh, weight, w_hard, xs, xh, soft_in_mask.contiguous(), hard_in_mask.contiguous(),
+            dxs, dxh, dms_part, dmh_part,
+            m_s, m_h, n_out, n_in, n_out_h, n_in_h,
+            dys.stride(0), dys.stride(1), dyh.stride(0), dyh.stride(1),
+            weight.stride(0), weight.stride(1), w_hard.stride(0), w_hard.stride(1),
+            xs.stride(0), xs.stride(1), xh.stride(0), xh.stride(1),
+            NEED_DX_S=need_x_soft, NEED_DM_S=need_soft_mask,
+            NEED_DX_H=need_x_hard, NEED_DM_H=need_hard_mask,
+            UPCAST=upcast_dot(weight.dtype), PRECISION=dot_precision(weight.dtype, "matmul"),
+        )  # fmt: skip
+    return (
+        dxs.reshape(x_soft.shape) if do_soft and need_x_soft else x_soft.new_empty((0,)),
+        dxh.reshape(x_hard.shape) if do_hard and need_x_hard else x_soft.new_empty((0,)),
+        dms_part.sum(0).to(soft_in_mask.dtype)
+        if do_soft and need_soft_mask
+        else x_soft.new_empty((0,)),
+        dmh_part.sum(0).to(hard_in_mask.dtype)
+        if do_hard and need_hard_mask
+        else x_soft.new_empty((0,)),
+    )
+
+
+def _wgrad_fake(
+    grad_soft: Optional[torch.Tensor], grad_hard: Optional[torch.Tensor], x_soft: torch.Tensor,
+    x_hard: torch.Tensor, weight: torch.Tensor, soft_in_mask: torch.Tensor,
+    hard_in_mask: torch.Tensor, in_keep: torch.Tensor, out_keep: torch.Tensor, need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    db = weight.new_empty((weight.shape[0],)) if need_bias else weight.new_empty((0,))
+    return torch.empty_like(weight, memory_format=torch.contiguous_format), db
+
+
+@register_op("s2h_kernels::dual_linear_wgrad", fake=_wgrad_fake)
+def dual_linear_wgrad_op(
+    grad_soft: Optional[torch.Tensor], grad_hard: Optional[torch.Tensor], x_soft: torch.Tensor,
+    x_hard: torch.Tensor, weight: torch.Tensor, soft_in_mask: torch.Tensor,
+    hard_in_mask: torch.Tensor, in_keep: torch.Tensor, out_keep: torch.Tensor, need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Weight (and bias) gradient, the sum of both paths, in one launch plus small reductions.
+
+    ``weight`` is only read for its shape and dtype. Returns ``(d_weight, d_bias)``;
+    ``d_bias`` is empty when ``need_bias`` is false.
+    """
+    n_out, n_in = weight.shape
+    n_out_h, n_in_h = out_keep.shape[0], in_keep.shape[0]
+    do_soft, do_hard = grad_soft is not None, grad_hard is not None
+    xs = _rows(x_soft, n_in)
+    xh = _rows(x_hard, n_in_h)
+    m_s = xs.shape[0] if do_soft else 0
+    m_h = xh.shape[0] if do_hard else 0
+    dys = _rows(grad_soft, n_out) if do_soft else xs
+    dyh = _rows(grad_hard, n_out_h) if do_hard else xh
+    tiles = (triton.cdiv(n_out, 128) * triton.cdiv(n_in, 128) if do_soft else 0) + (
+        triton.cdiv(n_out_h, 128) * triton.cdiv(n_in_h, 128) if do_hard else 0
+    )
+    split = _row_splits(xs.device, max(m_s, m_h), tiles)
+    f32 = {"dtype": torch.float32, "device": xs.device}
+    dws_part = torch.empty((split, n_out, n_in) if do_soft else (0,), **f32)
+    dwh_part = torch.empty((split, n_out_h, n_in_h) if do_hard else (0,), **f32)
+    dbs_part = torch.empty((split, n_out) if do_soft and need_bias else (0,), **f32)
+    dbh_part = torch.empty((split, n_out_h) if do_hard and need_bias else (0,), **f32)
+    if do_soft or do_hard:
+
+        def grid(meta: dict) -> tuple[int]:
+            bn, bk = meta["BLOCK_N"], meta["BLOCK_K"]
+            soft = triton.cdiv(n_out, bn) * triton.cdiv(n_in, bk) if do_soft else 0
+            hard = triton.cdiv(n_out_h, bn) * triton.cdiv(n_in_h, bk) if do_hard else 0
+            return (split * (soft + hard),)
+
+        launcher(_dual_linear_wgrad_kernel)[grid](
+            dys, dyh, xs, xh, soft_in_mask.contiguous(), hard_in_mask.contiguous(),
+            dws_part, dwh_part, dbs_part, dbh_part,
+            m_s, m_h, n_out, n_in, n_out_h, n_in_h, split, int(do_soft),
+            dys.stride(0), dys.stride(1), dyh.stride(0), dyh.stride(1),
+            xs.stride(0), xs.stride(1), xh.stride(0), xh.stride(1),
+            HAS_BIAS=need_bias, UPCAST=upcast_dot(weight.dtype),
+            PRECISION=dot_precision(weight.dtype, "matmul"),
+        )  # fmt: skip
+    dw = dws_part.sum(0) if do_soft else torch.zeros((n_out, n_in), **f32)
+    db = dbs_part.sum(0) if do_soft and need_bias else torch.zeros((n_out,), **f32)
+    if do_hard:
+        # Scatter the compact hard gradient into the kept block; the kept indices are
+        # unique, so the accumulate is a plain, deterministic gather-add-scatter.
+        dw = dw.index_put((out_keep[:, None], in_keep[None, :]), dwh_part.sum(0), accumulate=True)
+        if need_bias:
+            db = db.index_put((out_keep,), dbh_part.sum(0), accumulate=True)
+    return dw.to(weight.dtype), db.to(weight.dtype) if need_bias else weight.new_empty((0,))
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------------------------
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x_soft, x_hard, weight, bias, soft_in_mask, hard_in_mask, in_keep, out_keep, weight_grad = (
+        inputs
+    )
+    ctx.save_for_backward(x_soft, x_hard, weight, soft_in_mask, hard_in_mask, in_keep, out_keep)
+    ctx.has_bias = bias is not None
+    ctx.weight_grad = weight_grad
+    # An unused output (e.g. the hard output in the gate-only gap backward) then arrives as
+    # None and its tiles are skipped instead of multiplying zeros.
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_soft: Optional[torch.Tensor], grad_hard: Optional[torch.Tensor]):
+    x_soft, x_hard, weight, soft_in_mask, hard_in_mask, in_keep, out_keep = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    soft, hard = grad_soft is not None, grad_hard is not None
+    dxs = dxh = dms = dmh = dw = db = None
+    if (soft and (need[0] or need[4])) or (hard and (need[1] or need[5])):
+        dxs, dxh, dms, dmh = torch.ops.s2h_kernels.dual_linear_dgrad(
+            grad_soft, grad_hard, x_soft, x_hard, weight, soft_in_mask, hard_in_mask,
+            in_keep, out_keep, need[0], need[1], need[4], need[5],
+        )  # fmt: skip
+        dxs = dxs if soft and need[0] else None
+        dxh = dxh if hard and need[1] else None
+        dms = dms if soft and need[4] else None
+        dmh = dmh if hard and need[5] else None
+    need_bias = ctx.has_bias and need[3]
+    if ctx.weight_grad and (soft or hard) and (need[2] or need_bias):
+        dw, db = torch.ops.s2h_kernels.dual_linear_wgrad(
+            grad_soft, grad_hard, x_soft, x_hard, weight, soft_in_mask, hard_in_mask,
+            in_keep, out_keep, need_bias,
+        )  # fmt: skip
+        dw = dw if need[2] else None
+        db = db if need_bias else None
+    return dxs, dxh, dw, db, dms, dmh, None, None, None
+
+
+torch.library.register_autograd("s2h_kernels::dual_linear", _backward, setup_context=_setup_context)
+
+
+def dual_linear_triton(
+    x_soft: torch.Tensor, x_hard: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    soft_in_mask: torch.Tensor, hard_in_mask: torch.Tensor, in_keep: torch.Tensor,
+    out_keep: torch.Tensor, *, weight_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The fused dual linear through the registered op (arguments checked by the caller)."""
+    return torch.ops.s2h_kernels.dual_linear(
+        x_soft, x_hard, weight, bias, soft_in_mask, hard_in_mask, in_keep, out_keep, weight_grad
+    )

@@ -1,0 +1,148 @@
+"""Command line: ``s2h prune | export | bench | info`` (also ``python -m s2h ...``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+from .trainer import PruneConfig
+
+
+def _add_prune_args(p: argparse.ArgumentParser) -> None:
+    d = PruneConfig()
+    p.add_argument("--model", default=d.model,
+                   help="s2h.models name (resnet20, resnet56, wrn28_10, ...) or any timm model")
+    p.add_argument("--dataset", default=d.dataset,
+                   choices=["fashion-mnist", "synthetic", "cifar100", "imagefolder"])
+    p.add_argument("--data-dir", default=None, help="dataset directory (default: per dataset)")
+    p.add_argument("--target-flops", type=float, default=d.target_flops,
+                   help="remaining FLOPs fraction in (0, 1] (0.35 keeps 35%%)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--steps-per-epoch", type=int, default=None,
+                   help="limit an epoch to this many steps (smoke runs)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr, help="weights' learning rate (AdamW)")
+    p.add_argument("--gate-lr", type=float, default=d.gate_lr, help="gates' learning rate")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--alpha", type=float, default=d.alpha, help="gap (distillation) weight")
+    p.add_argument("--lam", type=float, default=d.lam, help="resource loss weight")
+    p.add_argument("--divisor", type=int, default=d.divisor, help="width granularity")
+    p.add_argument("--amp", default=d.amp, choices=["none", "bf16", "fp16"])
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--out", default=d.out, help="output directory")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--workers", type=int, default=d.workers, help="data loader workers")
+    p.add_argument("--eval-batches", type=int, default=None,
+                   help="limit evaluation to this many test batches")
+    p.add_argument("--no-dense-baseline", action="store_true",
+                   help="skip training the dense reference for the final table")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _config(args) -> PruneConfig:
+    return PruneConfig(
+        model=args.model, dataset=args.dataset, data_dir=args.data_dir,
+        target_flops=args.target_flops, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+        batch_size=args.batch_size, lr=args.lr, gate_lr=args.gate_lr,
+        weight_decay=args.weight_decay, alpha=args.alpha, lam=args.lam, divisor=args.divisor,
+        amp=args.amp, device=args.device, out=args.out, resume=args.resume, seed=args.seed,
+        workers=args.workers, eval_batches=args.eval_batches,
+        dense_baseline=not args.no_dense_baseline, latency=not args.no_latency,
+        progress=not args.no_progress,
+    )
+
+
+def cmd_prune(args) -> int:
+    from .pruner import NonFiniteLossError
+    from .trainer import run_prune
+
+    cfg = _config(args)
+    if not (0.0 < cfg.target_flops <= 1.0):
+        print(f"error: --target-flops must be in (0, 1], got {cfg.target_flops}", file=sys.stderr)
+        return 2
+    try:
+        run_prune(cfg)
+    except NonFiniteLossError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_export(args) -> int:
+    """Rebuild the pruner from a checkpoint and write the exported model."""
+    import torch
+
+    from .data import dataset_info
+    from .export import save_exported
+    from .pruner import S2HPruner
+    from .trainer import build_model, load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(args.checkpoint)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    cfg = PruneConfig(**{k: v for k, v in ckpt["config"].items() if k in PruneConfig.__annotations__})
+    info = dataset_info(cfg.dataset, cfg.data_dir)
+    model = build_model(cfg.model, info.num_classes, info.in_chans)
+    example = torch.randn(2, info.in_chans, info.image_size, info.image_size)
+    pruner = S2HPruner(model, (example,), cfg.target_flops, divisor=cfg.divisor, tau=cfg.tau,
+                       warn=False)
+    model.load_state_dict(ckpt["model"])
+    pruner.load_state_dict(ckpt["pruner"])
+    out = save_exported(pruner.export(), args.out)
+    print(f"exported {cfg.model} at {pruner.hard_flops_ratio():.3f} of the dense FLOPs to {out}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "bench", args.name.replace("-", "_") + ".py")
+    if not os.path.isfile(script):
+        avail = sorted(f[:-3] for f in os.listdir(os.path.join(root, "bench"))
+                       if f.endswith(".py")) if os.path.isdir(os.path.join(root, "bench")) else []
+        print(f"error: no benchmark {args.name!r} (bench/ scripts live in the source tree; "
+              f"available: {avail})", file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, script, *args.rest])
+
+
+def cmd_info(args) -> int:
+    from .info import collect, format_info
+
+    info = collect()
+    print(json.dumps(info, indent=1, default=str) if args.json else format_info(info))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="s2h", description="Soft-to-Hard structured pruning")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prune", help="prune a model to a FLOPs budget with the S2H loop")
+    _add_prune_args(p)
+    p.set_defaults(func=cmd_prune)
+    p = sub.add_parser("export", help="export the pruned model of a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("bench", help="run a benchmark script of bench/ (source checkout)")
+    p.add_argument("name", help="e.g. step_flops, gather, dual_forward")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("info", help="versions, build, back-ends")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

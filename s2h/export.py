@@ -1,0 +1,221 @@
+"""Saving and loading exported (pruned) models without pickle.
+
+A saved model is a directory with
+
+* ``model.safetensors`` — every tensor of ``state_dict()``;
+* ``architecture.json`` — how to rebuild the module tree: a *builder* for the dense architecture
+  (``s2h.models`` name, timm model name, or a full structural description for models made only of
+  standard ``torch.nn`` layers and containers) plus the shape of every conv / linear / norm layer
+  of the pruned model, which replace the dense ones before the weights are loaded.
+
+Loading imports no name from the file: builders are looked up in fixed tables and module types in
+an allow-list, so an untrusted directory cannot run code (unlike ``torch.load`` of a pickled
+model). For a model of your own class, pass ``model_fn`` to :func:`load_exported`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+FORMAT = "s2h-exported"
+VERSION = 1
+
+#: leaf layers that can be described and rebuilt from constructor arguments
+_LEAF_ARGS: dict[type, tuple[str, ...]] = {
+    nn.Conv2d: ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+                "groups", "bias", "padding_mode"),
+    nn.Linear: ("in_features", "out_features", "bias"),
+    nn.BatchNorm2d: ("num_features", "eps", "momentum", "affine", "track_running_stats"),
+    nn.BatchNorm1d: ("num_features", "eps", "momentum", "affine", "track_running_stats"),
+    nn.LayerNorm: ("normalized_shape", "eps", "elementwise_affine", "bias"),
+    nn.ReLU: ("inplace",), nn.ReLU6: ("inplace",), nn.GELU: ("approximate",),
+    nn.SiLU: ("inplace",), nn.Hardswish: ("inplace",), nn.Hardsigmoid: ("inplace",),
+    nn.Sigmoid: (), nn.Tanh: (), nn.Identity: (), nn.Flatten: ("start_dim", "end_dim"),
+    nn.Dropout: ("p", "inplace"), nn.AdaptiveAvgPool2d: ("output_size",),
+    nn.MaxPool2d: ("kernel_size", "stride", "padding", "dilation", "ceil_mode"),
+    nn.AvgPool2d: ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"),
+    nn.LeakyReLU: ("negative_slope", "inplace"),
+}
+_CONTAINERS = {nn.Sequential: "Sequential", nn.ModuleList: "ModuleList"}
+_TYPES = {cls.__name__: cls for cls in list(_LEAF_ARGS) + list(_CONTAINERS)}
+_RESIZABLE = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm)
+
+
+def _jsonable(v):
+    if isinstance(v, tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (bool, int, float, str)) or v is None:
+        return v
+    raise TypeError(f"cannot describe value {v!r}")
+
+
+def describe_layer(m: nn.Module) -> dict:
+    """``{"type": ..., "args": {...}}`` for an allow-listed leaf layer."""
+    cls = type(m)
+    if cls not in _LEAF_ARGS:
+        raise TypeError(f"{cls.__name__} is not an allow-listed layer")
+    args = {}
+    for a in _LEAF_ARGS[cls]:
+        if a == "bias":
+            args[a] = getattr(m, "bias", None) is not None
+        elif a == "approximate":
+            args[a] = m.approximate
+        else:
+            args[a] = _jsonable(getattr(m, a))
+    return {"type": cls.__name__, "args": args}
+
+
+def build_layer(spec: dict) -> nn.Module:
+    cls = _TYPES.get(spec.get("type"))
+    if cls is None or cls not in _LEAF_ARGS:
+        raise ValueError(f"architecture.json names a layer type that is not allowed: "
+                         f"{spec.get('type')!r}")
+    allowed = set(_LEAF_ARGS[cls])
+    args = spec.get("args", {})
+    if set(args) - allowed:
+        raise ValueError(f"unexpected arguments for {cls.__name__}: {sorted(set(args) - allowed)}")
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
+    return cls(**args)
+
+
+def describe_structure(m: nn.Module) -> dict | None:
+    """A full JSON description if ``m`` is made only of allow-listed layers and containers."""
+    cls = type(m)
+    if cls in _CONTAINERS:
+        children = []
+        for name, child in m.named_children():
+            d = describe_structure(child)
+            if d is None:
+                return None
+            children.append([name, d])
+        return {"type": _CONTAINERS[cls], "children": children}
+    if cls in _LEAF_ARGS:
+        return describe_layer(m)
+    return None
+
+
+def build_structure(spec: dict) -> nn.Module:
+    t = spec.get("type")
+    if t in ("Sequential", "ModuleList"):
+        cls = nn.Sequential if t == "Sequential" else nn.ModuleList
+        mod = cls()
+        for name, child in spec.get("children", []):
+            if not isinstance(name, str) or "." in name or not name:
+                raise ValueError(f"bad child name {name!r} in architecture.json")
+            mod.add_module(name, build_structure(child))
+        return mod
+    return build_layer(spec)
+
+
+def detect_builder(model: nn.Module, example_inputs: tuple = ()) -> dict | None:
+    """How to rebuild ``model``'s dense architecture, or None if unknown."""
+    b = getattr(model, "s2h_builder", None)
+    if isinstance(b, dict):
+        return b
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("architecture") and type(model).__module__.startswith(
+        "timm."
+    ):
+        kwargs = {}
+        if hasattr(model, "num_classes"):
+            kwargs["num_classes"] = int(model.num_classes)
+        x = example_inputs[0] if example_inputs else None
+        if isinstance(x, torch.Tensor) and x.dim() == 4:
+            kwargs["in_chans"] = int(x.shape[1])
+        return {"kind": "timm", "name": cfg["architecture"], "kwargs": kwargs}
+    s = describe_structure(model)
+    if s is not None:
+        return {"kind": "structure", "tree": s}
+    return None
+
+
+def _build_from(builder: dict) -> nn.Module:
+    kind = builder.get("kind")
+    kwargs = builder.get("kwargs", {}) or {}
+    for k, v in kwargs.items():
+        if not isinstance(v, (bool, int, float, str, list)) and v is not None:
+            raise ValueError(f"builder argument {k!r} is not a plain value")
+    if kind == "s2h.models":
+        from . import models
+
+        return models.create_model(builder["name"], **kwargs)
+    if kind == "timm":
+        import timm
+
+        return timm.create_model(builder["name"], pretrained=False, **kwargs)
+    if kind == "structure":
+        return build_structure(builder["tree"])
+    raise ValueError(f"unknown builder kind {kind!r} in architecture.json")
+
+
+def save_exported(model: nn.Module, directory: str, builder: dict | None = None) -> str:
+    """Save an exported model as safetensors weights + ``architecture.json``. Returns the dir.
+
+    ``builder`` overrides the detected way to rebuild the dense architecture
+    (``{"kind": "s2h.models"|"timm", "name": ..., "kwargs": {...}}``). Models of other classes
+    can be saved with ``builder={"kind": "custom", "name": "<anything>"}`` and loaded with
+    ``load_exported(dir, model_fn=...)``.
+    """
+    from safetensors.torch import save_file
+
+    builder = builder or detect_builder(model)
+    if builder is None:
+        raise ValueError(
+            f"don't know how to rebuild {type(model).__name__}: pass builder={{'kind': 'custom', "
+            "'name': ...}} and load with load_exported(dir, model_fn=<function returning the "
+            "dense model>)"
+        )
+    layers = {}
+    for name, m in model.named_modules():
+        if type(m) in _RESIZABLE:
+            layers[name] = describe_layer(m)
+    arch = {"format": FORMAT, "version": VERSION, "builder": builder, "layers": layers,
+            "torch": torch.__version__}
+    os.makedirs(directory, exist_ok=True)
+    tensors = {k: v.detach().contiguous().clone().cpu() for k, v in model.state_dict().items()}
+    tmp_w = os.path.join(directory, "model.safetensors.tmp")
+    tmp_a = os.path.join(directory, "architecture.json.tmp")
+    save_file(tensors, tmp_w, metadata={"format": FORMAT})
+    with open(tmp_a, "w") as f:
+        json.dump(arch, f, indent=1)
+    os.replace(tmp_w, os.path.join(directory, "model.safetensors"))
+    os.replace(tmp_a, os.path.join(directory, "architecture.json"))
+    return directory
+
+
+def load_exported(directory: str, model_fn: Callable[[], nn.Module] | None = None,
+                  device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model saved by :func:`save_exported` (no pickle; see the module docstring)."""
+    from safetensors.torch import load_file
+
+    arch_path = os.path.join(directory, "architecture.json")
+    w_path = os.path.join(directory, "model.safetensors")
+    for p in (arch_path, w_path):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"{p} not found: not a directory written by s2h.save_exported")
+    with open(arch_path) as f:
+        try:
+            arch = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{arch_path} is not valid JSON: {exc}") from exc
+    if arch.get("format") != FORMAT:
+        raise ValueError(f"{arch_path} is not an s2h export (format={arch.get('format')!r})")
+    model = model_fn() if model_fn is not None else _build_from(arch["builder"])
+    for name, spec in arch.get("layers", {}).items():
+        new = build_layer(spec)
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if not hasattr(parent, attr):
+            raise ValueError(f"architecture.json names layer {name!r}, which the rebuilt model "
+                             "does not have (another model version?)")
+        setattr(parent, attr, new)
+    state = load_file(w_path, device=str(device))
+    model.load_state_dict(state, strict=True)
+    if arch["builder"].get("kind") != "custom":
+        model.s2h_builder = arch["builder"]
+    return model.to(device).eval()

@@ -1,0 +1,601 @@
+"""Dependency-group analysis: which channels must be kept or removed together (METHOD §1).
+
+The model is run once on the example inputs under a ``TorchDispatchMode`` that sees every ATen
+op with real shapes, while module hooks make the prunable layers (exact ``nn.Conv2d``,
+``nn.Linear``, ``nn.BatchNorm2d``, ``nn.LayerNorm``) opaque. Every channel dimension created by a
+conv/linear output gets a *label*; labels flow through channel-preserving ops (pointwise ops with
+broadcasting, pooling, reductions over other dims, views that keep the dim, permutes) and are
+merged (union-find) where two streams meet (residual adds, squeeze-excite multiplies). A label that
+reaches something the analysis cannot prune exactly — a concat along channels, a grouped conv, a
+reshape that splits or merges the channel dim, an op it does not know, the model output, an
+ignored layer — is *frozen*: its group keeps all channels and a warning names the place.
+
+Running the real model (instead of symbolic tracing) handles Python control flow and timm's
+helpers without special cases; the price is one forward pass at construction.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
+
+#: ops that act elementwise but are not tagged ``pointwise`` in ATen
+_EXTRA_POINTWISE = {
+    "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_", "hardtanh", "hardtanh_",
+    "relu6", "silu", "silu_", "leaky_relu", "leaky_relu_", "elu", "elu_", "gelu", "gelu_",
+    "mish", "mish_", "softplus", "clone", "_to_copy", "detach", "alias", "contiguous",
+    "copy_", "dropout", "native_dropout", "lift_fresh", "lift_fresh_copy", "_log_softmax",
+    "threshold", "fill_", "zero_", "bernoulli_",
+}
+_VIEW_OPS = {"view", "_unsafe_view", "reshape", "squeeze", "unsqueeze", "expand", "flatten",
+             "unflatten", "view_as", "squeeze_", "unsqueeze_", "_reshape_alias", "as_strided"}
+_REDUCE_OPS = {"mean", "sum", "amax", "amin", "var", "std", "var_mean", "max", "min", "prod",
+               "logsumexp", "norm", "linalg_vector_norm"}
+_POOL_OPS = {"avg_pool2d", "max_pool2d_with_indices", "_adaptive_avg_pool2d", "adaptive_max_pool2d",
+             "max_pool2d", "avg_pool1d", "max_pool1d", "upsample_nearest2d", "upsample_bilinear2d",
+             "_upsample_nearest_exact2d", "_adaptive_avg_pool3d", "avg_pool3d"}
+_NO_TENSOR_EFFECT = {"sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "size", "stride",
+                     "dim", "is_same_size", "_local_scalar_dense", "item", "empty", "zeros", "ones",
+                     "full", "arange", "empty_like", "zeros_like", "ones_like", "full_like",
+                     "scalar_tensor", "rand", "randn", "rand_like", "randn_like", "new_zeros",
+                     "new_ones", "new_empty", "new_full", "_assert_async", "eq", "ne"}
+
+PRUNABLE_TYPES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm)
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.frozen: list[bool] = []
+        self.reasons: list[list[str]] = []
+        self.size: list[int] = []
+
+    def new(self, size: int) -> int:
+        self.parent.append(len(self.parent))
+        self.frozen.append(False)
+        self.reasons.append([])
+        self.size.append(size)
+        return len(self.parent) - 1
+
+    def find(self, a: int) -> int:
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def union(self, a: int, b: int) -> int:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return ra
+        if rb < ra:
+            ra, rb = rb, ra
+        self.parent[rb] = ra
+        self.frozen[ra] = self.frozen[ra] or self.frozen[rb]
+        self.reasons[ra].extend(self.reasons[rb])
+        return ra
+
+    def freeze(self, a: int, reason: str) -> None:
+        r = self.find(a)
+        self.frozen[r] = True
+        if reason not in self.reasons[r]:
+            self.reasons[r].append(reason)
+
+
+@dataclass
+class LayerRecord:
+    """One call of a prunable layer seen during the trace."""
+
+    name: str
+    module: nn.Module
+    kind: str  # "conv", "depthwise", "linear", "batchnorm", "layernorm", "fixed"
+    in_label: int | None = None
+    out_label: int | None = None
+    in_shape: tuple = ()
+    out_shape: tuple = ()
+    dense_flops: int = 0  # as torch.utils.flop_counter counts it
+
+
+@dataclass
+class Group:
+    """A dependency group: channels that are kept or removed together."""
+
+    name: str
+    channels: int
+    producers: list[str] = field(default_factory=list)  # conv/linear whose output is the group
+    consumers: list[str] = field(default_factory=list)  # conv/linear whose input is the group
+    norms: list[str] = field(default_factory=list)  # batchnorm/layernorm over the group
+    depthwise: list[str] = field(default_factory=list)  # depthwise convs inside the group
+    frozen: bool = False
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def prunable(self) -> bool:
+        return not self.frozen and bool(self.consumers)
+
+
+@dataclass
+class GraphAnalysis:
+    layers: dict[str, LayerRecord]
+    groups: list[Group]
+    layer_in_group: dict[str, int]  # layer name -> index into groups of its input channels
+    layer_out_group: dict[str, int]  # layer name -> index of its output channels' group
+    warnings: list[str]
+    total_flops: int
+
+
+def _conv_flops(module: nn.Conv2d, out_shape) -> int:
+    n, cout = out_shape[0], out_shape[1]
+    spatial = math.prod(out_shape[2:])
+    kernel = math.prod(module.weight.shape[1:])  # C_in/groups * kh * kw
+    return 2 * n * cout * spatial * kernel
+
+
+def _linear_flops(module: nn.Linear, in_shape) -> int:
+    rows = math.prod(in_shape[:-1])
+    return 2 * rows * module.in_features * module.out_features
+
+
+class _Tracer(TorchDispatchMode):
+    """Propagates channel labels through ATen ops. ``labels[id(t)]`` = one label or None per dim."""
+
+    def __init__(self, analysis: "_Analyzer") -> None:
+        super().__init__()
+        self.a = analysis
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.a.opaque_depth == 0:
+            try:
+                self.a.apply_op(func, args, kwargs, out)
+            except Exception as exc:  # never let the analysis break the model's forward
+                self.a.freeze_inputs(args, kwargs, f"{func} ({exc!r})")
+        return out
+
+
+class _Analyzer:
+    def __init__(self, model: nn.Module, ignore: set[str]) -> None:
+        self.model = model
+        self.ignore = ignore
+        self.uf = _UnionFind()
+        self.labels: dict[int, list[int | None]] = {}
+        self.keepalive: list[torch.Tensor] = []
+        self.opaque_depth = 0
+        self.module_stack: list[str] = []
+        self.layers: dict[str, LayerRecord] = {}
+        self.out_label_of: dict[str, int] = {}
+        self.warnings: list[str] = []
+        self.param_ids = {id(p) for p in model.parameters()} | {id(b) for b in model.buffers()}
+
+    # ----------------------------------------------------------------- label helpers
+    def get(self, t: torch.Tensor) -> list[int | None]:
+        lab = self.labels.get(id(t))
+        if lab is None or len(lab) != t.dim():
+            return [None] * t.dim()
+        return lab
+
+    def set(self, t: torch.Tensor, lab: list[int | None]) -> None:
+        self.labels[id(t)] = list(lab)
+        self.keepalive.append(t)
+
+    def where(self) -> str:
+        return self.module_stack[-1] if self.module_stack else "<model>"
+
+    def freeze_label(self, lab: int | None, reason: str) -> None:
+        if lab is not None:
+            self.uf.freeze(lab, reason)
+
+    def freeze_tensor(self, t: torch.Tensor, reason: str) -> None:
+        for lab in self.get(t):
+            self.freeze_label(lab, reason)
+
+    def freeze_inputs(self, args, kwargs, what: str) -> None:
+        for t in pytree.tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor) and any(x is not None for x in self.get(t)):
+                self.freeze_tensor(t, f"{what} in {self.where()}")
+
+    # ----------------------------------------------------------------- op rules
+    def apply_op(self, func, args, kwargs, out) -> None:
+        name = func.overloadpacket.__name__
+        tensors_in = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        labelled = [t for t in tensors_in if any(x is not None for x in self.get(t))]
+        outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if not labelled:
+            return  # nothing to propagate; outputs stay unlabelled
+        if name in _NO_TENSOR_EFFECT:
+            return
+        if torch.Tag.pointwise in func.tags or name in _EXTRA_POINTWISE:
+            self._pointwise(tensors_in, outs, name)
+        elif name in _VIEW_OPS:
+            self._view(args[0], outs[0], name)
+        elif name in ("permute",):
+            src = self.get(args[0])
+            dims = [d % len(src) for d in args[1]]
+            self.set(outs[0], [src[d] for d in dims])
+        elif name in ("transpose", "transpose_", "swapaxes"):
+            src = list(self.get(args[0]))
+            d0, d1 = args[1] % len(src), args[2] % len(src)
+            src[d0], src[d1] = src[d1], src[d0]
+            self.set(outs[0], src)
+        elif name == "t":
+            self.set(outs[0], list(reversed(self.get(args[0]))))
+        elif name in _REDUCE_OPS:
+            self._reduce(func, args, kwargs, outs, name)
+        elif name in _POOL_OPS:
+            src = self.get(args[0])
+            for o in outs:
+                if o.dim() == len(src):
+                    lab = list(src[:-2]) + [None] * (o.dim() - len(src) + 2)
+                    self.set(o, lab)
+        elif name in ("cat", "concat"):
+            self._cat(args, kwargs, outs[0])
+        else:
+            self.freeze_inputs(args, kwargs, f"op aten.{name} (not channel-preserving)")
+
+    def _pointwise(self, tensors_in, outs, name) -> None:
+        if not outs:
+            return
+        out = outs[0]
+        nd = out.dim()
+        result: list[int | None] = [None] * nd
+        for d in range(nd):
+            size = out.shape[d]
+            dim_labels, unlabelled_full = [], False
+            for t in tensors_in:
+                off = nd - t.dim()
+                td = d - off
+                if td < 0 or t.shape[td] == 1 and size != 1:
+                    continue  # broadcast along this dim
+                lab = self.get(t)[td]
+                if lab is None:
+                    if size > 1 and t.numel() > 1:
+                        unlabelled_full = True
+                else:
+                    dim_labels.append(lab)
+            if not dim_labels:
+                continue
+            root = dim_labels[0]
+            for lab in dim_labels[1:]:
+                root = self.uf.union(root, lab)
+            if unlabelled_full:
+                self.uf.freeze(
+                    root,
+                    f"aten.{name} in {self.where()} combines the channels with an unpruned tensor "
+                    "(a parameter or a fixed-width activation)",
+                )
+            result[d] = root
+        for o in outs:
+            if o.dim() == nd:
+                self.set(o, result)
+
+    def _view(self, src_t, out, name) -> None:
+        src = self.get(src_t)
+        in_shape, out_shape = list(src_t.shape), list(out.shape)
+        result: list[int | None] = [None] * len(out_shape)
+        if name == "expand":
+            off = len(out_shape) - len(in_shape)
+            for d, lab in enumerate(src):
+                if lab is not None and in_shape[d] == out_shape[d + off]:
+                    result[d + off] = lab
+                elif lab is not None:
+                    self.freeze_label(lab, f"expand in {self.where()}")
+            self.set(out, result)
+            return
+        # match blocks of equal products; a labelled dim survives if its block is 1 <-> 1
+        i = j = 0
+        while i < len(in_shape) or j < len(out_shape):
+            i0, j0 = i, j
+            pi = in_shape[i] if i < len(in_shape) else 1
+            pj = out_shape[j] if j < len(out_shape) else 1
+            i += 1
+            j += 1
+            while pi != pj:
+                if pi < pj and i < len(in_shape):
+                    pi *= in_shape[i]
+                    i += 1
+                elif j < len(out_shape):
+                    pj *= out_shape[j]
+                    j += 1
+                else:
+                    break
+            in_dims = [d for d in range(i0, min(i, len(in_shape)))]
+            out_dims = [d for d in range(j0, min(j, len(out_shape)))]
+            big_in = [d for d in in_dims if in_shape[d] > 1]
+            big_out = [d for d in out_dims if out_shape[d] > 1]
+            labs = [src[d] for d in in_dims if src[d] is not None]
+            if len(big_in) == 1 and len(big_out) == 1 and in_shape[big_in[0]] == out_shape[big_out[0]]:
+                result[big_out[0]] = src[big_in[0]]
+                for d in in_dims:
+                    if d != big_in[0] and src[d] is not None:
+                        self.freeze_label(src[d], f"view in {self.where()}")
+            else:
+                for lab in labs:
+                    self.freeze_label(
+                        lab,
+                        f"a reshape in {self.where()} that merges or splits the channel dim "
+                        f"({tuple(in_shape)} -> {tuple(out_shape)})",
+                    )
+        self.set(out, result)
+
+    def _reduce(self, func, args, kwargs, outs, name) -> None:
+        src_t = args[0]
+        src = self.get(src_t)
+        nd = len(src)
+        dims = None
+        if len(args) > 1 and isinstance(args[1], (list, tuple)):
+            dims = list(args[1])
+        elif len(args) > 1 and isinstance(args[1], int):
+            dims = [args[1]]
+        dims = kwargs.get("dim", dims)
+        if isinstance(dims, int):
+            dims = [dims]
+        if not dims:
+            dims = list(range(nd))
+        dims = [d % nd for d in dims] if nd else []
+        keepdim = bool(kwargs.get("keepdim", args[2] if len(args) > 2 and isinstance(args[2], bool) else False))
+        for d in dims:
+            if src[d] is not None:
+                self.freeze_label(src[d], f"aten.{name} over the channel dim in {self.where()}")
+        if keepdim:
+            lab = [None if d in dims else src[d] for d in range(nd)]
+        else:
+            lab = [src[d] for d in range(nd) if d not in dims]
+        for o in outs:
+            if o.dim() == len(lab):
+                self.set(o, lab)
+
+    def _cat(self, args, kwargs, out) -> None:
+        tensors = list(args[0])
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        dim = dim % out.dim()
+        result: list[int | None] = [None] * out.dim()
+        for t in tensors:
+            if t.dim() != out.dim():
+                continue
+            lab = self.get(t)
+            for d in range(out.dim()):
+                if lab[d] is None:
+                    continue
+                if d == dim:
+                    self.freeze_label(lab[d], f"concat along the channel dim in {self.where()}")
+                elif result[d] is None:
+                    result[d] = lab[d]
+                else:
+                    result[d] = self.uf.union(result[d], lab[d])
+        self.set(out, result)
+
+    # ----------------------------------------------------------------- module rules
+    def layer_kind(self, name: str, m: nn.Module) -> str:
+        if name in self.ignore:
+            return "fixed"
+        t = type(m)
+        if t is nn.Conv2d:
+            if m.groups == 1:
+                return "conv"
+            if m.groups == m.in_channels == m.out_channels:
+                return "depthwise"
+            return "fixed"
+        if t is nn.Linear:
+            return "linear"
+        if t is nn.BatchNorm2d:
+            return "batchnorm"
+        if t is nn.LayerNorm and len(m.normalized_shape) == 1:
+            return "layernorm"
+        return "fixed"
+
+    def on_layer(self, name: str, m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+        kind = self.layer_kind(name, m)
+        in_lab = self.get(x)
+        rec = self.layers.get(name)
+        channel_dim = 1 if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) else -1
+        cin = x.shape[channel_dim] if x.dim() else 0
+        lab_in = in_lab[channel_dim] if x.dim() else None
+        if rec is None:
+            rec = LayerRecord(name, m, kind, in_shape=tuple(x.shape), out_shape=tuple(y.shape))
+            if isinstance(m, nn.Conv2d):
+                rec.dense_flops = _conv_flops(m, y.shape)
+            elif isinstance(m, nn.Linear):
+                rec.dense_flops = _linear_flops(m, x.shape)
+            self.layers[name] = rec
+        else:  # a module called more than once (shared weights)
+            if isinstance(m, nn.Conv2d):
+                rec.dense_flops += _conv_flops(m, y.shape)
+            elif isinstance(m, nn.Linear):
+                rec.dense_flops += _linear_flops(m, x.shape)
+        if kind == "fixed":
+            reason = (
+                f"{name} ({type(m).__name__}"
+                + (f", groups={m.groups}" if isinstance(m, nn.Conv2d) else "")
+                + (", in ignore=" if name in self.ignore else ", not prunable")
+                + ")"
+            )
+            self.freeze_label(lab_in, reason)
+            for lab in in_lab:
+                self.freeze_label(lab, reason)
+            if name in self.out_label_of:
+                out_lab = self.out_label_of[name]
+            else:
+                out_lab = self.uf.new(y.shape[channel_dim] if y.dim() else 0)
+                self.out_label_of[name] = out_lab
+            self.uf.freeze(out_lab, reason)
+            self.set(y, [None] * y.dim())
+            return
+        # input side: record / merge the consumer label
+        if kind in ("conv", "linear"):
+            if rec.in_label is None and lab_in is not None and name not in self._seen_calls:
+                rec.in_label = lab_in
+            elif name in self._seen_calls:
+                if (rec.in_label is None) != (lab_in is None):
+                    self.freeze_label(rec.in_label if rec.in_label is not None else lab_in,
+                                      f"{name} is called on tensors of different groups")
+                elif lab_in is not None:
+                    rec.in_label = self.uf.union(rec.in_label, lab_in)
+            out = [None] * y.dim()
+            for d in range(y.dim() - (2 if kind == "conv" else 1)):
+                if kind == "linear" and d < len(in_lab) - 1:
+                    out[d] = in_lab[d]
+            if name in self.out_label_of:
+                olab = self.out_label_of[name]
+            else:
+                olab = self.uf.new(y.shape[channel_dim])
+                self.out_label_of[name] = olab
+            out[channel_dim] = olab
+            rec.out_label = olab
+            self.set(y, out)
+        else:  # depthwise conv, batchnorm, layernorm: output channels = input channels
+            if lab_in is None:
+                self.set(y, list(in_lab) if kind != "depthwise" else [None] * y.dim())
+                rec.in_label = rec.out_label = None
+            else:
+                rec.in_label = rec.out_label = lab_in if rec.in_label is None else self.uf.union(
+                    rec.in_label, lab_in
+                )
+                out = list(in_lab) if kind != "depthwise" else [None, lab_in] + [None] * (y.dim() - 2)
+                self.set(y, out)
+        self._seen_calls.add(name)
+
+    # ----------------------------------------------------------------- run
+    def run(self, example_inputs) -> None:
+        self._seen_calls: set[str] = set()
+        hooks = []
+        names = {m: n for n, m in self.model.named_modules()}
+
+        def pre(m, args):
+            name = names[m]
+            self.module_stack.append(name or type(m).__name__)
+            if isinstance(m, PRUNABLE_TYPES):
+                self.opaque_depth += 1
+
+        def post(m, args, out):
+            name = names[m]
+            self.module_stack.pop()
+            if isinstance(m, PRUNABLE_TYPES):
+                self.opaque_depth -= 1
+                if self.opaque_depth == 0:
+                    x = args[0] if args else None
+                    if isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor):
+                        self.on_layer(name, m, x, out)
+                    else:
+                        self.freeze_inputs(args, {}, f"{name} called with non-tensor arguments")
+
+        for m in self.model.modules():
+            hooks.append(m.register_forward_pre_hook(pre))
+            hooks.append(m.register_forward_hook(post))
+        try:
+            with self._tracer():
+                out = self.model(*example_inputs)
+        finally:
+            for h in hooks:
+                h.remove()
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                for lab in self.get(t):
+                    self.freeze_label(lab, "the model output (never pruned)")
+
+    def _tracer(self):
+        return _Tracer(self)
+
+
+def analyze(
+    model: nn.Module, example_inputs: tuple, ignore: set[str] | None = None
+) -> GraphAnalysis:
+    """Find the dependency groups of ``model`` by running it on ``example_inputs``.
+
+    The model is put in eval mode for the trace (BatchNorm statistics are not touched) and
+    restored afterwards. Returns every group found, prunable or not, with the reason a frozen
+    group is kept whole.
+    """
+    ignore = set(ignore or ())
+    names = {n for n, _ in model.named_modules()}
+    unknown = sorted(ignore - names)
+    if unknown:
+        raise ValueError(
+            f"ignore= names modules that do not exist: {unknown}. Module names are those of "
+            "model.named_modules(), e.g. 'layer1.0.conv1'."
+        )
+    an = _Analyzer(model, ignore)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            an.run(example_inputs)
+    finally:
+        model.train(was_training)
+
+    # collect groups by root label, in order of first appearance
+    roots: dict[int, Group] = {}
+    order: list[int] = []
+    layer_in_group: dict[str, int] = {}
+    layer_out_group: dict[str, int] = {}
+
+    def group_of(lab: int, first_member: str) -> Group:
+        r = an.uf.find(lab)
+        if r not in roots:
+            roots[r] = Group(name=first_member, channels=an.uf.size[r])
+            order.append(r)
+        return roots[r]
+
+    for name, rec in an.layers.items():
+        if rec.kind in ("conv", "linear") and rec.out_label is not None:
+            group_of(rec.out_label, name).producers.append(name)
+        if rec.kind == "fixed" and name in an.out_label_of:
+            group_of(an.out_label_of[name], name).producers.append(name)
+    for name, rec in an.layers.items():
+        if rec.kind in ("conv", "linear") and rec.in_label is not None:
+            group_of(rec.in_label, name).consumers.append(name)
+        elif rec.kind in ("batchnorm", "layernorm") and rec.in_label is not None:
+            group_of(rec.in_label, name).norms.append(name)
+        elif rec.kind == "depthwise" and rec.in_label is not None:
+            group_of(rec.in_label, name).depthwise.append(name)
+    groups = []
+    for r in order:
+        g = roots[r]
+        g.frozen = an.uf.frozen[r]
+        g.reasons = list(an.uf.reasons[r])
+        if not g.consumers and not g.frozen:
+            g.reasons.append("no conv/linear consumes these channels")
+        groups.append(g)
+    index = {id(g): i for i, g in enumerate(groups)}
+    for name, rec in an.layers.items():
+        if rec.in_label is not None:
+            layer_in_group[name] = index[id(roots[an.uf.find(rec.in_label)])]
+        if rec.out_label is not None:
+            layer_out_group[name] = index[id(roots[an.uf.find(rec.out_label)])]
+    # total FLOPs as torch.utils.flop_counter counts them
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            model(*example_inputs)
+    finally:
+        model.train(was_training)
+    for g in groups:
+        if g.frozen and g.reasons and g.producers:
+            msg = f"group {g.name!r} ({g.channels} channels) is left unpruned: {g.reasons[0]}"
+            an.warnings.append(msg)
+    return GraphAnalysis(
+        layers=an.layers,
+        groups=groups,
+        layer_in_group=layer_in_group,
+        layer_out_group=layer_out_group,
+        warnings=an.warnings,
+        total_flops=int(fc.get_total_flops()),
+    )
+
+
+def warn_frozen(analysis: GraphAnalysis) -> None:
+    """Emit one ``UserWarning`` per frozen group whose freezing the user may not expect."""
+    for msg in analysis.warnings:
+        if "the model output" in msg:
+            continue  # the classifier's output: expected, not worth a warning
+        warnings.warn(msg, stacklevel=3)

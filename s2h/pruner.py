@@ -1,0 +1,600 @@
+"""The S2H pruner: gates on dependency groups, the dual forward, the S2H step, FLOPs, export.
+
+Typical use::
+
+    pruner = s2h.S2HPruner(model, (torch.randn(2, 3, 32, 32),), target_flops=0.35)
+    opt = torch.optim.AdamW([
+        {"params": pruner.weight_parameters(), "lr": 1e-3, "weight_decay": 5e-4},
+        {"params": pruner.gate_parameters(), "lr": 5e-2, "weight_decay": 0.0},
+    ])
+    for x, y in loader:
+        metrics = pruner.train_step(x, y, opt)
+    small = pruner.export()          # plain torch.nn modules, kept channels only
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import graph as _graph
+from .gates import ChannelGate
+from .nn import (
+    MASKED_CLASSES,
+    GateRuntime,
+    MaskedBatchNorm2d,
+    MaskedConv2d,
+    MaskedLayerNorm,
+    MaskedLinear,
+    _MaskedMixin,
+)
+
+__all__ = ["NonFiniteLossError", "S2HPruner"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term of the S2H step is NaN or infinite; nothing was updated."""
+
+    def __init__(self, term: str, value: float) -> None:
+        super().__init__(
+            f"the {term} loss is {value} at this step; no gradient was applied. "
+            "Lower the learning rate(s), use --amp bf16 instead of fp16, or clip gradients; "
+            "resume from the last good checkpoint."
+        )
+        self.term = term
+        self.value = value
+
+
+def _as_tuple(inputs) -> tuple:
+    return inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, module)
+
+
+class S2HPruner:
+    """Soft-to-Hard pruning of ``model`` to ``target_flops`` (remaining FLOPs fraction).
+
+    Args:
+        model: any ``nn.Module``; its prunable layers (exact ``nn.Conv2d`` / ``nn.Linear`` /
+            ``nn.BatchNorm2d`` / ``nn.LayerNorm``) are switched *in place* to their masked
+            subclasses (same parameters, same ``state_dict`` keys).
+        example_inputs: a tensor or tuple of positional inputs that runs through ``model``; used
+            once to find the dependency groups and count FLOPs (batch 1-2 is enough).
+        target_flops: remaining FLOPs fraction ``T`` in ``(0, 1]`` (0.15 = keep 15%).
+        divisor: width granularity (widths are multiples of it: hardware-friendly).
+        tau: gate softmax temperature.
+        alpha: weight of the two gap (distillation) terms.
+        lam: weight of the resource term ``(F/F_dense - T)^2``.
+        ignore: module names (``model.named_modules()``) never pruned; every group touching
+            them keeps all channels.
+        rounding: how a gate's expected width becomes the hard width: ``"nearest"`` multiple of
+            the divisor (default) or ``"ceil"`` (see :mod:`s2h.gates` for why nearest).
+        warn: emit a warning for each group that is left unpruned for a non-obvious reason.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs,
+        target_flops: float,
+        *,
+        divisor: int = 8,
+        tau: float = 1.0,
+        alpha: float = 1.0,
+        lam: float = 4.0,
+        ignore=(),
+        warn: bool = True,
+        rounding: str = "nearest",
+    ) -> None:
+        if not isinstance(target_flops, (int, float)) or not (0.0 < float(target_flops) <= 1.0):
+            raise ValueError(
+                f"target_flops is the remaining FLOPs fraction and must be in (0, 1], got "
+                f"{target_flops!r} (e.g. 0.35 keeps 35% of the FLOPs)"
+            )
+        if not isinstance(divisor, int) or divisor < 1:
+            raise ValueError(f"divisor must be a positive integer, got {divisor!r}")
+        if any(isinstance(m, _MaskedMixin) and m._s2h is not None for m in model.modules()):
+            raise ValueError("this model already has an S2HPruner attached; build one per model")
+        self.model = model
+        self.example_inputs = _as_tuple(example_inputs)
+        self.target_flops = float(target_flops)
+        self.divisor = divisor
+        self.tau = float(tau)
+        self.alpha = float(alpha)
+        self.lam = float(lam)
+        self.ignore = sorted(set(ignore))
+        self.rounding = rounding
+
+        self._check_runs()
+        self.analysis = _graph.analyze(model, self.example_inputs, set(self.ignore))
+        if warn:
+            _graph.warn_frozen(self.analysis)
+        self.groups = [g for g in self.analysis.groups if g.prunable]
+        if not self.groups:
+            reasons = sorted({r for g in self.analysis.groups for r in g.reasons[:1]})
+            raise ValueError(
+                f"nothing prunable in {type(model).__name__}: no channel group can be pruned "
+                "exactly. s2h prunes exact nn.Conv2d / nn.Linear (with BatchNorm2d / LayerNorm, "
+                "pointwise ops, pooling and residual adds between them). Reasons seen: "
+                + ("; ".join(reasons[:6]) or "no nn.Conv2d / nn.Linear layers were called")
+            )
+        for g in self.groups:
+            if divisor > g.channels:
+                raise ValueError(
+                    f"divisor={divisor} is larger than group {g.name!r} ({g.channels} channels, "
+                    f"layers {g.producers + g.consumers}). Use a divisor <= {g.channels}, or "
+                    f"ignore=[{g.producers[0]!r}] to keep that group whole."
+                )
+
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self.gates = nn.ModuleDict()
+        self._group_gate: dict[int, ChannelGate] = {}
+        for g in self.groups:
+            gate = ChannelGate(g.channels, divisor, tau, importance=self._importance(g),
+                               name=g.name, rounding=rounding)
+            self.gates[self._key(g.name)] = gate
+            self._group_gate[id(g)] = gate
+        self.gates.to(device)
+        self.runtime = GateRuntime()
+        self._swap_layers()
+        self._build_flops_table()
+        self.builder = _detect_builder(model, self.example_inputs)
+        self.step_count = 0
+
+    # ------------------------------------------------------------------ construction
+    @staticmethod
+    def _key(name: str) -> str:
+        return name.replace(".", "/") or "<root>"
+
+    def _check_runs(self) -> None:
+        was = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                self.model(*self.example_inputs)
+        except Exception as exc:
+            shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                      for t in self.example_inputs]
+            raise ValueError(
+                f"example_inputs (shapes {shapes}) do not run through {type(self.model).__name__}: "
+                f"{type(exc).__name__}: {exc}. Pass a tensor or tuple that model(*inputs) accepts, "
+                "on the model's device."
+            ) from exc
+        finally:
+            self.model.train(was)
+
+    def _importance(self, group: _graph.Group) -> torch.Tensor:
+        """Mean over producers of the per-output-channel L1 norm of the producing weights."""
+        scores = []
+        for name in group.producers + group.depthwise:
+            m = self.model.get_submodule(name)
+            w = m.weight.detach().float()
+            scores.append(w.abs().flatten(1).sum(1).cpu())
+        if not scores:
+            return torch.zeros(group.channels)
+        return torch.stack(scores).mean(0)
+
+    def _gate_of_group_index(self, idx: int | None) -> ChannelGate | None:
+        if idx is None:
+            return None
+        return self._group_gate.get(id(self.analysis.groups[idx]))
+
+    def _swap_layers(self) -> None:
+        an = self.analysis
+        self._masked: dict[str, nn.Module] = {}
+        for name, rec in an.layers.items():
+            if rec.kind == "fixed":
+                continue
+            in_gate = self._gate_of_group_index(an.layer_in_group.get(name))
+            out_gate = self._gate_of_group_index(an.layer_out_group.get(name))
+            if in_gate is None and out_gate is None:
+                continue
+            m = rec.module
+            cls = MASKED_CLASSES[type(m)]
+            m.__class__ = cls
+            m.attach_gates(self.runtime, in_gate, out_gate, name)
+            if isinstance(m, MaskedBatchNorm2d):
+                m.add_hard_stats()
+            self._masked[name] = m
+
+    def _build_flops_table(self) -> None:
+        an = self.analysis
+        self._flop_terms = []  # (dense_flops, in_gate, out_gate, depthwise)
+        prunable_total = 0
+        for name, rec in an.layers.items():
+            if rec.dense_flops == 0 or rec.kind == "fixed":
+                continue
+            in_gate = self._gate_of_group_index(an.layer_in_group.get(name))
+            out_gate = self._gate_of_group_index(an.layer_out_group.get(name))
+            self._flop_terms.append((rec.dense_flops, in_gate, out_gate, rec.kind == "depthwise"))
+            prunable_total += rec.dense_flops
+        self.dense_flops = an.total_flops
+        self._const_flops = an.total_flops - prunable_total
+        min_ratio = self._ratio(lambda g: float(g.divisor))
+        if self.target_flops < min_ratio:
+            warnings.warn(
+                f"target_flops={self.target_flops} is below the smallest reachable ratio "
+                f"{min_ratio:.3f} (every group at its minimum width, divisor={self.divisor}); "
+                "the hard network will stop there",
+                stacklevel=3,
+            )
+
+    # ------------------------------------------------------------------ parameters
+    def gate_parameters(self) -> Iterator[nn.Parameter]:
+        """The gate logits (one ``(K,)`` tensor per group): give them their own lr, no decay."""
+        return iter([g.logits for g in self.gates.values()])
+
+    def weight_parameters(self) -> Iterator[nn.Parameter]:
+        """Every parameter of the model (the gates live outside it)."""
+        return iter(list(self.model.parameters()))
+
+    def to(self, *args, **kwargs) -> "S2HPruner":
+        self.model.to(*args, **kwargs)
+        self.gates.to(*args, **kwargs)
+        return self
+
+    # ------------------------------------------------------------------ widths and FLOPs
+    def _ratio(self, width_of: Callable[[ChannelGate], object]):
+        total = self._const_flops
+        for flops, in_gate, out_gate, depthwise in self._flop_terms:
+            f = 1.0
+            if depthwise:
+                if in_gate is not None:
+                    f = width_of(in_gate) / in_gate.channels
+            else:
+                if in_gate is not None:
+                    f = f * (width_of(in_gate) / in_gate.channels)
+                if out_gate is not None:
+                    f = f * (width_of(out_gate) / out_gate.channels)
+            total = total + flops * f
+        return total / self.dense_flops
+
+    def hard_flops_ratio(self) -> float:
+        """FLOPs of the current hard network over the dense model (as the exported model counts)."""
+        return float(self._ratio(lambda g: float(g.hard_width())))
+
+    def soft_flops_ratio(self) -> torch.Tensor:
+        """Differentiable FLOPs ratio: value of the hard widths, gradient of the expected widths."""
+        return self._ratio(lambda g: g.hard_width_ste())
+
+    def expected_flops_ratio(self) -> float:
+        with torch.no_grad():
+            return float(self._ratio(lambda g: g.expected_width()))
+
+    def widths(self) -> dict[str, int]:
+        """Kept channels per group (keyed by the group's first producing layer)."""
+        return {g.name: self._group_gate[id(g)].hard_width() for g in self.groups}
+
+    def group_channels(self) -> dict[str, int]:
+        """Full channels per group."""
+        return {g.name: g.channels for g in self.groups}
+
+    @torch.no_grad()
+    def set_widths(self, widths: dict[str, int] | float) -> None:
+        """Force the hard widths: a dict ``{group: width}``, or a FLOPs ratio to reach by a
+        uniform channel fraction (bisection). For benchmarks, tests and warm starts."""
+        if isinstance(widths, dict):
+            for g in self.groups:
+                if g.name in widths:
+                    self._group_gate[id(g)].set_width(int(widths[g.name]))
+            return
+        target = float(widths)
+        lo, hi = 0.0, 1.0
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            for g in self.groups:
+                self._group_gate[id(g)].set_width(max(1, round(mid * g.channels)))
+            if self.hard_flops_ratio() > target:
+                hi = mid
+            else:
+                lo = mid
+        for g in self.groups:
+            self._group_gate[id(g)].set_width(max(1, round(hi * g.channels)))
+
+    # ------------------------------------------------------------------ forward
+    def mode(self, mode: str):
+        """Context manager: run ``self.model`` as the ``"soft"``, ``"hard"`` or ``"dense"`` net.
+
+        Gate states are (re)computed on entry, with gradients enabled if autograd is.
+        """
+        self.runtime.prepare(self.gates.values(), self._device())
+        return self.runtime.use(mode)
+
+    def _device(self) -> torch.device:
+        return next((p.device for p in self.model.parameters()), torch.device("cpu"))
+
+    def dual_forward(self, inputs):
+        """``(soft_out, hard_out)``: the full-width relaxed network and the kept-channel one."""
+        inputs = _as_tuple(inputs)
+        self.runtime.prepare(self.gates.values(), self._device())
+        with self.runtime.use("soft"):
+            soft = self.model(*inputs)
+        with self.runtime.use("hard"):
+            hard = self.model(*inputs)
+        return soft, hard
+
+    def hard_forward(self, inputs):
+        inputs = _as_tuple(inputs)
+        with self.mode("hard"):
+            return self.model(*inputs)
+
+    def soft_forward(self, inputs):
+        inputs = _as_tuple(inputs)
+        with self.mode("soft"):
+            return self.model(*inputs)
+
+    # ------------------------------------------------------------------ losses and the step
+    def losses(self, soft_out, hard_out, targets, loss_fn=None) -> dict[str, torch.Tensor]:
+        """The four terms of METHOD §4 (see the table there for what each may reach).
+
+        soft_out, hard_out: ``(B, num_classes)`` logits (any float dtype); targets: ``(B,)``.
+        """
+        s = soft_out.float()
+        h = hard_out.float()
+        perf = (loss_fn or F.cross_entropy)(s, targets)
+        log_ps = F.log_softmax(s, dim=-1)
+        log_ph = F.log_softmax(h, dim=-1)
+        ps = log_ps.exp()
+        # KL(p_s || p_h) = sum p_s (log p_s - log p_h), batch mean
+        gap_weights = self.alpha * (ps.detach() * (log_ps.detach() - log_ph)).sum(-1).mean()
+        gap_gates = self.alpha * (ps * (log_ps - log_ph.detach())).sum(-1).mean()
+        ratio = self.soft_flops_ratio()
+        resource = self.lam * (ratio - self.target_flops) ** 2
+        return {"perf": perf, "gap_weights": gap_weights, "gap_gates": gap_gates,
+                "resource": resource, "flops_ratio": ratio}
+
+    def backward(self, terms: dict[str, torch.Tensor], scaler=None) -> None:
+        """Accumulate the gradients of the four terms with the routing of METHOD §4.
+
+        ``gap_gates`` is back-propagated with ``inputs=`` the gate logits only: autograd then
+        computes activation gradients through the soft path and no weight gradient at all. The
+        other three terms share one ordinary backward (weights and gates).
+        """
+
+        def scaled(t):
+            return scaler.scale(t) if scaler is not None else t
+
+        gates = list(self.gate_parameters())
+        torch.autograd.backward(scaled(terms["gap_gates"]), inputs=gates, retain_graph=True)
+        scaled(terms["perf"] + terms["gap_weights"] + terms["resource"]).backward()
+
+    def train_step(self, inputs, targets, optimizer, *, loss_fn=None, scaler=None,
+                   max_grad_norm: float | None = None) -> dict[str, float]:
+        """One full S2H step (METHOD §4): dual forward, the gate-only backward of the mask-side
+        gap term, one backward of the other three terms, the optimizer step.
+
+        Works under ``torch.autocast``; pass a ``torch.amp.GradScaler`` as ``scaler`` for fp16.
+        Raises :class:`NonFiniteLossError` (before any update) if a term is NaN/inf.
+        """
+        self.model.train()
+        optimizer.zero_grad(set_to_none=True)
+        soft, hard = self.dual_forward(inputs)
+        terms = self.losses(soft, hard, targets, loss_fn)
+        for key in ("perf", "gap_weights", "gap_gates", "resource"):
+            v = terms[key]
+            if not torch.isfinite(v):
+                raise NonFiniteLossError(key, float(v))
+        self.backward(terms, scaler)
+        if max_grad_norm is not None:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(list(self.model.parameters()), max_grad_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        with torch.no_grad():  # softmax is shift-invariant: keep logits centred
+            for g in self.gate_parameters():
+                g.sub_(g.mean())
+        self.step_count += 1
+        with torch.no_grad():
+            out = {k: float(v) for k, v in terms.items()}
+            out["loss"] = out["perf"] + out["gap_weights"] + out["resource"]
+            if targets is not None and targets.dtype in (torch.int64, torch.int32):
+                out["soft_acc"] = float((soft.argmax(-1) == targets).float().mean())
+                out["hard_acc"] = float((hard.argmax(-1) == targets).float().mean())
+            out["agreement"] = float((soft.argmax(-1) == hard.argmax(-1)).float().mean())
+            out["hard_flops_ratio"] = self.hard_flops_ratio()
+        return out
+
+    # ------------------------------------------------------------------ BatchNorm
+    @torch.no_grad()
+    def recalibrate_bn(self, batches, max_batches: int = 50) -> int:
+        """Re-estimate the hard network's BatchNorm statistics on training batches.
+
+        ``batches``: an iterable of inputs or ``(inputs, targets)``. Returns batches used.
+        """
+        bns = [m for m in self._masked.values() if isinstance(m, MaskedBatchNorm2d)
+               and m.track_running_stats and m.out_gate is not None]
+        saved = {}
+        for m in bns:
+            saved[m] = m.momentum
+            m.hard_running_mean.zero_()
+            m.hard_running_var.fill_(1.0)
+            m.hard_num_batches_tracked.zero_()
+            m.momentum = None  # cumulative average over the batches
+        was = self.model.training
+        self.model.train()
+        n = 0
+        try:
+            with self.mode("hard"):
+                for batch in batches:
+                    if n >= max_batches:
+                        break
+                    x = batch[0] if isinstance(batch, (list, tuple)) else batch
+                    self.model(*_as_tuple(x.to(self._device())))
+                    n += 1
+        finally:
+            for m, mom in saved.items():
+                m.momentum = mom
+            self.model.train(was)
+        return n
+
+    # ------------------------------------------------------------------ export
+    @torch.no_grad()
+    def export(self) -> nn.Module:
+        """A plain ``torch.nn`` copy of the hard network: every pruned layer sliced to its kept
+        channels, BatchNorm with the hard network's running statistics, in eval mode.
+
+        No s2h code is needed to run it; ``s2h.save_exported`` stores it without pickle.
+        """
+        keep = {id(g): g.keep_index() for g in self.gates.values()}
+        exported = copy.deepcopy(self.model)  # masked layers drop their gates when copied
+        for name, m in self._masked.items():
+            in_keep = keep[id(m.in_gate)] if m.in_gate is not None else None
+            out_keep = keep[id(m.out_gate)] if m.out_gate is not None else None
+            _set_submodule(exported, name, _plain_layer(m, in_keep, out_keep))
+        leftovers = [n for n, m in exported.named_modules() if isinstance(m, _MaskedMixin)]
+        if leftovers:  # layers swapped but not recorded: turn them back into their parents
+            for n in leftovers:
+                mod = exported.get_submodule(n)
+                _set_submodule(exported, n, _plain_layer(mod, None, None))
+        if self.builder is not None:
+            exported.s2h_builder = copy.deepcopy(self.builder)
+        return exported.eval()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Gates (logits, importance order), config and widths: tensors and plain types only,
+        so a checkpoint loads with ``torch.load(weights_only=True)``. The model's own state
+        (weights, both sets of BatchNorm statistics) is ``pruner.model.state_dict()``."""
+        return {
+            "format": "s2h-pruner",
+            "version": 1,
+            "config": {"target_flops": self.target_flops, "divisor": self.divisor,
+                       "tau": self.tau, "alpha": self.alpha, "lam": self.lam,
+                       "ignore": list(self.ignore), "rounding": self.rounding},
+            "groups": {g.name: g.channels for g in self.groups},
+            "gates": {k: {"logits": v.logits.detach().clone(), "order": v.order.clone()}
+                      for k, v in self.gates.items()},
+            "widths": self.widths(),
+            "step_count": self.step_count,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("format") != "s2h-pruner":
+            raise ValueError("not an s2h pruner state (expected the dict of S2HPruner.state_dict())")
+        mine = {g.name: g.channels for g in self.groups}
+        if state["groups"] != mine:
+            missing = sorted(set(mine) ^ set(state["groups"]))
+            raise ValueError(
+                "pruner state does not match this model's groups "
+                f"(differing groups: {missing[:5] or 'same names, other channel counts'}); "
+                "was it saved for another model, ignore= list or divisor?"
+            )
+        with torch.no_grad():
+            for k, v in state["gates"].items():
+                gate = self.gates[k]
+                if gate.logits.shape != v["logits"].shape:
+                    raise ValueError(f"gate {k!r}: logits shape {tuple(v['logits'].shape)} does "
+                                     f"not match {tuple(gate.logits.shape)} (another divisor?)")
+                gate.logits.copy_(v["logits"])
+                gate.order.copy_(v["order"])
+        cfg = state.get("config", {})
+        self.target_flops = float(cfg.get("target_flops", self.target_flops))
+        self.alpha = float(cfg.get("alpha", self.alpha))
+        self.lam = float(cfg.get("lam", self.lam))
+        self.step_count = int(state.get("step_count", 0))
+
+    # ------------------------------------------------------------------ reporting
+    def summary(self) -> str:
+        lines = [f"S2HPruner: {len(self.groups)} prunable groups, dense "
+                 f"{self.dense_flops / 1e6:.2f} MFLOPs, target {self.target_flops:.2f}, "
+                 f"hard ratio now {self.hard_flops_ratio():.3f}"]
+        for g in self.groups:
+            gate = self._group_gate[id(g)]
+            lines.append(f"  {g.name:<40s} {gate.hard_width():>5d}/{g.channels:<5d} "
+                         f"(layers: {len(g.producers)} out, {len(g.consumers)} in, "
+                         f"{len(g.norms)} norm, {len(g.depthwise)} dw)")
+        frozen = [g for g in self.analysis.groups if not g.prunable and g.reasons]
+        for g in frozen:
+            lines.append(f"  [kept whole] {g.name}: {g.reasons[0]}")
+        return "\n".join(lines)
+
+
+def _plain_layer(m: nn.Module, in_keep, out_keep) -> nn.Module:
+    """A plain torch layer equal to masked layer ``m`` restricted to the kept channels."""
+    from ._dispatch import gather_channels, gather_weight
+
+    dev, dt = m.weight.device if getattr(m, "weight", None) is not None else None, None
+    if isinstance(m, MaskedConv2d):
+        dt = m.weight.dtype
+        if m.is_depthwise:
+            k = m.in_channels if in_keep is None else in_keep.numel()
+            new = nn.Conv2d(k, k, m.kernel_size, m.stride, m.padding, m.dilation, k,
+                            m.bias is not None, m.padding_mode, device=dev, dtype=dt)
+            w = m.weight if in_keep is None else gather_channels(m.weight, in_keep, 0)
+            b = m.bias if (m.bias is None or in_keep is None) else gather_channels(m.bias, in_keep, 0)
+        else:
+            cin = m.in_channels if in_keep is None else in_keep.numel()
+            cout = m.out_channels if out_keep is None else out_keep.numel()
+            new = nn.Conv2d(cin, cout, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+                            m.bias is not None, m.padding_mode, device=dev, dtype=dt)
+            w = gather_weight(m.weight, out_keep, in_keep)
+            b = m.bias if (m.bias is None or out_keep is None) else gather_channels(m.bias, out_keep, 0)
+        new.weight.copy_(w)
+        if b is not None:
+            new.bias.copy_(b)
+        return new.train(m.training)
+    if isinstance(m, MaskedLinear):
+        dt = m.weight.dtype
+        cin = m.in_features if in_keep is None else in_keep.numel()
+        cout = m.out_features if out_keep is None else out_keep.numel()
+        new = nn.Linear(cin, cout, m.bias is not None, device=dev, dtype=dt)
+        new.weight.copy_(gather_weight(m.weight, out_keep, in_keep))
+        if m.bias is not None:
+            new.bias.copy_(m.bias if out_keep is None else gather_channels(m.bias, out_keep, 0))
+        return new.train(m.training)
+    if isinstance(m, MaskedBatchNorm2d):
+        keep = out_keep
+        k = m.num_features if keep is None else keep.numel()
+        ref = m.running_mean if m.running_mean is not None else m.weight
+        new = nn.BatchNorm2d(k, m.eps, m.momentum, m.affine, m.track_running_stats,
+                             device=ref.device if ref is not None else None,
+                             dtype=ref.dtype if ref is not None else None)
+
+        def sl(t):
+            return t if keep is None else t.index_select(0, keep)
+
+        if m.affine:
+            new.weight.copy_(sl(m.weight))
+            new.bias.copy_(sl(m.bias))
+        if m.track_running_stats:
+            use_hard = keep is not None and hasattr(m, "hard_running_mean")
+            new.running_mean.copy_(sl(m.hard_running_mean if use_hard else m.running_mean))
+            new.running_var.copy_(sl(m.hard_running_var if use_hard else m.running_var))
+            new.num_batches_tracked.copy_(
+                m.hard_num_batches_tracked if use_hard else m.num_batches_tracked
+            )
+        return new.train(m.training)
+    if isinstance(m, MaskedLayerNorm):
+        keep = out_keep
+        k = m.normalized_shape[0] if keep is None else keep.numel()
+        has_bias = m.bias is not None
+        ref = m.weight if m.weight is not None else None
+        new = nn.LayerNorm(k, m.eps, m.elementwise_affine, bias=has_bias,
+                           device=ref.device if ref is not None else None,
+                           dtype=ref.dtype if ref is not None else None)
+        if m.elementwise_affine:
+            new.weight.copy_(m.weight if keep is None else m.weight.index_select(0, keep))
+            if has_bias:
+                new.bias.copy_(m.bias if keep is None else m.bias.index_select(0, keep))
+        return new.train(m.training)
+    raise TypeError(f"cannot export layer of type {type(m).__name__}")
+
+
+def _detect_builder(model: nn.Module, example_inputs: tuple) -> dict | None:
+    from .export import detect_builder
+
+    return detect_builder(model, example_inputs)

@@ -1,0 +1,411 @@
+"""The S2H training loop behind ``s2h prune``: data, optimiser, progress, checkpoints, report.
+
+Everything a run writes goes to ``--out DIR``:
+
+* ``checkpoint.pt``      — written atomically (temp file + rename) at the end of every epoch;
+  tensors and plain types only, so it loads with ``torch.load(weights_only=True)``;
+* ``metrics.jsonl``      — one JSON object per logged step and per epoch;
+* ``exported/``          — the pruned model (``s2h.save_exported`` format);
+* ``summary.json``       — the final table (dense vs exported) as data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .export import save_exported
+from .pruner import NonFiniteLossError, S2HPruner
+
+
+@dataclass
+class PruneConfig:
+    model: str = "resnet20"
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    target_flops: float = 0.35
+    epochs: int = 3
+    steps_per_epoch: int | None = None
+    batch_size: int = 128
+    lr: float = 2e-3
+    gate_lr: float = 5e-2
+    weight_decay: float = 5e-4
+    alpha: float = 1.0
+    lam: float = 4.0
+    divisor: int = 8
+    tau: float = 1.0
+    warmup_steps: int = 50
+    max_grad_norm: float | None = 5.0
+    amp: str = "none"  # none | bf16 | fp16
+    device: str = "auto"
+    out: str = "runs/s2h"
+    resume: bool = False
+    seed: int = 0
+    workers: int = 0
+    eval_batches: int | None = None
+    dense_baseline: bool = True
+    latency: bool = True
+    log_every: int = 10
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_model(name: str, num_classes: int, in_chans: int) -> nn.Module:
+    """``s2h.models`` names first, then any timm model (random init: nothing is downloaded)."""
+    from . import models
+
+    if name in models.list_models():
+        return models.create_model(name, num_classes=num_classes, in_chans=in_chans)
+    try:
+        import timm
+    except ImportError as exc:  # pragma: no cover
+        raise ValueError(f"unknown model {name!r}: not in s2h.models ({models.list_models()}) "
+                         "and timm is not installed") from exc
+    if not timm.is_model(name):
+        raise ValueError(f"unknown model {name!r}: not in s2h.models {models.list_models()} "
+                         "nor in timm.list_models()")
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+
+
+def _autocast(device: torch.device, amp: str):
+    if amp == "none":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(model_fn, loader, device, max_batches=None, amp="none", module=None) -> float:
+    """Top-1 accuracy (%) of ``model_fn(x)`` over ``loader``, with ``module`` (default:
+    ``model_fn`` itself) in eval mode; its training flag is restored afterwards."""
+    module = model_fn if module is None else module
+    was = module.training
+    module.eval()
+    try:
+        return _accuracy(model_fn, loader, device, max_batches, amp)
+    finally:
+        module.train(was)
+
+
+def _accuracy(model_fn, loader, device, max_batches, amp) -> float:
+    correct = total = 0
+    for i, (x, y) in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with _autocast(device, amp):
+            out = model_fn(x)
+        correct += int((out.argmax(-1) == y).sum())
+        total += y.numel()
+    return 100.0 * correct / max(1, total)
+
+
+@torch.no_grad()
+def compare_latency(models: dict[str, nn.Module], shape, device, rounds: int = 15,
+                    warmup: int = 3) -> dict[str, float]:
+    """Median forward latency (ms) of each model for a random input of ``shape``.
+
+    The models are timed side by side, alternating within every round, so machine noise hits
+    them alike (the ratio is what to read)."""
+    x = torch.randn(*shape, device=device)
+    for m in models.values():
+        m.eval()
+        for _ in range(warmup):
+            m(x)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(rounds):
+        for k, m in models.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            m(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[k].append((time.perf_counter() - t) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def count_flops(model: nn.Module, example: torch.Tensor) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(example)
+    model.train(was)
+    return int(fc.get_total_flops())
+
+
+def _atomic_save(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _lr_lambda(total_steps: int, warmup: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def _make_optimizer(cfg: PruneConfig, weights, gates=None):
+    groups = [{"params": list(weights), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+    if gates is not None:
+        groups.append({"params": list(gates), "lr": cfg.gate_lr, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups)
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _progress(iterable, total, desc, enabled):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True,
+                file=sys.stderr, mininterval=1.0)
+
+
+def train_dense(model, cfg, train_loader, device, steps_per_epoch) -> nn.Module:
+    """The dense reference: the same architecture, epochs, steps and optimiser, no pruning."""
+    opt = _make_optimizer(cfg, model.parameters())
+    total = cfg.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup_steps))
+    model.train()
+    for epoch in range(cfg.epochs):
+        if hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
+        it = _progress(train_loader, steps_per_epoch, f"dense {epoch + 1}/{cfg.epochs}",
+                       cfg.progress)
+        for i, (x, y) in enumerate(it):
+            if i >= steps_per_epoch:
+                break
+            x, y = x.to(device), y.to(device)
+            opt.zero_grad(set_to_none=True)
+            with _autocast(device, cfg.amp):
+                loss = F.cross_entropy(model(x).float(), y)
+            loss.backward()
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+    return model
+
+
+def run_prune(cfg: PruneConfig) -> dict:
+    """Run the whole S2H job described by ``cfg``; returns the summary dict."""
+    from .data import build_loaders
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    device = _device(cfg.device)
+    os.makedirs(cfg.out, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
+    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+
+    train_loader, test_loader, info = build_loaders(
+        cfg.dataset, cfg.data_dir, cfg.batch_size, workers=cfg.workers, seed=cfg.seed
+    )
+    steps_per_epoch = len(train_loader)
+    if cfg.steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
+    model = build_model(cfg.model, info.num_classes, info.in_chans).to(device)
+    init_state = copy.deepcopy(model.state_dict())  # the dense reference starts from here
+    size = info.image_size
+    example = torch.randn(2, info.in_chans, size, size, device=device)
+    pruner = S2HPruner(model, (example,), cfg.target_flops, divisor=cfg.divisor, tau=cfg.tau,
+                       alpha=cfg.alpha, lam=cfg.lam)
+    _log(f"s2h prune: {cfg.model} on {cfg.dataset} ({info.num_classes} classes, "
+         f"{info.in_chans}x{size}x{size}), target {cfg.target_flops:.2f} of "
+         f"{pruner.dense_flops / example.shape[0] / 1e6:.1f} MFLOPs/image, "
+         f"{len(pruner.groups)} prunable groups, "
+         f"device {device}")
+    opt = _make_optimizer(cfg, pruner.weight_parameters(), pruner.gate_parameters())
+    total_steps = cfg.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, [_lr_lambda(total_steps, cfg.warmup_steps), lambda s: 1.0]
+    )
+    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+    start_epoch = 0
+    if cfg.resume:
+        if not os.path.exists(ckpt_path):
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = load_checkpoint(ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        pruner.load_state_dict(ckpt["pruner"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        start_epoch = int(ckpt["epoch"])
+        torch.set_rng_state(ckpt["rng"])
+        _log(f"resumed from {ckpt_path} at epoch {start_epoch} (step {pruner.step_count})")
+    elif os.path.exists(metrics_path):
+        os.remove(metrics_path)
+
+    history = []
+    with open(metrics_path, "a") as mlog:
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.time()
+            sums: dict[str, float] = {}
+            n = 0
+            if hasattr(train_loader.sampler, "set_epoch"):  # same data order after --resume
+                train_loader.sampler.set_epoch(epoch)
+            it = _progress(train_loader, steps_per_epoch, f"s2h {epoch + 1}/{cfg.epochs}",
+                           cfg.progress)
+            for i, (x, y) in enumerate(it):
+                if i >= steps_per_epoch:
+                    break
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                try:
+                    with _autocast(device, cfg.amp):
+                        m = pruner.train_step(x, y, opt, scaler=scaler,
+                                              max_grad_norm=cfg.max_grad_norm)
+                except NonFiniteLossError as exc:
+                    good = ckpt_path if os.path.exists(ckpt_path) else "none yet"
+                    exc.args = (f"{exc.args[0]} Stopped at epoch {epoch + 1}, step {i}; "
+                                f"last good checkpoint (left untouched): {good}",)
+                    raise
+                sched.step()
+                n += 1
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                if hasattr(it, "set_postfix") and i % 5 == 0:
+                    it.set_postfix(loss=f"{m['loss']:.3f}", flops=f"{m['hard_flops_ratio']:.3f}",
+                                   hard_acc=f"{m['hard_acc']:.2f}")
+                if cfg.log_every and pruner.step_count % cfg.log_every == 0:
+                    mlog.write(json.dumps({"kind": "step", "epoch": epoch + 1,
+                                           "step": pruner.step_count, **m}) + "\n")
+            avg = {k: v / max(1, n) for k, v in sums.items()}
+            soft_acc = evaluate(pruner.soft_forward, test_loader, device, cfg.eval_batches,
+                                cfg.amp, module=model)
+            hard_acc = evaluate(pruner.hard_forward, test_loader, device, cfg.eval_batches,
+                                cfg.amp, module=model)
+            row = {"kind": "epoch", "epoch": epoch + 1, "step": pruner.step_count,
+                   "train": avg, "test_soft_acc": soft_acc, "test_hard_acc": hard_acc,
+                   "hard_flops_ratio": pruner.hard_flops_ratio(), "widths": pruner.widths(),
+                   "seconds": time.time() - t0}
+            history.append(row)
+            mlog.write(json.dumps(row) + "\n")
+            mlog.flush()
+            _log(f"epoch {epoch + 1}/{cfg.epochs}  loss {avg.get('loss', float('nan')):.3f} "
+                 f"(perf {avg.get('perf', 0):.3f} gap {avg.get('gap_weights', 0):.4f} "
+                 f"res {avg.get('resource', 0):.4f})  test acc soft {soft_acc:.2f}% "
+                 f"hard {hard_acc:.2f}%  hard FLOPs {row['hard_flops_ratio']:.3f}  "
+                 f"{row['seconds']:.0f}s")
+            _atomic_save({"format": "s2h-checkpoint", "version": 1, "config": asdict(cfg),
+                          "epoch": epoch + 1, "model": model.state_dict(),
+                          "pruner": pruner.state_dict(), "optimizer": opt.state_dict(),
+                          "scheduler": sched.state_dict(), "rng": torch.get_rng_state()},
+                         ckpt_path)
+
+    return _finish(cfg, pruner, model, init_state, train_loader, test_loader, info, device,
+                   steps_per_epoch, example)
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load a training checkpoint safely (``weights_only=True``), with a clear error."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}. "
+                         "It may be truncated or not an s2h checkpoint.") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "s2h-checkpoint":
+        raise ValueError(f"{path} is not an s2h checkpoint")
+    return ckpt
+
+
+def _finish(cfg, pruner, model, init_state, train_loader, test_loader, info, device,
+            steps_per_epoch, example) -> dict:
+    n = pruner.recalibrate_bn(((x,) for x, _ in train_loader), max_batches=20)
+    hard_acc = evaluate(pruner.hard_forward, test_loader, device, cfg.eval_batches, module=model)
+    exported = pruner.export().to(device)
+    exp_acc = evaluate(exported, test_loader, device, cfg.eval_batches)
+    save_exported(exported, os.path.join(cfg.out, "exported"))
+    ex1 = example[:1]
+    rows = {"exported": {"accuracy": exp_acc, "flops": count_flops(exported, ex1),
+                         "params": sum(p.numel() for p in exported.parameters())}}
+    dense = None
+    if cfg.dense_baseline:
+        dense = build_model(cfg.model, info.num_classes, info.in_chans).to(device)
+        dense.load_state_dict(init_state)
+        _log(f"training the dense reference ({cfg.epochs} epochs x {steps_per_epoch} steps)")
+        train_dense(dense, cfg, train_loader, device, steps_per_epoch)
+        rows["dense"] = {"accuracy": evaluate(dense, test_loader, device, cfg.eval_batches)}
+    else:
+        dense = build_model(cfg.model, info.num_classes, info.in_chans).to(device)
+        rows["dense"] = {"accuracy": None}
+    rows["dense"]["flops"] = count_flops(dense, ex1)
+    rows["dense"]["params"] = sum(p.numel() for p in dense.parameters())
+    if cfg.latency:
+        shape1 = (1, info.in_chans, info.image_size, info.image_size)
+        shape_b = (64, info.in_chans, info.image_size, info.image_size)
+        pair = {"dense": dense, "exported": exported}
+        for key, shape, rounds in (("latency_ms_b1", shape1, 30), ("latency_ms_b64", shape_b, 10)):
+            for name, ms in compare_latency(pair, shape, device, rounds).items():
+                rows[name][key] = ms
+    summary = {
+        "config": asdict(cfg),
+        "hard_flops_ratio": pruner.hard_flops_ratio(),
+        "hard_acc_after_bn_recalibration": hard_acc,
+        "bn_recalibration_batches": n,
+        "export_matches_hard_network": abs(hard_acc - exp_acc) < 1e-9,
+        "widths": pruner.widths(),
+        "group_channels": pruner.group_channels(),
+        "rows": rows,
+        "device": str(device),
+        "torch": torch.__version__,
+    }
+    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    _log(format_table(summary))
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    d, e = summary["rows"]["dense"], summary["rows"]["exported"]
+
+    def acc(v):
+        return "   n/a" if v is None else f"{v:6.2f}"
+
+    lines = [
+        "",
+        f"{'':28s}{'dense':>12s}{'exported (S2H)':>18s}{'ratio':>9s}",
+        f"{'test accuracy (%)':28s}{acc(d['accuracy']):>12s}{acc(e['accuracy']):>18s}",
+        f"{'MFLOPs / image':28s}{d['flops'] / 1e6:12.2f}{e['flops'] / 1e6:18.2f}"
+        f"{e['flops'] / d['flops']:9.3f}",
+        f"{'parameters (M)':28s}{d['params'] / 1e6:12.3f}{e['params'] / 1e6:18.3f}"
+        f"{e['params'] / d['params']:9.3f}",
+    ]
+    dev = summary.get("device", "cpu").upper()
+    for key, label in (("latency_ms_b1", "batch 1"), ("latency_ms_b64", "batch 64")):
+        if key in d:
+            lines.append(f"{dev + ' latency ' + label + ' (ms)':28s}{d[key]:12.2f}{e[key]:18.2f}"
+                         f"{d[key] / e[key]:8.2f}x")
+    lines.append(f"exported == hard network: {summary['export_matches_hard_network']}; "
+                 f"model saved to {summary['config']['out']}/exported")
+    return "\n".join(lines)

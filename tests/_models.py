@@ -1,0 +1,85 @@
+"""Small models for the tests (defined here so tests don't depend on s2h.models)."""
+
+import torch
+from torch import nn
+
+
+def plain_cnn(in_chans=3, num_classes=10):
+    return nn.Sequential(
+        nn.Conv2d(in_chans, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes),
+    )
+
+
+def mlp(in_features=20, num_classes=5):
+    return nn.Sequential(
+        nn.Linear(in_features, 64), nn.ReLU(), nn.Linear(64, 48), nn.GELU(),
+        nn.Linear(48, num_classes),
+    )
+
+
+class DepthwiseNet(nn.Module):
+    """conv -> BN -> depthwise -> BN -> pointwise, plus a squeeze-excite style gate multiply."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.se_reduce = nn.Conv2d(16, 8, 1)
+        self.se_expand = nn.Conv2d(8, 16, 1)
+        self.pw = nn.Conv2d(16, 24, 1)
+        self.bn2 = nn.BatchNorm2d(24)
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.stem(x)))
+        x = torch.relu(self.bn1(self.dw(x)))
+        s = x.mean((2, 3), keepdim=True)
+        s = torch.sigmoid(self.se_expand(torch.relu(self.se_reduce(s))))
+        x = x * s
+        x = torch.relu(self.bn2(self.pw(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+class ConcatNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 8, 3, padding=1)
+        self.c = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = torch.cat([self.a(x), self.b(x)], 1)
+        return self.fc(self.c(x).mean((2, 3)))
+
+
+class GroupedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.g = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.b(torch.relu(self.g(torch.relu(self.a(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+class FlattenNet(nn.Module):
+    """A classifier on the flattened (C*H*W) features: the reshape mixes channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 4 * 4, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.b(torch.relu(self.a(x))))
+        return self.fc(x.flatten(1))

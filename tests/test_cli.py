@@ -1,0 +1,98 @@
+"""The main job end to end on small settings: outputs, resume, errors, info."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import s2h
+from s2h.cli import main
+
+SMALL = ["--dataset", "synthetic", "--model", "resnet20", "--batch-size", "16",
+         "--steps-per-epoch", "3", "--eval-batches", "2", "--no-progress", "--target-flops", "0.5"]
+
+
+def test_prune_end_to_end_writes_everything(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["prune", *SMALL, "--epochs", "2", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "epoch 2/2" in text and "test accuracy (%)" in text and "latency batch 1" in text
+    assert "exported == hard network: True" in text
+    for name in ("checkpoint.pt", "metrics.jsonl", "summary.json", "exported/model.safetensors",
+                 "exported/architecture.json"):
+        assert (out / name).exists(), name
+    summary = json.loads((out / "summary.json").read_text())
+    rows = summary["rows"]
+    assert rows["exported"]["flops"] / rows["dense"]["flops"] == pytest.approx(
+        summary["hard_flops_ratio"], rel=0.01)
+    assert summary["export_matches_hard_network"]
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)  # no pickle of objects needed
+    assert ckpt["epoch"] == 2
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["kind"] == "epoch" for r in lines) == 2
+    model = s2h.load_exported(str(out / "exported"))
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_resume_continues_to_the_same_result(tmp_path, capsys, monkeypatch):
+    from s2h import trainer
+
+    args = [*SMALL, "--no-dense-baseline", "--no-latency", "--epochs", "2"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert main(["prune", *args, "--out", str(full)]) == 0
+
+    orig = trainer._atomic_save
+
+    def save_then_die(obj, path):
+        orig(obj, path)
+        raise KeyboardInterrupt  # the process is killed right after the epoch-1 checkpoint
+
+    monkeypatch.setattr(trainer, "_atomic_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        main(["prune", *args, "--out", str(killed)])
+    monkeypatch.setattr(trainer, "_atomic_save", orig)
+    assert torch.load(killed / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    capsys.readouterr()
+    assert main(["prune", *args, "--out", str(killed), "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    a = torch.load(full / "checkpoint.pt", weights_only=True)
+    b = torch.load(killed / "checkpoint.pt", weights_only=True)
+    assert b["epoch"] == 2
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-6), k
+    assert a["pruner"]["widths"] == b["pruner"]["widths"]
+    for k in a["pruner"]["gates"]:
+        assert torch.allclose(a["pruner"]["gates"][k]["logits"], b["pruner"]["gates"][k]["logits"],
+                              atol=1e-6)
+
+
+def test_missing_fashion_mnist_names_the_directory_and_the_fix(tmp_path, capsys):
+    code = main(["prune", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "nope"),
+                 "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert str(tmp_path / "nope") in err and "apt-get install dataset-fashion-mnist" in err
+
+
+def test_bad_target_and_unreadable_checkpoint(tmp_path, capsys):
+    assert main(["prune", *SMALL, "--target-flops", "1.5", "--out", str(tmp_path / "a")]) == 2
+    assert "--target-flops must be in (0, 1]" in capsys.readouterr().err
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["export", str(bad), "--out", str(tmp_path / "e")]) == 2
+    assert "cannot read checkpoint" in capsys.readouterr().err
+    run = tmp_path / "r"
+    os.makedirs(run)
+    (run / "checkpoint.pt").write_bytes(b"\x00" * 10)
+    assert main(["prune", *SMALL, "--epochs", "1", "--out", str(run), "--resume"]) == 2
+    assert "cannot read checkpoint" in capsys.readouterr().err
+
+
+def test_info_and_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "s2h", "info"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "torch:" in out and "channel_ops" in out

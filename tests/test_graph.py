@@ -1,0 +1,92 @@
+"""Dependency-group analysis on small models and timm ResNets."""
+
+import warnings
+
+import pytest
+import torch
+
+import s2h
+from s2h.graph import analyze
+
+from _models import ConcatNet, DepthwiseNet, FlattenNet, GroupedNet, mlp, plain_cnn
+
+
+def _groups(model, x, ignore=()):
+    return {g.name: g for g in analyze(model, (x,), set(ignore)).groups}
+
+
+def test_plain_cnn_chain():
+    g = _groups(plain_cnn(), torch.randn(2, 3, 16, 16))
+    assert g["0"].prunable and g["0"].consumers == ["3"] and g["0"].norms == ["1"]
+    assert g["3"].consumers == ["6"] and g["6"].consumers == ["11"]
+    assert not g["11"].prunable  # the classifier output is never pruned
+
+
+def test_mlp_groups():
+    g = _groups(mlp(), torch.randn(4, 20))
+    assert g["0"].prunable and g["0"].consumers == ["2"]
+    assert g["2"].prunable and g["2"].consumers == ["4"]
+    assert not g["4"].prunable
+
+
+def test_depthwise_and_squeeze_excite_join_the_group():
+    g = _groups(DepthwiseNet(), torch.randn(2, 3, 8, 8))
+    stem = g["stem"]
+    assert stem.depthwise == ["dw"]
+    assert set(stem.norms) == {"bn0", "bn1"}
+    # the SE expand conv's output is multiplied into the block's channels: same group
+    assert "se_expand" in stem.producers
+    assert set(stem.consumers) == {"se_reduce", "pw"}
+    assert g["se_reduce"].prunable
+
+
+def _frozen_warnings(model, x):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        pruner = s2h.S2HPruner(model, x, 0.5, divisor=4)
+    return pruner, [str(m.message) for m in w]
+
+
+def test_concat_across_groups_is_left_unpruned_with_a_warning():
+    pruner, msgs = _frozen_warnings(ConcatNet(), torch.randn(2, 3, 8, 8))
+    assert any("concat along the channel dim" in m and "'a'" in m for m in msgs)
+    assert set(pruner.widths()) == {"c"}
+
+
+def test_grouped_conv_is_left_unpruned_with_a_warning_naming_it():
+    pruner, msgs = _frozen_warnings(GroupedNet(), torch.randn(2, 3, 8, 8))
+    assert any("g (Conv2d, groups=4" in m for m in msgs)
+    assert set(pruner.widths()) == {"b"}
+
+
+def test_reshape_that_mixes_channels_is_left_unpruned():
+    pruner, msgs = _frozen_warnings(FlattenNet(), torch.randn(2, 3, 4, 4))
+    assert any("merges or splits the channel dim" in m for m in msgs)
+    assert set(pruner.widths()) == {"a"}
+
+
+def test_ignore_keeps_groups_whole_and_unknown_names_are_refused():
+    g = _groups(plain_cnn(), torch.randn(2, 3, 16, 16), ignore=["6"])
+    assert g["0"].prunable and not g["3"].prunable
+    with pytest.raises(ValueError, match="do not exist.*'nope'"):
+        analyze(plain_cnn(), (torch.randn(2, 3, 8, 8),), {"nope"})
+
+
+@pytest.mark.parametrize("name,n_groups", [("resnet18", 12), ("resnet50", 37)])
+def test_timm_resnet_groups(name, n_groups):
+    timm = pytest.importorskip("timm")
+    model = timm.create_model(name, num_classes=10)
+    groups = {g.name: g for g in analyze(model, (torch.randn(2, 3, 32, 32),)).groups}
+    prunable = [g for g in groups.values() if g.prunable]
+    assert len(prunable) == n_groups
+    stem = groups["conv1"]
+    # layer1 has no downsample: the stem's channels are the residual stream of stage 1
+    if name == "resnet18":
+        assert set(stem.producers) == {"conv1", "layer1.0.conv2", "layer1.1.conv2"}
+        assert {"layer2.0.conv1", "layer2.0.downsample.0"} <= set(stem.consumers)
+        res2 = groups["layer2.0.conv2"]
+        assert "layer2.0.downsample.0" in res2.producers and "layer2.0.downsample.1" in res2.norms
+    else:
+        res1 = groups["layer1.0.conv3"]
+        assert {"layer1.0.downsample.0", "layer1.1.conv3", "layer1.2.conv3"} <= set(res1.producers)
+    assert not groups["fc"].prunable

@@ -1,0 +1,323 @@
+"""The S2H step (METHOD §4): gradient routing of every term, FLOPs, BatchNorm, export, resume."""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import s2h
+from s2h.nn import MaskedBatchNorm2d
+
+from _models import DepthwiseNet, mlp, plain_cnn
+
+
+def _randomise_gates(pruner, scale=1.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in pruner.gate_parameters():
+            gate.copy_(torch.randn(gate.shape, generator=g) * scale)
+
+
+def _cnn_pruner(target=0.5):
+    torch.manual_seed(0)
+    model = plain_cnn()
+    pruner = s2h.S2HPruner(model, torch.randn(2, 3, 16, 16), target, divisor=4)
+    _randomise_gates(pruner)
+    return model, pruner
+
+
+def _grads(term, params):
+    gs = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)]
+
+
+def _routed(pruner, x, y, only):
+    """Gradients that pruner.backward() gives when only term ``only`` is non-zero."""
+    for p in list(pruner.weight_parameters()) + list(pruner.gate_parameters()):
+        p.grad = None
+    soft, hard = pruner.dual_forward(x)
+    terms = pruner.losses(soft, hard, y)
+    assert terms["gap_gates"].item() > 1e-4  # soft and hard differ: the test is not vacuous
+    terms = {k: (v if k == only else v * 0.0) for k, v in terms.items()}
+    pruner.backward(terms)
+    w = sum(float(p.grad.abs().sum()) for p in pruner.weight_parameters() if p.grad is not None)
+    u = sum(float(p.grad.abs().sum()) for p in pruner.gate_parameters() if p.grad is not None)
+    return w, u
+
+
+def test_gradient_routing_of_every_term():
+    model, pruner = _cnn_pruner()
+    weights, gates = list(pruner.weight_parameters()), list(pruner.gate_parameters())
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+
+    w, u = _routed(pruner, x, y, "gap_gates")
+    assert w == 0.0 and u > 0  # mask side of the gap: gates only, never weights
+    # ... although the term itself does depend on the weights (the routing is what stops it)
+    soft, hard = pruner.dual_forward(x)
+    t = pruner.losses(soft, hard, y)
+    assert sum(float(g.abs().sum()) for g in _grads(t["gap_gates"], weights)) > 0
+    w, u = _routed(pruner, x, y, "resource")
+    assert w == 0.0 and u > 0  # resource: gates only
+    w, u = _routed(pruner, x, y, "perf")
+    assert w > 0 and u > 0  # performance: weights and gates through the soft path
+    w, u = _routed(pruner, x, y, "gap_weights")
+    assert w > 0 and u > 0  # weight side of the gap: weights, and gates through the hard STE
+
+    # gap_weights reaches the weights only through the hard path: with the soft output held
+    # fixed its gradient equals that of KL(p_s.detach() || softmax(hard))
+    ps = torch.softmax(soft.detach(), -1)
+    ref = (ps * (ps.log() - torch.log_softmax(hard, -1))).sum(-1).mean()
+    for a, b in zip(_grads(t["gap_weights"], weights), _grads(ref, weights)):
+        assert torch.allclose(a, b, atol=1e-6)
+    # and gap_gates reaches the gates only through the soft path: hard output held fixed
+    ph = torch.log_softmax(hard.detach(), -1)
+    ls = torch.log_softmax(soft, -1)
+    ref = (ls.exp() * (ls - ph)).sum(-1).mean()
+    for a, b in zip(_grads(t["gap_gates"], gates), _grads(ref, gates)):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+class _Capture(torch.optim.Optimizer):
+    """Records the gradients at step() and leaves the parameters alone."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+        self.seen = None
+
+    def step(self, closure=None):
+        self.seen = [None if p.grad is None else p.grad.clone()
+                     for g in self.param_groups for p in g["params"]]
+
+
+def test_train_step_applies_exactly_the_routed_gradients():
+    model, pruner = _cnn_pruner()
+    weights, gates = list(pruner.weight_parameters()), list(pruner.gate_parameters())
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    soft, hard = pruner.dual_forward(x)
+    t = pruner.losses(soft, hard, y)
+    main = _grads(t["perf"] + t["gap_weights"] + t["resource"], weights + gates)
+    mask_side = _grads(t["gap_gates"], gates)
+    expected = main[: len(weights)] + [a + b for a, b in zip(main[len(weights):], mask_side)]
+
+    opt = _Capture([{"params": weights}, {"params": gates}])
+    metrics = pruner.train_step(x, y, opt)
+    for got, exp in zip(opt.seen, expected):
+        got = torch.zeros_like(exp) if got is None else got
+        assert torch.allclose(got, exp, atol=1e-6, rtol=1e-5)
+    for k in ("perf", "gap_weights", "gap_gates", "resource", "hard_flops_ratio", "soft_acc",
+              "hard_acc", "agreement", "loss"):
+        assert isinstance(metrics[k], float)
+
+
+def test_hard_path_costs_kept_channels_only_and_gate_backward_skips_weight_grads():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    pruner = s2h.S2HPruner(model, x, 0.35)
+    pruner.set_widths(0.35)
+    _ = pruner.dual_forward(x)  # warm
+    pruner.runtime.prepare(pruner.gates.values())
+    with FlopCounterMode(display=False) as fc:
+        with pruner.runtime.use("hard"):
+            model(x)
+    hard_fwd = fc.get_total_flops()
+    assert hard_fwd == pytest.approx(pruner.hard_flops_ratio() * pruner.dense_flops, rel=1e-6)
+
+    soft, hard = pruner.dual_forward(x)
+    terms = pruner.losses(soft, hard, torch.randint(0, 10, (2,)))
+    with FlopCounterMode(display=False) as fc:
+        torch.autograd.backward(terms["gap_gates"], inputs=list(pruner.gate_parameters()),
+                                retain_graph=True)
+    gate_bwd = fc.get_total_flops()
+    # activation gradients only: about one forward (a weight gradient would double it)
+    assert gate_bwd <= 1.01 * pruner.dense_flops
+    assert all(p.grad is None for p in model.parameters())
+
+
+def _export_case(name):
+    torch.manual_seed(0)
+    if name == "cnn":
+        return plain_cnn(), torch.randn(4, 3, 16, 16)
+    if name == "mlp":
+        return mlp(), torch.randn(6, 20)
+    if name == "depthwise":
+        return DepthwiseNet(), torch.randn(4, 3, 8, 8)
+    timm = pytest.importorskip("timm")
+    return timm.create_model(name, num_classes=10), torch.randn(4, 3, 32, 32)
+
+
+@pytest.mark.parametrize("name", ["cnn", "mlp", "depthwise", "resnet18", "resnet50"])
+def test_export_is_plain_exact_and_counts_the_same_flops(name):
+    model, x = _export_case(name)
+    pruner = s2h.S2HPruner(model, x[:2], 0.4, divisor=4)
+    _randomise_gates(pruner, scale=2.0, seed=3)
+    opt = torch.optim.SGD(pruner.weight_parameters(), lr=0.01)
+    y = torch.randint(0, model(x).shape[-1], (x.shape[0],))
+    for _ in range(2):  # moves BN statistics (soft and hard) away from their initial values
+        pruner.train_step(x, y, opt)
+    widths = pruner.widths()
+    assert any(w < pruner.group_channels()[k] for k, w in widths.items())
+    assert all(w % 4 == 0 for w in widths.values())
+    model.eval()
+    with torch.no_grad():
+        hard = pruner.hard_forward(x)
+    exported = pruner.export()
+    assert not any(type(m).__module__.startswith("s2h") for m in exported.modules())
+    with torch.no_grad():
+        out = exported(x)
+    assert torch.allclose(out, hard, rtol=1e-5, atol=1e-5 * float(hard.abs().max()))
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        exported(x[:2])
+    assert fc.get_total_flops() / pruner.dense_flops == pytest.approx(
+        pruner.hard_flops_ratio(), rel=0.01)
+    # the original model is still the full-size masked model
+    assert isinstance(model, nn.Module) and pruner.hard_flops_ratio() < 1.0
+
+
+def test_export_uses_the_hard_networks_batchnorm_statistics():
+    model, pruner = _cnn_pruner()
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    opt = torch.optim.SGD(pruner.weight_parameters(), lr=0.0)
+    for _ in range(3):
+        pruner.train_step(x, y, opt)
+    bn = model[4]  # its input differs between the soft and the hard network
+    assert isinstance(bn, MaskedBatchNorm2d)
+    keep = pruner.gates["3"].keep_index()
+    exported = pruner.export()
+    assert torch.allclose(exported[4].running_mean, bn.hard_running_mean[keep])
+    assert not torch.allclose(exported[4].running_mean, bn.running_mean[keep])
+
+
+def test_soft_flops_ratio_is_differentiable_with_the_hard_value():
+    model, pruner = _cnn_pruner()
+    r = pruner.soft_flops_ratio()
+    assert float(r) == pytest.approx(pruner.hard_flops_ratio(), rel=1e-6)
+    gates = list(pruner.gates.values())
+    got = torch.autograd.grad(r, [g.logits for g in gates])
+    # reference: d ratio / d width at the hard widths (widths as free leaves), chained with
+    # d E / d u of each gate (straight-through: forward hard width, backward expected width)
+    widths = torch.tensor([float(g.hard_width()) for g in gates], requires_grad=True)
+    index = {id(g): i for i, g in enumerate(gates)}
+    ratio = pruner._ratio(lambda g: widths[index[id(g)]])
+    (dr_dw,) = torch.autograd.grad(ratio, widths)
+    for i, g in enumerate(gates):
+        (de_du,) = torch.autograd.grad(g.expected_width(), g.logits)
+        assert torch.allclose(got[i], dr_dw[i] * de_du, atol=1e-7)
+    assert any(float(t.abs().sum()) > 0 for t in got)
+
+
+def test_state_dict_resume_restores_the_same_hard_network(tmp_path):
+    model, pruner = _cnn_pruner()
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    opt = torch.optim.AdamW([{"params": pruner.weight_parameters()},
+                             {"params": pruner.gate_parameters(), "lr": 0.05}], lr=1e-3)
+    for _ in range(3):
+        pruner.train_step(x, y, opt)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "pruner": pruner.state_dict()}, path)
+    ckpt = torch.load(path, weights_only=True)
+
+    torch.manual_seed(123)
+    model2 = plain_cnn()
+    pruner2 = s2h.S2HPruner(model2, torch.randn(2, 3, 16, 16), 0.5, divisor=4)
+    model2.load_state_dict(ckpt["model"])
+    pruner2.load_state_dict(ckpt["pruner"])
+    assert pruner2.widths() == pruner.widths()
+    model.eval()
+    model2.eval()
+    with torch.no_grad():
+        assert torch.equal(pruner.hard_forward(x), pruner2.hard_forward(x))
+        assert torch.equal(pruner.soft_forward(x), pruner2.soft_forward(x))
+    with pytest.raises(ValueError, match="does not match this model's groups"):
+        s2h.S2HPruner(mlp(), torch.randn(2, 20), 0.5).load_state_dict(ckpt["pruner"])
+
+
+def test_training_moves_the_hard_network_toward_the_target():
+    torch.manual_seed(0)
+    model = plain_cnn()
+    pruner = s2h.S2HPruner(model, torch.randn(2, 3, 16, 16), 0.4, divisor=4, lam=8.0)
+    opt = torch.optim.AdamW([{"params": pruner.weight_parameters(), "lr": 1e-3},
+                             {"params": pruner.gate_parameters(), "lr": 0.1, "weight_decay": 0}])
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
+    start = pruner.hard_flops_ratio()
+    for _ in range(40):
+        m = pruner.train_step(x, y, opt)
+    assert start == 1.0
+    assert m["hard_flops_ratio"] < 0.6
+
+
+def test_train_step_under_bf16_autocast():
+    model, pruner = _cnn_pruner()
+    opt = torch.optim.SGD([{"params": pruner.weight_parameters()},
+                           {"params": pruner.gate_parameters()}], lr=0.01)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m = pruner.train_step(x, y, opt)
+    assert all(v == v for v in m.values())  # no NaN
+
+
+# ---------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("target", [0, 0.0, -0.1, 1.5, "0.3", float("nan")])
+def test_target_flops_out_of_range(target):
+    with pytest.raises(ValueError, match="target_flops"):
+        s2h.S2HPruner(plain_cnn(), torch.randn(2, 3, 8, 8), target)
+
+
+def test_example_inputs_that_do_not_run():
+    with pytest.raises(ValueError, match=r"example_inputs \(shapes \[\(2, 5, 8, 8\)\]\) do not run"):
+        s2h.S2HPruner(plain_cnn(), torch.randn(2, 5, 8, 8), 0.5)
+
+
+def test_nothing_prunable():
+    with pytest.raises(ValueError, match="nothing prunable in Linear"):
+        s2h.S2HPruner(nn.Linear(8, 4), torch.randn(2, 8), 0.5)
+    with pytest.raises(ValueError, match="nothing prunable"):
+        s2h.S2HPruner(plain_cnn(), torch.randn(2, 3, 8, 8), 0.5, ignore=["0", "3", "6"])
+
+
+def test_divisor_larger_than_a_group():
+    with pytest.raises(ValueError, match=r"divisor=128 is larger than group '0' \(64 channels"):
+        s2h.S2HPruner(mlp(), torch.randn(2, 20), 0.5, divisor=128)
+
+
+def test_nan_loss_stops_before_any_update():
+    model, pruner = _cnn_pruner()
+    before = copy.deepcopy(model.state_dict())
+    opt = torch.optim.SGD(pruner.weight_parameters(), lr=0.1)
+    x = torch.randn(8, 3, 16, 16)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(s2h.NonFiniteLossError, match="the perf loss is nan") as exc:
+        pruner.train_step(x, torch.randint(0, 10, (8,)), opt)
+    assert exc.value.term == "perf"
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if "running" not in k
+               and "num_batches" not in k)
+
+
+def test_second_pruner_on_the_same_model_is_refused():
+    model, _ = _cnn_pruner()
+    with pytest.raises(ValueError, match="already has an S2HPruner"):
+        s2h.S2HPruner(model, torch.randn(2, 3, 16, 16), 0.5)
+
+
+def test_recalibrate_bn_sets_hard_stats_from_batches():
+    model, pruner = _cnn_pruner()
+    batches = [torch.randn(8, 3, 16, 16) * 2 + 1 for _ in range(4)]
+    n = pruner.recalibrate_bn(batches)
+    assert n == 4
+    bn = model[1]
+    keep = pruner.gates["0"].keep_index()
+    # cumulative average of the batch means of the hard network's first conv output
+    conv = model[0]
+    means = []
+    with torch.no_grad():
+        for b in batches:
+            means.append(nn.functional.conv2d(b, conv.weight[keep], conv.bias[keep], padding=1)
+                         .mean((0, 2, 3)))
+    assert torch.allclose(bn.hard_running_mean[keep], torch.stack(means).mean(0), atol=1e-5)
+    buf = io.BytesIO()
+    torch.save(pruner.state_dict(), buf)
