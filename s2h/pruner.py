@@ -51,6 +51,9 @@ class NonFiniteLossError(FloatingPointError):
         self.value = value
 
 
+VARIANTS = ("s2h", "no_gap", "coupled_gap", "direct_hard")
+
+
 def _as_tuple(inputs) -> tuple:
     return inputs if isinstance(inputs, tuple) else (inputs,)
 
@@ -79,6 +82,10 @@ class S2HPruner:
             them keeps all channels.
         rounding: how a gate's expected width becomes the hard width: ``"nearest"`` multiple of
             the divisor (default) or ``"ceil"`` (see :mod:`s2h.gates` for why nearest).
+        variant: ``"s2h"`` (default, METHOD §4), or one of the paper's ablations:
+            ``"no_gap"`` (no distillation: the hard network is just the discretised soft one),
+            ``"coupled_gap"`` (plain bidirectional KL, gradients to everything), or
+            ``"direct_hard"`` (train the hard network on the labels, gates through its STE).
         warn: emit a warning for each group that is left unpruned for a non-obvious reason.
     """
 
@@ -95,7 +102,11 @@ class S2HPruner:
         ignore=(),
         warn: bool = True,
         rounding: str = "nearest",
+        variant: str = "s2h",
     ) -> None:
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        self.variant = variant
         if not isinstance(target_flops, (int, float)) or not (0.0 < float(target_flops) <= 1.0):
             raise ValueError(
                 f"target_flops is the remaining FLOPs fraction and must be in (0, 1], got "
@@ -338,18 +349,31 @@ class S2HPruner:
         """The four terms of METHOD §4 (see the table there for what each may reach).
 
         soft_out, hard_out: ``(B, num_classes)`` logits (any float dtype); targets: ``(B,)``.
+        For the ablation variants the gap terms change (and ``direct_hard`` puts the task loss
+        on the hard output); a term that does not exist in a variant is a zero constant.
         """
         s = soft_out.float()
         h = hard_out.float()
-        perf = (loss_fn or F.cross_entropy)(s, targets)
+        zero = torch.zeros((), device=h.device)
+        ratio = self.soft_flops_ratio()
+        resource = self.lam * (ratio - self.target_flops) ** 2
+        task = loss_fn or F.cross_entropy
+        if self.variant == "direct_hard":
+            return {"perf": task(h, targets), "gap_weights": zero, "gap_gates": zero,
+                    "resource": resource, "flops_ratio": ratio}
+        perf = task(s, targets)
         log_ps = F.log_softmax(s, dim=-1)
         log_ph = F.log_softmax(h, dim=-1)
         ps = log_ps.exp()
-        # KL(p_s || p_h) = sum p_s (log p_s - log p_h), batch mean
-        gap_weights = self.alpha * (ps.detach() * (log_ps.detach() - log_ph)).sum(-1).mean()
-        gap_gates = self.alpha * (ps * (log_ps - log_ph.detach())).sum(-1).mean()
-        ratio = self.soft_flops_ratio()
-        resource = self.lam * (ratio - self.target_flops) ** 2
+        if self.variant == "no_gap":
+            gap_weights = gap_gates = zero
+        elif self.variant == "coupled_gap":  # KL(p_s || p_h), gradients to both networks
+            gap_weights = self.alpha * (ps * (log_ps - log_ph)).sum(-1).mean()
+            gap_gates = zero
+        else:
+            # KL(p_s || p_h) = sum p_s (log p_s - log p_h), batch mean, decoupled (METHOD §4)
+            gap_weights = self.alpha * (ps.detach() * (log_ps.detach() - log_ph)).sum(-1).mean()
+            gap_gates = self.alpha * (ps * (log_ps - log_ph.detach())).sum(-1).mean()
         return {"perf": perf, "gap_weights": gap_weights, "gap_gates": gap_gates,
                 "resource": resource, "flops_ratio": ratio}
 
@@ -365,7 +389,8 @@ class S2HPruner:
             return scaler.scale(t) if scaler is not None else t
 
         gates = list(self.gate_parameters())
-        torch.autograd.backward(scaled(terms["gap_gates"]), inputs=gates, retain_graph=True)
+        if terms["gap_gates"].requires_grad:
+            torch.autograd.backward(scaled(terms["gap_gates"]), inputs=gates, retain_graph=True)
         scaled(terms["perf"] + terms["gap_weights"] + terms["resource"]).backward()
 
     def train_step(self, inputs, targets, optimizer, *, loss_fn=None, scaler=None,
@@ -378,7 +403,13 @@ class S2HPruner:
         """
         self.model.train()
         optimizer.zero_grad(set_to_none=True)
-        soft, hard = self.dual_forward(inputs)
+        if self.variant == "direct_hard":  # no soft network at all
+            self.runtime.prepare(self.gates.values(), self._device())
+            with self.runtime.use("hard"):
+                hard = self.model(*_as_tuple(inputs))
+            soft = hard
+        else:
+            soft, hard = self.dual_forward(inputs)
         terms = self.losses(soft, hard, targets, loss_fn)
         for key in ("perf", "gap_weights", "gap_gates", "resource"):
             v = terms[key]
@@ -474,7 +505,8 @@ class S2HPruner:
             "version": 1,
             "config": {"target_flops": self.target_flops, "divisor": self.divisor,
                        "tau": self.tau, "alpha": self.alpha, "lam": self.lam,
-                       "ignore": list(self.ignore), "rounding": self.rounding},
+                       "ignore": list(self.ignore), "rounding": self.rounding,
+                       "variant": self.variant},
             "groups": {g.name: g.channels for g in self.groups},
             "gates": {k: {"logits": v.logits.detach().clone(), "order": v.order.clone()}
                       for k, v in self.gates.items()},

@@ -321,3 +321,36 @@ def test_recalibrate_bn_sets_hard_stats_from_batches():
     assert torch.allclose(bn.hard_running_mean[keep], torch.stack(means).mean(0), atol=1e-5)
     buf = io.BytesIO()
     torch.save(pruner.state_dict(), buf)
+
+
+@pytest.mark.parametrize("variant", ["no_gap", "coupled_gap", "direct_hard"])
+def test_ablation_variants_route_their_terms(variant):
+    torch.manual_seed(0)
+    model = plain_cnn()
+    pruner = s2h.S2HPruner(model, torch.randn(2, 3, 16, 16), 0.5, divisor=4, variant=variant)
+    _randomise_gates(pruner)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    opt = _Capture([{"params": list(pruner.weight_parameters())},
+                    {"params": list(pruner.gate_parameters())}])
+    m = pruner.train_step(x, y, opt)
+    assert m["gap_gates"] == 0.0
+    weights, gates = list(pruner.weight_parameters()), list(pruner.gate_parameters())
+    if variant == "direct_hard":
+        hard = pruner.hard_forward(x)
+        expected = _grads(nn.functional.cross_entropy(hard, y)
+                          + pruner.lam * (pruner.soft_flops_ratio() - 0.5) ** 2, weights + gates)
+    else:
+        soft, hard = pruner.dual_forward(x)
+        t = pruner.losses(soft, hard, y)
+        if variant == "no_gap":
+            assert float(t["gap_weights"]) == 0.0
+        else:
+            ps, lps, lph = (torch.softmax(soft, -1), torch.log_softmax(soft, -1),
+                            torch.log_softmax(hard, -1))
+            assert torch.allclose(t["gap_weights"], (ps * (lps - lph)).sum(-1).mean())
+        expected = _grads(t["perf"] + t["gap_weights"] + t["resource"], weights + gates)
+    for got, exp in zip(opt.seen, expected):
+        got = torch.zeros_like(exp) if got is None else got
+        assert torch.allclose(got, exp, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        s2h.S2HPruner(plain_cnn(), torch.randn(2, 3, 8, 8), 0.5, variant="nope")
