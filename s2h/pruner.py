@@ -82,6 +82,11 @@ class S2HPruner:
             them keeps all channels.
         rounding: how a gate's expected width becomes the hard width: ``"nearest"`` multiple of
             the divisor (default) or ``"ceil"`` (see :mod:`s2h.gates` for why nearest).
+        fused: run soft and hard *together* (lockstep, :mod:`s2h.dual`) so that every conv /
+            linear computes both paths with one fused dual op (``s2h.functional``):
+            ``"auto"`` (default: when the model is on CUDA and the Triton back-end is usable),
+            ``True`` (always; an error if the model cannot run in lockstep) or ``False`` (two
+            passes). Lockstep is validated once against two passes on the example inputs.
         variant: ``"s2h"`` (default, METHOD §4), or one of the paper's ablations:
             ``"no_gap"`` (no distillation: the hard network is just the discretised soft one),
             ``"coupled_gap"`` (plain bidirectional KL, gradients to everything), or
@@ -103,6 +108,7 @@ class S2HPruner:
         warn: bool = True,
         rounding: str = "nearest",
         variant: str = "s2h",
+        fused: bool | str = "auto",
     ) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -161,6 +167,7 @@ class S2HPruner:
         self._build_flops_table()
         self.builder = _detect_builder(model, self.example_inputs)
         self.step_count = 0
+        self.lockstep = self._decide_lockstep(fused)
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -324,9 +331,73 @@ class S2HPruner:
     def _device(self) -> torch.device:
         return next((p.device for p in self.model.parameters()), torch.device("cpu"))
 
+    def _decide_lockstep(self, fused) -> bool:
+        if fused is False or fused == "never":
+            return False
+        if fused == "auto":
+            from . import functional
+
+            dev = self._device()
+            if dev.type != "cuda" or functional.backend_for(dev) != "triton":
+                return False
+        elif fused is not True:
+            raise ValueError(f"fused must be True, False or 'auto', got {fused!r}")
+        reason = self._validate_lockstep()
+        if reason is None:
+            return True
+        msg = (f"lockstep (fused dual) forward is not usable for {type(self.model).__name__}: "
+               f"{reason}")
+        if fused is True:
+            raise ValueError(msg + "; use fused=False (two passes)")
+        warnings.warn(msg + "; falling back to two passes", stacklevel=3)
+        return False
+
+    @torch.no_grad()
+    def _validate_lockstep(self) -> str | None:
+        """Compare lockstep with two passes at about half width; None if they agree."""
+        from . import dual
+
+        saved = [g.logits.detach().clone() for g in self.gates.values()]
+        was = self.model.training
+        try:
+            self.set_widths(0.5)
+            self.model.eval()
+            s_ref, h_ref = self._two_pass(self.example_inputs)
+            self.runtime.prepare(self.gates.values(), self._device())
+            s, h = dual.dual_forward(self.model, list(self._masked.values()), self.example_inputs)
+            for a, b, what in ((s, s_ref, "soft"), (h, h_ref, "hard")):
+                la, lb = torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)
+                for x, y in zip(la, lb):
+                    if isinstance(y, torch.Tensor):
+                        tol = 2e-2 * float(y.abs().max()) + 1e-5
+                        if x.shape != y.shape or float((x.float() - y.float()).abs().max()) > tol:
+                            return f"its {what} output differs from the two-pass forward"
+            return None
+        except Exception as exc:  # LockstepUnsupported, or anything the model does
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            for g, v in zip(self.gates.values(), saved):
+                g.logits.copy_(v)
+            self.model.train(was)
+
+    def _two_pass(self, inputs):
+        self.runtime.prepare(self.gates.values(), self._device())
+        with self.runtime.use("soft"):
+            soft = self.model(*inputs)
+        with self.runtime.use("hard"):
+            hard = self.model(*inputs)
+        return soft, hard
+
     def dual_forward(self, inputs):
-        """``(soft_out, hard_out)``: the full-width relaxed network and the kept-channel one."""
+        """``(soft_out, hard_out)``: the full-width relaxed network and the kept-channel one.
+
+        In lockstep mode (``fused``) one pass computes both, through the fused dual ops."""
         inputs = _as_tuple(inputs)
+        if self.lockstep:
+            from . import dual
+
+            self.runtime.prepare(self.gates.values(), self._device())
+            return dual.dual_forward(self.model, list(self._masked.values()), inputs)
         self.runtime.prepare(self.gates.values(), self._device())
         with self.runtime.use("soft"):
             soft = self.model(*inputs)
@@ -394,12 +465,15 @@ class S2HPruner:
         scaled(terms["perf"] + terms["gap_weights"] + terms["resource"]).backward()
 
     def train_step(self, inputs, targets, optimizer, *, loss_fn=None, scaler=None,
-                   max_grad_norm: float | None = None) -> dict[str, float]:
+                   max_grad_norm: float | None = None,
+                   grad_hook: Callable[[], None] | None = None) -> dict[str, float]:
         """One full S2H step (METHOD §4): dual forward, the gate-only backward of the mask-side
         gap term, one backward of the other three terms, the optimizer step.
 
         Works under ``torch.autocast``; pass a ``torch.amp.GradScaler`` as ``scaler`` for fp16.
         Raises :class:`NonFiniteLossError` (before any update) if a term is NaN/inf.
+        ``grad_hook()`` runs after all backward passes, before clipping and the optimizer step:
+        data-parallel training averages the weight and gate gradients there.
         """
         self.model.train()
         optimizer.zero_grad(set_to_none=True)
@@ -416,6 +490,8 @@ class S2HPruner:
             if not torch.isfinite(v):
                 raise NonFiniteLossError(key, float(v))
         self.backward(terms, scaler)
+        if grad_hook is not None:
+            grad_hook()
         if max_grad_norm is not None:
             if scaler is not None:
                 scaler.unscale_(optimizer)

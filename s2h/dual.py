@@ -1,0 +1,175 @@
+"""Lockstep dual forward: the soft and the hard network through the model *together*.
+
+The plain dual forward runs the model twice (soft, then hard). The fused dual kernels
+(``s2h.functional.dual_linear`` / ``dual_conv2d``) want both paths of a layer in one launch, so
+both activations must reach the layer at the same time. Here every activation is a
+:class:`DualTensor` — a pair ``(soft, hard)`` — and:
+
+* any torch function applied to a ``DualTensor`` is applied to both halves (``__torch_function__``);
+  a function whose non-tensor result differs between the halves (e.g. ``x.shape`` of a pruned
+  group read by Python code) raises :class:`LockstepUnsupported`: never a silently wrong result;
+* each masked layer computes both paths: conv / linear through the fused dual op, every other
+  masked layer by running its own soft and hard code on the two halves.
+
+:func:`validate` compares the lockstep outputs with the two-pass outputs once, at half width, on
+the example inputs; the pruner falls back to two passes if they differ or anything raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+
+import torch
+import torch.utils._pytree as pytree
+
+from .nn import MaskedConv2d, MaskedLinear, _MaskedMixin
+
+
+class LockstepUnsupported(RuntimeError):
+    """The model does something the lockstep forward cannot mirror on both halves."""
+
+
+class DualTensor(torch.Tensor):
+    """A (soft, hard) pair of activations with the soft half's metadata.
+
+    It holds no storage of its own: anything that reaches the dispatcher instead of
+    ``__torch_function__`` fails loudly rather than computing on one half only.
+    """
+
+    soft: torch.Tensor
+    hard: torch.Tensor
+
+    @staticmethod
+    def __new__(cls, soft: torch.Tensor, hard: torch.Tensor):
+        r = torch.Tensor._make_wrapper_subclass(
+            cls, soft.shape, dtype=soft.dtype, device=soft.device, requires_grad=False
+        )
+        r.soft = soft
+        r.hard = hard
+        return r
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        return f"DualTensor(soft={tuple(self.soft.shape)}, hard={tuple(self.hard.shape)})"
+
+    @classmethod
+    def __torch_function__(cls, func, types_, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        soft_args = pytree.tree_map(lambda a: a.soft if isinstance(a, DualTensor) else a,
+                                    (args, kwargs))
+        hard_args = pytree.tree_map(lambda a: a.hard if isinstance(a, DualTensor) else a,
+                                    (args, kwargs))
+        with torch._C.DisableTorchFunctionSubclass():
+            s = func(*soft_args[0], **soft_args[1])
+            h = func(*hard_args[0], **hard_args[1])
+        return _merge(s, h, func)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types_, args=(), kwargs=None):
+        raise LockstepUnsupported(f"{func} reached the dispatcher with a DualTensor")
+
+
+def _merge(s, h, func):
+    if isinstance(s, torch.Tensor) and isinstance(h, torch.Tensor):
+        return DualTensor(s, h)
+    if isinstance(s, (list, tuple)) and isinstance(h, (list, tuple)) and len(s) == len(h):
+        if isinstance(s, torch.Size):
+            if s != h:
+                raise LockstepUnsupported(f"{getattr(func, '__name__', func)}: shapes differ "
+                                          f"between soft and hard ({tuple(s)} vs {tuple(h)})")
+            return s
+        merged = [_merge(a, b, func) for a, b in zip(s, h)]
+        return type(s)(merged) if not hasattr(s, "_fields") else type(s)(*merged)
+    if s is None and h is None:
+        return None
+    if type(s) is not type(h) or s != h:
+        raise LockstepUnsupported(f"{getattr(func, '__name__', func)} gives different results "
+                                  f"for the soft and the hard network ({s!r} vs {h!r})")
+    return s
+
+
+def _ones(n, like):
+    return torch.ones(n, device=like.device, dtype=torch.float32)
+
+
+def _all(n, like):
+    return torch.arange(n, device=like.device)
+
+
+def _dual_layer(m: _MaskedMixin, x):
+    """Both paths of masked layer ``m`` for a DualTensor input."""
+    from . import functional
+
+    rt = m._s2h.runtime
+    cls = type(m)
+    if isinstance(m, (MaskedConv2d, MaskedLinear)) and not (
+        isinstance(m, MaskedConv2d) and m.padding_mode != "zeros"
+    ):
+        in_gate, out_gate = m._s2h.in_gate, m._s2h.out_gate
+        cin = m.in_channels if isinstance(m, MaskedConv2d) else m.in_features
+        cout = m.out_channels if isinstance(m, MaskedConv2d) else m.out_features
+        if in_gate is not None:
+            st = rt.state(in_gate)
+            soft_mask, hard_mask, in_keep = st.soft_mask, st.hard_mask, st.keep
+        else:
+            soft_mask, hard_mask, in_keep = _ones(cin, x.soft), _ones(cin, x.soft), _all(cin, x.soft)
+        if isinstance(m, MaskedConv2d) and m.is_depthwise:
+            out_keep = in_keep
+        elif out_gate is not None:
+            out_keep = rt.state(out_gate).keep
+        else:
+            out_keep = _all(cout, x.soft)
+        if isinstance(m, MaskedConv2d):
+            s, h = functional.dual_conv2d(x.soft, x.hard, m.weight, m.bias, soft_mask, hard_mask,
+                                          in_keep, out_keep, m.stride, m.padding, m.dilation,
+                                          m.groups)
+        else:
+            s, h = functional.dual_linear(x.soft, x.hard, m.weight, m.bias, soft_mask, hard_mask,
+                                          in_keep, out_keep)
+        return DualTensor(s, h)
+    # any other masked layer: its own soft code on the soft half, its hard code on the hard one
+    with rt.use("soft"):
+        s = cls.forward(m, x.soft)
+    with rt.use("hard"):
+        h = cls.forward(m, x.hard)
+    return DualTensor(s, h)
+
+
+def _patched_forward(m):
+    cls = type(m)
+
+    def forward(self, x, *args, **kwargs):
+        if isinstance(x, DualTensor):
+            if args or kwargs:
+                raise LockstepUnsupported(f"{self._s2h.name}: extra forward arguments")
+            return _dual_layer(self, x)
+        return cls.forward(self, x, *args, **kwargs)
+
+    return types.MethodType(forward, m)
+
+
+@contextlib.contextmanager
+def lockstep(masked_modules):
+    """Within the context, masked layers accept DualTensors (instance-level forward patch)."""
+    patched = []
+    try:
+        for m in masked_modules:
+            m.forward = _patched_forward(m)
+            patched.append(m)
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+
+
+def dual_forward(model, masked_modules, inputs: tuple):
+    """``(soft_out, hard_out)`` of ``model(*inputs)`` in one lockstep pass."""
+    dual_inputs = tuple(DualTensor(t, t) if isinstance(t, torch.Tensor) else t for t in inputs)
+    with lockstep(masked_modules):
+        out = model(*dual_inputs)
+    leaves, spec = pytree.tree_flatten(out)
+    if not all(isinstance(t, DualTensor) for t in leaves if isinstance(t, torch.Tensor)):
+        raise LockstepUnsupported("the model returned a plain tensor in lockstep mode")
+    soft = pytree.tree_unflatten([t.soft if isinstance(t, DualTensor) else t for t in leaves], spec)
+    hard = pytree.tree_unflatten([t.hard if isinstance(t, DualTensor) else t for t in leaves], spec)
+    return soft, hard

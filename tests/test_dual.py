@@ -1,0 +1,124 @@
+"""Lockstep dual forward (s2h.dual): one pass, both networks, fused dual ops per layer."""
+
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import s2h
+from s2h.dual import DualTensor, LockstepUnsupported
+
+from _models import DepthwiseNet, mlp, plain_cnn
+
+
+def _case(name):
+    torch.manual_seed(0)
+    if name == "cnn":
+        return plain_cnn(), torch.randn(4, 3, 16, 16)
+    if name == "mlp":
+        return mlp(), torch.randn(4, 20)
+    if name == "depthwise":
+        return DepthwiseNet(), torch.randn(4, 3, 8, 8)
+    timm = pytest.importorskip("timm")
+    return timm.create_model(name, num_classes=10), torch.randn(4, 3, 32, 32)
+
+
+def _pair(name):
+    """Two identical pruned models, one with lockstep, one with two passes."""
+    model, x = _case(name)
+    twin = copy.deepcopy(model)
+    a = s2h.S2HPruner(model, x[:2], 0.5, divisor=4, fused=True)
+    b = s2h.S2HPruner(twin, x[:2], 0.5, divisor=4, fused=False)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for pa, pb in zip(a.gate_parameters(), b.gate_parameters()):
+            pa.copy_(torch.randn(pa.shape, generator=g) * 1.5)
+            pb.copy_(pa)
+    return a, b, x
+
+
+@pytest.mark.parametrize("name", ["cnn", "mlp", "depthwise", "resnet18"])
+def test_lockstep_step_equals_two_passes(name):
+    a, b, x = _pair(name)
+    assert a.lockstep and not b.lockstep
+    y = torch.randint(0, 5 if name == "mlp" else 10, (x.shape[0],))
+    sa, ha = a.dual_forward(x)
+    sb, hb = b.dual_forward(x)
+    assert torch.allclose(sa, sb, atol=1e-5) and torch.allclose(ha, hb, atol=1e-5)
+    oa = torch.optim.SGD([{"params": a.weight_parameters()}, {"params": a.gate_parameters()}], lr=0.1)
+    ob = torch.optim.SGD([{"params": b.weight_parameters()}, {"params": b.gate_parameters()}], lr=0.1)
+    ma = a.train_step(x, y, oa)
+    mb = b.train_step(x, y, ob)
+    assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-5, abs=1e-6)
+    for pa, pb in zip(list(a.weight_parameters()) + list(a.gate_parameters()),
+                      list(b.weight_parameters()) + list(b.gate_parameters())):
+        assert torch.allclose(pa, pb, atol=1e-5), "parameters diverged after one step"
+
+
+class ReadsChannels(nn.Module):
+    """Python code that reads the channel count: cannot run both networks in lockstep."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.a(x))
+        n, c = x.shape[:2]
+        x = torch.relu(self.b(x.reshape(n, c, -1).reshape(x.shape)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_lockstep_refuses_code_that_reads_pruned_widths():
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="lockstep .* not usable for ReadsChannels.*shapes differ"):
+        s2h.S2HPruner(ReadsChannels(), x, 0.5, divisor=4, fused=True)
+    p = s2h.S2HPruner(ReadsChannels(), x, 0.5, divisor=4, fused=False)
+    assert not p.lockstep
+
+
+def test_dual_tensor_never_computes_on_one_half_silently():
+    d = DualTensor(torch.randn(2, 8), torch.randn(2, 4))
+    out = torch.relu(d) * 2
+    assert isinstance(out, DualTensor) and out.hard.shape == (2, 4)
+    with pytest.raises(LockstepUnsupported):
+        d.shape  # noqa: B018 - the two halves disagree
+    assert DualTensor(torch.randn(2, 8), torch.randn(2, 8)).shape == (2, 8)
+
+
+def test_auto_uses_two_passes_on_cpu():
+    model, x = _case("cnn")
+    assert not s2h.S2HPruner(model, x[:2], 0.5, divisor=4).lockstep
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's interpreter")
+def test_lockstep_with_triton_kernels_under_the_interpreter(monkeypatch):
+    """The fused Triton kernels inside the S2H step (interpreter on CPU, tiny shapes)."""
+    pytest.importorskip("triton")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 4))
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(2, 3, 6, 6), torch.randint(0, 4, (2,))
+    ref = s2h.S2HPruner(twin, x, 0.5, divisor=4, fused=False)
+    monkeypatch.setenv("S2H_BACKEND", "triton")
+    fused = s2h.S2HPruner(model, x, 0.5, divisor=4, fused=True)
+    assert fused.lockstep
+    with torch.no_grad():
+        for pa, pb in zip(fused.gate_parameters(), ref.gate_parameters()):
+            pa.copy_(torch.tensor([1.0, -1.0]))
+            pb.copy_(pa)
+    sa, ha = fused.dual_forward(x)
+    sb, hb = ref.dual_forward(x)
+    assert torch.allclose(sa, sb, atol=1e-4) and torch.allclose(ha, hb, atol=1e-4)
+    la = fused.losses(sa, ha, y)
+    lb = ref.losses(sb, hb, y)
+    ga = torch.autograd.grad(la["perf"] + la["gap_weights"], list(fused.weight_parameters()))
+    gb = torch.autograd.grad(lb["perf"] + lb["gap_weights"], list(ref.weight_parameters()))
+    for a, b in zip(ga, gb):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)
