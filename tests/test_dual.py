@@ -122,3 +122,16 @@ def test_lockstep_with_triton_kernels_under_the_interpreter(monkeypatch):
     gb = torch.autograd.grad(lb["perf"] + lb["gap_weights"], list(ref.weight_parameters()))
     for a, b in zip(ga, gb):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)
+
+
+def test_two_pass_soft_and_hard_forwards_compile_without_graph_breaks():
+    """torch.compile traces the masked layers (and the channel ops) whole, in both modes."""
+    torch._dynamo.reset()
+    model, x = _case("cnn")
+    p = s2h.S2HPruner(model, x[:2], 0.5, divisor=4, fused=False)
+    p.set_widths(0.5)
+    p.runtime.prepare(p.gates.values())
+    for mode in ("soft", "hard"):
+        with p.runtime.use(mode):
+            e = torch._dynamo.explain(model)(x)
+        assert e.graph_break_count == 0, (mode, [str(b.reason) for b in e.break_reasons])
