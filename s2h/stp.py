@@ -1,0 +1,385 @@
+"""STP: stimulative-training pruning over width and depth, without fine-tuning (METHOD §8).
+
+Each step trains the *full* network on the labels and one sampled *sub-network* by KL to the
+full network's detached output, in one optimizer step. The sub-network space has two
+dimensions, built on the S2H machinery (dependency groups, kept-channel hard networks, FLOPs,
+export):
+
+* width: per dependency group, the top-importance channels in steps of the divisor;
+* depth: per residual stage, which blocks are kept (a dropped block is its identity path).
+  A block can be dropped when it is a child (not the first) of an ``nn.Sequential`` stage, its
+  input and output have the same shape, and its first and last conv/linear sit in the same
+  dependency group (the residual stream) — so the identity is exactly "the block removed".
+
+Pruning is *KD-guided exploration*: starting from the full network as the base, every candidate
+(each group one divisor step narrower, each droppable block removed) is tried in turn as the
+sampled sub-network for ``trials`` steps while a running KD loss is kept for it; when all were
+tried, the candidate with the lowest KD loss is committed to the base. This repeats until the
+base meets the FLOPs target; then the base sub-network keeps training to the end. *Subnet
+mutating expansion* additionally samples, with probability ``expand_prob``, a sub-network
+between the base and the full network each step (a second KD term), to narrow the
+teacher-student gap.
+
+The final sub-network's BatchNorm statistics are its own (the hard-network statistics of the
+masked BatchNorms, recalibrated with :meth:`STPPruner.recalibrate_bn`), so the export is exact.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .pruner import NonFiniteLossError, S2HPruner, _as_tuple, _set_submodule
+
+__all__ = ["Arch", "STPPruner"]
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A sub-network: kept channels per group (by group name) and the dropped blocks."""
+
+    widths: tuple[tuple[str, int], ...]
+    dropped: frozenset[str] = frozenset()
+
+    def width(self, group: str) -> int:
+        return dict(self.widths)[group]
+
+    def with_width(self, group: str, width: int) -> Arch:
+        return Arch(tuple((g, width if g == group else w) for g, w in self.widths), self.dropped)
+
+    def with_dropped(self, block: str) -> Arch:
+        return Arch(self.widths, self.dropped | {block})
+
+
+class STPPruner:
+    """Stimulative-training pruning of ``model`` to ``target_flops`` (remaining fraction).
+
+    Same surface as :class:`s2h.S2HPruner` where it applies: ``train_step``, ``export``,
+    ``hard_flops_ratio``, ``widths``, ``state_dict`` / ``load_state_dict``,
+    ``recalibrate_bn``, ``hard_forward`` (the base sub-network) and ``soft_forward`` (the full
+    network).
+
+    Args:
+        trials: training steps each candidate is tried for before a commit decision.
+        kd_weight: weight of the KL terms of the sub-network(s).
+        expand_prob: probability of also sampling a sub-network between base and full.
+        depth: also explore dropping residual blocks.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs, target_flops: float, *,
+                 divisor: int = 8, ignore=(), trials: int = 2, kd_weight: float = 1.0,
+                 expand_prob: float = 0.5, depth: bool = True, seed: int = 0,
+                 warn: bool = True) -> None:
+        self.core = S2HPruner(model, example_inputs, target_flops, divisor=divisor,
+                              ignore=ignore, warn=warn, fused=False)
+        self.model = model
+        self.target_flops = self.core.target_flops
+        self.trials = int(trials)
+        self.kd_weight = float(kd_weight)
+        self.expand_prob = float(expand_prob)
+        self.rng = random.Random(seed)
+        self._gate_of = {g.name: self.core._group_gate[id(g)] for g in self.core.groups}
+        self.divisors = {name: gate.divisor for name, gate in self._gate_of.items()}
+        self.full = Arch(tuple((g.name, g.channels) for g in self.core.groups))
+        self.blocks = self._find_blocks(self.core.example_inputs) if depth else {}
+        self._block_layers = {b: [n for n in self.core.analysis.layers if n.startswith(b + ".")]
+                              for b in self.blocks}
+        self.base = self.full
+        self.explore_done = self.ratio(self.base) <= self.target_flops
+        self._round: list[tuple[str, str]] = []
+        self._scores: dict[tuple[str, str], list[float]] = {}
+        self._cursor = 0
+        self.step_count = 0
+        self.commits: list[dict] = []
+        self._patched: dict[str, nn.Module] = {}
+
+    # ------------------------------------------------------------------ architecture space
+    def _find_blocks(self, example_inputs) -> dict[str, str]:
+        """Droppable residual blocks: ``{block name: stage name}`` (see the module docstring)."""
+        an = self.core.analysis
+        shapes: dict[str, tuple] = {}
+        hooks = []
+        names = {m: n for n, m in self.model.named_modules()}
+        for m in self.model.modules():
+            def hook(mod, args, out):
+                if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+                    shapes[names[mod]] = (tuple(args[0].shape), tuple(out.shape))
+            hooks.append(m.register_forward_hook(hook))
+        was = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                self.model(*example_inputs)
+        finally:
+            self.model.train(was)
+            for h in hooks:
+                h.remove()
+        blocks = {}
+        for stage_name, stage in self.model.named_modules():
+            if not isinstance(stage, nn.Sequential):
+                continue
+            for i, (child_name, _) in enumerate(stage.named_children()):
+                name = f"{stage_name}.{child_name}" if stage_name else child_name
+                if i == 0 or name not in shapes or shapes[name][0] != shapes[name][1]:
+                    continue
+                layers = [n for n in an.layers if n.startswith(name + ".")
+                          and an.layers[n].kind in ("conv", "linear")]
+                if not layers:
+                    continue
+                first_in = an.layer_in_group.get(layers[0])
+                last_out = an.layer_out_group.get(layers[-1])
+                if first_in is not None and first_in == last_out:
+                    blocks[name] = stage_name
+        return blocks
+
+    def ratio(self, arch: Arch) -> float:
+        """FLOPs of sub-network ``arch`` over the dense model (as its export counts them)."""
+        an = self.core.analysis
+        widths = dict(arch.widths)
+        gate_width = {id(self._gate_of[g]): w for g, w in widths.items()}
+        dropped_layers = {n for b in arch.dropped for n in self._block_layers[b]}
+        total = self.core._const_flops
+        for name, rec in an.layers.items():
+            if rec.dense_flops == 0 or rec.kind == "fixed" or name in dropped_layers:
+                continue  # fixed layers are in the constant; dropped ones do not run
+            in_gate = self.core._gate_of_group_index(an.layer_in_group.get(name))
+            out_gate = self.core._gate_of_group_index(an.layer_out_group.get(name))
+            f = 1.0
+            if rec.kind == "depthwise":
+                if in_gate is not None:
+                    f = gate_width[id(in_gate)] / in_gate.channels
+            else:
+                if in_gate is not None:
+                    f *= gate_width[id(in_gate)] / in_gate.channels
+                if out_gate is not None:
+                    f *= gate_width[id(out_gate)] / out_gate.channels
+            total += rec.dense_flops * f
+        # fixed layers inside dropped blocks are not run either
+        for name in dropped_layers:
+            rec = an.layers[name]
+            if rec.kind == "fixed":
+                total -= rec.dense_flops
+        return total / self.core.dense_flops
+
+    def candidates(self, arch: Arch) -> list[tuple[str, str]]:
+        """One-step-smaller neighbours of ``arch``: ("width", group) and ("depth", block)."""
+        out = []
+        dropped_layers = {n for b in arch.dropped for n in self._block_layers[b]}
+        for g in self.core.groups:
+            members = g.producers + g.consumers
+            if members and all(m in dropped_layers for m in members):
+                continue  # lives only inside dropped blocks: its width no longer matters
+            if arch.width(g.name) - self.divisors[g.name] >= self.divisors[g.name]:
+                out.append(("width", g.name))
+        # a stage's first block is never a candidate, so every stage keeps at least one block
+        out.extend(("depth", b) for b in self.blocks if b not in arch.dropped)
+        return out
+
+    def apply(self, arch: Arch, cand: tuple[str, str]) -> Arch:
+        kind, name = cand
+        if kind == "width":
+            return arch.with_width(name, arch.width(name) - self.divisors[name])
+        return arch.with_dropped(name)
+
+    def _sample_between(self, lo: Arch, hi: Arch) -> Arch:
+        widths = []
+        for (g, a), (_, b) in zip(lo.widths, hi.widths):
+            d = self.divisors[g]
+            widths.append((g, self.rng.randrange(a // d, b // d + 1) * d))
+        dropped = frozenset(b for b in lo.dropped - hi.dropped if self.rng.random() < 0.5)
+        return Arch(tuple(widths), dropped | hi.dropped)
+
+    # ------------------------------------------------------------------ running a sub-network
+    def _set(self, arch: Arch) -> None:
+        with torch.no_grad():
+            for g, w in arch.widths:
+                self._gate_of[g].set_width(w)
+            self.core.runtime.prepare(self.core.gates.values(), self.core._device())
+        for b in list(self._patched):
+            if b not in arch.dropped:
+                del self._patched.pop(b).forward
+        for b in arch.dropped:
+            if b not in self._patched:
+                m = self.model.get_submodule(b)
+                m.forward = _identity
+                self._patched[b] = m
+
+    def _run(self, arch: Arch, inputs):
+        self._set(arch)
+        try:
+            with self.core.runtime.use("hard"):
+                return self.model(*inputs)
+        finally:
+            self._set(Arch(arch.widths))  # blocks back in place (the full network needs them)
+
+    def hard_forward(self, inputs):
+        """The base sub-network (what :meth:`export` returns)."""
+        return self._run(self.base, _as_tuple(inputs))
+
+    def soft_forward(self, inputs):
+        """The full network (the teacher)."""
+        with self.core.runtime.use("dense"):
+            return self.model(*_as_tuple(inputs))
+
+    # ------------------------------------------------------------------ training
+    def weight_parameters(self):
+        return self.core.weight_parameters()
+
+    def gate_parameters(self):
+        return iter(())  # STP learns no gates: the architecture is searched, not relaxed
+
+    def _next_candidate(self) -> Arch:
+        if self.explore_done:
+            return self.base
+        if not self._round:
+            self._round = self.candidates(self.base)
+            self._scores = {c: [] for c in self._round}
+            self._cursor = 0
+            if not self._round:
+                self.explore_done = True
+                return self.base
+        cand = self._round[(self._cursor // self.trials) % len(self._round)]
+        return self.apply(self.base, cand)
+
+    def _record(self, kd: float) -> None:
+        if self.explore_done or not self._round:
+            return
+        cand = self._round[(self._cursor // self.trials) % len(self._round)]
+        self._scores[cand].append(kd)
+        self._cursor += 1
+        if self._cursor >= self.trials * len(self._round):
+            self.commit()
+
+    def commit(self) -> tuple[str, str]:
+        """Commit the tried candidate with the lowest mean KD loss to the base architecture."""
+        scores = {c: sum(v) / len(v) for c, v in self._scores.items() if v}
+        best = min(scores, key=lambda c: (scores[c], c))
+        self.base = self.apply(self.base, best)
+        self.commits.append({"step": self.step_count, "kind": best[0], "name": best[1],
+                             "kd": scores[best], "ratio": self.ratio(self.base)})
+        self._round, self._scores, self._cursor = [], {}, 0
+        if self.ratio(self.base) <= self.target_flops:
+            self.explore_done = True
+        return best
+
+    @staticmethod
+    def _kd(student, teacher_probs):
+        log_s = F.log_softmax(student.float(), dim=-1)
+        return (teacher_probs * (teacher_probs.clamp_min(1e-12).log() - log_s)).sum(-1).mean()
+
+    def train_step(self, inputs, targets, optimizer, *, loss_fn=None, scaler=None,
+                   max_grad_norm: float | None = None) -> dict[str, float]:
+        """Full network on the labels + the sampled sub-network(s) by KL to its detached
+        output, one optimizer step; then the exploration bookkeeping."""
+        inputs = _as_tuple(inputs)
+        self.model.train()
+        optimizer.zero_grad(set_to_none=True)
+        full = self.soft_forward(inputs)
+        perf = (loss_fn or F.cross_entropy)(full.float(), targets)
+        teacher = torch.softmax(full.detach().float(), dim=-1)
+        sub_arch = self._next_candidate()
+        sub = self._run(sub_arch, inputs)
+        kd = self._kd(sub, teacher)
+        loss = perf + self.kd_weight * kd
+        expand_kd = None
+        if self.expand_prob > 0 and self.rng.random() < self.expand_prob and self.base != self.full:
+            mid = self._sample_between(self.base, self.full)
+            expand_kd = self._kd(self._run(mid, inputs), teacher)
+            loss = loss + self.kd_weight * expand_kd
+        for key, v in (("perf", perf), ("kd", kd)):
+            if not torch.isfinite(v):
+                raise NonFiniteLossError(key, float(v))
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if max_grad_norm is not None:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(list(self.model.parameters()), max_grad_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        self.step_count += 1
+        self._record(float(kd.detach()))
+        with torch.no_grad():
+            out = {"loss": float(loss), "perf": float(perf), "kd": float(kd),
+                   "sub_flops_ratio": self.ratio(sub_arch),
+                   "hard_flops_ratio": self.hard_flops_ratio(),
+                   "soft_acc": float((full.argmax(-1) == targets).float().mean()),
+                   "hard_acc": float((sub.argmax(-1) == targets).float().mean()),
+                   "exploring": float(not self.explore_done)}
+            if expand_kd is not None:
+                out["expand_kd"] = float(expand_kd)
+        return out
+
+    # ------------------------------------------------------------------ results
+    def hard_flops_ratio(self) -> float:
+        return self.ratio(self.base)
+
+    def widths(self) -> dict[str, int]:
+        return dict(self.base.widths)
+
+    def group_channels(self) -> dict[str, int]:
+        return self.core.group_channels()
+
+    @property
+    def dense_flops(self) -> int:
+        return self.core.dense_flops
+
+    @property
+    def groups(self):
+        return self.core.groups
+
+    def recalibrate_bn(self, batches, max_batches: int = 50) -> int:
+        """Re-estimate the base sub-network's BatchNorm statistics on training batches."""
+        self._set(self.base)
+        try:
+            return self.core.recalibrate_bn(batches, max_batches)
+        finally:
+            self._set(Arch(self.base.widths))
+
+    @torch.no_grad()
+    def export(self) -> nn.Module:
+        """Plain ``torch.nn`` base sub-network: sliced layers, dropped blocks as ``nn.Identity``."""
+        self._set(Arch(self.base.widths))
+        exported = self.core.export()
+        for b in sorted(self.base.dropped):
+            _set_submodule(exported, b, nn.Identity())
+        return exported
+
+    def state_dict(self) -> dict:
+        return {"format": "s2h-stp", "version": 1, "target_flops": self.target_flops,
+                "base_widths": dict(self.base.widths), "dropped": sorted(self.base.dropped),
+                "explore_done": self.explore_done, "step_count": self.step_count,
+                "commits": list(self.commits), "groups": self.core.group_channels(),
+                "blocks": dict(self.blocks)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("format") != "s2h-stp":
+            raise ValueError("not an STP pruner state (expected STPPruner.state_dict())")
+        if state["groups"] != self.core.group_channels():
+            raise ValueError("STP state does not match this model's groups")
+        self.base = Arch(tuple((g, int(state["base_widths"][g])) for g, _ in self.full.widths),
+                         frozenset(state["dropped"]))
+        self.explore_done = bool(state["explore_done"])
+        self.step_count = int(state["step_count"])
+        self.commits = list(state["commits"])
+        self._round, self._scores, self._cursor = [], {}, 0
+
+    def summary(self) -> str:
+        lines = [f"STPPruner: {len(self.core.groups)} width groups, {len(self.blocks)} droppable "
+                 f"blocks, base at {self.hard_flops_ratio():.3f} of the FLOPs "
+                 f"(target {self.target_flops:.2f}), {len(self.commits)} commits"]
+        for g, w in self.base.widths:
+            lines.append(f"  {g:<40s} {w:>5d}/{self.core.group_channels()[g]}")
+        for b in sorted(self.base.dropped):
+            lines.append(f"  dropped block {b}")
+        return "\n".join(lines)
+
+
+def _identity(x, *args, **kwargs):
+    return x

@@ -1,0 +1,146 @@
+"""STP (s2h.stp): exploration commits, exact export, exact depth removal, the training step."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from s2h.stp import Arch, STPPruner
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+class TinyResNet(nn.Module):
+    def __init__(self, c=16, blocks=3, classes=5):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
+                                  nn.ReLU())
+        self.stage = nn.Sequential(*[Block(c) for _ in range(blocks)])
+        self.plain = nn.Sequential(nn.Conv2d(c, c, 1), nn.ReLU(), nn.Conv2d(c, c, 1))
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x):
+        return self.fc(self.plain(self.stage(self.stem(x))).mean((2, 3)))
+
+
+def _pruner(target=0.6, **kw):
+    torch.manual_seed(0)
+    model = TinyResNet()
+    x = torch.randn(8, 3, 8, 8)
+    return model, STPPruner(model, x[:2], target, divisor=4, **kw), x
+
+
+def test_droppable_blocks_are_residual_only():
+    _, p, _ = _pruner()
+    # stage.0 is the first block of its stage; plain.2 has equal shapes but is no residual
+    assert p.blocks == {"stage.1": "stage", "stage.2": "stage"}
+
+
+def test_commit_takes_the_lowest_kd_candidate():
+    _, p, _ = _pruner()
+    p._round = [("width", "stem.0"), ("depth", "stage.1"), ("width", "plain.0")]
+    p._scores = {("width", "stem.0"): [0.5, 0.4], ("depth", "stage.1"): [0.2, 0.3],
+                 ("width", "plain.0"): [0.6]}
+    assert p.commit() == ("depth", "stage.1")
+    assert p.base.dropped == {"stage.1"}
+    assert p.commits[-1]["kd"] == pytest.approx(0.25)
+
+
+def test_exploration_commits_until_the_target_is_met():
+    model, p, x = _pruner(target=0.6, trials=1, expand_prob=0.5)
+    y = torch.randint(0, 5, (8,))
+    opt = torch.optim.SGD(p.weight_parameters(), lr=0.01)
+    for _ in range(400):
+        p.train_step(x, y, opt)
+        if p.explore_done:
+            break
+    assert p.explore_done and p.hard_flops_ratio() <= 0.6
+    ratios = [c["ratio"] for c in p.commits]
+    assert ratios == sorted(ratios, reverse=True) and len(set(ratios)) == len(ratios)
+    assert all(w % 4 == 0 for w in p.widths().values())
+
+
+def _check_export(model, p, x):
+    model.eval()
+    with torch.no_grad():
+        hard = p.hard_forward(x)
+        exported = p.export()
+        out = exported(x)
+    assert torch.allclose(out, hard, atol=1e-5, rtol=1e-5)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        exported(x[:2])
+    assert fc.get_total_flops() / p.dense_flops == pytest.approx(p.hard_flops_ratio(), rel=1e-6)
+    assert not any(type(m).__module__.startswith("s2h") for m in exported.modules())
+    return exported
+
+
+def test_export_equals_the_chosen_subnetwork_with_widths_and_depth():
+    model, p, x = _pruner()
+    p.base = Arch(tuple((g, 8 if g != "stem.0" else 12) for g, _ in p.full.widths),
+                  frozenset({"stage.2"}))
+    exported = _check_export(model, p, x)
+    assert isinstance(exported.stage[2], nn.Identity)
+    assert exported.stage[0].conv1.in_channels == 12
+
+
+def test_depth_removal_is_exact():
+    model, p, x = _pruner()
+    reference = copy.deepcopy(model)  # masked layers drop their gates: a dense copy
+    reference.stage[1] = nn.Identity()
+    p.base = p.full.with_dropped("stage.1")
+    model.eval()
+    reference.eval()
+    with torch.no_grad():
+        assert torch.allclose(p.hard_forward(x), reference(x), atol=1e-6)
+        # and the full network (the teacher) still runs every block
+        assert not torch.allclose(p.soft_forward(x), reference(x), atol=1e-3)
+    _check_export(model, p, x)
+
+
+def test_train_step_is_full_on_labels_plus_kd_of_the_subnetwork():
+    model, p, x = _pruner(expand_prob=0.0, trials=1)
+    y = torch.randint(0, 5, (8,))
+    arch = p._next_candidate()
+    full = p.soft_forward(x)
+    sub = p._run(arch, (x,))
+    t = torch.softmax(full.detach(), -1)
+    loss = nn.functional.cross_entropy(full, y) + (t * (t.log() - torch.log_softmax(sub, -1))).sum(-1).mean()
+    params = list(p.weight_parameters())
+    expected = torch.autograd.grad(loss, params, allow_unused=True)
+
+    class Capture(torch.optim.Optimizer):
+        def __init__(self, ps):
+            super().__init__(ps, {})
+
+        def step(self, closure=None):
+            self.seen = [q.grad.clone() if q.grad is not None else None
+                         for g in self.param_groups for q in g["params"]]
+
+    opt = Capture(params)
+    m = p.train_step(x, y, opt)
+    for got, exp in zip(opt.seen, expected):
+        if exp is None:
+            assert got is None or float(got.abs().sum()) == 0
+        else:
+            assert torch.allclose(got, exp, atol=1e-6)
+    assert m["kd"] > 0 and m["exploring"] == 1.0
+
+
+def test_state_dict_round_trip():
+    model, p, x = _pruner()
+    p.base = p.full.with_dropped("stage.2").with_width("stem.0", 8)
+    state = p.state_dict()
+    torch.manual_seed(0)
+    q = STPPruner(TinyResNet(), x[:2], 0.6, divisor=4)
+    q.load_state_dict(state)
+    assert q.base == p.base and q.hard_flops_ratio() == p.hard_flops_ratio()
