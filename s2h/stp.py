@@ -68,12 +68,20 @@ class STPPruner:
         kd_weight: weight of the KL terms of the sub-network(s).
         expand_prob: probability of also sampling a sub-network between base and full.
         depth: also explore dropping residual blocks.
+        width_step: divisor steps a width candidate narrows by (1 = METHOD §8; larger values
+            explore faster on short budgets).
+        commits_per_round: how many of the best candidates of a round are committed (1 =
+            METHOD §8); they never conflict (one change per group or block).
     """
 
     def __init__(self, model: nn.Module, example_inputs, target_flops: float, *,
                  divisor: int = 8, ignore=(), trials: int = 2, kd_weight: float = 1.0,
                  expand_prob: float = 0.5, depth: bool = True, seed: int = 0,
-                 warn: bool = True) -> None:
+                 width_step: int = 1, commits_per_round: int = 1, warn: bool = True) -> None:
+        if trials < 1 or width_step < 1 or commits_per_round < 1:
+            raise ValueError("trials, width_step and commits_per_round must be >= 1")
+        self.width_step = int(width_step)
+        self.commits_per_round = int(commits_per_round)
         self.core = S2HPruner(model, example_inputs, target_flops, divisor=divisor,
                               ignore=ignore, warn=warn, fused=False)
         self.model = model
@@ -173,7 +181,7 @@ class STPPruner:
             members = g.producers + g.consumers
             if members and all(m in dropped_layers for m in members):
                 continue  # lives only inside dropped blocks: its width no longer matters
-            if arch.width(g.name) - self.divisors[g.name] >= self.divisors[g.name]:
+            if arch.width(g.name) > self.divisors[g.name]:
                 out.append(("width", g.name))
         # a stage's first block is never a candidate, so every stage keeps at least one block
         out.extend(("depth", b) for b in self.blocks if b not in arch.dropped)
@@ -182,7 +190,8 @@ class STPPruner:
     def apply(self, arch: Arch, cand: tuple[str, str]) -> Arch:
         kind, name = cand
         if kind == "width":
-            return arch.with_width(name, arch.width(name) - self.divisors[name])
+            d = self.divisors[name]
+            return arch.with_width(name, max(d, arch.width(name) - self.width_step * d))
         return arch.with_dropped(name)
 
     def _sample_between(self, lo: Arch, hi: Arch) -> Arch:
@@ -255,16 +264,19 @@ class STPPruner:
             self.commit()
 
     def commit(self) -> tuple[str, str]:
-        """Commit the tried candidate with the lowest mean KD loss to the base architecture."""
+        """Commit the tried candidate(s) with the lowest mean KD loss to the base architecture
+        (stopping early once the FLOPs target is met). Returns the best one."""
         scores = {c: sum(v) / len(v) for c, v in self._scores.items() if v}
-        best = min(scores, key=lambda c: (scores[c], c))
-        self.base = self.apply(self.base, best)
-        self.commits.append({"step": self.step_count, "kind": best[0], "name": best[1],
-                             "kd": scores[best], "ratio": self.ratio(self.base)})
+        ranked = sorted(scores, key=lambda c: (scores[c], c))
+        for cand in ranked[: self.commits_per_round]:
+            self.base = self.apply(self.base, cand)
+            self.commits.append({"step": self.step_count, "kind": cand[0], "name": cand[1],
+                                 "kd": scores[cand], "ratio": self.ratio(self.base)})
+            if self.ratio(self.base) <= self.target_flops:
+                self.explore_done = True
+                break
         self._round, self._scores, self._cursor = [], {}, 0
-        if self.ratio(self.base) <= self.target_flops:
-            self.explore_done = True
-        return best
+        return ranked[0]
 
     @staticmethod
     def _kd(student, teacher_probs):

@@ -144,3 +144,14 @@ def test_state_dict_round_trip():
     q = STPPruner(TinyResNet(), x[:2], 0.6, divisor=4)
     q.load_state_dict(state)
     assert q.base == p.base and q.hard_flops_ratio() == p.hard_flops_ratio()
+
+
+def test_faster_exploration_options():
+    _, p, _ = _pruner(width_step=2, commits_per_round=2)
+    p._round = [("width", "stem.0"), ("depth", "stage.1"), ("width", "plain.0")]
+    p._scores = {c: [s] for c, s in zip(p._round, (0.3, 0.1, 0.2))}
+    assert p.commit() == ("depth", "stage.1")
+    assert p.base.dropped == {"stage.1"} and p.base.width("plain.0") == 8  # 16 - 2*4
+    assert p.base.width("stem.0") == 16
+    with pytest.raises(ValueError, match=">= 1"):
+        _pruner(trials=0)
