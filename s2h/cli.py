@@ -26,6 +26,14 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr, help="weights' learning rate (AdamW)")
     p.add_argument("--gate-lr", type=float, default=d.gate_lr, help="gates' learning rate")
+    p.add_argument("--gate-schedule", default=d.gate_schedule, choices=["constant", "cosine"],
+                   help="gates' learning-rate schedule (the weights' is warm-up + cosine)")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
+                   help="clip the weights' gradient norm (0: no clipping)")
+    p.add_argument("--variant", default=d.variant,
+                   choices=["s2h", "no_gap", "coupled_gap", "direct_hard"],
+                   help="s2h, or one of the paper's ablations")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--alpha", type=float, default=d.alpha, help="gap (distillation) weight")
     p.add_argument("--lam", type=float, default=d.lam, help="resource loss weight")
@@ -34,6 +42,13 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--out", default=d.out, help="output directory")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--ckpt-every", type=int, default=None, metavar="N",
+                   help="also write OUT/checkpoint.pt every N steps (besides every epoch end)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log to OUT/tensorboard (if the tensorboard package is installed)")
+    p.add_argument("--no-plots", action="store_true", help="do not draw OUT/plots/*.png")
+    p.add_argument("--log-every", type=int, default=d.log_every, metavar="N",
+                   help="write a metrics.jsonl row every N steps")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--workers", type=int, default=d.workers, help="data loader workers")
     p.add_argument("--eval-batches", type=int, default=None,
@@ -50,6 +65,10 @@ def _config(args) -> PruneConfig:
         target_flops=args.target_flops, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
         batch_size=args.batch_size, lr=args.lr, gate_lr=args.gate_lr,
         weight_decay=args.weight_decay, alpha=args.alpha, lam=args.lam, divisor=args.divisor,
+        gate_schedule=args.gate_schedule, warmup_steps=args.warmup_steps,
+        max_grad_norm=args.max_grad_norm or None, variant=args.variant,
+        ckpt_every=args.ckpt_every, tensorboard=args.tensorboard, plots=not args.no_plots,
+        log_every=args.log_every,
         amp=args.amp, device=args.device, out=args.out, resume=args.resume, seed=args.seed,
         workers=args.workers, eval_batches=args.eval_batches,
         dense_baseline=not args.no_dense_baseline, latency=not args.no_latency,
@@ -64,6 +83,9 @@ def cmd_prune(args) -> int:
     cfg = _config(args)
     if not (0.0 < cfg.target_flops <= 1.0):
         print(f"error: --target-flops must be in (0, 1], got {cfg.target_flops}", file=sys.stderr)
+        return 2
+    if cfg.ckpt_every is not None and cfg.ckpt_every < 1:
+        print(f"error: --ckpt-every must be >= 1, got {cfg.ckpt_every}", file=sys.stderr)
         return 2
     try:
         run_prune(cfg)
@@ -90,7 +112,8 @@ def cmd_export(args) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    cfg = PruneConfig(**{k: v for k, v in ckpt["config"].items() if k in PruneConfig.__annotations__})
+    known = PruneConfig.__annotations__
+    cfg = PruneConfig(**{k: v for k, v in ckpt["config"].items() if k in known})
     info = dataset_info(cfg.dataset, cfg.data_dir)
     model = build_model(cfg.model, info.num_classes, info.in_chans)
     example = torch.randn(2, info.in_chans, info.image_size, info.image_size)

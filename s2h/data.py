@@ -871,10 +871,16 @@ class EpochSampler(Sampler):
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        self.skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """The next iteration produces epoch ``epoch``."""
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """The next iteration produces epoch ``epoch``, starting after its first ``skip``
+        samples of this rank (resuming mid-epoch without loading the skipped images).
+        The skipped samples keep their places: the rest of the epoch is identical."""
+        if skip < 0:
+            raise ValueError(f"skip must be >= 0, got {skip}")
         self.epoch = int(epoch)
+        self.skip = int(skip)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "seed": self.seed}
@@ -887,8 +893,9 @@ class EpochSampler(Sampler):
         return math.ceil(self.num_samples / self.world_size)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.epoch
+        epoch, skip = self.epoch, self.skip
         self.epoch += 1
+        self.skip = 0  # only the resumed epoch starts late
         generator = torch.Generator().manual_seed(_derive_seed(self.seed, epoch))
         n = self.num_samples
         order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
@@ -897,7 +904,8 @@ class EpochSampler(Sampler):
             order = torch.cat([order, order[: total - n]])
         sample_seeds = torch.randint(0, 2**62, (total,), generator=generator)
         mine = slice(self.rank, total, self.world_size)
-        yield from zip(order[mine].tolist(), sample_seeds[mine].tolist())
+        pairs = list(zip(order[mine].tolist(), sample_seeds[mine].tolist()))
+        yield from pairs[skip:]
 
 
 def build_loaders(

@@ -45,6 +45,46 @@ _CONTAINERS = {nn.Sequential: "Sequential", nn.ModuleList: "ModuleList"}
 _TYPES = {cls.__name__: cls for cls in list(_LEAF_ARGS) + list(_CONTAINERS)}
 _RESIZABLE = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm)
 
+#: layers of other libraries (timm) that an export resizes *in place*: fully qualified class
+#: name -> the size attributes recorded in architecture.json (ints / int tuples only). Loading
+#: checks that the rebuilt model has a module of exactly that class at that path, sets those
+#: attributes, and gives its own parameters / buffers the shapes stored in model.safetensors.
+_RESIZED_ATTRS: dict[str, tuple[str, ...]] = {
+    "timm.layers.norm_act.BatchNormAct2d": ("num_features",),
+    "timm.layers.norm.LayerNorm": ("normalized_shape",),
+    "timm.layers.norm.LayerNorm2d": ("normalized_shape",),
+    "timm.layers.linear.Linear": ("in_features", "out_features"),
+    "timm.layers.attention.Attention": ("num_heads", "attn_dim"),
+    "timm.models.swin_transformer.WindowAttention": ("num_heads",),
+}
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _int_value(v):
+    """A size attribute as JSON: an int or a list of ints (anything else is refused)."""
+    if isinstance(v, bool) or not isinstance(v, (int, tuple, list)):
+        raise TypeError(f"size attribute {v!r} is not an int or a tuple of ints")
+    if isinstance(v, int):
+        return v
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+        raise TypeError(f"size attribute {v!r} is not a tuple of ints")
+    return list(v)
+
+
+def _resize_tensors(module: nn.Module, prefix: str, state: dict) -> None:
+    """Give ``module``'s own parameters and buffers the shapes of the saved tensors."""
+    for store in (module._parameters, module._buffers):
+        for k, t in list(store.items()):
+            saved = state.get(prefix + k)
+            if t is None or saved is None or tuple(saved.shape) == tuple(t.shape):
+                continue
+            new = torch.empty(saved.shape, dtype=t.dtype, device=t.device)
+            store[k] = (nn.Parameter(new, requires_grad=t.requires_grad)
+                        if isinstance(t, nn.Parameter) else new)
+
 
 def _jsonable(v):
     if isinstance(v, tuple):
@@ -127,11 +167,30 @@ def detect_builder(model: nn.Module, example_inputs: tuple = ()) -> dict | None:
         x = example_inputs[0] if example_inputs else None
         if isinstance(x, torch.Tensor) and x.dim() == 4:
             kwargs["in_chans"] = int(x.shape[1])
+        kwargs.update(_timm_size_kwargs(model))
         return {"kind": "timm", "name": cfg["architecture"], "kwargs": kwargs}
     s = describe_structure(model)
     if s is not None:
         return {"kind": "structure", "tree": s}
     return None
+
+
+def _timm_size_kwargs(model: nn.Module) -> dict:
+    """Constructor arguments that shape a timm model's parameters besides the layer widths:
+    the image size of a patch embedding (ViT position embedding, Swin attention masks) and
+    Swin's window size."""
+    kwargs = {}
+    pe = getattr(model, "patch_embed", None)
+    img = getattr(pe, "img_size", None)
+    if isinstance(img, (tuple, list)) and len(img) == 2 and all(isinstance(v, int) for v in img):
+        kwargs["img_size"] = int(img[0]) if img[0] == img[1] else [int(v) for v in img]
+    if type(model).__name__ == "SwinTransformer":
+        # the first stage's window: later stages clamp it to their resolution themselves
+        ws = next((m.window_size for m in model.modules()
+                   if type(m).__name__.endswith("WindowAttention")), None)
+        if isinstance(ws, tuple) and len(ws) == 2:
+            kwargs["window_size"] = int(ws[0]) if ws[0] == ws[1] else [int(v) for v in ws]
+    return kwargs
 
 
 def _build_from(builder: dict) -> nn.Module:
@@ -153,6 +212,13 @@ def _build_from(builder: dict) -> nn.Module:
     raise ValueError(f"unknown builder kind {kind!r} in architecture.json")
 
 
+def _resize_tensors_one(owner: nn.Module, attr: str, saved: torch.Tensor) -> None:
+    p = owner._parameters[attr]
+    if tuple(p.shape) != tuple(saved.shape):
+        owner._parameters[attr] = nn.Parameter(
+            torch.empty(saved.shape, dtype=p.dtype, device=p.device), requires_grad=p.requires_grad)
+
+
 def save_exported(model: nn.Module, directory: str, builder: dict | None = None) -> str:
     """Save an exported model as safetensors weights + ``architecture.json``. Returns the dir.
 
@@ -170,12 +236,24 @@ def save_exported(model: nn.Module, directory: str, builder: dict | None = None)
             "'name': ...}} and load with load_exported(dir, model_fn=<function returning the "
             "dense model>)"
         )
-    layers = {}
+    layers, resized, in_layers = {}, {}, set()
     for name, m in model.named_modules():
         if type(m) in _RESIZABLE:
             layers[name] = describe_layer(m)
+            in_layers.add(name)
+        elif _qualname(type(m)) in _RESIZED_ATTRS:
+            qn = _qualname(type(m))
+            resized[name] = {"type": qn,
+                             "attrs": {a: _int_value(getattr(m, a)) for a in _RESIZED_ATTRS[qn]}}
+            in_layers.add(name)
+    # per-channel parameters outside the layers (layer-scale gamma): their shapes may change
+    channel_params = []
+    for name, p in model.named_parameters():
+        owner = name.rpartition(".")[0]
+        if owner not in in_layers and sum(s > 1 for s in p.shape) == 1:
+            channel_params.append(name)
     arch = {"format": FORMAT, "version": VERSION, "builder": builder, "layers": layers,
-            "torch": torch.__version__}
+            "resized": resized, "channel_params": channel_params, "torch": torch.__version__}
     os.makedirs(directory, exist_ok=True)
     tensors = {k: v.detach().contiguous().clone().cpu() for k, v in model.state_dict().items()}
     tmp_w = os.path.join(directory, "model.safetensors.tmp")
@@ -215,6 +293,38 @@ def load_exported(directory: str, model_fn: Callable[[], nn.Module] | None = Non
                              "does not have (another model version?)")
         setattr(parent, attr, new)
     state = load_file(w_path, device=str(device))
+    for name, spec in arch.get("resized", {}).items():
+        qn = spec.get("type")
+        if qn not in _RESIZED_ATTRS:
+            raise ValueError(f"architecture.json resizes a layer type that is not allowed: {qn!r}")
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            mod = None
+        if mod is None or _qualname(type(mod)) != qn:
+            raise ValueError(f"architecture.json names a {qn} at {name!r}, which the rebuilt "
+                             "model does not have (another model version?)")
+        attrs = spec.get("attrs", {})
+        if set(attrs) - set(_RESIZED_ATTRS[qn]):
+            raise ValueError(f"unexpected attributes for {qn}: "
+                             f"{sorted(set(attrs) - set(_RESIZED_ATTRS[qn]))}")
+        for a, v in attrs.items():
+            v = _int_value(v)
+            setattr(mod, a, tuple(v) if isinstance(v, list) else v)
+        _resize_tensors(mod, f"{name}." if name else "", state)
+    for pname in arch.get("channel_params", []):
+        if not isinstance(pname, str):
+            raise ValueError(f"bad parameter name {pname!r} in architecture.json")
+        owner_name, _, attr = pname.rpartition(".")
+        try:
+            owner = model.get_submodule(owner_name)
+        except AttributeError:
+            continue
+        p = owner._parameters.get(attr)
+        saved = state.get(pname)
+        if p is not None and saved is not None and saved.dim() == p.dim() \
+                and sum(s > 1 for s in saved.shape) <= 1:
+            _resize_tensors_one(owner, attr, saved)
     model.load_state_dict(state, strict=True)
     if arch["builder"].get("kind") != "custom":
         model.s2h_builder = arch["builder"]

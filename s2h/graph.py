@@ -25,6 +25,8 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from . import layers as _layers
+
 aten = torch.ops.aten
 
 #: ops that act elementwise but are not tagged ``pointwise`` in ATen
@@ -36,7 +38,8 @@ _EXTRA_POINTWISE = {
     "threshold", "fill_", "zero_", "bernoulli_",
 }
 _VIEW_OPS = {"view", "_unsafe_view", "reshape", "squeeze", "unsqueeze", "expand", "flatten",
-             "unflatten", "view_as", "squeeze_", "unsqueeze_", "_reshape_alias", "as_strided"}
+             "unflatten", "view_as", "squeeze_", "unsqueeze_", "_reshape_alias", "as_strided",
+             "as_strided_"}
 _REDUCE_OPS = {"mean", "sum", "amax", "amin", "var", "std", "var_mean", "max", "min", "prod",
                "logsumexp", "norm", "linalg_vector_norm"}
 _POOL_OPS = {"avg_pool2d", "max_pool2d_with_indices", "_adaptive_avg_pool2d", "adaptive_max_pool2d",
@@ -49,6 +52,15 @@ _NO_TENSOR_EFFECT = {"sym_size", "sym_stride", "sym_numel", "sym_storage_offset"
                      "new_ones", "new_empty", "new_full", "_assert_async", "eq", "ne"}
 
 PRUNABLE_TYPES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm)
+#: ops that keep every dim and act only on the dims named by their arguments
+_DIM_OPS = {"roll", "flip", "slice", "select", "constant_pad_nd", "narrow"}
+#: unary ops through which a parameter stays "the same parameter" (views and dtype casts)
+_PARAM_VIEW_OPS = _VIEW_OPS | {"permute", "_to_copy", "clone", "detach", "alias", "contiguous",
+                               "t", "transpose"}
+
+
+def _is_layer(m: nn.Module) -> bool:
+    return isinstance(m, PRUNABLE_TYPES) or _layers.layer_info(m) is not None
 
 
 class _UnionFind:
@@ -95,12 +107,17 @@ class LayerRecord:
 
     name: str
     module: nn.Module
-    kind: str  # "conv", "depthwise", "linear", "batchnorm", "layernorm", "fixed"
+    kind: str  # "conv", "depthwise", "linear", "batchnorm", "layernorm", "attention", "fixed"
     in_label: int | None = None
     out_label: int | None = None
     in_shape: tuple = ()
     out_shape: tuple = ()
     dense_flops: int = 0  # as torch.utils.flop_counter counts it
+    #: inner groups of the layer by role, e.g. ``{"heads": label}`` of an attention layer
+    extra_labels: dict = field(default_factory=dict)
+    #: the dense FLOPs split by the groups they scale with: ``[(flops, roles)]``, roles among
+    #: ``"in"``, ``"out"`` and the extra roles (a term scales with each role's kept fraction)
+    flop_parts: list = field(default_factory=list)
 
 
 @dataclass
@@ -115,6 +132,13 @@ class Group:
     depthwise: list[str] = field(default_factory=list)  # depthwise convs inside the group
     frozen: bool = False
     reasons: list[str] = field(default_factory=list)
+    #: width granularity imposed by the layers (attention heads: ``head_dim``); None = any
+    divisor: int | None = None
+    #: producer -> which of its outputs is this group ("out" or an extra role like "heads")
+    roles: dict[str, str] = field(default_factory=dict)
+    #: per-channel parameters outside the layers scaled with the group (ConvNeXt ``gamma``):
+    #: ``[(parameter name, dim)]``, sliced with the group
+    params: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def prunable(self) -> bool:
@@ -129,6 +153,8 @@ class GraphAnalysis:
     layer_out_group: dict[str, int]  # layer name -> index of its output channels' group
     warnings: list[str]
     total_flops: int
+    #: layer name -> {role: group index} of its inner groups (attention heads)
+    layer_extra_group: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def _conv_flops(module: nn.Conv2d, out_shape) -> int:
@@ -141,6 +167,18 @@ def _conv_flops(module: nn.Conv2d, out_shape) -> int:
 def _linear_flops(module: nn.Linear, in_shape) -> int:
     rows = math.prod(in_shape[:-1])
     return 2 * rows * module.in_features * module.out_features
+
+
+def _attention_flops(m: nn.Module, in_shape) -> list[tuple[int, tuple[str, ...]]]:
+    """FLOPs of a timm attention layer as torch.utils.flop_counter counts them, split by the
+    groups they scale with: qkv (in x heads), q@k^T and attn@v (heads), proj (heads x out)."""
+    heads, hd, cin, cout = _layers.attention_dims(m)
+    rows, n = math.prod(in_shape[:-1]), in_shape[-2]
+    batch = math.prod(in_shape[:-2])
+    a = heads * hd
+    return [(2 * rows * cin * 3 * a, ("in", "heads")),
+            (4 * batch * heads * n * n * hd, ("heads",)),
+            (2 * rows * a * cout, ("heads", "out"))]
 
 
 class _Tracer(TorchDispatchMode):
@@ -174,6 +212,12 @@ class _Analyzer:
         self.out_label_of: dict[str, int] = {}
         self.warnings: list[str] = []
         self.param_ids = {id(p) for p in model.parameters()} | {id(b) for b in model.buffers()}
+        #: id of a parameter, or of a view / cast of one -> the parameter's name
+        self.param_of: dict[int, str] = {id(p): n for n, p in model.named_parameters()}
+        self.params = dict(model.named_parameters())
+        #: parameter name -> label of the channels it scales elementwise (layer-scale gamma)
+        self.channel_params: dict[str, int] = {}
+        self.bad_params: set[str] = set()
 
     # ----------------------------------------------------------------- label helpers
     def get(self, t: torch.Tensor) -> list[int | None]:
@@ -209,6 +253,11 @@ class _Analyzer:
         labelled = [t for t in tensors_in if any(x is not None for x in self.get(t))]
         outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
         if not labelled:
+            # follow views / casts of parameters, to recognise per-channel scales later
+            if name in _PARAM_VIEW_OPS and tensors_in and id(tensors_in[0]) in self.param_of:
+                for o in outs:
+                    self.param_of[id(o)] = self.param_of[id(tensors_in[0])]
+                    self.keepalive.append(o)
             return  # nothing to propagate; outputs stay unlabelled
         if name in _NO_TENSOR_EFFECT:
             return
@@ -237,6 +286,8 @@ class _Analyzer:
                     self.set(o, lab)
         elif name in ("cat", "concat"):
             self._cat(args, kwargs, outs[0])
+        elif name in _DIM_OPS:
+            self._dim_op(name, args, kwargs, outs)
         else:
             self.freeze_inputs(args, kwargs, f"op aten.{name} (not channel-preserving)")
 
@@ -248,7 +299,7 @@ class _Analyzer:
         result: list[int | None] = [None] * nd
         for d in range(nd):
             size = out.shape[d]
-            dim_labels, unlabelled_full = [], False
+            dim_labels, unlabelled_full, scales = [], False, []
             for t in tensors_in:
                 off = nd - t.dim()
                 td = d - off
@@ -257,19 +308,29 @@ class _Analyzer:
                 lab = self.get(t)[td]
                 if lab is None:
                     if size > 1 and t.numel() > 1:
-                        unlabelled_full = True
+                        pname = self.param_of.get(id(t))
+                        if pname is not None and t.numel() == t.shape[td]:
+                            scales.append(pname)  # a per-channel parameter: sliced with the group
+                        else:
+                            unlabelled_full = pname or True
                 else:
                     dim_labels.append(lab)
             if not dim_labels:
+                for pname in scales:
+                    self.bad_params.add(pname)
                 continue
             root = dim_labels[0]
             for lab in dim_labels[1:]:
                 root = self.uf.union(root, lab)
+            for pname in scales:
+                if pname in self.channel_params:
+                    root = self.uf.union(root, self.channel_params[pname])
+                self.channel_params[pname] = root
             if unlabelled_full:
+                what = (f"the parameter {unlabelled_full!r}" if isinstance(unlabelled_full, str)
+                        else "an unpruned tensor (a fixed-width activation or buffer)")
                 self.uf.freeze(
-                    root,
-                    f"aten.{name} in {self.where()} combines the channels with an unpruned tensor "
-                    "(a parameter or a fixed-width activation)",
+                    root, f"aten.{name} in {self.where()} combines the channels with {what}",
                 )
             result[d] = root
         for o in outs:
@@ -352,17 +413,52 @@ class _Analyzer:
             if o.dim() == len(lab):
                 self.set(o, lab)
 
+    def _dim_op(self, name, args, kwargs, outs) -> None:
+        """roll / flip / slice / select / narrow / constant_pad_nd: the labels of the dims they do
+        not touch survive; touching a labelled dim (other than a full slice) freezes it."""
+        src_t = args[0]
+        src = list(self.get(src_t))
+        nd = len(src)
+        out = outs[0]
+        touched: list[int] = []
+        if name == "roll":
+            dims = args[2] if len(args) > 2 else kwargs.get("dims", [])
+            dims = [dims] if isinstance(dims, int) else list(dims)
+            touched = [d % nd for d in dims] if dims else list(range(nd))
+        elif name == "flip":
+            touched = [d % nd for d in args[1]]
+        elif name in ("slice", "narrow", "select"):
+            d = (args[1] if len(args) > 1 else kwargs.get("dim", 0)) % nd
+            if name == "select" or out.shape[d] != src_t.shape[d]:
+                touched = [d]
+        elif name == "constant_pad_nd":
+            pad = list(args[1])
+            for i in range(0, len(pad), 2):
+                if pad[i] or pad[i + 1]:
+                    touched.append(nd - 1 - i // 2)
+        for d in touched:
+            if src[d] is not None:
+                self.freeze_label(src[d], f"aten.{name} along the channel dim in {self.where()}")
+                src[d] = None
+        if name == "select":
+            src.pop(touched[0])
+        if out.dim() == len(src):
+            self.set(out, src)
+
     def _cat(self, args, kwargs, out) -> None:
         tensors = list(args[0])
         dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
         dim = dim % out.dim()
         result: list[int | None] = [None] * out.dim()
+        unlabelled: list = [False] * out.dim()  # dims where some input has no label
         for t in tensors:
             if t.dim() != out.dim():
                 continue
             lab = self.get(t)
             for d in range(out.dim()):
                 if lab[d] is None:
+                    if d != dim and t.shape[d] > 1 and not unlabelled[d]:
+                        unlabelled[d] = self.param_of.get(id(t), True)
                     continue
                 if d == dim:
                     self.freeze_label(lab[d], f"concat along the channel dim in {self.where()}")
@@ -370,51 +466,54 @@ class _Analyzer:
                     result[d] = lab[d]
                 else:
                     result[d] = self.uf.union(result[d], lab[d])
+        for d in range(out.dim()):
+            if unlabelled[d] and result[d] is not None:
+                # e.g. a class token (a parameter) concatenated to the tokens: its channels
+                # would have to be sliced too
+                what = (f"the parameter {unlabelled[d]!r}" if isinstance(unlabelled[d], str)
+                        else "an unpruned tensor")
+                self.freeze_label(result[d], f"concat with {what} in {self.where()}")
         self.set(out, result)
 
     # ----------------------------------------------------------------- module rules
-    def layer_kind(self, name: str, m: nn.Module) -> str:
+    def layer_info(self, name: str, m: nn.Module) -> _layers.LayerInfo:
+        info = _layers.layer_info(m)
+        if info is None:  # not a layer at all (cannot happen for modules passed here)
+            info = _layers.LayerInfo("fixed", -1, "not a known layer")
         if name in self.ignore:
-            return "fixed"
-        t = type(m)
-        if t is nn.Conv2d:
-            if m.groups == 1:
-                return "conv"
-            if m.groups == m.in_channels == m.out_channels:
-                return "depthwise"
-            return "fixed"
-        if t is nn.Linear:
-            return "linear"
-        if t is nn.BatchNorm2d:
-            return "batchnorm"
-        if t is nn.LayerNorm and len(m.normalized_shape) == 1:
-            return "layernorm"
-        return "fixed"
+            return _layers.LayerInfo("fixed", info.channel_dim, "in ignore=")
+        return info
+
+    def layer_kind(self, name: str, m: nn.Module) -> str:
+        return self.layer_info(name, m).kind
 
     def on_layer(self, name: str, m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
-        kind = self.layer_kind(name, m)
+        info = self.layer_info(name, m)
+        kind = info.kind
         in_lab = self.get(x)
         rec = self.layers.get(name)
-        channel_dim = 1 if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) else -1
-        cin = x.shape[channel_dim] if x.dim() else 0
+        channel_dim = info.channel_dim
         lab_in = in_lab[channel_dim] if x.dim() else None
+        if kind == "attention":
+            parts = _attention_flops(m, x.shape)
+        elif isinstance(m, nn.Conv2d):
+            roles = ("in",) if kind == "depthwise" else ("in", "out")
+            parts = [(_conv_flops(m, y.shape), roles)]
+        elif isinstance(m, nn.Linear):
+            parts = [(_linear_flops(m, x.shape), ("in", "out"))]
+        else:
+            parts = []
         if rec is None:
             rec = LayerRecord(name, m, kind, in_shape=tuple(x.shape), out_shape=tuple(y.shape))
-            if isinstance(m, nn.Conv2d):
-                rec.dense_flops = _conv_flops(m, y.shape)
-            elif isinstance(m, nn.Linear):
-                rec.dense_flops = _linear_flops(m, x.shape)
             self.layers[name] = rec
-        else:  # a module called more than once (shared weights)
-            if isinstance(m, nn.Conv2d):
-                rec.dense_flops += _conv_flops(m, y.shape)
-            elif isinstance(m, nn.Linear):
-                rec.dense_flops += _linear_flops(m, x.shape)
+        rec.flop_parts = rec.flop_parts + parts  # a module called more than once adds up
+        rec.dense_flops += sum(f for f, _ in parts)
         if kind == "fixed":
             reason = (
                 f"{name} ({type(m).__name__}"
-                + (f", groups={m.groups}" if isinstance(m, nn.Conv2d) else "")
-                + (", in ignore=" if name in self.ignore else ", not prunable")
+                + (f", groups={m.groups}" if isinstance(m, nn.Conv2d)
+                   and "groups=" not in info.reason else "")
+                + (f", {info.reason}" if info.reason else ", not prunable")
                 + ")"
             )
             self.freeze_label(lab_in, reason)
@@ -429,7 +528,7 @@ class _Analyzer:
             self.set(y, [None] * y.dim())
             return
         # input side: record / merge the consumer label
-        if kind in ("conv", "linear"):
+        if kind in ("conv", "linear", "attention"):
             if rec.in_label is None and lab_in is not None and name not in self._seen_calls:
                 rec.in_label = lab_in
             elif name in self._seen_calls:
@@ -449,6 +548,9 @@ class _Analyzer:
                 self.out_label_of[name] = olab
             out[channel_dim] = olab
             rec.out_label = olab
+            if kind == "attention" and "heads" not in rec.extra_labels:
+                heads, hd, _, _ = _layers.attention_dims(m)
+                rec.extra_labels["heads"] = self.uf.new(heads * hd)
             self.set(y, out)
         else:  # depthwise conv, batchnorm, layernorm: output channels = input channels
             if lab_in is None:
@@ -471,13 +573,13 @@ class _Analyzer:
         def pre(m, args):
             name = names[m]
             self.module_stack.append(name or type(m).__name__)
-            if isinstance(m, PRUNABLE_TYPES):
+            if _is_layer(m):
                 self.opaque_depth += 1
 
         def post(m, args, out):
             name = names[m]
             self.module_stack.pop()
-            if isinstance(m, PRUNABLE_TYPES):
+            if _is_layer(m):
                 self.opaque_depth -= 1
                 if self.opaque_depth == 0:
                     x = args[0] if args else None
@@ -544,12 +646,20 @@ def analyze(
         return roots[r]
 
     for name, rec in an.layers.items():
-        if rec.kind in ("conv", "linear") and rec.out_label is not None:
-            group_of(rec.out_label, name).producers.append(name)
+        if rec.kind in ("conv", "linear", "attention") and rec.out_label is not None:
+            g = group_of(rec.out_label, name)
+            g.producers.append(name)
+            g.roles[name] = "out"
         if rec.kind == "fixed" and name in an.out_label_of:
             group_of(an.out_label_of[name], name).producers.append(name)
+        for role, lab in rec.extra_labels.items():
+            g = group_of(lab, f"{name}.{role}")
+            g.producers.append(name)
+            g.consumers.append(name)
+            g.roles[name] = role
+            g.divisor = _layers.head_dim_of(rec.module)
     for name, rec in an.layers.items():
-        if rec.kind in ("conv", "linear") and rec.in_label is not None:
+        if rec.kind in ("conv", "linear", "attention") and rec.in_label is not None:
             group_of(rec.in_label, name).consumers.append(name)
         elif rec.kind in ("batchnorm", "layernorm") and rec.in_label is not None:
             group_of(rec.in_label, name).norms.append(name)
@@ -564,11 +674,29 @@ def analyze(
             g.reasons.append("no conv/linear consumes these channels")
         groups.append(g)
     index = {id(g): i for i, g in enumerate(groups)}
+    layer_extra_group: dict[str, dict[str, int]] = {}
     for name, rec in an.layers.items():
         if rec.in_label is not None:
             layer_in_group[name] = index[id(roots[an.uf.find(rec.in_label)])]
         if rec.out_label is not None:
             layer_out_group[name] = index[id(roots[an.uf.find(rec.out_label)])]
+        for role, lab in rec.extra_labels.items():
+            layer_extra_group.setdefault(name, {})[role] = index[id(roots[an.uf.find(lab)])]
+    # per-channel parameters: sliced with their group, or (used elsewhere too) freeze it
+    for pname, lab in an.channel_params.items():
+        r = an.uf.find(lab)
+        if r not in roots:
+            continue
+        g = roots[r]
+        p = an.params[pname]
+        dims = [d for d, s in enumerate(p.shape) if s > 1]
+        if pname in an.bad_params or len(dims) != 1 or p.shape[dims[0]] != g.channels:
+            if not g.frozen:
+                g.frozen = True
+                g.reasons.append(f"the parameter {pname!r} scales these channels and is also "
+                                 "used elsewhere")
+            continue
+        g.params.append((pname, dims[0]))
     # total FLOPs as torch.utils.flop_counter counts them
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -590,6 +718,7 @@ def analyze(
         layer_out_group=layer_out_group,
         warnings=an.warnings,
         total_flops=int(fc.get_total_flops()),
+        layer_extra_group=layer_extra_group,
     )
 
 

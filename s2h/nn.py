@@ -63,6 +63,11 @@ class GateRuntime:
         self.mode = "dense"
         self.states: dict[int, GateState] = {}
         self._frozen_widths: dict[int, int] | None = None
+        #: per-channel parameters outside the masked layers (ConvNeXt's layer-scale ``gamma``, a
+        #: ``LayerScale``): ``(owner module, attribute, dim, gate)``. In hard mode the owner sees
+        #: the kept slice (see :meth:`_install_param_slices`).
+        self.param_slices: list[tuple[nn.Module, str, int, ChannelGate]] = []
+        self._installed = False
 
     def prepare(self, gates, device: torch.device | None = None) -> None:
         """Compute every gate's soft mask, kept set and STE mask for the coming forward(s)."""
@@ -88,22 +93,47 @@ class GateRuntime:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         prev, self.mode = self.mode, mode
+        self._sync_param_slices()
         try:
             yield
         finally:
             self.mode = prev
+            self._sync_param_slices()
+
+    def _sync_param_slices(self) -> None:
+        """Show the owners of per-channel parameters their kept slice while in hard mode.
+
+        The slice ``p.index_select(dim, keep)`` is put in the owner's instance ``__dict__``, which
+        Python's attribute lookup consults before ``nn.Module.__getattr__`` (where parameters
+        live): the module's own forward then reads the compact tensor, gradients flow back to
+        the full parameter, and ``state_dict`` / ``parameters()`` never see it. Leaving hard
+        mode removes it, so nothing of s2h stays on the model (nor on a deep copy of it).
+        """
+        want = self.mode == "hard" and bool(self.param_slices)
+        if want == self._installed and not want:
+            return
+        for owner, attr, _dim, _gate in self.param_slices:
+            owner.__dict__.pop(attr, None)
+        self._installed = False
+        if want:
+            for owner, attr, dim, gate in self.param_slices:
+                param = owner._parameters[attr]
+                keep = self.state(gate).keep
+                owner.__dict__[attr] = param.index_select(dim, keep.to(param.device))
+            self._installed = True
 
 
 class _Binding:
     """What a masked layer knows about its gates (kept outside ``_modules``: no new state keys)."""
 
-    __slots__ = ("runtime", "in_gate", "out_gate", "name")
+    __slots__ = ("runtime", "in_gate", "out_gate", "name", "extra")
 
-    def __init__(self, runtime, in_gate, out_gate, name):
+    def __init__(self, runtime, in_gate, out_gate, name, extra=None):
         self.runtime = runtime
         self.in_gate = in_gate
         self.out_gate = out_gate
         self.name = name
+        self.extra = dict(extra or {})  # role -> gate, e.g. {"heads": gate} of an attention
 
 
 def _gather(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
@@ -129,12 +159,17 @@ class _MaskedMixin:
         in_gate: ChannelGate | None,
         out_gate: ChannelGate | None,
         name: str = "",
+        extra: dict[str, ChannelGate | None] | None = None,
     ) -> None:
-        """Bind this layer to the gate of its input channels and the gate of its output channels.
+        """Bind this layer to the gate of its input channels and the gate of its output channels
+        (and, for layers with inner groups such as attention heads, ``extra`` gates by role).
 
         Gates are *not* registered as submodules, so ``state_dict`` keys stay the parent's.
         """
-        object.__setattr__(self, "_s2h", _Binding(runtime, in_gate, out_gate, name))
+        object.__setattr__(self, "_s2h", _Binding(runtime, in_gate, out_gate, name, extra))
+
+    def extra_gate(self, role: str) -> ChannelGate | None:
+        return None if self._s2h is None else self._s2h.extra.get(role)
 
     def detach_gates(self) -> None:
         object.__setattr__(self, "_s2h", None)
@@ -281,7 +316,10 @@ class MaskedBatchNorm2d(_MaskedMixin, nn.BatchNorm2d):
         gate = self._s2h.out_gate if self._s2h is not None else None
         if mode != "hard" or gate is None:
             return super().forward(x)
-        keep = self._s2h.runtime.state(gate).keep
+        return self._hard_bn(x, self._s2h.runtime.state(gate).keep)
+
+    def _hard_bn(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Batch norm of the kept channels ``keep`` (``(k,)``) of ``x`` ``(N, k, H, W)``."""
         self._check_width(x, 1, keep.numel(), "input")
         weight = None if self.weight is None else _gather(self.weight, keep, 0)
         bias = None if self.bias is None else _gather(self.bias, keep, 0)
@@ -317,7 +355,10 @@ class MaskedLayerNorm(_MaskedMixin, nn.LayerNorm):
         gate = self._s2h.out_gate if self._s2h is not None else None
         if mode != "hard" or gate is None:
             return super().forward(x)
-        keep = self._s2h.runtime.state(gate).keep
+        return self._hard_ln(x, self._s2h.runtime.state(gate).keep)
+
+    def _hard_ln(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Layer norm over the kept channels: ``x`` ``(..., k)`` -> ``(..., k)``."""
         self._check_width(x, -1, keep.numel(), "input")
         weight = None if self.weight is None else _gather(self.weight, keep, 0)
         bias = None if self.bias is None else _gather(self.bias, keep, 0)

@@ -26,7 +26,6 @@ from torch import nn
 from . import graph as _graph
 from .gates import ChannelGate
 from .nn import (
-    MASKED_CLASSES,
     GateRuntime,
     MaskedBatchNorm2d,
     MaskedConv2d,
@@ -87,6 +86,10 @@ class S2HPruner:
             ``"auto"`` (default: when the model is on CUDA and the Triton back-end is usable),
             ``True`` (always; an error if the model cannot run in lockstep) or ``False`` (two
             passes). Lockstep is validated once against two passes on the example inputs.
+        grad_balance: ``None`` (default) or a ratio ``r``: per gate, the resource gradient is
+            rescaled to ``r`` times the norm of that gate's gap gradient (both gap terms) before
+            they are added, as the paper's demo code does (METHOD §4: an option, not the only
+            path). The performance term's gate gradient is left as it is.
         variant: ``"s2h"`` (default, METHOD §4), or one of the paper's ablations:
             ``"no_gap"`` (no distillation: the hard network is just the discretised soft one),
             ``"coupled_gap"`` (plain bidirectional KL, gradients to everything), or
@@ -109,7 +112,11 @@ class S2HPruner:
         rounding: str = "nearest",
         variant: str = "s2h",
         fused: bool | str = "auto",
+        grad_balance: float | None = None,
     ) -> None:
+        if grad_balance is not None and not grad_balance > 0:
+            raise ValueError(f"grad_balance must be a positive ratio or None, got {grad_balance!r}")
+        self.grad_balance = grad_balance
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         self.variant = variant
@@ -145,13 +152,29 @@ class S2HPruner:
                 "pointwise ops, pooling and residual adds between them). Reasons seen: "
                 + ("; ".join(reasons[:6]) or "no nn.Conv2d / nn.Linear layers were called")
             )
-        for g in self.groups:
-            if divisor > g.channels:
-                raise ValueError(
-                    f"divisor={divisor} is larger than group {g.name!r} ({g.channels} channels, "
-                    f"layers {g.producers + g.consumers}). Use a divisor <= {g.channels}, or "
-                    f"ignore=[{g.producers[0]!r}] to keep that group whole."
+        # METHOD §2: a divisor is lowered until it divides C, and the minimum width is the
+        # divisor, so a group narrower than the requested divisor has one possible width: it is
+        # kept whole (with a warning). Only when that leaves nothing to prune is it an error.
+        small = [g for g in self.groups if getattr(g, "divisor", None) is None
+                 and divisor > g.channels]
+        if small and len(small) == len(self.groups):
+            g = max(small, key=lambda g: g.channels)
+            raise ValueError(
+                f"divisor={divisor} is larger than every prunable group (the widest is {g.name!r}"
+                f" with {g.channels} channels, layers {g.producers + g.consumers}): nothing "
+                f"could be pruned. Use a divisor <= {g.channels}."
+            )
+        for g in small:
+            g.frozen = True
+            g.reasons.append(f"{g.channels} channels, fewer than divisor={divisor}")
+            if warn:
+                warnings.warn(
+                    f"group {g.name!r} ({g.channels} channels, layers {g.producers + g.consumers})"
+                    f" is narrower than divisor={divisor} and is kept whole; pass a smaller "
+                    "divisor to prune it",
+                    stacklevel=2,
                 )
+        self.groups = [g for g in self.groups if g not in small]
 
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.gates = nn.ModuleDict()
@@ -192,12 +215,14 @@ class S2HPruner:
             self.model.train(was)
 
     def _importance(self, group: _graph.Group) -> torch.Tensor:
-        """Mean over producers of the per-output-channel L1 norm of the producing weights."""
+        """Mean over producers of the per-output-channel L1 norm of the producing weights
+        (attention layers score their heads and outputs, see :func:`s2h.layers.producer_scores`)."""
+        from . import layers as _layers
+
         scores = []
         for name in group.producers + group.depthwise:
             m = self.model.get_submodule(name)
-            w = m.weight.detach().float()
-            scores.append(w.abs().flatten(1).sum(1).cpu())
+            scores.append(_layers.producer_scores(m, group.roles.get(name, "out")))
         if not scores:
             return torch.zeros(group.channels)
         return torch.stack(scores).mean(0)
@@ -208,34 +233,62 @@ class S2HPruner:
         return self._group_gate.get(id(self.analysis.groups[idx]))
 
     def _swap_layers(self) -> None:
+        from . import layers as _layers
+
         an = self.analysis
+        # groups whose layers impose a width granularity (attention heads: head_dim) get a gate
+        # with that divisor, whatever the pruner-wide divisor is: whole heads only
+        for g in self.groups:
+            if g.divisor is not None and self._group_gate[id(g)].divisor != g.divisor:
+                old = self._group_gate[id(g)]
+                gate = ChannelGate(g.channels, g.divisor, self.tau, importance=self._importance(g),
+                                   name=g.name, rounding=self.rounding).to(old.logits.device)
+                self.gates[self._key(g.name)] = gate
+                self._group_gate[id(g)] = gate
         self._masked: dict[str, nn.Module] = {}
         for name, rec in an.layers.items():
             if rec.kind == "fixed":
                 continue
             in_gate = self._gate_of_group_index(an.layer_in_group.get(name))
             out_gate = self._gate_of_group_index(an.layer_out_group.get(name))
-            if in_gate is None and out_gate is None:
+            extra = {role: self._gate_of_group_index(i)
+                     for role, i in an.layer_extra_group.get(name, {}).items()}
+            if in_gate is None and out_gate is None and not any(extra.values()):
                 continue
             m = rec.module
-            cls = MASKED_CLASSES[type(m)]
+            cls = _layers.masked_class(type(m))
             m.__class__ = cls
-            m.attach_gates(self.runtime, in_gate, out_gate, name)
+            m.attach_gates(self.runtime, in_gate, out_gate, name, extra=extra)
             if isinstance(m, MaskedBatchNorm2d):
                 m.add_hard_stats()
             self._masked[name] = m
+        # per-channel parameters outside the layers (layer-scale gamma): sliced in hard mode
+        self._param_slices: list[tuple[str, int, ChannelGate]] = []
+        for g in self.groups:
+            gate = self._group_gate[id(g)]
+            for pname, dim in g.params:
+                owner_name, _, attr = pname.rpartition(".")
+                owner = self.model.get_submodule(owner_name)
+                self.runtime.param_slices.append((owner, attr, dim, gate))
+                self._param_slices.append((pname, dim, gate))
 
     def _build_flops_table(self) -> None:
         an = self.analysis
-        self._flop_terms = []  # (dense_flops, in_gate, out_gate, depthwise)
+        # (dense_flops, gates): the term scales with width/channels of each gate (METHOD §4:
+        # a conv with its input and output groups, a depthwise conv with its one group, the
+        # attention matmuls with the kept heads)
+        self._flop_terms: list[tuple[int, tuple[ChannelGate, ...]]] = []
         prunable_total = 0
         for name, rec in an.layers.items():
             if rec.dense_flops == 0 or rec.kind == "fixed":
                 continue
-            in_gate = self._gate_of_group_index(an.layer_in_group.get(name))
-            out_gate = self._gate_of_group_index(an.layer_out_group.get(name))
-            self._flop_terms.append((rec.dense_flops, in_gate, out_gate, rec.kind == "depthwise"))
-            prunable_total += rec.dense_flops
+            by_role = {"in": an.layer_in_group.get(name), "out": an.layer_out_group.get(name),
+                       **an.layer_extra_group.get(name, {})}
+            for flops, roles in rec.flop_parts:
+                gates = tuple(g for g in (self._gate_of_group_index(by_role.get(r))
+                                          for r in roles) if g is not None)
+                self._flop_terms.append((flops, gates))
+                prunable_total += flops
         self.dense_flops = an.total_flops
         self._const_flops = an.total_flops - prunable_total
         min_ratio = self._ratio(lambda g: float(g.divisor))
@@ -264,16 +317,10 @@ class S2HPruner:
     # ------------------------------------------------------------------ widths and FLOPs
     def _ratio(self, width_of: Callable[[ChannelGate], object]):
         total = self._const_flops
-        for flops, in_gate, out_gate, depthwise in self._flop_terms:
+        for flops, gates in self._flop_terms:
             f = 1.0
-            if depthwise:
-                if in_gate is not None:
-                    f = width_of(in_gate) / in_gate.channels
-            else:
-                if in_gate is not None:
-                    f = f * (width_of(in_gate) / in_gate.channels)
-                if out_gate is not None:
-                    f = f * (width_of(out_gate) / out_gate.channels)
+            for gate in gates:
+                f = f * (width_of(gate) / gate.channels)
             total = total + flops * f
         return total / self.dense_flops
 
@@ -460,9 +507,38 @@ class S2HPruner:
             return scaler.scale(t) if scaler is not None else t
 
         gates = list(self.gate_parameters())
+        if self.grad_balance is not None:
+            self._balanced_backward(terms, gates, scaled)
+            return
         if terms["gap_gates"].requires_grad:
             torch.autograd.backward(scaled(terms["gap_gates"]), inputs=gates, retain_graph=True)
         scaled(terms["perf"] + terms["gap_weights"] + terms["resource"]).backward()
+
+    def _balanced_backward(self, terms, gates, scaled) -> None:
+        """``backward`` with the resource gradient rescaled per gate (``grad_balance``).
+
+        Same passes as the plain routing: the gate-only backward of ``gap_gates``, then the hard
+        graph (``gap_weights``) and the soft graph (``perf``) once each; gate gradients are
+        read between them to separate the gap part from the performance part."""
+
+        def snapshot():
+            return [torch.zeros_like(g) if g.grad is None else g.grad.detach().clone()
+                    for g in gates]
+
+        res = torch.autograd.grad(scaled(terms["resource"]), gates, allow_unused=True)
+        before = snapshot()
+        if terms["gap_gates"].requires_grad:
+            torch.autograd.backward(scaled(terms["gap_gates"]), inputs=gates, retain_graph=True)
+        if terms["gap_weights"].requires_grad:
+            scaled(terms["gap_weights"]).backward(retain_graph=True)
+        gap = [a - b for a, b in zip(snapshot(), before)]
+        scaled(terms["perf"]).backward()
+        with torch.no_grad():
+            for g, r, gg in zip(gates, res, gap):
+                if r is None:
+                    continue
+                scale = self.grad_balance * gg.norm() / r.norm().clamp_min(1e-12)
+                g.grad = r * scale if g.grad is None else g.grad + r * scale
 
     def train_step(self, inputs, targets, optimizer, *, loss_fn=None, scaler=None,
                    max_grad_norm: float | None = None,
@@ -561,7 +637,15 @@ class S2HPruner:
         for name, m in self._masked.items():
             in_keep = keep[id(m.in_gate)] if m.in_gate is not None else None
             out_keep = keep[id(m.out_gate)] if m.out_gate is not None else None
-            _set_submodule(exported, name, _plain_layer(m, in_keep, out_keep))
+            extra = {r: keep[id(g)] for r, g in m._s2h.extra.items() if g is not None}
+            _set_submodule(exported, name, _plain_layer(m, in_keep, out_keep, extra))
+        for pname, dim, gate in getattr(self, "_param_slices", []):  # layer-scale gamma & co.
+            owner_name, _, attr = pname.rpartition(".")
+            owner = exported.get_submodule(owner_name)
+            old = owner._parameters[attr]
+            owner._parameters[attr] = nn.Parameter(
+                old.detach().index_select(dim, keep[id(gate)].to(old.device)).clone(),
+                requires_grad=old.requires_grad)
         leftovers = [n for n, m in exported.named_modules() if isinstance(m, _MaskedMixin)]
         if leftovers:  # layers swapped but not recorded: turn them back into their parents
             for n in leftovers:
@@ -582,7 +666,7 @@ class S2HPruner:
             "config": {"target_flops": self.target_flops, "divisor": self.divisor,
                        "tau": self.tau, "alpha": self.alpha, "lam": self.lam,
                        "ignore": list(self.ignore), "rounding": self.rounding,
-                       "variant": self.variant},
+                       "variant": self.variant, "grad_balance": self.grad_balance},
             "groups": {g.name: g.channels for g in self.groups},
             "gates": {k: {"logits": v.logits.detach().clone(), "order": v.order.clone()}
                       for k, v in self.gates.items()},
@@ -631,10 +715,16 @@ class S2HPruner:
         return "\n".join(lines)
 
 
-def _plain_layer(m: nn.Module, in_keep, out_keep) -> nn.Module:
-    """A plain torch layer equal to masked layer ``m`` restricted to the kept channels."""
+def _plain_layer(m: nn.Module, in_keep, out_keep, extra=None) -> nn.Module:
+    """A plain torch layer equal to masked layer ``m`` restricted to the kept channels.
+
+    Masked versions of other libraries' layers (timm's) export themselves as a smaller instance
+    of their own class (``s2h_export``); ``extra`` holds the kept index of their inner groups.
+    """
     from ._dispatch import gather_channels, gather_weight
 
+    if hasattr(m, "s2h_export"):
+        return m.s2h_export(in_keep, out_keep, dict(extra or {})).train(m.training)
     dev, dt = m.weight.device if getattr(m, "weight", None) is not None else None, None
     if isinstance(m, MaskedConv2d):
         dt = m.weight.dtype

@@ -2,11 +2,18 @@
 
 Everything a run writes goes to ``--out DIR``:
 
-* ``checkpoint.pt``      — written atomically (temp file + rename) at the end of every epoch;
-  tensors and plain types only, so it loads with ``torch.load(weights_only=True)``;
+* ``checkpoint.pt``      — written atomically (temp file + rename) at the end of every epoch
+  and every ``ckpt_every`` steps; tensors and plain types only, so it loads with
+  ``torch.load(weights_only=True)``. It holds everything an exact ``--resume`` needs: the
+  position in the epoch, optimizer / scheduler / grad-scaler state, every RNG state;
 * ``metrics.jsonl``      — one JSON object per logged step and per epoch;
 * ``exported/``          — the pruned model (``s2h.save_exported`` format);
-* ``summary.json``       — the final table (dense vs exported) as data.
+* ``summary.json``       — the final table (dense vs exported) as data;
+* ``plots/``             — PNG figures of the run (:mod:`s2h.plots`);
+* ``tensorboard/``       — with ``tensorboard=True``, when the package is installed.
+
+Under ``torchrun`` every rank trains on its shard of each global batch; gradients of weights
+and gates are averaged by :mod:`s2h.distributed`; rank 0 alone evaluates and writes files.
 """
 
 from __future__ import annotations
@@ -22,12 +29,14 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed as _dist
 from .export import save_exported
-from .pruner import NonFiniteLossError, S2HPruner
+from .pruner import VARIANTS, NonFiniteLossError, S2HPruner
 
 
 @dataclass
@@ -47,6 +56,9 @@ class PruneConfig:
     divisor: int = 8
     tau: float = 1.0
     warmup_steps: int = 50
+    gate_schedule: str = "constant"  # constant | cosine (same warm-up and length as the weights')
+    variant: str = "s2h"  # s2h | no_gap | coupled_gap | direct_hard (S2HPruner's ablations)
+    ckpt_every: int | None = None  # also checkpoint every N steps (mid-epoch)
     max_grad_norm: float | None = 5.0
     amp: str = "none"  # none | bf16 | fp16
     device: str = "auto"
@@ -59,6 +71,8 @@ class PruneConfig:
     latency: bool = True
     log_every: int = 10
     progress: bool = True
+    plots: bool = True
+    tensorboard: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -155,8 +169,13 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> int:
 
 
 def _atomic_save(obj, path: str) -> None:
+    """Write ``obj`` to ``path`` so that a process killed at any moment leaves either the old
+    file or the new one, never a torn one: write a temp file, fsync, rename over."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -192,17 +211,24 @@ def _progress(iterable, total, desc, enabled):
                 file=sys.stderr, mininterval=1.0)
 
 
-def train_dense(model, cfg, train_loader, device, steps_per_epoch) -> nn.Module:
-    """The dense reference: the same architecture, epochs, steps and optimiser, no pruning."""
+def train_dense(model, cfg, train_loader, device, steps_per_epoch, dist_info=None) -> nn.Module:
+    """The dense reference: the same architecture, epochs, steps and optimiser, no pruning.
+
+    Also the fine-tuning loop of a plain (e.g. exported) model. Under torchrun every rank calls
+    it; gradients are averaged over the ranks like the S2H step's."""
+    dist_info = dist_info or _dist.DistInfo()
+    _dist.broadcast_state([model], dist_info)
     opt = _make_optimizer(cfg, model.parameters())
     total = cfg.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup_steps))
+    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+    params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     for epoch in range(cfg.epochs):
         if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
         it = _progress(train_loader, steps_per_epoch, f"dense {epoch + 1}/{cfg.epochs}",
-                       cfg.progress)
+                       cfg.progress and dist_info.is_main)
         for i, (x, y) in enumerate(it):
             if i >= steps_per_epoch:
                 break
@@ -210,27 +236,127 @@ def train_dense(model, cfg, train_loader, device, steps_per_epoch) -> nn.Module:
             opt.zero_grad(set_to_none=True)
             with _autocast(device, cfg.amp):
                 loss = F.cross_entropy(model(x).float(), y)
-            loss.backward()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            _dist.average_gradients(params, dist_info)
+            if scaler is not None:
+                scaler.unscale_(opt)
             if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            opt.step()
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
             sched.step()
+    _dist.broadcast_state([model], dist_info)  # rank 0's BN statistics everywhere
     return model
 
 
+def seed_everything(seed: int) -> None:
+    """Seed every generator a run may draw from: torch (CPU and CUDA), python, numpy."""
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def rng_state() -> dict:
+    """The state of every generator, as tensors and plain types (``weights_only`` loads it)."""
+    np_state = np.random.get_state(legacy=True)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        cuda = list(state["cuda"])[: torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all(cuda)
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                             n["has_gauss"], n["cached_gaussian"]))
+
+
+def _gate_lambda(cfg: PruneConfig, total_steps: int):
+    if cfg.gate_schedule == "constant":
+        return lambda s: 1.0
+    if cfg.gate_schedule == "cosine":
+        return _lr_lambda(total_steps, cfg.warmup_steps)
+    raise ValueError(f"gate_schedule must be 'constant' or 'cosine', got {cfg.gate_schedule!r}")
+
+
+def read_metrics(path: str, max_step: int | None = None) -> list[dict]:
+    """The rows of ``metrics.jsonl`` (optionally only those up to ``max_step``); a last line
+    cut short by a killed process is ignored."""
+    rows = []
+    if not os.path.exists(path):
+        return rows
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if max_step is None or int(row.get("step", 0)) <= max_step:
+                rows.append(row)
+    return rows
+
+
+def _tensorboard(cfg: PruneConfig, main: bool):
+    """A SummaryWriter in ``OUT/tensorboard`` if asked for and importable, else None."""
+    if not (cfg.tensorboard and main):
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        _log("--tensorboard: the tensorboard package is not installed; logging to "
+             "metrics.jsonl only (pip install tensorboard)")
+        return None
+    return SummaryWriter(os.path.join(cfg.out, "tensorboard"))
+
+
 def run_prune(cfg: PruneConfig) -> dict:
-    """Run the whole S2H job described by ``cfg``; returns the summary dict."""
+    """Run the whole S2H job described by ``cfg``; returns the summary dict (empty on the
+    ranks other than 0 of a torchrun job)."""
+    device = _device(cfg.device)
+    dist_info = _dist.init_from_env(device.type)
+    if dist_info.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+    try:
+        return _run(cfg, device, dist_info)
+    finally:
+        _dist.shutdown(dist_info)
+
+
+def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
     from .data import build_loaders
 
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    device = _device(cfg.device)
-    os.makedirs(cfg.out, exist_ok=True)
+    if cfg.variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {cfg.variant!r}")
+    _gate_lambda(cfg, 1)  # validate early
+    main = dist_info.is_main
+    world = dist_info.world_size
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible "
+                         f"by the {world} processes")
+    seed_everything(cfg.seed)
+    if main:
+        os.makedirs(cfg.out, exist_ok=True)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+    rank_batch = cfg.batch_size // world
 
     train_loader, test_loader, info = build_loaders(
-        cfg.dataset, cfg.data_dir, cfg.batch_size, workers=cfg.workers, seed=cfg.seed
+        cfg.dataset, cfg.data_dir, rank_batch, workers=cfg.workers, seed=cfg.seed,
+        test_batch_size=cfg.batch_size, rank=dist_info.rank, world_size=world,
     )
     steps_per_epoch = len(train_loader)
     if cfg.steps_per_epoch:
@@ -240,19 +366,27 @@ def run_prune(cfg: PruneConfig) -> dict:
     size = info.image_size
     example = torch.randn(2, info.in_chans, size, size, device=device)
     pruner = S2HPruner(model, (example,), cfg.target_flops, divisor=cfg.divisor, tau=cfg.tau,
-                       alpha=cfg.alpha, lam=cfg.lam)
-    _log(f"s2h prune: {cfg.model} on {cfg.dataset} ({info.num_classes} classes, "
-         f"{info.in_chans}x{size}x{size}), target {cfg.target_flops:.2f} of "
-         f"{pruner.dense_flops / example.shape[0] / 1e6:.1f} MFLOPs/image, "
-         f"{len(pruner.groups)} prunable groups, "
-         f"device {device}")
+                       alpha=cfg.alpha, lam=cfg.lam, variant=cfg.variant, warn=main)
+    if main:
+        _log(f"s2h prune: {cfg.model} on {cfg.dataset} ({info.num_classes} classes, "
+             f"{info.in_chans}x{size}x{size}), target {cfg.target_flops:.2f} of "
+             f"{pruner.dense_flops / example.shape[0] / 1e6:.1f} MFLOPs/image, "
+             f"{len(pruner.groups)} prunable groups, variant {cfg.variant}, device {device}"
+             + (f", {world} processes x batch {rank_batch}" if dist_info.enabled else ""))
     opt = _make_optimizer(cfg, pruner.weight_parameters(), pruner.gate_parameters())
     total_steps = cfg.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, [_lr_lambda(total_steps, cfg.warmup_steps), lambda s: 1.0]
+        opt, [_lr_lambda(total_steps, cfg.warmup_steps), _gate_lambda(cfg, total_steps)]
     )
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
-    start_epoch = 0
+    params = [p for group in opt.param_groups for p in group["params"]]
+
+    def sync_grads() -> None:
+        _dist.average_gradients(params, dist_info)
+
+    start_epoch, start_batch = 0, 0
+    sums: dict[str, float] = {}
+    n = 0
     if cfg.resume:
         if not os.path.exists(ckpt_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
@@ -261,30 +395,63 @@ def run_prune(cfg: PruneConfig) -> dict:
         pruner.load_state_dict(ckpt["pruner"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        start_epoch = int(ckpt["epoch"])
-        torch.set_rng_state(ckpt["rng"])
-        _log(f"resumed from {ckpt_path} at epoch {start_epoch} (step {pruner.step_count})")
-    elif os.path.exists(metrics_path):
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, start_batch = int(ckpt["epoch"]), int(ckpt.get("batch", 0))
+        sums, n = dict(ckpt.get("epoch_sums", {})), int(ckpt.get("epoch_steps", 0))
+        set_rng_state(ckpt["rng"] if isinstance(ckpt["rng"], dict) else {"torch": ckpt["rng"]})
+        if main:  # rows logged after the checkpoint are redone: drop them, keep the rest
+            keep = read_metrics(metrics_path, pruner.step_count)
+            with open(metrics_path + ".tmp", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in keep)
+            os.replace(metrics_path + ".tmp", metrics_path)
+            where = f"epoch {start_epoch + 1}, batch {start_batch}" if start_batch else \
+                f"the end of epoch {start_epoch}"
+            _log(f"resumed from {ckpt_path} at {where} (step {pruner.step_count})")
+    elif main and os.path.exists(metrics_path):
         os.remove(metrics_path)
+    _dist.broadcast_state([model, pruner.gates], dist_info)
 
-    history = []
-    with open(metrics_path, "a") as mlog:
+    tb = _tensorboard(cfg, main)
+    mlog = open(metrics_path, "a") if main else None
+
+    def save_checkpoint(epochs_done: int, batch: int) -> None:
+        # Every rank joins the broadcast; rank 0 alone writes. Rows logged so far are flushed
+        # first, so the checkpoint never runs ahead of metrics.jsonl.
+        _dist.broadcast_state([model], dist_info)
+        if not main:
+            return
+        mlog.flush()
+        os.fsync(mlog.fileno())
+        _atomic_save({"format": "s2h-checkpoint", "version": 2, "config": asdict(cfg),
+                      "epoch": epochs_done, "batch": batch, "step": pruner.step_count,
+                      "epoch_sums": sums, "epoch_steps": n,
+                      "model": model.state_dict(), "pruner": pruner.state_dict(),
+                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                      "scaler": scaler.state_dict() if scaler is not None else {},
+                      "rng": rng_state()}, ckpt_path)
+
+    try:
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.time()
-            sums: dict[str, float] = {}
-            n = 0
-            if hasattr(train_loader.sampler, "set_epoch"):  # same data order after --resume
-                train_loader.sampler.set_epoch(epoch)
-            it = _progress(train_loader, steps_per_epoch, f"s2h {epoch + 1}/{cfg.epochs}",
-                           cfg.progress)
-            for i, (x, y) in enumerate(it):
+            skip = start_batch if epoch == start_epoch else 0
+            if skip == 0:
+                sums, n = {}, 0
+            # same data order after --resume, without loading the batches already done
+            train_loader.sampler.set_epoch(epoch, skip=skip * rank_batch)
+            it = _progress(train_loader, steps_per_epoch - skip,
+                           f"s2h {epoch + 1}/{cfg.epochs}", cfg.progress and main)
+            for i, (x, y) in enumerate(it, start=skip):
                 if i >= steps_per_epoch:
                     break
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                lrs = [g["lr"] for g in opt.param_groups]  # the rates this step uses
                 try:
                     with _autocast(device, cfg.amp):
                         m = pruner.train_step(x, y, opt, scaler=scaler,
-                                              max_grad_norm=cfg.max_grad_norm)
+                                              max_grad_norm=cfg.max_grad_norm,
+                                              grad_hook=sync_grads if dist_info.enabled
+                                              else None)
                 except NonFiniteLossError as exc:
                     good = ckpt_path if os.path.exists(ckpt_path) else "none yet"
                     exc.args = (f"{exc.args[0]} Stopped at epoch {epoch + 1}, step {i}; "
@@ -294,37 +461,49 @@ def run_prune(cfg: PruneConfig) -> dict:
                 n += 1
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + v
+                step = pruner.step_count
                 if hasattr(it, "set_postfix") and i % 5 == 0:
                     it.set_postfix(loss=f"{m['loss']:.3f}", flops=f"{m['hard_flops_ratio']:.3f}",
                                    hard_acc=f"{m['hard_acc']:.2f}")
-                if cfg.log_every and pruner.step_count % cfg.log_every == 0:
-                    mlog.write(json.dumps({"kind": "step", "epoch": epoch + 1,
-                                           "step": pruner.step_count, **m}) + "\n")
+                if main and cfg.log_every and step % cfg.log_every == 0:
+                    mlog.write(json.dumps({"kind": "step", "epoch": epoch + 1, "step": step,
+                                           "lr": lrs[0], "gate_lr": lrs[1], **m,
+                                           "widths": pruner.widths()}) + "\n")
+                    if tb is not None:
+                        for k, v in m.items():
+                            tb.add_scalar(f"train/{k}", v, step)
+                if cfg.ckpt_every and step % cfg.ckpt_every == 0 and i + 1 < steps_per_epoch:
+                    save_checkpoint(epoch, i + 1)
             avg = {k: v / max(1, n) for k, v in sums.items()}
-            soft_acc = evaluate(pruner.soft_forward, test_loader, device, cfg.eval_batches,
-                                cfg.amp, module=model)
-            hard_acc = evaluate(pruner.hard_forward, test_loader, device, cfg.eval_batches,
-                                cfg.amp, module=model)
-            row = {"kind": "epoch", "epoch": epoch + 1, "step": pruner.step_count,
-                   "train": avg, "test_soft_acc": soft_acc, "test_hard_acc": hard_acc,
-                   "hard_flops_ratio": pruner.hard_flops_ratio(), "widths": pruner.widths(),
-                   "seconds": time.time() - t0}
-            history.append(row)
-            mlog.write(json.dumps(row) + "\n")
-            mlog.flush()
-            _log(f"epoch {epoch + 1}/{cfg.epochs}  loss {avg.get('loss', float('nan')):.3f} "
-                 f"(perf {avg.get('perf', 0):.3f} gap {avg.get('gap_weights', 0):.4f} "
-                 f"res {avg.get('resource', 0):.4f})  test acc soft {soft_acc:.2f}% "
-                 f"hard {hard_acc:.2f}%  hard FLOPs {row['hard_flops_ratio']:.3f}  "
-                 f"{row['seconds']:.0f}s")
-            _atomic_save({"format": "s2h-checkpoint", "version": 1, "config": asdict(cfg),
-                          "epoch": epoch + 1, "model": model.state_dict(),
-                          "pruner": pruner.state_dict(), "optimizer": opt.state_dict(),
-                          "scheduler": sched.state_dict(), "rng": torch.get_rng_state()},
-                         ckpt_path)
+            _dist.broadcast_state([model], dist_info)
+            if main:
+                soft_acc = evaluate(pruner.soft_forward, test_loader, device, cfg.eval_batches,
+                                    cfg.amp, module=model)
+                hard_acc = evaluate(pruner.hard_forward, test_loader, device, cfg.eval_batches,
+                                    cfg.amp, module=model)
+                row = {"kind": "epoch", "epoch": epoch + 1, "step": pruner.step_count,
+                       "train": avg, "test_soft_acc": soft_acc, "test_hard_acc": hard_acc,
+                       "hard_flops_ratio": pruner.hard_flops_ratio(), "widths": pruner.widths(),
+                       "seconds": time.time() - t0}
+                mlog.write(json.dumps(row) + "\n")
+                if tb is not None:
+                    tb.add_scalar("test/soft_acc", soft_acc, row["step"])
+                    tb.add_scalar("test/hard_acc", hard_acc, row["step"])
+                    tb.add_scalar("test/hard_flops_ratio", row["hard_flops_ratio"], row["step"])
+                _log(f"epoch {epoch + 1}/{cfg.epochs}  loss {avg.get('loss', float('nan')):.3f} "
+                     f"(perf {avg.get('perf', 0):.3f} gap {avg.get('gap_weights', 0):.4f} "
+                     f"res {avg.get('resource', 0):.4f})  test acc soft {soft_acc:.2f}% "
+                     f"hard {hard_acc:.2f}%  hard FLOPs {row['hard_flops_ratio']:.3f}  "
+                     f"{row['seconds']:.0f}s")
+            save_checkpoint(epoch + 1, 0)
+    finally:
+        if mlog is not None:
+            mlog.close()
+        if tb is not None:
+            tb.close()
 
     return _finish(cfg, pruner, model, init_state, train_loader, test_loader, info, device,
-                   steps_per_epoch, example)
+                   steps_per_epoch, example, dist_info)
 
 
 def load_checkpoint(path: str) -> dict:
@@ -340,27 +519,36 @@ def load_checkpoint(path: str) -> dict:
 
 
 def _finish(cfg, pruner, model, init_state, train_loader, test_loader, info, device,
-            steps_per_epoch, example) -> dict:
+            steps_per_epoch, example, dist_info) -> dict:
+    main = dist_info.is_main
+    # A fixed epoch index: the same recalibration batches whether or not the run was resumed.
+    train_loader.sampler.set_epoch(cfg.epochs)
     n = pruner.recalibrate_bn(((x,) for x, _ in train_loader), max_batches=20)
-    hard_acc = evaluate(pruner.hard_forward, test_loader, device, cfg.eval_batches, module=model)
-    exported = pruner.export().to(device)
-    exp_acc = evaluate(exported, test_loader, device, cfg.eval_batches)
-    save_exported(exported, os.path.join(cfg.out, "exported"))
+    _dist.broadcast_state([model], dist_info)
+    rows: dict = {}
+    exported = None
+    hard_acc = exp_acc = None
     ex1 = example[:1]
-    rows = {"exported": {"accuracy": exp_acc, "flops": count_flops(exported, ex1),
-                         "params": sum(p.numel() for p in exported.parameters())}}
-    dense = None
-    if cfg.dense_baseline:
-        dense = build_model(cfg.model, info.num_classes, info.in_chans).to(device)
+    if main:
+        hard_acc = evaluate(pruner.hard_forward, test_loader, device, cfg.eval_batches,
+                            module=model)
+        exported = pruner.export().to(device)
+        exp_acc = evaluate(exported, test_loader, device, cfg.eval_batches)
+        save_exported(exported, os.path.join(cfg.out, "exported"))
+        rows["exported"] = {"accuracy": exp_acc, "flops": count_flops(exported, ex1),
+                            "params": sum(p.numel() for p in exported.parameters())}
+    dense = build_model(cfg.model, info.num_classes, info.in_chans).to(device)
+    if cfg.dense_baseline:  # every rank trains it (gradients are averaged), rank 0 reports
         dense.load_state_dict(init_state)
-        _log(f"training the dense reference ({cfg.epochs} epochs x {steps_per_epoch} steps)")
-        train_dense(dense, cfg, train_loader, device, steps_per_epoch)
-        rows["dense"] = {"accuracy": evaluate(dense, test_loader, device, cfg.eval_batches)}
-    else:
-        dense = build_model(cfg.model, info.num_classes, info.in_chans).to(device)
-        rows["dense"] = {"accuracy": None}
-    rows["dense"]["flops"] = count_flops(dense, ex1)
-    rows["dense"]["params"] = sum(p.numel() for p in dense.parameters())
+        if main:
+            _log(f"training the dense reference ({cfg.epochs} epochs x {steps_per_epoch} steps)")
+        train_dense(dense, cfg, train_loader, device, steps_per_epoch, dist_info)
+    if not main:
+        _dist.barrier(dist_info)
+        return {}
+    acc = evaluate(dense, test_loader, device, cfg.eval_batches) if cfg.dense_baseline else None
+    rows["dense"] = {"accuracy": acc, "flops": count_flops(dense, ex1),
+                     "params": sum(p.numel() for p in dense.parameters())}
     if cfg.latency:
         shape1 = (1, info.in_chans, info.image_size, info.image_size)
         shape_b = (64, info.in_chans, info.image_size, info.image_size)
@@ -368,9 +556,13 @@ def _finish(cfg, pruner, model, init_state, train_loader, test_loader, info, dev
         for key, shape, rounds in (("latency_ms_b1", shape1, 30), ("latency_ms_b64", shape_b, 10)):
             for name, ms in compare_latency(pair, shape, device, rounds).items():
                 rows[name][key] = ms
+    epochs = [r for r in read_metrics(os.path.join(cfg.out, "metrics.jsonl"))
+              if r.get("kind") == "epoch"]
     summary = {
         "config": asdict(cfg),
+        "variant": cfg.variant,
         "hard_flops_ratio": pruner.hard_flops_ratio(),
+        "last_epoch": epochs[-1] if epochs else None,
         "hard_acc_after_bn_recalibration": hard_acc,
         "bn_recalibration_batches": n,
         "export_matches_hard_network": abs(hard_acc - exp_acc) < 1e-9,
@@ -378,12 +570,27 @@ def _finish(cfg, pruner, model, init_state, train_loader, test_loader, info, dev
         "group_channels": pruner.group_channels(),
         "rows": rows,
         "device": str(device),
+        "world_size": dist_info.world_size,
         "torch": torch.__version__,
     }
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
+    if cfg.plots:
+        _write_plots(cfg.out, summary)
     _log(format_table(summary))
+    _dist.barrier(dist_info)
     return summary
+
+
+def _write_plots(out: str, summary: dict) -> None:
+    try:
+        from .plots import plot_run
+    except ImportError as exc:  # matplotlib is optional at run time
+        _log(f"no plots: {exc}")
+        return
+    paths = plot_run(os.path.join(out, "metrics.jsonl"), os.path.join(out, "plots"),
+                     summary=summary)
+    _log("plots: " + ", ".join(os.path.relpath(p, out) for p in paths))
 
 
 def format_table(summary: dict) -> str:

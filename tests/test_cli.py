@@ -96,3 +96,53 @@ def test_info_and_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "s2h", "info"], capture_output=True, text=True,
                          check=True).stdout
     assert "torch:" in out and "channel_ops" in out
+
+
+def _gz_idx(path, array):
+    import gzip
+    import struct
+
+    import numpy as np
+
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I",
+                                                                     *array.shape)
+    path.write_bytes(gzip.compress(header + np.ascontiguousarray(array, ">u1").tobytes()))
+
+
+@pytest.mark.parametrize("dataset", ["fashion-mnist", "cifar100", "imagefolder"])
+def test_missing_dataset_fails_fast_with_the_path(tmp_path, capsys, dataset):
+    """Through the CLI: exit code 2, the path looked at on stderr, nothing trained."""
+    where = tmp_path / "absent"
+    out = tmp_path / "o"
+    code = main(["prune", "--dataset", dataset, "--data-dir", str(where), "--out", str(out),
+                 "--no-progress"])
+    cap = capsys.readouterr()
+    assert code == 2
+    assert cap.err.startswith("error: ") and str(where) in cap.err
+    assert "epoch" not in cap.out and not (out / "checkpoint.pt").exists()
+
+
+def test_malformed_datasets_fail_fast_naming_the_file(tmp_path, capsys):
+    import numpy as np
+
+    fm = tmp_path / "fm"
+    fm.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 32), ("t10k", 16)):
+        _gz_idx(fm / f"{split}-images-idx3-ubyte.gz",
+                rng.integers(0, 255, (n, 28, 28)).astype(np.uint8))
+        _gz_idx(fm / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n).astype(np.uint8))
+    bad = fm / "train-labels-idx1-ubyte.gz"
+    _gz_idx(bad, rng.integers(0, 10, 31).astype(np.uint8))  # one label short
+    code = main(["prune", "--dataset", "fashion-mnist", "--data-dir", str(fm), "--out",
+                 str(tmp_path / "o"), "--no-progress", "--batch-size", "8"])
+    err = capsys.readouterr().err
+    assert code == 2 and str(bad) in err and "31 labels for 32 images" in err
+
+    cifar = tmp_path / "c" / "cifar-100-python"
+    cifar.mkdir(parents=True)
+    (cifar / "train").write_bytes(b"\x80\x04not a pickle at all")
+    code = main(["prune", "--dataset", "cifar100", "--data-dir", str(tmp_path / "c"), "--out",
+                 str(tmp_path / "o2"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and str(cifar / "train") in err

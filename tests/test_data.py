@@ -462,3 +462,24 @@ def test_loader_drop_last_and_sharding():
     assert info.image_size == 32 and len(test.dataset) == 512
     with pytest.raises(ValueError, match="batch_size"):
         build_loaders("synthetic", None, 300, workers=0, num_train=250)
+
+
+def test_sampler_skip_resumes_mid_epoch_with_the_same_samples():
+    """set_epoch(e, skip=k) yields exactly the tail of epoch e (order and augmentation seeds),
+    then the following epoch starts from its beginning again."""
+    full = list(EpochSampler(50, seed=3, world_size=2, rank=1).__iter__())
+    s = EpochSampler(50, seed=3, world_size=2, rank=1)
+    s.set_epoch(0, skip=7)
+    assert list(s) == full[7:]
+    ref = EpochSampler(50, seed=3, world_size=2, rank=1)
+    ref.set_epoch(1)
+    assert list(s) == list(ref)  # the epoch after the resumed one is whole
+    with pytest.raises(ValueError, match="skip"):
+        s.set_epoch(0, skip=-1)
+    train, _, _ = build_loaders("synthetic", None, 8, workers=0, seed=5, num_train=64)
+    train.sampler.set_epoch(2)
+    batches = [y for _, y in train]
+    train.sampler.set_epoch(2, skip=3 * 8)
+    rest = [y for _, y in train]
+    assert len(rest) == len(batches) - 3
+    assert all(torch.equal(a, b) for a, b in zip(batches[3:], rest))

@@ -90,3 +90,61 @@ def test_timm_resnet_groups(name, n_groups):
         res1 = groups["layer1.0.conv3"]
         assert {"layer1.0.downsample.0", "layer1.1.conv3", "layer1.2.conv3"} <= set(res1.producers)
     assert not groups["fc"].prunable
+
+
+class _ShiftNet(torch.nn.Module):
+    """Spatial roll / slice / pad between two convs keep the channels; a channel roll does not."""
+
+    def __init__(self, channel_roll=False):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 4)
+        self.channel_roll = channel_roll
+
+    def forward(self, x):
+        x = torch.relu(self.a(x))
+        x = torch.roll(x, 1, dims=1 if self.channel_roll else 2)
+        x = torch.nn.functional.pad(x[:, :, 1:, :], (1, 1, 0, 1))
+        return self.fc(self.b(x).mean((2, 3)))
+
+
+def test_spatial_roll_slice_pad_keep_the_group_and_a_channel_roll_freezes_it():
+    g = _groups(_ShiftNet(), torch.randn(2, 3, 8, 8))
+    assert g["a"].prunable and g["a"].consumers == ["b"]
+    g = _groups(_ShiftNet(channel_roll=True), torch.randn(2, 3, 8, 8))
+    assert not g["a"].prunable and "aten.roll along the channel dim" in g["a"].reasons[0]
+
+
+class _ScaleNet(torch.nn.Module):
+    """A per-channel parameter (layer scale) multiplied into a group is sliced with it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.gamma = torch.nn.Parameter(torch.rand(8) + 0.5)
+        self.b = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.a(x)) * self.gamma.view(1, -1, 1, 1)
+        return self.fc(torch.relu(self.b(x)).mean((2, 3)))
+
+
+def test_per_channel_parameter_is_sliced_with_its_group():
+    torch.manual_seed(0)
+    model, x = _ScaleNet(), torch.randn(2, 3, 8, 8)
+    pruner = s2h.S2HPruner(model, x, 0.5, divisor=4)
+    assert pruner.groups[0].params == [("gamma", 0)]
+    pruner.set_widths({"a": 4})
+    keep = pruner.gates["a"].keep_index()
+    with torch.no_grad():
+        hard = pruner.hard_forward(x)
+        h = torch.relu(torch.nn.functional.conv2d(x, model.a.weight[keep], model.a.bias[keep],
+                                                  padding=1)) * model.gamma[keep].view(1, -1, 1, 1)
+        ref = model.fc(torch.relu(torch.nn.functional.conv2d(
+            h, model.b.weight[:, keep], model.b.bias, padding=1)).mean((2, 3)))
+        assert torch.allclose(hard, ref, atol=1e-6)
+        exported = pruner.export()
+        assert exported.gamma.shape == (4,) and torch.allclose(exported(x), hard, atol=1e-6)
+    assert "gamma" not in model.__dict__  # the slice lives only inside hard mode

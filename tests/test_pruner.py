@@ -280,8 +280,13 @@ def test_nothing_prunable():
 
 
 def test_divisor_larger_than_a_group():
-    with pytest.raises(ValueError, match=r"divisor=128 is larger than group '0' \(64 channels"):
+    with pytest.raises(ValueError, match=r"divisor=128 is larger than every prunable group "
+                                         r"\(the widest is '0' with 64 channels"):
         s2h.S2HPruner(mlp(), torch.randn(2, 20), 0.5, divisor=128)
+    # larger than one group only: that group is kept whole, with a warning naming it
+    with pytest.warns(UserWarning, match=r"group '2' \(48 channels.*narrower than divisor=64"):
+        p = s2h.S2HPruner(mlp(), torch.randn(2, 20), 0.5, divisor=64)
+    assert set(p.widths()) == {"0"}
 
 
 def test_nan_loss_stops_before_any_update():
@@ -354,3 +359,28 @@ def test_ablation_variants_route_their_terms(variant):
         assert torch.allclose(got, exp, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="variant must be one of"):
         s2h.S2HPruner(plain_cnn(), torch.randn(2, 3, 8, 8), 0.5, variant="nope")
+
+
+def test_grad_balance_rescales_the_resource_gradient_per_gate():
+    model, pruner = _cnn_pruner()
+    pruner.grad_balance = 0.5
+    weights, gates = list(pruner.weight_parameters()), list(pruner.gate_parameters())
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    soft, hard = pruner.dual_forward(x)
+    t = pruner.losses(soft, hard, y)
+    g_perf = _grads(t["perf"], weights + gates)
+    g_gapw = _grads(t["gap_weights"], weights + gates)
+    g_gapu = _grads(t["gap_gates"], gates)
+    g_res = _grads(t["resource"], gates)
+    nw = len(weights)
+    opt = _Capture([{"params": weights}, {"params": gates}])
+    pruner.train_step(x, y, opt)
+    for i, (got, perf, gw) in enumerate(zip(opt.seen[:nw], g_perf[:nw], g_gapw[:nw])):
+        assert torch.allclose(got, perf + gw, atol=1e-6), f"weight {i}"
+    for j, got in enumerate(opt.seen[nw:]):
+        gap = g_gapw[nw + j] + g_gapu[j]
+        res = g_res[j] * (0.5 * gap.norm() / g_res[j].norm())
+        assert torch.allclose(got, g_perf[nw + j] + gap + res, atol=1e-6, rtol=1e-5)
+        assert float(res.norm()) == pytest.approx(0.5 * float(gap.norm()), rel=1e-5)
+    with pytest.raises(ValueError, match="grad_balance"):
+        s2h.S2HPruner(plain_cnn(), torch.randn(2, 3, 8, 8), 0.5, grad_balance=-1)

@@ -1,0 +1,416 @@
+"""Masked versions of timm's layer classes, and how to export them as smaller timm layers.
+
+Imported by :mod:`s2h.layers` only when timm is already imported. Each supported class gets a
+masked subclass (switched in place by ``__class__``, like the torch layers of :mod:`s2h.nn`)
+with the soft / hard paths of METHOD §3, and an ``s2h_export(in_keep, out_keep, extra)`` that
+returns a *plain instance of the same timm class* with the kept channels only, so an exported
+model is made of timm's own modules and needs no s2h code to run.
+
+* ``BatchNormAct2d``: BatchNorm then ``drop`` then ``act``; supported when both are elementwise
+  (the activation of a kept channel does not depend on the other channels).
+* ``timm.layers.Linear``, ``timm.layers.LayerNorm`` (channels last), ``LayerNorm2d`` (NCHW).
+* ``Attention`` (ViT & co.) and ``WindowAttention`` (Swin): pruned by whole heads. The layer owns
+  a *heads group* of ``num_heads * head_dim`` channels (the rows of q, k and v of each head and
+  the matching input columns of ``proj``) whose width granularity is ``head_dim``: ``head_dim``
+  and hence the attention scale never change; ``num_heads`` does. Swin's relative-position bias
+  table is sliced with the heads.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from timm.layers import BatchNormAct2d, LayerNorm, LayerNorm2d
+from timm.layers import Linear as TimmLinear
+from timm.layers.attention import Attention
+from torch import nn
+
+from . import layers as _layers
+from .nn import (
+    MaskedBatchNorm2d,
+    MaskedLayerNorm,
+    MaskedLinear,
+    _gather,
+    _gather_weight,
+    _MaskedMixin,
+)
+
+try:
+    from timm.models.swin_transformer import WindowAttention
+except Exception:  # pragma: no cover - older/newer timm layout
+    WindowAttention = None
+
+# ---------------------------------------------------------------------------- helpers
+
+#: activation / dropout modules that act on each element independently (checked by exact type)
+_ELEMENTWISE = {
+    nn.Identity, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid,
+    nn.Tanh, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.Mish, nn.Softplus, nn.Hardtanh,
+    nn.Dropout,
+}
+try:
+    from timm.layers import activations as _acts
+
+    _ELEMENTWISE |= {getattr(_acts, n) for n in (
+        "Swish", "Mish", "Sigmoid", "Tanh", "HardSwish", "HardSigmoid", "HardMish", "GELU",
+        "GELUTanh", "QuickGELU") if hasattr(_acts, n)}
+    from timm.layers import activations_me as _acts_me
+
+    _ELEMENTWISE |= {getattr(_acts_me, n) for n in (
+        "SwishMe", "MishMe", "HardSwishMe", "HardSigmoidMe", "HardMishMe") if hasattr(_acts_me, n)}
+except Exception:  # pragma: no cover
+    pass
+
+
+def _elementwise(m: nn.Module) -> bool:
+    return type(m) in _ELEMENTWISE and not any(True for _ in m.parameters())
+
+
+def _set_param(module: nn.Module, name: str, value: torch.Tensor | None) -> None:
+    if value is None:
+        return
+    old = module._parameters[name]
+    module._parameters[name] = nn.Parameter(value.detach().clone(),
+                                            requires_grad=old.requires_grad)
+
+
+def _set_buffer(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    module._buffers[name] = value.detach().clone()
+
+
+def _sel(t: torch.Tensor | None, keep: torch.Tensor | None, dim: int = 0):
+    if t is None or keep is None:
+        return t
+    return t.index_select(dim, keep.to(t.device))
+
+
+def _plain_copy(m: nn.Module, cls: type) -> nn.Module:
+    new = copy.deepcopy(m)  # a masked layer drops its gates when copied
+    new.__class__ = cls
+    return new
+
+
+def _sliced_linear(lin: nn.Linear, out_keep, in_keep) -> nn.Linear:
+    """A plain ``nn.Linear`` equal to ``lin`` restricted to rows ``out_keep``, cols ``in_keep``."""
+    w = _sel(_sel(lin.weight, out_keep, 0), in_keep, 1)
+    new = nn.Linear(w.shape[1], w.shape[0], lin.bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if lin.bias is not None:
+            new.bias.copy_(_sel(lin.bias, out_keep))
+    new.weight.requires_grad_(lin.weight.requires_grad)
+    return new.train(lin.training)
+
+
+# ---------------------------------------------------------------------------- norms / linear
+
+
+class MaskedBatchNormAct2d(MaskedBatchNorm2d, BatchNormAct2d):
+    """timm ``BatchNormAct2d`` (BN, then ``drop``, then ``act``) on the kept channels in hard mode.
+
+    Input / output ``(N, C, H, W)`` (soft, dense) or ``(N, k, H, W)`` (hard).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self._s2h.out_gate if self._s2h is not None else None
+        if self._mode() != "hard" or gate is None:
+            return BatchNormAct2d.forward(self, x)
+        y = self._hard_bn(x, self._s2h.runtime.state(gate).keep)
+        return self.act(self.drop(y))
+
+    @torch.no_grad()
+    def s2h_export(self, in_keep, out_keep, extra) -> nn.Module:
+        new = _plain_copy(self, BatchNormAct2d)
+        keep = out_keep
+        use_hard = keep is not None and hasattr(self, "hard_running_mean")
+        for b in ("hard_running_mean", "hard_running_var", "hard_num_batches_tracked"):
+            new._buffers.pop(b, None)
+        if keep is None:
+            return new
+        new.num_features = keep.numel()
+        _set_param(new, "weight", _sel(self.weight, keep))
+        _set_param(new, "bias", _sel(self.bias, keep))
+        if self.track_running_stats:
+            _set_buffer(new, "running_mean",
+                        _sel(self.hard_running_mean if use_hard else self.running_mean, keep))
+            _set_buffer(new, "running_var",
+                        _sel(self.hard_running_var if use_hard else self.running_var, keep))
+            _set_buffer(new, "num_batches_tracked",
+                        self.hard_num_batches_tracked if use_hard else self.num_batches_tracked)
+        return new
+
+
+class MaskedTimmLinear(MaskedLinear, TimmLinear):
+    """timm ``Linear`` (``F.linear`` with the AMP cast workaround) with masked input features."""
+
+    @torch.no_grad()
+    def s2h_export(self, in_keep, out_keep, extra) -> nn.Module:
+        new = _plain_copy(self, TimmLinear)
+        w = _sel(_sel(self.weight, out_keep, 0), in_keep, 1)
+        _set_param(new, "weight", w)
+        _set_param(new, "bias", _sel(self.bias, out_keep))
+        new.out_features, new.in_features = w.shape
+        return new
+
+
+class _MaskedLNExport:
+    @torch.no_grad()
+    def s2h_export(self, in_keep, out_keep, extra) -> nn.Module:
+        new = _plain_copy(self, PLAIN_OF[type(self)])
+        if out_keep is not None:
+            new.normalized_shape = (out_keep.numel(),)
+            _set_param(new, "weight", _sel(self.weight, out_keep))
+            _set_param(new, "bias", _sel(self.bias, out_keep))
+        return new
+
+
+class MaskedTimmLayerNorm(_MaskedLNExport, MaskedLayerNorm, LayerNorm):
+    """timm ``LayerNorm`` over the last dim; hard mode normalises over the kept channels."""
+
+
+class MaskedLayerNorm2d(_MaskedLNExport, MaskedLayerNorm, LayerNorm2d):
+    """timm ``LayerNorm2d``: layer norm over the channels of ``(N, C, H, W)`` (dim 1)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self._s2h.out_gate if self._s2h is not None else None
+        if self._mode() != "hard" or gate is None:
+            return LayerNorm2d.forward(self, x)
+        keep = self._s2h.runtime.state(gate).keep
+        return self._hard_ln(x.permute(0, 2, 3, 1), keep).permute(0, 3, 1, 2)
+
+
+# ---------------------------------------------------------------------------- attention
+
+
+def attention_dims(m: nn.Module) -> tuple[int, int, int, int]:
+    """``(num_heads, head_dim, in_features, out_features)`` of a timm attention module."""
+    attn_dim = m.qkv.out_features // 3
+    heads = int(m.num_heads)
+    return heads, attn_dim // heads, m.qkv.in_features, m.proj.out_features
+
+
+class _MaskedAttentionBase(_MaskedMixin):
+    """Soft / hard paths shared by the attention modules (input ``(B, N, C)``, output
+    ``(B, N, C_out)``).
+
+    Groups: ``in`` (the input features = qkv input columns), ``out`` (proj output rows) and
+    ``heads``: ``num_heads * head_dim`` channels in head-major order; the heads gate has divisor
+    ``head_dim`` and a per-head importance, so its kept set is always whole heads.
+    Soft: ``x ⊙ w_in`` before qkv, attention output ``⊙ w_heads`` before proj (the input of the
+    head group's consumer). Hard: qkv rows of the kept heads (for q, k and v) and kept input
+    columns, attention over the kept heads only, proj on the kept head channels.
+    """
+
+    def _weights(self, x: torch.Tensor):
+        """``(x, w_qkv, b_qkv, w_proj, b_proj, heads, head_mul, head_index)`` for this mode."""
+        rt = self._s2h.runtime
+        in_gate, out_gate, head_gate = self.in_gate, self.out_gate, self.extra_gate("heads")
+        n_heads, hd, _, _ = attention_dims(self)
+        attn_dim = n_heads * hd
+        w_qkv, b_qkv = self.qkv.weight, self.qkv.bias
+        w_proj, b_proj = self.proj.weight, self.proj.bias
+        if self._mode() == "soft":
+            if in_gate is not None:
+                self._check_width(x, -1, self.qkv.in_features, "input")
+                x = x * rt.state(in_gate).soft_mask.to(x.dtype)
+            head_mul = None if head_gate is None else rt.state(head_gate).soft_mask
+            return x, w_qkv, b_qkv, w_proj, b_proj, n_heads, head_mul, None
+        in_state = rt.state(in_gate) if in_gate is not None else None
+        in_keep = None
+        if in_state is not None:
+            self._check_width(x, -1, in_state.keep.numel(), "input")
+            x = x * in_state.hard_mask.to(x.dtype)
+            in_keep = in_state.keep
+        out_keep = rt.state(out_gate).keep if out_gate is not None else None
+        head_mul = head_keep = head_index = None
+        if head_gate is not None:
+            st = rt.state(head_gate)
+            head_keep, head_mul = st.keep, st.hard_mask
+            head_index = _whole_heads(head_keep, hd, self._s2h.name)
+            n_heads = head_index.numel()
+        rows = None
+        if head_keep is not None:
+            rows = torch.cat([head_keep + i * attn_dim for i in range(3)])
+        w_qkv = _gather_weight(w_qkv, rows, in_keep)
+        if b_qkv is not None and rows is not None:
+            b_qkv = _gather(b_qkv, rows, 0)
+        w_proj = _gather_weight(w_proj, out_keep, head_keep)
+        if b_proj is not None and out_keep is not None:
+            b_proj = _gather(b_proj, out_keep, 0)
+        return x, w_qkv, b_qkv, w_proj, b_proj, n_heads, head_mul, head_index
+
+    def _finish(self, x, w_proj, b_proj, head_mul):
+        if head_mul is not None:
+            x = x * head_mul.to(x.dtype)
+        return self.proj_drop(F.linear(x, w_proj, b_proj))
+
+
+def _whole_heads(keep: torch.Tensor, hd: int, name: str) -> torch.Tensor:
+    """``(h,)`` kept head indices from the kept channels ``keep`` (``(h*hd,)``, ascending)."""
+    heads = keep[::hd] // hd
+    expect = (heads[:, None] * hd + torch.arange(hd, device=keep.device)).flatten()
+    if keep.numel() % hd or not torch.equal(keep, expect):
+        raise RuntimeError(f"{name}: the kept channels of the heads group are not whole heads "
+                           f"(head_dim={hd}); was the gate's importance order changed by hand?")
+    return heads
+
+
+class MaskedAttention(_MaskedAttentionBase, Attention):
+    """timm ``Attention`` with masked input, output and heads (see the base class)."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        if self._mode() == "dense":
+            return Attention.forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
+        x, w_qkv, b_qkv, w_proj, b_proj, h, head_mul, _ = self._weights(x)
+        B, N, _ = x.shape
+        hd = self.head_dim
+        qkv = F.linear(x, w_qkv, b_qkv).reshape(B, N, 3, h, hd).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)  # over head_dim: unaffected by the heads kept
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask,
+                dropout_p=self.attn_drop.p if self.training else 0.0, is_causal=is_causal)
+        else:
+            from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
+
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        x = x.transpose(1, 2).reshape(B, N, h * hd)
+        return self._finish(x, w_proj, b_proj, head_mul)
+
+    @torch.no_grad()
+    def s2h_export(self, in_keep, out_keep, extra) -> nn.Module:
+        new = _plain_copy(self, Attention)
+        head_keep = extra.get("heads")
+        hd = self.head_dim
+        rows = None
+        if head_keep is not None:
+            rows = torch.cat([head_keep + i * self.attn_dim for i in range(3)])
+            new.num_heads = head_keep.numel() // hd
+            new.attn_dim = new.num_heads * hd
+        new.qkv = _sliced_linear(self.qkv, rows, in_keep)
+        new.proj = _sliced_linear(self.proj, out_keep, head_keep)
+        return new
+
+
+if WindowAttention is not None:
+
+    class MaskedWindowAttention(_MaskedAttentionBase, WindowAttention):
+        """timm Swin ``WindowAttention``; the relative-position bias follows the kept heads."""
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+            if self._mode() == "dense":
+                return WindowAttention.forward(self, x, mask)
+            x, w_qkv, b_qkv, w_proj, b_proj, h, head_mul, head_index = self._weights(x)
+            B_, N, _ = x.shape
+            qkv = F.linear(x, w_qkv, b_qkv).reshape(B_, N, 3, h, -1).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            bias = self._get_rel_pos_bias()  # (1, num_heads, N, N)
+            if head_index is not None:
+                bias = bias.index_select(1, head_index)
+            if self.fused_attn:
+                attn_mask = bias
+                if mask is not None:
+                    num_win = mask.shape[0]
+                    mask = mask.view(1, num_win, 1, N, N).expand(B_ // num_win, -1, h, -1, -1)
+                    attn_mask = attn_mask + mask.reshape(-1, h, N, N)
+                x = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=attn_mask,
+                    dropout_p=self.attn_drop.p if self.training else 0.0)
+            else:
+                attn = (q * self.scale) @ k.transpose(-2, -1) + bias
+                if mask is not None:
+                    num_win = mask.shape[0]
+                    attn = attn.view(-1, num_win, h, N, N) + mask.unsqueeze(1).unsqueeze(0)
+                    attn = attn.view(-1, h, N, N)
+                x = self.attn_drop(self.softmax(attn)) @ v
+            x = x.transpose(1, 2).reshape(B_, N, -1)
+            return self._finish(x, w_proj, b_proj, head_mul)
+
+        @torch.no_grad()
+        def s2h_export(self, in_keep, out_keep, extra) -> nn.Module:
+            new = _plain_copy(self, WindowAttention)
+            n_heads, hd, _, _ = attention_dims(self)
+            head_keep = extra.get("heads")
+            rows = None
+            if head_keep is not None:
+                rows = torch.cat([head_keep + i * n_heads * hd for i in range(3)])
+                heads = head_keep[::hd] // hd
+                new.num_heads = heads.numel()
+                _set_param(new, "relative_position_bias_table",
+                           self.relative_position_bias_table.index_select(1, heads))
+            new.qkv = _sliced_linear(self.qkv, rows, in_keep)
+            new.proj = _sliced_linear(self.proj, out_keep, head_keep)
+            return new
+
+
+# ---------------------------------------------------------------------------- registry
+
+MASKED_OF: dict[type, type] = {
+    BatchNormAct2d: MaskedBatchNormAct2d,
+    TimmLinear: MaskedTimmLinear,
+    LayerNorm: MaskedTimmLayerNorm,
+    LayerNorm2d: MaskedLayerNorm2d,
+    Attention: MaskedAttention,
+}
+if WindowAttention is not None:
+    MASKED_OF[WindowAttention] = MaskedWindowAttention
+PLAIN_OF: dict[type, type] = {v: k for k, v in MASKED_OF.items()}
+ATTENTION_TYPES = tuple(t for t in (Attention, WindowAttention) if t is not None)
+
+
+def layer_info(m: nn.Module, t: type):
+    """:class:`s2h.layers.LayerInfo` for a timm class (``t`` = its plain class), else None."""
+    Info = _layers.LayerInfo
+    if t is BatchNormAct2d:
+        bad = [n for n in ("drop", "act") if not _elementwise(getattr(m, n))]
+        if bad:
+            return Info("fixed", 1, f"its {bad[0]} ({type(getattr(m, bad[0])).__name__}) is not "
+                                    "a known elementwise module")
+        return Info("batchnorm", 1)
+    if t is TimmLinear:
+        return Info("linear", -1)
+    if t is LayerNorm:
+        if len(m.normalized_shape) == 1:
+            return Info("layernorm", -1)
+        return Info("fixed", -1, f"normalized_shape={tuple(m.normalized_shape)}")
+    if t is LayerNorm2d:
+        return Info("layernorm", 1)
+    if t is Attention:
+        if getattr(m, "gate", None) is not None:
+            return Info("fixed", -1, "gated attention is not supported")
+        if not isinstance(getattr(m, "norm", nn.Identity()), nn.Identity):
+            return Info("fixed", -1, "scale_norm over the heads is not supported")
+        if type(m.qkv) is not nn.Linear or type(m.proj) is not nn.Linear:
+            return Info("fixed", -1, "qkv/proj are not plain nn.Linear")
+        return Info("attention", -1)
+    if WindowAttention is not None and t is WindowAttention:
+        if type(m.qkv) is not nn.Linear or type(m.proj) is not nn.Linear:
+            return Info("fixed", -1, "qkv/proj are not plain nn.Linear")
+        return Info("attention", -1)
+    if isinstance(m, ATTENTION_TYPES):  # a subclass with its own forward
+        return Info("fixed", -1, "a subclass of a timm attention module s2h does not know")
+    return None
+
+
+def producer_scores(m: nn.Module, role: str) -> torch.Tensor | None:
+    """Importance of the channels an attention layer produces, or None for other layers.
+
+    ``heads``: per head, the mean over its channels of the L1 norms of its q, k, v rows plus
+    its proj input columns, repeated ``head_dim`` times (equal scores keep heads whole);
+    ``out``: the L1 norms of the proj rows.
+    """
+    if not isinstance(m, ATTENTION_TYPES):
+        return None
+    if role == "out":
+        return m.proj.weight.detach().float().abs().sum(1).cpu()
+    heads, hd, _, _ = attention_dims(m)
+    a = heads * hd
+    w = m.qkv.weight.detach().float().abs().sum(1).view(3, a).sum(0)
+    w = w + m.proj.weight.detach().float().abs().sum(0)
+    return w.view(heads, hd).mean(1).repeat_interleave(hd).cpu()

@@ -1,0 +1,201 @@
+"""The training loop at scale: mid-epoch checkpoints and exact resume after SIGKILL, schedules,
+variants, plots, RNG state, TensorBoard fallback."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from s2h import trainer
+from s2h.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--dataset", "synthetic", "--model", "small_cnn", "--batch-size", "16",
+        "--eval-batches", "2", "--no-progress", "--target-flops", "0.5",
+        "--no-dense-baseline", "--no-latency", "--log-every", "1"]
+
+
+def _steps(run) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _same_state(a: dict, b: dict, atol: float = 1e-5) -> None:
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=atol), k
+    for k in a["pruner"]["gates"]:
+        assert torch.allclose(a["pruner"]["gates"][k]["logits"],
+                              b["pruner"]["gates"][k]["logits"], atol=atol), k
+    assert a["pruner"]["widths"] == b["pruner"]["widths"]
+    assert a["pruner"]["step_count"] == b["pruner"]["step_count"]
+
+
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, capsys):
+    """A real SIGKILL of a training process after a mid-epoch checkpoint; --resume continues
+    to the same weights, gates and metrics as a run that was never interrupted."""
+    args = [*TINY, "--epochs", "2", "--steps-per-epoch", "8", "--ckpt-every", "3",
+            "--no-plots"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert main(["prune", *args, "--out", str(full)]) == 0
+
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "s2h", "prune", *args, "--out", str(killed)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ckpt_path = killed / "checkpoint.pt"
+    deadline = time.time() + 240
+    try:
+        # Kill as soon as a checkpoint from the middle of epoch 2 exists (step 9: batch 1 of 8;
+        # the next epoch end is 7 steps away). Partial sums of epoch 2 must survive too.
+        while time.time() < deadline and proc.poll() is None:
+            if ckpt_path.exists():
+                try:
+                    ck = torch.load(ckpt_path, weights_only=True)
+                except Exception:  # replaced while we read it: read again
+                    continue
+                if ck["epoch"] == 1 and ck["batch"] > 0:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    break
+            time.sleep(0.005)
+    finally:
+        if proc.poll() is None and time.time() >= deadline:
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stdout.read().decode()[-2000:]
+    ck = trainer.load_checkpoint(str(ckpt_path))  # intact, whatever moment the kill hit
+    assert ck["epoch"] == 1 and 0 < ck["batch"] < 8, (ck["epoch"], ck["batch"])
+    assert not (killed / "summary.json").exists()
+
+    capsys.readouterr()
+    assert main(["prune", *args, "--out", str(killed), "--resume"]) == 0
+    text = capsys.readouterr().out
+    assert f"resumed from {ckpt_path} at epoch 2, batch {ck['batch']}" in text
+    assert "epoch 1/2" not in text and "epoch 2/2" in text  # epoch 1 is not redone
+    a = torch.load(full / "checkpoint.pt", weights_only=True)
+    b = torch.load(killed / "checkpoint.pt", weights_only=True)
+    assert (a["epoch"], a["batch"], b["epoch"], b["batch"]) == (2, 0, 2, 0)
+    _same_state(a, b)
+    # metrics.jsonl: every step exactly once, same values; epoch rows equal (partial sums kept)
+    ra, rb = _steps(full), _steps(killed)
+    assert [(r["kind"], r["step"]) for r in ra] == [(r["kind"], r["step"]) for r in rb]
+    assert len(ra) == 16 + 2
+    for x, y in zip(ra, rb):
+        if x["kind"] == "step":
+            assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+        else:
+            assert x["test_hard_acc"] == y["test_hard_acc"]
+            for k in x["train"]:
+                assert x["train"][k] == pytest.approx(y["train"][k], abs=1e-5), k
+    sa = json.loads((full / "summary.json").read_text())
+    sb = json.loads((killed / "summary.json").read_text())
+    assert sa["rows"]["exported"]["accuracy"] == sb["rows"]["exported"]["accuracy"]
+
+
+def test_ckpt_every_is_atomic_and_mid_epoch(tmp_path, monkeypatch):
+    """--ckpt-every N saves after steps N, 2N, ... inside the epoch (not at its last batch, which
+    the epoch-end checkpoint covers); each save goes through a temp file and a rename."""
+    saved = []
+    orig = trainer._atomic_save
+
+    def spy(obj, path):
+        orig(obj, path)
+        assert not os.path.exists(path + ".tmp")
+        saved.append((obj["epoch"], obj["batch"], obj["step"]))
+
+    monkeypatch.setattr(trainer, "_atomic_save", spy)
+    run = tmp_path / "r"
+    assert main(["prune", *TINY, "--epochs", "2", "--steps-per-epoch", "4", "--ckpt-every", "2",
+                 "--no-plots", "--out", str(run)]) == 0
+    assert saved == [(0, 2, 2), (1, 0, 4), (1, 2, 6), (2, 0, 8)]
+    assert main(["prune", *TINY, "--ckpt-every", "0", "--out", str(run)]) == 2
+
+
+def test_variants_and_gate_schedule_reach_the_training(tmp_path):
+    """--variant selects the pruner's loss; --gate-schedule cosine decays the gates' lr to 0 on
+    the weights' warm-up + cosine curve, constant keeps it."""
+    run = tmp_path / "nogap"
+    assert main(["prune", *TINY, "--epochs", "1", "--steps-per-epoch", "4", "--no-plots",
+                 "--variant", "no_gap", "--gate-schedule", "cosine", "--gate-lr", "0.1",
+                 "--warmup-steps", "2", "--out", str(run)]) == 0
+    rows = [r for r in _steps(run) if r["kind"] == "step"]
+    assert all(r["gap_weights"] == 0.0 and r["gap_gates"] == 0.0 for r in rows)
+    f = trainer._lr_lambda(4, 2)  # the rate used by step s (0-based)
+    assert [r["gate_lr"] for r in rows] == pytest.approx([0.05, 0.1, 0.1, 0.05])
+    assert [r["gate_lr"] for r in rows] == pytest.approx([0.1 * f(s) for s in range(4)])
+    assert [r["lr"] for r in rows] == pytest.approx([2e-3 * f(s) for s in range(4)])
+    assert json.loads((run / "summary.json").read_text())["variant"] == "no_gap"
+
+    run = tmp_path / "direct"
+    assert main(["prune", *TINY, "--epochs", "1", "--steps-per-epoch", "3", "--no-plots",
+                 "--variant", "direct_hard", "--out", str(run)]) == 0
+    rows = [r for r in _steps(run) if r["kind"] == "step"]
+    assert all(r["soft_acc"] == r["hard_acc"] for r in rows)  # one (hard) network only
+    assert all(r["gate_lr"] == pytest.approx(5e-2) for r in rows)  # constant schedule
+    with pytest.raises(SystemExit):
+        main(["prune", *TINY, "--variant", "nope", "--out", str(run)])
+
+
+def test_plots_are_written_and_readable(tmp_path):
+    import matplotlib.image as mpimg
+
+    run = tmp_path / "p"
+    assert main(["prune", *TINY, "--epochs", "2", "--steps-per-epoch", "3",
+                 "--out", str(run)]) == 0
+    for name in ("training.png", "widths.png", "final_widths.png"):
+        path = run / "plots" / name
+        img = mpimg.imread(path)
+        assert img.shape[0] > 300 and img.shape[1] > 500, name
+        assert img[..., :3].std() > 0.05, name  # not a blank canvas
+    from s2h.plots import main as plots_main
+
+    assert plots_main([str(run)]) == 0  # redraw from the files alone
+
+
+def test_rng_state_roundtrip_covers_every_generator():
+    trainer.seed_everything(123)
+    state = trainer.rng_state()
+    first = (torch.rand(3), random.random(), np.random.rand(3))
+    torch.rand(5), random.random(), np.random.rand(2)  # move every generator on
+    blob = {"rng": state}
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"rng-{os.getpid()}.pt")
+    torch.save(blob, path)
+    state = torch.load(path, weights_only=True)["rng"]  # checkpoints load without pickle
+    os.remove(path)
+    trainer.set_rng_state(state)
+    again = (torch.rand(3), random.random(), np.random.rand(3))
+    assert torch.equal(first[0], again[0]) and first[1] == again[1]
+    assert np.array_equal(first[2], again[2])
+
+
+def test_tensorboard_flag_logs_or_says_why_not(tmp_path, capsys):
+    run = tmp_path / "tb"
+    assert main(["prune", *TINY, "--epochs", "1", "--steps-per-epoch", "2", "--no-plots",
+                 "--tensorboard", "--out", str(run)]) == 0
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        assert "tensorboard package is not installed" in capsys.readouterr().out
+    else:
+        assert any((run / "tensorboard").iterdir())
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_runs_and_checkpoints_the_scaler(tmp_path, amp):
+    run = tmp_path / amp
+    assert main(["prune", *TINY, "--epochs", "1", "--steps-per-epoch", "2", "--no-plots",
+                 "--amp", amp, "--out", str(run)]) == 0
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ck["config"]["amp"] == amp
+    if amp == "fp16":  # the grad scaler's state travels with the checkpoint for --resume
+        assert ck["scaler"]["scale"] > 0
+    else:
+        assert ck["scaler"] == {}
+    rows = [r for r in _steps(run) if r["kind"] == "step"]
+    assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
