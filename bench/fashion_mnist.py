@@ -51,6 +51,7 @@ from s2h import trainer as T  # noqa: E402
 from s2h.data import build_loaders  # noqa: E402
 
 VARIANTS = ("s2h", "no_gap", "coupled_gap", "direct_hard")
+ALL_METHODS = ("dense", *VARIANTS, "l1_finetune", "stp")
 START, END = "<!-- fashion-mnist:start -->", "<!-- fashion-mnist:end -->"
 
 
@@ -109,27 +110,50 @@ def run(args) -> dict:
         models[f"{row['method']}@{row['target']}"] = model.eval()
         log(json.dumps({k: v for k, v in row.items() if k != "widths"}))
 
-    # dense, the full budget
+    methods = set(args.methods)
+    # dense, the full budget (without the "dense" method: untrained, for FLOPs and latency only)
     t0 = time.time()
-    T.train_dense(dense, _cfg(args, epochs=epochs, steps_per_epoch=spe), train_loader, device,
-                  spe)
-    acc = T.evaluate(dense, test_loader, device, args.eval_batches)
+    acc = None
+    if "dense" in methods:
+        T.train_dense(dense, _cfg(args, epochs=epochs, steps_per_epoch=spe), train_loader,
+                      device, spe)
+        acc = T.evaluate(dense, test_loader, device, args.eval_batches)
     add({"method": "dense", "target": 1.0, "soft": None, "hard": None, "gap": None,
          "exported": acc, "seconds": time.time() - t0}, dense)
 
     # dense for half the budget: the starting point of the L1 rows
     half_epochs, half_spe = _budget(steps // 2, len(train_loader))
+    if "l1_finetune" not in methods:
+        half_epochs = 0
     dense_half = T.build_model("resnet20", info.num_classes, info.in_chans).to(device)
     dense_half.load_state_dict(init_state)
     t0 = time.time()
-    T.train_dense(dense_half, _cfg(args, epochs=half_epochs, steps_per_epoch=half_spe),
-                  train_loader, device, half_spe)
+    if half_epochs:
+        T.train_dense(dense_half, _cfg(args, epochs=half_epochs, steps_per_epoch=half_spe),
+                      train_loader, device, half_spe)
+        half_acc = T.evaluate(dense_half, test_loader, device, args.eval_batches)
+        log(f"dense, half budget ({half_epochs * half_spe} steps): {half_acc:.2f}%")
     half_seconds = time.time() - t0
-    half_acc = T.evaluate(dense_half, test_loader, device, args.eval_batches)
-    log(f"dense, half budget ({half_epochs * half_spe} steps): {half_acc:.2f}%")
 
     for target in args.targets:
+        if "stp" in methods:  # METHOD §8, the same budget; faster exploration for short runs
+            out = os.path.join(args.work, f"stp-{target:g}")
+            cfg = _cfg(args, target_flops=target, method="stp", epochs=epochs,
+                       steps_per_epoch=spe, out=out, stp_trials=1, stp_width_step=2,
+                       stp_commits_per_round=3)
+            t0 = time.time()
+            summary = T.run_prune(cfg)
+            last = summary["last_epoch"]
+            exported = load_exported(os.path.join(out, "exported")).to(device)
+            add({"method": "stp", "target": target, "soft": last["test_soft_acc"],
+                 "hard": last["test_hard_acc"],
+                 "gap": last["test_soft_acc"] - last["test_hard_acc"],
+                 "exported": summary["rows"]["exported"]["accuracy"],
+                 "hard_flops_ratio": summary["hard_flops_ratio"],
+                 "widths": summary["widths"], "seconds": time.time() - t0}, exported)
         for variant in VARIANTS:
+            if variant not in methods:
+                continue
             out = os.path.join(args.work, f"{variant}-{target:g}")
             cfg = _cfg(args, target_flops=target, variant=variant, epochs=epochs,
                        steps_per_epoch=spe, out=out)
@@ -144,6 +168,8 @@ def run(args) -> dict:
                  "hard_flops_ratio": summary["hard_flops_ratio"],
                  "widths": summary["widths"], "seconds": time.time() - t0}, exported)
 
+        if "l1_finetune" not in methods:
+            continue
         # L1-norm pruning of the half-budget dense model, then fine-tuning for the other half
         t0 = time.time()
         model = copy.deepcopy(dense_half)
@@ -212,7 +238,8 @@ def markdown(res: dict) -> str:
             f"| {target} | {r['method']} | {_f(r['soft'])} | {_f(r['hard'])} | {_f(r['gap'])} "
             f"| {_f(r['exported'])} | {r['flops'] / 1e6:.2f} | {r['flops_ratio']:.3f} "
             f"| {r['params'] / 1e3:.1f} | {r['latency_ms_b1']:.2f} | {r['latency_ms_b64']:.1f} |")
-    lines += ["", verdict(res)]
+    if any(r["method"] == "s2h" for r in res["rows"]):
+        lines += ["", verdict(res)]
     return "\n".join(lines)
 
 
@@ -258,6 +285,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--targets", type=float, nargs="+", default=[0.15, 0.35, 0.55])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=list(ALL_METHODS),
+                   help="rows to run (without 'dense' the dense model is only timed, untrained)")
+    p.add_argument("--tag", default="", help="suffix of the results files, e.g. '-stp'")
     p.add_argument("--data-dir", default=None, help="default: /usr/share/datasets/fashion-mnist")
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=0)
@@ -276,7 +306,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     res = run(args)
     os.makedirs(args.results, exist_ok=True)
-    stem = os.path.join(args.results, f"fashion_mnist-{res['date']}")
+    stem = os.path.join(args.results, f"fashion_mnist-{res['date']}{args.tag}")
     with open(stem + ".json", "w") as f:
         json.dump(res, f, indent=1)
     table = markdown(res)

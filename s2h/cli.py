@@ -34,6 +34,15 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", default=d.variant,
                    choices=["s2h", "no_gap", "coupled_gap", "direct_hard"],
                    help="s2h, or one of the paper's ablations")
+    p.add_argument("--method", default=d.method, choices=["s2h", "stp"],
+                   help="s2h (Soft-to-Hard, default) or stp (stimulative-training pruning over "
+                        "width and depth)")
+    p.add_argument("--stp-trials", type=int, default=d.stp_trials,
+                   help="STP: steps each candidate is tried before a commit")
+    p.add_argument("--stp-width-step", type=int, default=d.stp_width_step,
+                   help="STP: divisor steps a width candidate narrows by")
+    p.add_argument("--stp-commits-per-round", type=int, default=d.stp_commits_per_round,
+                   help="STP: best candidates committed per exploration round")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--alpha", type=float, default=d.alpha, help="gap (distillation) weight")
     p.add_argument("--lam", type=float, default=d.lam, help="resource loss weight")
@@ -67,6 +76,8 @@ def _config(args) -> PruneConfig:
         weight_decay=args.weight_decay, alpha=args.alpha, lam=args.lam, divisor=args.divisor,
         gate_schedule=args.gate_schedule, warmup_steps=args.warmup_steps,
         max_grad_norm=args.max_grad_norm or None, variant=args.variant,
+        method=args.method, stp_trials=args.stp_trials, stp_width_step=args.stp_width_step,
+        stp_commits_per_round=args.stp_commits_per_round,
         ckpt_every=args.ckpt_every, tensorboard=args.tensorboard, plots=not args.no_plots,
         log_every=args.log_every,
         amp=args.amp, device=args.device, out=args.out, resume=args.resume, seed=args.seed,
@@ -104,8 +115,7 @@ def cmd_export(args) -> int:
 
     from .data import dataset_info
     from .export import save_exported
-    from .pruner import S2HPruner
-    from .trainer import build_model, load_checkpoint
+    from .trainer import build_model, build_pruner, load_checkpoint
 
     try:
         ckpt = load_checkpoint(args.checkpoint)
@@ -117,8 +127,7 @@ def cmd_export(args) -> int:
     info = dataset_info(cfg.dataset, cfg.data_dir)
     model = build_model(cfg.model, info.num_classes, info.in_chans)
     example = torch.randn(2, info.in_chans, info.image_size, info.image_size)
-    pruner = S2HPruner(model, (example,), cfg.target_flops, divisor=cfg.divisor, tau=cfg.tau,
-                       warn=False)
+    pruner = build_pruner(cfg, model, example, warn=False)
     model.load_state_dict(ckpt["model"])
     pruner.load_state_dict(ckpt["pruner"])
     out = save_exported(pruner.export(), args.out)

@@ -284,7 +284,7 @@ class STPPruner:
         return (teacher_probs * (teacher_probs.clamp_min(1e-12).log() - log_s)).sum(-1).mean()
 
     def train_step(self, inputs, targets, optimizer, *, loss_fn=None, scaler=None,
-                   max_grad_norm: float | None = None) -> dict[str, float]:
+                   max_grad_norm: float | None = None, grad_hook=None) -> dict[str, float]:
         """Full network on the labels + the sampled sub-network(s) by KL to its detached
         output, one optimizer step; then the exploration bookkeeping."""
         inputs = _as_tuple(inputs)
@@ -306,6 +306,8 @@ class STPPruner:
             if not torch.isfinite(v):
                 raise NonFiniteLossError(key, float(v))
         (scaler.scale(loss) if scaler is not None else loss).backward()
+        if grad_hook is not None:  # e.g. the gradient averaging of data-parallel training
+            grad_hook()
         if max_grad_norm is not None:
             if scaler is not None:
                 scaler.unscale_(optimizer)
@@ -345,6 +347,10 @@ class STPPruner:
     @property
     def groups(self):
         return self.core.groups
+
+    @property
+    def gates(self):
+        return self.core.gates
 
     def recalibrate_bn(self, batches, max_batches: int = 50) -> int:
         """Re-estimate the base sub-network's BatchNorm statistics on training batches."""

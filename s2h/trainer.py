@@ -58,6 +58,10 @@ class PruneConfig:
     warmup_steps: int = 50
     gate_schedule: str = "constant"  # constant | cosine (same warm-up and length as the weights')
     variant: str = "s2h"  # s2h | no_gap | coupled_gap | direct_hard (S2HPruner's ablations)
+    method: str = "s2h"  # s2h | stp (STPPruner, METHOD §8)
+    stp_trials: int = 2  # STP: steps each candidate is tried before a commit
+    stp_width_step: int = 1  # STP: divisor steps a width candidate narrows by
+    stp_commits_per_round: int = 1  # STP: best candidates committed per exploration round
     ckpt_every: int | None = None  # also checkpoint every N steps (mid-epoch)
     max_grad_norm: float | None = 5.0
     amp: str = "none"  # none | bf16 | fp16
@@ -187,6 +191,20 @@ def _lr_lambda(total_steps: int, warmup: int):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return f
+
+
+def build_pruner(cfg: PruneConfig, model: nn.Module, example: torch.Tensor, warn: bool = True):
+    """The pruner of ``cfg.method``: S2HPruner (default) or STPPruner."""
+    if cfg.method == "stp":
+        from .stp import STPPruner
+
+        return STPPruner(model, (example,), cfg.target_flops, divisor=cfg.divisor,
+                         trials=cfg.stp_trials, width_step=cfg.stp_width_step,
+                         commits_per_round=cfg.stp_commits_per_round, seed=cfg.seed, warn=warn)
+    if cfg.method != "s2h":
+        raise ValueError(f"method must be 's2h' or 'stp', got {cfg.method!r}")
+    return S2HPruner(model, (example,), cfg.target_flops, divisor=cfg.divisor, tau=cfg.tau,
+                     alpha=cfg.alpha, lam=cfg.lam, variant=cfg.variant, warn=warn)
 
 
 def _make_optimizer(cfg: PruneConfig, weights, gates=None):
@@ -365,13 +383,14 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
     init_state = copy.deepcopy(model.state_dict())  # the dense reference starts from here
     size = info.image_size
     example = torch.randn(2, info.in_chans, size, size, device=device)
-    pruner = S2HPruner(model, (example,), cfg.target_flops, divisor=cfg.divisor, tau=cfg.tau,
-                       alpha=cfg.alpha, lam=cfg.lam, variant=cfg.variant, warn=main)
+    pruner = build_pruner(cfg, model, example, warn=main)
     if main:
         _log(f"s2h prune: {cfg.model} on {cfg.dataset} ({info.num_classes} classes, "
              f"{info.in_chans}x{size}x{size}), target {cfg.target_flops:.2f} of "
              f"{pruner.dense_flops / example.shape[0] / 1e6:.1f} MFLOPs/image, "
-             f"{len(pruner.groups)} prunable groups, variant {cfg.variant}, device {device}"
+             f"{len(pruner.groups)} prunable groups, "
+             + (f"variant {cfg.variant}" if cfg.method == "s2h" else "method stp")
+             + f", device {device}"
              + (f", {world} processes x batch {rank_batch}" if dist_info.enabled else ""))
     opt = _make_optimizer(cfg, pruner.weight_parameters(), pruner.gate_parameters())
     total_steps = cfg.epochs * steps_per_epoch
@@ -491,8 +510,11 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
                     tb.add_scalar("test/hard_acc", hard_acc, row["step"])
                     tb.add_scalar("test/hard_flops_ratio", row["hard_flops_ratio"], row["step"])
                 _log(f"epoch {epoch + 1}/{cfg.epochs}  loss {avg.get('loss', float('nan')):.3f} "
-                     f"(perf {avg.get('perf', 0):.3f} gap {avg.get('gap_weights', 0):.4f} "
-                     f"res {avg.get('resource', 0):.4f})  test acc soft {soft_acc:.2f}% "
+                     + (f"(perf {avg.get('perf', 0):.3f} kd {avg.get('kd', 0):.4f})  "
+                        if cfg.method == "stp" else
+                        f"(perf {avg.get('perf', 0):.3f} gap {avg.get('gap_weights', 0):.4f} "
+                        f"res {avg.get('resource', 0):.4f})  ")
+                     + f"test acc soft {soft_acc:.2f}% "
                      f"hard {hard_acc:.2f}%  hard FLOPs {row['hard_flops_ratio']:.3f}  "
                      f"{row['seconds']:.0f}s")
             save_checkpoint(epoch + 1, 0)
@@ -601,7 +623,8 @@ def format_table(summary: dict) -> str:
 
     lines = [
         "",
-        f"{'':28s}{'dense':>12s}{'exported (S2H)':>18s}{'ratio':>9s}",
+        f"{'':28s}{'dense':>12s}"
+        f"{'exported (' + summary['config'].get('method', 's2h').upper() + ')':>18s}{'ratio':>9s}",
         f"{'test accuracy (%)':28s}{acc(d['accuracy']):>12s}{acc(e['accuracy']):>18s}",
         f"{'MFLOPs / image':28s}{d['flops'] / 1e6:12.2f}{e['flops'] / 1e6:18.2f}"
         f"{e['flops'] / d['flops']:9.3f}",

@@ -155,3 +155,25 @@ def test_faster_exploration_options():
     assert p.base.width("stem.0") == 16
     with pytest.raises(ValueError, match=">= 1"):
         _pruner(trials=0)
+
+
+def test_cli_prune_method_stp_and_export(tmp_path, capsys):
+    from s2h.cli import main
+
+    out = tmp_path / "run"
+    args = ["prune", "--method", "stp", "--dataset", "synthetic", "--batch-size", "16",
+            "--steps-per-epoch", "6", "--epochs", "2", "--target-flops", "0.9",
+            "--stp-trials", "1", "--stp-width-step", "2", "--eval-batches", "1", "--no-progress",
+            "--no-dense-baseline", "--no-latency", "--no-plots", "--out", str(out)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "method stp" in text and "kd" in text and "exported == hard network: True" in text
+    assert main(["export", str(out / "checkpoint.pt"), "--out", str(tmp_path / "e")]) == 0
+    import s2h
+
+    a = s2h.load_exported(str(out / "exported"))
+    b = s2h.load_exported(str(tmp_path / "e"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert a(x).shape == b(x).shape == (2, 10)
+    assert sum(p.numel() for p in a.parameters()) == sum(p.numel() for p in b.parameters())
