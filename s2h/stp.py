@@ -374,7 +374,12 @@ class STPPruner:
                 "base_widths": dict(self.base.widths), "dropped": sorted(self.base.dropped),
                 "explore_done": self.explore_done, "step_count": self.step_count,
                 "commits": list(self.commits), "groups": self.core.group_channels(),
-                "blocks": dict(self.blocks)}
+                "blocks": dict(self.blocks),
+                # the exploration round in progress, so a resumed run continues it exactly
+                "round": [list(c) for c in self._round],
+                "scores": [[k, n, list(v)] for (k, n), v in self._scores.items()],
+                "cursor": self._cursor, "rng": _rng_state(self.rng),
+                "core": self.core.state_dict()}  # the importance orders of the groups
 
     def load_state_dict(self, state: dict) -> None:
         if not isinstance(state, dict) or state.get("format") != "s2h-stp":
@@ -383,10 +388,16 @@ class STPPruner:
             raise ValueError("STP state does not match this model's groups")
         self.base = Arch(tuple((g, int(state["base_widths"][g])) for g, _ in self.full.widths),
                          frozenset(state["dropped"]))
+        if "core" in state:
+            self.core.load_state_dict(state["core"])
         self.explore_done = bool(state["explore_done"])
         self.step_count = int(state["step_count"])
         self.commits = list(state["commits"])
-        self._round, self._scores, self._cursor = [], {}, 0
+        self._round = [tuple(c) for c in state.get("round", [])]
+        self._scores = {(k, n): list(v) for k, n, v in state.get("scores", [])}
+        self._cursor = int(state.get("cursor", 0))
+        if state.get("rng") is not None:
+            self.rng.setstate(_rng_from_state(state["rng"]))
 
     def summary(self) -> str:
         lines = [f"STPPruner: {len(self.core.groups)} width groups, {len(self.blocks)} droppable "
@@ -401,3 +412,13 @@ class STPPruner:
 
 def _identity(x, *args, **kwargs):
     return x
+
+
+def _rng_state(rng: random.Random) -> list:
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def _rng_from_state(state) -> tuple:
+    version, internal, gauss = state
+    return (int(version), tuple(int(v) for v in internal), gauss)

@@ -177,3 +177,31 @@ def test_cli_prune_method_stp_and_export(tmp_path, capsys):
     with torch.no_grad():
         assert a(x).shape == b(x).shape == (2, 10)
     assert sum(p.numel() for p in a.parameters()) == sum(p.numel() for p in b.parameters())
+
+
+def test_resume_mid_round_continues_the_exploration_exactly(tmp_path):
+    """Two pruners on identical models; one is saved mid-round and restored into a third."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
+    models = [TinyResNet() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    a = STPPruner(models[0], x[:2], 0.6, divisor=4, trials=1, expand_prob=0.5)
+    b = STPPruner(models[1], x[:2], 0.6, divisor=4, trials=1, expand_prob=0.5)
+    oa = torch.optim.SGD(a.weight_parameters(), lr=0.01)
+    ob = torch.optim.SGD(b.weight_parameters(), lr=0.01)
+    for _ in range(5):  # mid-way through the first round
+        a.train_step(x, y, oa)
+        b.train_step(x, y, ob)
+    path = tmp_path / "stp.pt"
+    torch.save({"model": models[1].state_dict(), "stp": b.state_dict()}, path)
+    ck = torch.load(path, weights_only=True)
+    m3 = TinyResNet()
+    c = STPPruner(m3, x[:2], 0.6, divisor=4, trials=1, expand_prob=0.5)
+    m3.load_state_dict(ck["model"])
+    c.load_state_dict(ck["stp"])
+    oc = torch.optim.SGD(c.weight_parameters(), lr=0.01)
+    for _ in range(40):
+        a.train_step(x, y, oa)
+        c.train_step(x, y, oc)
+    assert a.commits and [d["name"] for d in a.commits] == [d["name"] for d in c.commits]
+    assert a.base == c.base
