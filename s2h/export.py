@@ -252,8 +252,11 @@ def save_exported(model: nn.Module, directory: str, builder: dict | None = None)
         owner = name.rpartition(".")[0]
         if owner not in in_layers and sum(s > 1 for s in p.shape) == 1:
             channel_params.append(name)
+    # blocks removed by depth pruning (STP) are nn.Identity: the rebuilt model drops them too
+    identities = [name for name, m in model.named_modules() if type(m) is nn.Identity and name]
     arch = {"format": FORMAT, "version": VERSION, "builder": builder, "layers": layers,
-            "resized": resized, "channel_params": channel_params, "torch": torch.__version__}
+            "resized": resized, "channel_params": channel_params, "identities": identities,
+            "torch": torch.__version__}
     os.makedirs(directory, exist_ok=True)
     tensors = {k: v.detach().contiguous().clone().cpu() for k, v in model.state_dict().items()}
     tmp_w = os.path.join(directory, "model.safetensors.tmp")
@@ -284,6 +287,15 @@ def load_exported(directory: str, model_fn: Callable[[], nn.Module] | None = Non
     if arch.get("format") != FORMAT:
         raise ValueError(f"{arch_path} is not an s2h export (format={arch.get('format')!r})")
     model = model_fn() if model_fn is not None else _build_from(arch["builder"])
+    for name in arch.get("identities", []):
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"bad module name {name!r} in architecture.json")
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if not hasattr(parent, attr):
+            raise ValueError(f"architecture.json names module {name!r}, which the rebuilt model "
+                             "does not have (another model version?)")
+        setattr(parent, attr, nn.Identity())
     for name, spec in arch.get("layers", {}).items():
         new = build_layer(spec)
         parent_name, _, attr = name.rpartition(".")

@@ -93,6 +93,23 @@ def test_export_equals_the_chosen_subnetwork_with_widths_and_depth():
     assert exported.stage[0].conv1.in_channels == 12
 
 
+def test_save_and_load_an_export_with_dropped_blocks(tmp_path):
+    import s2h
+    from s2h import models
+
+    torch.manual_seed(0)
+    model = models.create_model("resnet20", num_classes=10, in_chans=1)
+    x = torch.randn(2, 1, 28, 28)
+    p = STPPruner(model, x, 0.6)
+    p.base = p.full.with_dropped("layer2.1").with_dropped("layer3.2")
+    exported = p.export()
+    d = s2h.save_exported(exported, str(tmp_path / "m"))
+    loaded = s2h.load_exported(d)
+    assert isinstance(loaded.layer2[1], nn.Identity) and isinstance(loaded.layer3[2], nn.Identity)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), exported(x))
+
+
 def test_depth_removal_is_exact():
     model, p, x = _pruner()
     reference = copy.deepcopy(model)  # masked layers drop their gates: a dense copy
