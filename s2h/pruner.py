@@ -53,6 +53,23 @@ class NonFiniteLossError(FloatingPointError):
 VARIANTS = ("s2h", "no_gap", "coupled_gap", "direct_hard")
 
 
+def optimizer_step(model: nn.Module, optimizer, scaler=None, max_grad_norm=None,
+                   grad_hook=None) -> None:
+    """After the backward passes: ``grad_hook()`` (e.g. data-parallel gradient averaging), clip
+    the model's gradients (unscaled first under a GradScaler), then the (scaled) optimizer step."""
+    if grad_hook is not None:
+        grad_hook()
+    if max_grad_norm is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()), max_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
 def _as_tuple(inputs) -> tuple:
     return inputs if isinstance(inputs, tuple) else (inputs,)
 
@@ -445,12 +462,7 @@ class S2HPruner:
 
             self.runtime.prepare(self.gates.values(), self._device())
             return dual.dual_forward(self.model, list(self._masked.values()), inputs)
-        self.runtime.prepare(self.gates.values(), self._device())
-        with self.runtime.use("soft"):
-            soft = self.model(*inputs)
-        with self.runtime.use("hard"):
-            hard = self.model(*inputs)
-        return soft, hard
+        return self._two_pass(inputs)
 
     def hard_forward(self, inputs):
         inputs = _as_tuple(inputs)
@@ -566,17 +578,7 @@ class S2HPruner:
             if not torch.isfinite(v):
                 raise NonFiniteLossError(key, float(v))
         self.backward(terms, scaler)
-        if grad_hook is not None:
-            grad_hook()
-        if max_grad_norm is not None:
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(list(self.model.parameters()), max_grad_norm)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        optimizer_step(self.model, optimizer, scaler, max_grad_norm, grad_hook)
         with torch.no_grad():  # softmax is shift-invariant: keep logits centred
             for g in self.gate_parameters():
                 g.sub_(g.mean())

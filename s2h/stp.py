@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .pruner import NonFiniteLossError, S2HPruner, _as_tuple, _set_submodule
+from .pruner import NonFiniteLossError, S2HPruner, _as_tuple, _set_submodule, optimizer_step
 
 __all__ = ["Arch", "STPPruner"]
 
@@ -306,17 +306,7 @@ class STPPruner:
             if not torch.isfinite(v):
                 raise NonFiniteLossError(key, float(v))
         (scaler.scale(loss) if scaler is not None else loss).backward()
-        if grad_hook is not None:  # e.g. the gradient averaging of data-parallel training
-            grad_hook()
-        if max_grad_norm is not None:
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(list(self.model.parameters()), max_grad_norm)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        optimizer_step(self.model, optimizer, scaler, max_grad_norm, grad_hook)
         self.step_count += 1
         self._record(float(kd.detach()))
         with torch.no_grad():
