@@ -102,7 +102,7 @@ def check(name: str, size: int, kw: dict) -> dict:
         frozen = [str(w.message) for w in caught if "left unpruned" in str(w.message)]
         n_all = sum(1 for g in pruner.analysis.groups if g.producers)
         row["groups"] = f"{len(pruner.groups)}/{n_all}"
-        prunable = sum(f for f, gates in pruner._flop_terms if gates)
+        prunable = sum(f for _, f, gates in pruner._flop_terms if gates)
         row["flops"] = f"{100 * prunable / pruner.dense_flops:.0f}%"
         if frozen:
             row["note"] += (f"{len(frozen)} kept whole, e.g. "

@@ -294,7 +294,7 @@ class S2HPruner:
         # (dense_flops, gates): the term scales with width/channels of each gate (METHOD §4:
         # a conv with its input and output groups, a depthwise conv with its one group, the
         # attention matmuls with the kept heads)
-        self._flop_terms: list[tuple[int, tuple[ChannelGate, ...]]] = []
+        self._flop_terms: list[tuple[str, int, tuple[ChannelGate, ...]]] = []  # (layer, ...)
         prunable_total = 0
         for name, rec in an.layers.items():
             if rec.dense_flops == 0 or rec.kind == "fixed":
@@ -304,7 +304,7 @@ class S2HPruner:
             for flops, roles in rec.flop_parts:
                 gates = tuple(g for g in (self._gate_of_group_index(by_role.get(r))
                                           for r in roles) if g is not None)
-                self._flop_terms.append((flops, gates))
+                self._flop_terms.append((name, flops, gates))
                 prunable_total += flops
         self.dense_flops = an.total_flops
         self._const_flops = an.total_flops - prunable_total
@@ -332,9 +332,13 @@ class S2HPruner:
         return self
 
     # ------------------------------------------------------------------ widths and FLOPs
-    def _ratio(self, width_of: Callable[[ChannelGate], object]):
+    def _ratio(self, width_of: Callable[[ChannelGate], object], skip=frozenset()):
+        """FLOPs over dense with each gate at ``width_of(gate)``; layers in ``skip`` do not run
+        (STP's dropped blocks)."""
         total = self._const_flops
-        for flops, gates in self._flop_terms:
+        for name, flops, gates in self._flop_terms:
+            if name in skip:
+                continue
             f = 1.0
             for gate in gates:
                 f = f * (width_of(gate) / gate.channels)
@@ -566,10 +570,7 @@ class S2HPruner:
         self.model.train()
         optimizer.zero_grad(set_to_none=True)
         if self.variant == "direct_hard":  # no soft network at all
-            self.runtime.prepare(self.gates.values(), self._device())
-            with self.runtime.use("hard"):
-                hard = self.model(*_as_tuple(inputs))
-            soft = hard
+            soft = hard = self.hard_forward(inputs)
         else:
             soft, hard = self.dual_forward(inputs)
         terms = self.losses(soft, hard, targets, loss_fn)

@@ -147,31 +147,14 @@ class STPPruner:
     def ratio(self, arch: Arch) -> float:
         """FLOPs of sub-network ``arch`` over the dense model (as its export counts them)."""
         an = self.core.analysis
-        widths = dict(arch.widths)
-        gate_width = {id(self._gate_of[g]): w for g, w in widths.items()}
+        width = {id(self._gate_of[g]): w for g, w in arch.widths}
         dropped_layers = {n for b in arch.dropped for n in self._block_layers[b]}
-        total = self.core._const_flops
-        for name, rec in an.layers.items():
-            if rec.dense_flops == 0 or rec.kind == "fixed" or name in dropped_layers:
-                continue  # fixed layers are in the constant; dropped ones do not run
-            in_gate = self.core._gate_of_group_index(an.layer_in_group.get(name))
-            out_gate = self.core._gate_of_group_index(an.layer_out_group.get(name))
-            f = 1.0
-            if rec.kind == "depthwise":
-                if in_gate is not None:
-                    f = gate_width[id(in_gate)] / in_gate.channels
-            else:
-                if in_gate is not None:
-                    f *= gate_width[id(in_gate)] / in_gate.channels
-                if out_gate is not None:
-                    f *= gate_width[id(out_gate)] / out_gate.channels
-            total += rec.dense_flops * f
-        # fixed layers inside dropped blocks are not run either
-        for name in dropped_layers:
-            rec = an.layers[name]
-            if rec.kind == "fixed":
-                total -= rec.dense_flops
-        return total / self.core.dense_flops
+        ratio = self.core._ratio(lambda gate: width[id(gate)], skip=dropped_layers)
+        # fixed (unprunable) layers are in the pruner's constant term; inside a dropped block
+        # they do not run either
+        fixed = sum(an.layers[n].dense_flops for n in dropped_layers
+                    if an.layers[n].kind == "fixed")
+        return ratio - fixed / self.core.dense_flops
 
     def candidates(self, arch: Arch) -> list[tuple[str, str]]:
         """One-step-smaller neighbours of ``arch``: ("width", group) and ("depth", block)."""
