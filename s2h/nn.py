@@ -185,6 +185,14 @@ class _MaskedMixin:
     def _mode(self) -> str:
         return "dense" if self._s2h is None else self._s2h.runtime.mode
 
+    def kept_weight_bias(self, in_keep, out_keep):
+        """``W[out_keep][:, in_keep]`` and ``bias[out_keep]`` (``None`` keeps every channel)."""
+        weight = _gather_weight(self.weight, out_keep, in_keep)
+        bias = self.bias
+        if bias is not None and out_keep is not None:
+            bias = _gather(bias, out_keep, 0)
+        return weight, bias
+
     def _check_width(self, x: torch.Tensor, dim: int, expected: int, what: str) -> None:
         if x.shape[dim] != expected:
             name = self._s2h.name if self._s2h is not None else type(self).__name__
@@ -257,12 +265,9 @@ class MaskedConv2d(_MaskedMixin, nn.Conv2d):
             weight = _gather(self.weight, keep, 0)
             bias = None if self.bias is None else _gather(self.bias, keep, 0)
             return self._conv(x, weight, bias, keep.numel())
-        out_keep = None if out_state is None else out_state.keep
-        in_keep = None if in_state is None else in_state.keep
-        weight = _gather_weight(self.weight, out_keep, in_keep)
-        bias = self.bias
-        if bias is not None and out_keep is not None:
-            bias = _gather(bias, out_keep, 0)
+        weight, bias = self.kept_weight_bias(
+            None if in_state is None else in_state.keep, None if out_state is None else out_state.keep
+        )
         return self._conv(x, weight, bias, self.groups)
 
 
@@ -287,12 +292,9 @@ class MaskedLinear(_MaskedMixin, nn.Linear):
         if in_state is not None:
             self._check_width(x, -1, in_state.keep.numel(), "input")
             x = x * in_state.hard_mask.to(x.dtype)
-        out_keep = None if out_state is None else out_state.keep
-        in_keep = None if in_state is None else in_state.keep
-        weight = _gather_weight(self.weight, out_keep, in_keep)
-        bias = self.bias
-        if bias is not None and out_keep is not None:
-            bias = _gather(bias, out_keep, 0)
+        weight, bias = self.kept_weight_bias(
+            None if in_state is None else in_state.keep, None if out_state is None else out_state.keep
+        )
         return F.linear(x, weight, bias)
 
 

@@ -724,7 +724,7 @@ def _plain_layer(m: nn.Module, in_keep, out_keep, extra=None) -> nn.Module:
     Masked versions of other libraries' layers (timm's) export themselves as a smaller instance
     of their own class (``s2h_export``); ``extra`` holds the kept index of their inner groups.
     """
-    from ._dispatch import gather_channels, gather_weight
+    from ._dispatch import gather_channels
 
     if hasattr(m, "s2h_export"):
         return m.s2h_export(in_keep, out_keep, dict(extra or {})).train(m.training)
@@ -742,8 +742,7 @@ def _plain_layer(m: nn.Module, in_keep, out_keep, extra=None) -> nn.Module:
             cout = m.out_channels if out_keep is None else out_keep.numel()
             new = nn.Conv2d(cin, cout, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
                             m.bias is not None, m.padding_mode, device=dev, dtype=dt)
-            w = gather_weight(m.weight, out_keep, in_keep)
-            b = m.bias if (m.bias is None or out_keep is None) else gather_channels(m.bias, out_keep, 0)
+            w, b = m.kept_weight_bias(in_keep, out_keep)
         new.weight.copy_(w)
         if b is not None:
             new.bias.copy_(b)
@@ -753,9 +752,10 @@ def _plain_layer(m: nn.Module, in_keep, out_keep, extra=None) -> nn.Module:
         cin = m.in_features if in_keep is None else in_keep.numel()
         cout = m.out_features if out_keep is None else out_keep.numel()
         new = nn.Linear(cin, cout, m.bias is not None, device=dev, dtype=dt)
-        new.weight.copy_(gather_weight(m.weight, out_keep, in_keep))
-        if m.bias is not None:
-            new.bias.copy_(m.bias if out_keep is None else gather_channels(m.bias, out_keep, 0))
+        w, b = m.kept_weight_bias(in_keep, out_keep)
+        new.weight.copy_(w)
+        if b is not None:
+            new.bias.copy_(b)
         return new.train(m.training)
     if isinstance(m, MaskedBatchNorm2d):
         keep = out_keep
