@@ -29,6 +29,10 @@ USE_TRITON_OP: bool = hasattr(torch.library, "triton_op") and not INTERPRET
 # written by exactly one tile whatever config autotuning picks (and re-running a config while
 # benchmarking rewrites the same rows: no stale partials).
 PARTIAL_ROWS: int = 64
+# The same value as seen from ``@triton.jit`` code: the compiler only lets kernels read globals
+# that are ``tl.constexpr`` objects (a plain int compiles under the interpreter only, and fails
+# on a GPU with "Cannot access global variable PARTIAL_ROWS from within @jit'ed function").
+PARTIAL_ROWS_C: tl.constexpr = tl.constexpr(PARTIAL_ROWS)
 
 
 def _config(bm: int, bn: int, bk: int, *, warps: int, stages: int) -> triton.Config:

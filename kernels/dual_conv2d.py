@@ -44,6 +44,7 @@ import triton.language as tl
 from ._common import (
     INTERPRET,
     PARTIAL_ROWS,
+    PARTIAL_ROWS_C,
     depthwise_configs,
     dot_precision,
     gemm_configs,
@@ -221,7 +222,7 @@ def _conv_dgrad_tile(
         x = tl.load(x_ptr + x_rows[:, None] + offs_c[None, :] * sxc, mask=ok, other=0.0)
         store_partial_column_sums(
             dmask_part_ptr, acc * x.to(tl.float32), pid_m, M, C, offs_c, c_ok,
-            BLOCK_M, BLOCK_N, PARTIAL_ROWS,
+            BLOCK_M, BLOCK_N, PARTIAL_ROWS_C,
         )  # fmt: skip
 
 
@@ -519,7 +520,7 @@ def _dw_dgrad_tile(
         x = tl.load(x_ptr + x_rows[:, None] + offs_c[None, :] * sxc, mask=ok, other=0.0)
         store_partial_column_sums(
             dmask_part_ptr, acc * x.to(tl.float32), pid_m, M, C, offs_c, c_ok,
-            BLOCK_M, BLOCK_C, PARTIAL_ROWS,
+            BLOCK_M, BLOCK_C, PARTIAL_ROWS_C,
         )  # fmt: skip
 
 

@@ -40,6 +40,7 @@ import triton.language as tl
 from ._common import (
     INTERPRET,
     PARTIAL_ROWS,
+    PARTIAL_ROWS_C,
     dot_precision,
     gemm_configs,
     grouped_tile_coords,
@@ -170,7 +171,7 @@ def _dgrad_tile(
         x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
         x = tl.load(x_ptrs, mask=ok, other=0.0).to(tl.float32)
         store_partial_column_sums(
-            dmask_part_ptr, acc * x, pid_m, M, K, offs_k, k_ok, BLOCK_M, BLOCK_N, PARTIAL_ROWS
+            dmask_part_ptr, acc * x, pid_m, M, K, offs_k, k_ok, BLOCK_M, BLOCK_N, PARTIAL_ROWS_C
         )
 
 
