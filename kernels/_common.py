@@ -152,6 +152,34 @@ def register_op(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., 
     return deco
 
 
+def needed_input_grads(ctx: Any, inputs: tuple) -> tuple[bool, ...]:
+    """``ctx.needs_input_grad`` narrowed to the gradients this backward pass will use.
+
+    ``inputs`` are the op's leading tensor inputs as seen in backward (the saved tensors).
+    ``needs_input_grad`` is fixed at forward time; a backward restricted with ``inputs=``
+    (the gate-only backward of the mask-side gap term, METHOD section 4) does not use the
+    weight gradient, and autograd would compute and drop it. The engine knows which nodes it
+    will run in the current pass: a gradient whose node will not run is not computed. Outside
+    the engine (e.g. a backward traced by torch.compile) this falls back to
+    ``needs_input_grad``.
+    """
+    from torch.autograd.graph import get_gradient_edge
+
+    need = tuple(ctx.needs_input_grad)
+    try:
+        with torch.enable_grad():  # the edge of a leaf is found through a recorded view
+            return tuple(
+                bool(n) and (
+                    i >= len(inputs) or not isinstance(inputs[i], torch.Tensor)
+                    or not inputs[i].requires_grad
+                    or torch._C._will_engine_execute_node(get_gradient_edge(inputs[i]).node)
+                )
+                for i, n in enumerate(need)
+            )  # fmt: skip
+    except (RuntimeError, AttributeError, AssertionError):  # not inside the autograd engine
+        return need
+
+
 def empty_grad(like: torch.Tensor) -> torch.Tensor:
     """Placeholder for a gradient that was not requested (op schemas cannot return None)."""
     return like.new_empty((0,))

@@ -50,6 +50,7 @@ from ._common import (
     gemm_configs,
     grouped_tile_coords,
     launcher,
+    needed_input_grads,
     num_programs_target,
     register_op,
     store_partial_column_sums,
@@ -1004,13 +1005,16 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.geometry = (list(stride), list(padding), list(dilation), groups)
     ctx.has_bias = bias is not None
     ctx.weight_grad = weight_grad
+    ctx.bias = bias  # a leaf input: needed_input_grads asks whether its gradient is used
     # Unused outputs (the hard one in the gate-only gap backward) arrive as None: skipped.
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_soft: Optional[torch.Tensor], grad_hard: Optional[torch.Tensor]):
     x_soft, x_hard, weight, soft_in_mask, hard_in_mask, in_keep, out_keep = ctx.saved_tensors
-    need = ctx.needs_input_grad
+    need = needed_input_grads(
+        ctx, (x_soft, x_hard, weight, ctx.bias, soft_in_mask, hard_in_mask)
+    )
     soft, hard = grad_soft is not None, grad_hard is not None
     dxs = dxh = dms = dmh = dw = db = None
     if (soft and (need[0] or need[4])) or (hard and (need[1] or need[5])):

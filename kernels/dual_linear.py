@@ -45,6 +45,7 @@ from ._common import (
     gemm_configs,
     grouped_tile_coords,
     launcher,
+    needed_input_grads,
     num_programs_target,
     register_op,
     store_partial_column_sums,
@@ -534,6 +535,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(x_soft, x_hard, weight, soft_in_mask, hard_in_mask, in_keep, out_keep)
     ctx.has_bias = bias is not None
     ctx.weight_grad = weight_grad
+    ctx.bias = bias  # a leaf input: needed_input_grads asks whether its gradient is used
     # An unused output (e.g. the hard output in the gate-only gap backward) then arrives as
     # None and its tiles are skipped instead of multiplying zeros.
     ctx.set_materialize_grads(False)
@@ -541,7 +543,9 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_soft: Optional[torch.Tensor], grad_hard: Optional[torch.Tensor]):
     x_soft, x_hard, weight, soft_in_mask, hard_in_mask, in_keep, out_keep = ctx.saved_tensors
-    need = ctx.needs_input_grad
+    need = needed_input_grads(
+        ctx, (x_soft, x_hard, weight, ctx.bias, soft_in_mask, hard_in_mask)
+    )
     soft, hard = grad_soft is not None, grad_hard is not None
     dxs = dxh = dms = dmh = dw = db = None
     if (soft and (need[0] or need[4])) or (hard and (need[1] or need[5])):
