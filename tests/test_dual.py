@@ -190,3 +190,44 @@ def test_gate_only_backward_launches_no_weight_gradient_kernel(monkeypatch):
     (lb["perf"] + lb["gap_weights"]).backward()
     for pa, pb in zip(fused.weight_parameters(), ref.weight_parameters(), strict=True):
         assert torch.allclose(pa.grad, pb.grad, atol=1e-4, rtol=1e-3)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward scales the gradient (a wrong kernel backward)."""
+
+    @staticmethod
+    def forward(ctx, t, factor):
+        ctx.factor = factor
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.factor is None:
+            raise RuntimeError("CompilationError in _dual_linear_dgrad_kernel (simulated)")
+        return g * ctx.factor, None
+
+
+@pytest.mark.parametrize("factor", [1.01, None])
+def test_lockstep_self_check_covers_the_backward(monkeypatch, factor):
+    """A fused op whose forward is right but whose backward is wrong (or raises, as a kernel
+    that fails to compile would) must not be trusted: the self-check runs the backward too and
+    names what failed. Before it did, only the forward (under no_grad) was compared."""
+    from s2h import functional
+
+    real = functional.dual_linear
+
+    def broken(x_soft, x_hard, weight, *args, **kwargs):
+        return real(x_soft, x_hard, _ScaleGrad.apply(weight, factor), *args, **kwargs)
+
+    monkeypatch.setattr(functional, "dual_linear", broken)
+    model, x = _case("mlp")
+    with pytest.raises(ValueError) as info:
+        s2h.S2HPruner(model, x[:2], 0.5, divisor=4, fused=True)
+    msg = str(info.value)
+    if factor is None:
+        assert "_dual_linear_dgrad_kernel" in msg
+    else:
+        assert "gradient of" in msg and "weight" in msg and "backward" in msg
+    monkeypatch.setattr(functional, "dual_linear", real)
+    model, x = _case("mlp")
+    assert s2h.S2HPruner(model, x[:2], 0.5, divisor=4, fused=True).lockstep
