@@ -87,6 +87,21 @@ def depthwise_configs() -> list[triton.Config]:
     ]
 
 
+def tune_key(*sizes: int) -> int:
+    """The autotune key of a launch: every size rounded up to a power of two, packed in one int.
+
+    Autotuning keyed on the exact sizes re-benchmarks every config whenever a kept width
+    changes during training (every layer, every width step). Keyed on power-of-two buckets, a
+    kernel is tuned at most once per bucket; the config chosen there is near-best for the
+    neighbouring widths too. (The kernels still specialise on a size's divisibility by 16,
+    so a compile, not a re-tune, may follow a width change.)
+    """
+    code = 0
+    for size in sizes:
+        code = (code << 6) | (max(int(size), 1) - 1).bit_length()
+    return code
+
+
 def dot_precision(dtype: torch.dtype, kind: str) -> str:
     """``input_precision`` for ``tl.dot``, following torch's own TF32 switches for fp32.
 

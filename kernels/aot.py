@@ -163,9 +163,13 @@ def kernel_stats(compiled: Any) -> KernelStats:
     ptx: str = compiled.asm["ptx"]
     arch = int(compiled.metadata.target.arch)
     regs, spills = _ptxas_usage(ptx, arch)
-    count = lambda pattern: len(re.findall(pattern, ptx))  # noqa: E731
-    cp_async_16 = count(r"\bcp\.async\.c[ag]\.shared\.global(?:\.\w+)* \[[^]]+\], \[[^]]+\], 0x10\b")
-    cp_async_2 = count(r"\bcp\.async\.c[ag]\.shared\.global(?:\.\w+)* \[[^]]+\], \[[^]]+\], 0x[12]\b")
+
+    def count(pattern: str) -> int:
+        return len(re.findall(pattern, ptx))
+
+    cp_async = r"\bcp\.async\.c[ag]\.shared\.global(?:\.\w+)* \[[^]]+\], \[[^]]+\], "
+    cp_async_16 = count(cp_async + r"0x10\b")
+    cp_async_2 = count(cp_async + r"0x[12]\b")
     return KernelStats(
         registers=regs,
         spill_bytes=spills,

@@ -31,11 +31,13 @@ computed compact and scattered into ``dW[o][:, i]`` by an index-add.
 # torch.library infers op schemas from typing.Optional (the GPU host's torch 2.11 included);
 # keep it rather than `X | None`.
 # ruff: noqa: UP045
+import math
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from torch.utils.flop_counter import register_flop_formula
 
 from ._common import (
     INTERPRET,
@@ -49,6 +51,7 @@ from ._common import (
     num_programs_target,
     register_op,
     store_partial_column_sums,
+    tune_key,
     upcast_dot,
     wgrad_configs,
 )
@@ -102,14 +105,15 @@ def _fwd_tile(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.autotune(configs=gemm_configs(), key=["M_s", "M_h", "N", "K", "N_h", "K_h"])
-@triton.jit
+@triton.autotune(configs=gemm_configs(), key=["TUNE_KEY"])
+@triton.jit(do_not_specialize=["TUNE_KEY"])
 def _dual_linear_fwd_kernel(
     xs_ptr, xh_ptr, w_ptr, wh_ptr, b_ptr, out_keep_ptr, ms_ptr, mh_ptr, ys_ptr, yh_ptr,
     M_s, M_h, N, K, N_h, K_h,
     stride_xs_m, stride_xs_k, stride_xh_m, stride_xh_k,
     stride_w_n, stride_w_k, stride_wh_n, stride_wh_k,
     stride_ys_m, stride_ys_n, stride_yh_m, stride_yh_n,
+    TUNE_KEY,
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -176,8 +180,8 @@ def _dgrad_tile(
         )
 
 
-@triton.autotune(configs=gemm_configs(), key=["M_s", "M_h", "N", "K", "N_h", "K_h"])
-@triton.jit
+@triton.autotune(configs=gemm_configs(), key=["TUNE_KEY"])
+@triton.jit(do_not_specialize=["TUNE_KEY"])
 def _dual_linear_dgrad_kernel(
     dys_ptr, dyh_ptr, w_ptr, wh_ptr, xs_ptr, xh_ptr, ms_ptr, mh_ptr,
     dxs_ptr, dxh_ptr, dms_part_ptr, dmh_part_ptr,
@@ -185,6 +189,7 @@ def _dual_linear_dgrad_kernel(
     stride_dys_m, stride_dys_n, stride_dyh_m, stride_dyh_n,
     stride_w_n, stride_w_k, stride_wh_n, stride_wh_k,
     stride_xs_m, stride_xs_k, stride_xh_m, stride_xh_k,
+    TUNE_KEY,
     NEED_DX_S: tl.constexpr, NEED_DM_S: tl.constexpr,
     NEED_DX_H: tl.constexpr, NEED_DM_H: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -264,14 +269,15 @@ def _wgrad_tile(
             tl.store(db_part_ptr + split * N + offs_n, bias_acc, mask=n_ok)
 
 
-@triton.autotune(configs=wgrad_configs(), key=["M_s", "M_h", "N", "K", "N_h", "K_h", "SPLIT"])
-@triton.jit
+@triton.autotune(configs=wgrad_configs(), key=["TUNE_KEY"])
+@triton.jit(do_not_specialize=["TUNE_KEY"])
 def _dual_linear_wgrad_kernel(
     dys_ptr, dyh_ptr, xs_ptr, xh_ptr, ms_ptr, mh_ptr,
     dws_part_ptr, dwh_part_ptr, dbs_part_ptr, dbh_part_ptr,
     M_s, M_h, N, K, N_h, K_h, SPLIT, soft_on,
     stride_dys_m, stride_dys_n, stride_dyh_m, stride_dyh_n,
     stride_xs_m, stride_xs_k, stride_xh_m, stride_xh_k,
+    TUNE_KEY,
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -368,6 +374,7 @@ def dual_linear_op(
             ys.stride(0), ys.stride(1), yh.stride(0), yh.stride(1),
             HAS_BIAS=bias is not None, UPCAST=upcast_dot(weight.dtype),
             PRECISION=dot_precision(weight.dtype, "matmul"),
+            TUNE_KEY=tune_key(m_s, m_h, n_out, n_in, n_out_h, n_in_h),
         )  # fmt: skip
     return (
         ys.reshape(*x_soft.shape[:-1], n_out),
@@ -444,6 +451,7 @@ def dual_linear_dgrad_op(
             NEED_DX_S=need_x_soft, NEED_DM_S=need_soft_mask,
             NEED_DX_H=need_x_hard, NEED_DM_H=need_hard_mask,
             UPCAST=upcast_dot(weight.dtype), PRECISION=dot_precision(weight.dtype, "matmul"),
+            TUNE_KEY=tune_key(m_s, m_h, n_out, n_in, n_out_h, n_in_h),
         )  # fmt: skip
     return (
         dxs.reshape(x_soft.shape) if do_soft and need_x_soft else x_soft.new_empty((0,)),
@@ -511,6 +519,7 @@ def dual_linear_wgrad_op(
             xs.stride(0), xs.stride(1), xh.stride(0), xh.stride(1),
             HAS_BIAS=need_bias, UPCAST=upcast_dot(weight.dtype),
             PRECISION=dot_precision(weight.dtype, "matmul"),
+            TUNE_KEY=tune_key(m_s, m_h, n_out, n_in, n_out_h, n_in_h, split),
         )  # fmt: skip
     dw = dws_part.sum(0) if do_soft else torch.zeros((n_out, n_in), **f32)
     db = dbs_part.sum(0) if do_soft and need_bias else torch.zeros((n_out,), **f32)
@@ -521,6 +530,45 @@ def dual_linear_wgrad_op(
         if need_bias:
             db = db.index_put((out_keep,), dbh_part.sum(0), accumulate=True)
     return dw.to(weight.dtype), db.to(weight.dtype) if need_bias else weight.new_empty((0,))
+
+
+# --------------------------------------------------------------------------------------------
+# FLOP formulas (torch.utils.flop_counter): the matmul FLOPs each launch computes, 2*M*K*N per
+# path (the soft path on full widths, the hard one on the kept widths), counted like aten.mm
+# so that a fused step and a plain-PyTorch step are counted alike.
+# --------------------------------------------------------------------------------------------
+
+
+def _rows_of(shape) -> int:
+    return math.prod(shape[:-1]) if shape is not None else 0
+
+
+@register_flop_formula(torch.ops.s2h_kernels.dual_linear)
+def _fwd_flops(x_soft, x_hard, weight, bias, soft_in_mask, hard_in_mask, in_keep, out_keep,
+               weight_grad=True, *, out_shape=None, **kwargs) -> int:  # fmt: skip
+    n_out, n_in = weight
+    return 2 * _rows_of(x_soft) * n_in * n_out + 2 * _rows_of(x_hard) * in_keep[0] * out_keep[0]
+
+
+@register_flop_formula(torch.ops.s2h_kernels.dual_linear_dgrad)
+def _dgrad_flops(grad_soft, grad_hard, x_soft, x_hard, weight, soft_in_mask, hard_in_mask,
+                 in_keep, out_keep, need_x_soft, need_x_hard, need_soft_mask, need_hard_mask,
+                 *, out_shape=None, **kwargs) -> int:  # fmt: skip
+    n_out, n_in = weight
+    soft = grad_soft is not None and (need_x_soft or need_soft_mask)
+    hard = grad_hard is not None and (need_x_hard or need_hard_mask)
+    return (2 * _rows_of(x_soft) * n_in * n_out if soft else 0) + (
+        2 * _rows_of(x_hard) * in_keep[0] * out_keep[0] if hard else 0
+    )
+
+
+@register_flop_formula(torch.ops.s2h_kernels.dual_linear_wgrad)
+def _wgrad_flops(grad_soft, grad_hard, x_soft, x_hard, weight, soft_in_mask, hard_in_mask,
+                 in_keep, out_keep, need_bias, *, out_shape=None, **kwargs) -> int:  # fmt: skip
+    n_out, n_in = weight
+    return (2 * _rows_of(x_soft) * n_in * n_out if grad_soft is not None else 0) + (
+        2 * _rows_of(x_hard) * in_keep[0] * out_keep[0] if grad_hard is not None else 0
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -231,3 +231,41 @@ def test_lockstep_self_check_covers_the_backward(monkeypatch, factor):
     monkeypatch.setattr(functional, "dual_linear", real)
     model, x = _case("mlp")
     assert s2h.S2HPruner(model, x[:2], 0.5, divisor=4, fused=True).lockstep
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's interpreter")
+def test_fused_step_flops_are_counted_like_the_two_pass_step(monkeypatch):
+    """torch.utils.flop_counter sees the fused ops (FLOP formulas registered for
+    ``torch.ops.s2h_kernels.*``): a whole lockstep train_step counts the same matmul / conv
+    FLOPs as the plain-PyTorch two-pass step, which aten's own formulas count; and one
+    dual_linear forward counts 2*M*K*N + 2*M_h*K_h*N_h by hand."""
+    pytest.importorskip("triton")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 8), nn.ReLU(),
+                          nn.Linear(8, 4))
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(2, 3, 6, 6), torch.randint(0, 4, (2,))
+    ref = s2h.S2HPruner(twin, x, 0.5, divisor=4, fused=False)
+    monkeypatch.setenv("S2H_BACKEND", "triton")
+    fused = s2h.S2HPruner(model, x, 0.5, divisor=4, fused=True)
+    counts = []
+    for p in (fused, ref):
+        with torch.no_grad():
+            for g in p.gate_parameters():
+                g.copy_(torch.tensor([1.0, -1.0]))
+        opt = torch.optim.SGD([{"params": p.weight_parameters()},
+                               {"params": p.gate_parameters()}], lr=0.0)
+        with FlopCounterMode(display=False) as fc:
+            p.train_step(x, y, opt)
+        counts.append(fc.get_total_flops())
+    assert counts[0] == counts[1] > 0
+    xs, xh = torch.randn(5, 12), torch.randn(5, 8)
+    w = torch.randn(6, 12)
+    with FlopCounterMode(display=False) as fc:
+        torch.ops.s2h_kernels.dual_linear(xs, xh, w, None, torch.ones(12), torch.ones(8),
+                                          torch.arange(8), torch.arange(4), True)
+    assert fc.get_total_flops() == 2 * 5 * 12 * 6 + 2 * 5 * 8 * 4
