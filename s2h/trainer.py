@@ -24,8 +24,10 @@ import json
 import math
 import os
 import random
+import signal
 import statistics
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -98,8 +100,12 @@ def build_model(name: str, num_classes: int, in_chans: int) -> nn.Module:
         raise ValueError(f"unknown model {name!r}: not in s2h.models ({models.list_models()}) "
                          "and timm is not installed") from exc
     if not timm.is_model(name):
+        import difflib
+
+        close = difflib.get_close_matches(name, models.list_models() + timm.list_models(), n=3)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(f"unknown model {name!r}: not in s2h.models {models.list_models()} "
-                         "nor in timm.list_models()")
+                         f"nor in timm.list_models(){hint}")
     return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
 
 
@@ -354,6 +360,35 @@ def run_prune(cfg: PruneConfig) -> dict:
         _dist.shutdown(dist_info)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during training: the step under way was finished and a checkpoint
+    saved, from which ``--resume`` continues exactly."""
+
+    def __init__(self, checkpoint: str, step: int, epoch: int, batch: int):
+        super().__init__(checkpoint, step, epoch, batch)
+        self.checkpoint, self.step, self.epoch, self.batch = checkpoint, step, epoch, batch
+
+
+def _stop_on_sigint(enabled: bool):
+    """``(stop, restore)``: while installed, the first SIGINT only sets ``stop["signal"]``
+    (the loop finishes its step, saves a checkpoint and raises :class:`Interrupted`); a second
+    one raises KeyboardInterrupt at once. Not under torchrun (the ranks could stop at different
+    steps) nor outside the main thread: there SIGINT keeps its default behaviour."""
+    stop: dict = {"signal": None}
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        return stop, lambda: None
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        stop["signal"] = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\ninterrupt: finishing this step, then saving a checkpoint "
+              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, handler)
+    return stop, lambda: signal.signal(signal.SIGINT, previous)
+
+
 def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
     from .data import build_loaders
 
@@ -437,6 +472,7 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
 
     tb = _tensorboard(cfg, main)
     mlog = open(metrics_path, "a") if main else None
+    stop, restore_sigint = _stop_on_sigint(not dist_info.enabled)
 
     def save_checkpoint(epochs_done: int, batch: int) -> None:
         # Every rank joins the broadcast; rank 0 alone writes. Rows logged so far are flushed
@@ -448,6 +484,7 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
         os.fsync(mlog.fileno())
         _atomic_save({"format": "s2h-checkpoint", "version": 2, "config": asdict(cfg),
                       "epoch": epochs_done, "batch": batch, "step": pruner.step_count,
+                      "world_size": world,
                       "epoch_sums": sums, "epoch_steps": n,
                       "model": model.state_dict(), "pruner": pruner.state_dict(),
                       "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -485,18 +522,27 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + v
                 step = pruner.step_count
-                if hasattr(it, "set_postfix") and i % 5 == 0:
-                    it.set_postfix(loss=f"{m['loss']:.3f}", flops=f"{m['hard_flops_ratio']:.3f}",
-                                   hard_acc=f"{m['hard_acc']:.2f}")
+                if hasattr(it, "set_postfix"):  # every step (drawn at most once a second), so
+                    # the bar's last value is the one the epoch line prints
+                    it.set_postfix(loss=f"{m['loss']:.3f}",
+                                   hard_flops=f"{m['hard_flops_ratio']:.3f}",
+                                   hard_acc=f"{m['hard_acc']:.2f}", refresh=False)
                 if main and cfg.log_every and step % cfg.log_every == 0:
                     mlog.write(json.dumps({"kind": "step", "epoch": epoch + 1, "step": step,
                                            "lr": lrs[0], "gate_lr": lrs[1], **m,
                                            "widths": pruner.widths()}) + "\n")
+                    mlog.flush()  # readable at once (python -m s2h.plots on a running job)
                     if tb is not None:
                         for k, v in m.items():
                             tb.add_scalar(f"train/{k}", v, step)
                 if cfg.ckpt_every and step % cfg.ckpt_every == 0 and i + 1 < steps_per_epoch:
                     save_checkpoint(epoch, i + 1)
+                if stop["signal"] is not None and i + 1 < steps_per_epoch:
+                    if not (cfg.ckpt_every and step % cfg.ckpt_every == 0):
+                        save_checkpoint(epoch, i + 1)
+                    if hasattr(it, "close"):
+                        it.close()
+                    raise Interrupted(ckpt_path, pruner.step_count, epoch + 1, i + 1)
             avg = {k: v / max(1, n) for k, v in sums.items()}
             _dist.broadcast_state([model], dist_info)
             if main:
@@ -509,6 +555,7 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
                        "hard_flops_ratio": pruner.hard_flops_ratio(), "widths": pruner.widths(),
                        "seconds": time.time() - t0}
                 mlog.write(json.dumps(row) + "\n")
+                mlog.flush()
                 if tb is not None:
                     tb.add_scalar("test/soft_acc", soft_acc, row["step"])
                     tb.add_scalar("test/hard_acc", hard_acc, row["step"])
@@ -522,7 +569,10 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
                      f"hard {hard_acc:.2f}%  hard FLOPs {row['hard_flops_ratio']:.3f}  "
                      f"{row['seconds']:.0f}s")
             save_checkpoint(epoch + 1, 0)
+            if stop["signal"] is not None:  # Ctrl-C in the epoch's last step or its evaluation
+                raise Interrupted(ckpt_path, pruner.step_count, epoch + 2, 0)
     finally:
+        restore_sigint()
         if mlog is not None:
             mlog.close()
         if tb is not None:
@@ -534,6 +584,8 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
 
 def load_checkpoint(path: str) -> dict:
     """Load a training checkpoint safely (``weights_only=True``), with a clear error."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: the file does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -544,12 +596,24 @@ def load_checkpoint(path: str) -> dict:
     return ckpt
 
 
+#: training batches the hard network's BatchNorm statistics are re-estimated on before export
+RECALIBRATION_BATCHES = 20
+
+
+def recalibrate_for_export(cfg: PruneConfig, pruner, train_loader) -> int:
+    """The BatchNorm recalibration of every export of a run (its ``exported/`` and ``s2h
+    export CHECKPOINT``): the first :data:`RECALIBRATION_BATCHES` training batches of epoch
+    index ``cfg.epochs`` — a fixed index, so the same batches whether or not the run was
+    resumed (the data order and augmentation are a function of seed and epoch only)."""
+    train_loader.sampler.set_epoch(cfg.epochs)
+    return pruner.recalibrate_bn(((x,) for x, _ in train_loader),
+                                 max_batches=RECALIBRATION_BATCHES)
+
+
 def _finish(cfg, pruner, model, init_state, train_loader, test_loader, info, device,
             steps_per_epoch, example, dist_info) -> dict:
     main = dist_info.is_main
-    # A fixed epoch index: the same recalibration batches whether or not the run was resumed.
-    train_loader.sampler.set_epoch(cfg.epochs)
-    n = pruner.recalibrate_bn(((x,) for x, _ in train_loader), max_batches=20)
+    n = recalibrate_for_export(cfg, pruner, train_loader)
     _dist.broadcast_state([model], dist_info)
     rows: dict = {}
     exported = None
@@ -640,6 +704,11 @@ def format_table(summary: dict) -> str:
         if key in d:
             lines.append(f"{dev + ' latency ' + label + ' (ms)':28s}{d[key]:12.2f}{e[key]:18.2f}"
                          f"{d[key] / e[key]:8.2f}x")
+    hard = summary.get("hard_acc_after_bn_recalibration")
+    if hard is not None:
+        lines.append(f"hard network after BatchNorm recalibration "
+                     f"({summary.get('bn_recalibration_batches')} train batches): "
+                     f"test accuracy {hard:.2f}%")
     lines.append(f"exported == hard network: {summary['export_matches_hard_network']}; "
                  f"model saved to {summary['config']['out']}/exported")
     return "\n".join(lines)
