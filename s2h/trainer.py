@@ -25,7 +25,6 @@ import math
 import os
 import random
 import signal
-import statistics
 import sys
 import threading
 import time
@@ -144,27 +143,17 @@ def _accuracy(model_fn, loader, device, max_batches, amp) -> float:
 
 @torch.no_grad()
 def compare_latency(models: dict[str, nn.Module], shape, device, rounds: int = 15,
-                    warmup: int = 3) -> dict[str, float]:
-    """Median forward latency (ms) of each model for a random input of ``shape``.
+                    warmup: int = 3):
+    """Median forward latency (ms) of each model for a random input of ``shape``: a
+    :class:`s2h.latency.Latency` (a dict of ms, with ``spread`` and ``noisy``).
 
     The models are timed side by side, alternating within every round, so machine noise hits
-    them alike (the ratio is what to read)."""
+    them alike (the ratio is what to read); the rounds are split into 3 blocks whose medians
+    must agree within ``s2h.latency.NOISE_LIMIT``, else ``noisy`` is set."""
+    from .latency import time_side_by_side
+
     x = torch.randn(*shape, device=device)
-    for m in models.values():
-        m.eval()
-        for _ in range(warmup):
-            m(x)
-    times: dict[str, list[float]] = {k: [] for k in models}
-    for _ in range(rounds):
-        for k, m in models.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            m(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[k].append((time.perf_counter() - t) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return time_side_by_side(models, x, rounds, warmup=warmup)
 
 
 def count_flops(model: nn.Module, example: torch.Tensor) -> int:
@@ -639,13 +628,17 @@ def _finish(cfg, pruner, model, init_state, train_loader, test_loader, info, dev
     acc = evaluate(dense, test_loader, device, cfg.eval_batches) if cfg.dense_baseline else None
     rows["dense"] = {"accuracy": acc, "flops": count_flops(dense, ex1),
                      "params": sum(p.numel() for p in dense.parameters())}
+    noisy: dict = {}  # latency key -> the repeated medians disagreed (s2h.latency)
     if cfg.latency:
         shape1 = (1, info.in_chans, info.image_size, info.image_size)
         shape_b = (64, info.in_chans, info.image_size, info.image_size)
         pair = {"dense": dense, "exported": exported}
-        for key, shape, rounds in (("latency_ms_b1", shape1, 30), ("latency_ms_b64", shape_b, 10)):
-            for name, ms in compare_latency(pair, shape, device, rounds).items():
+        for key, shape, rounds in (("latency_ms_b1", shape1, 30), ("latency_ms_b64", shape_b, 12)):
+            lat = compare_latency(pair, shape, device, rounds)
+            for name, ms in lat.items():
                 rows[name][key] = ms
+                rows[name][key.replace("_ms_", "_spread_")] = lat.spread[name]
+            noisy[key] = lat.noisy
     epochs = [r for r in read_metrics(os.path.join(cfg.out, "metrics.jsonl"))
               if r.get("kind") == "epoch"]
     summary = {
@@ -659,6 +652,7 @@ def _finish(cfg, pruner, model, init_state, train_loader, test_loader, info, dev
         "widths": pruner.widths(),
         "group_channels": pruner.group_channels(),
         "rows": rows,
+        "latency_noisy": noisy,
         "device": str(device),
         "world_size": dist_info.world_size,
         "torch": torch.__version__,
@@ -700,10 +694,17 @@ def format_table(summary: dict) -> str:
         f"{e['params'] / d['params']:9.3f}",
     ]
     dev = summary.get("device", "cpu").upper()
+    noisy = summary.get("latency_noisy", {})
     for key, label in (("latency_ms_b1", "batch 1"), ("latency_ms_b64", "batch 64")):
         if key in d:
-            lines.append(f"{dev + ' latency ' + label + ' (ms)':28s}{d[key]:12.2f}{e[key]:18.2f}"
-                         f"{d[key] / e[key]:8.2f}x")
+            line = f"{dev + ' latency ' + label + ' (ms)':28s}{d[key]:12.2f}{e[key]:18.2f}"
+            if noisy.get(key):  # the repeated medians disagree: no ratio to read
+                sk = key.replace("_ms_", "_spread_")
+                spread = max(d.get(sk, 0.0), e.get(sk, 0.0))
+                line += f"  noisy machine (medians spread {100 * spread:.0f}%)"
+            else:
+                line += f"{d[key] / e[key]:8.2f}x"
+            lines.append(line)
     hard = summary.get("hard_acc_after_bn_recalibration")
     if hard is not None:
         lines.append(f"hard network after BatchNorm recalibration "
