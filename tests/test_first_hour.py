@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -240,3 +241,35 @@ def test_help_and_the_cli_module_do_not_import_torch():
     import s2h
 
     assert s2h.S2HPruner.__name__ == "S2HPruner" and s2h.nn.MaskedConv2d  # lazy names resolve
+
+
+@pytest.mark.parametrize("groups", [12, 50])
+def test_widths_plot_is_a_heatmap_showing_every_groups_final_width(tmp_path, groups):
+    """widths.png at 12 and 50 groups: one row per group; a vertical line through the last
+    logged steps crosses the viridis colour of every final kept fraction."""
+    import matplotlib
+    import matplotlib.image as mpimg
+
+    from s2h.plots import plot_run
+
+    fracs = [1.0, 0.75, 0.5, 0.25, 0.125]
+    names = [f"layer{i // 8}.{i % 8}.conv1" for i in range(groups)]
+    final = {k: int(64 * fracs[i % len(fracs)]) for i, k in enumerate(names)}
+    path = tmp_path / "metrics.jsonl"
+    with open(path, "w") as f:
+        for s in range(10, 310, 10):
+            w = {k: 64 if s < 100 else final[k] for k in names}
+            f.write(json.dumps({"kind": "step", "step": s, "hard_flops_ratio": 0.5,
+                                "soft_acc": 0.5, "hard_acc": 0.5, "widths": w}) + "\n")
+    plot_run(str(path), str(tmp_path / "plots"),
+             summary={"config": {}, "group_channels": {k: 64 for k in names}})
+    img = mpimg.imread(tmp_path / "plots" / "widths.png")[..., :3]
+    h, w = img.shape[:2]
+    assert h >= 20 * groups * 0.9 or h > 1200  # rows stay a readable height
+    column = img[int(0.05 * h):int(0.95 * h), int(0.7 * w)]
+    cmap = matplotlib.colormaps["viridis"]
+    for frac in fracs:
+        want = np.array(cmap(frac)[:3])
+        hits = (np.abs(column - want).max(axis=1) < 0.02).sum()
+        # each fraction's rows: at least ~10 pixel rows each
+        assert hits >= 10 * (groups // len(fracs)), (frac, hits)
