@@ -490,6 +490,7 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
             train_loader.sampler.set_epoch(epoch, skip=skip * rank_batch)
             it = _progress(train_loader, steps_per_epoch - skip,
                            f"s2h {epoch + 1}/{cfg.epochs}", cfg.progress and main)
+            ran = 0  # steps this process ran in this epoch (for the time per step)
             for i, (x, y) in enumerate(it, start=skip):
                 if i >= steps_per_epoch:
                     break
@@ -508,6 +509,7 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
                     raise
                 sched.step()
                 n += 1
+                ran += 1
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + v
                 step = pruner.step_count
@@ -532,6 +534,7 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
                     if hasattr(it, "close"):
                         it.close()
                     raise Interrupted(ckpt_path, pruner.step_count, epoch + 1, i + 1)
+            train_seconds = time.time() - t0
             avg = {k: v / max(1, n) for k, v in sums.items()}
             _dist.broadcast_state([model], dist_info)
             if main:
@@ -542,7 +545,8 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
                 row = {"kind": "epoch", "epoch": epoch + 1, "step": pruner.step_count,
                        "train": avg, "test_soft_acc": soft_acc, "test_hard_acc": hard_acc,
                        "hard_flops_ratio": pruner.hard_flops_ratio(), "widths": pruner.widths(),
-                       "seconds": time.time() - t0}
+                       "seconds": time.time() - t0, "train_seconds": train_seconds,
+                       "train_steps": ran}
                 mlog.write(json.dumps(row) + "\n")
                 mlog.flush()
                 if tb is not None:
@@ -617,11 +621,14 @@ def _finish(cfg, pruner, model, init_state, train_loader, test_loader, info, dev
         rows["exported"] = {"accuracy": exp_acc, "flops": count_flops(exported, ex1),
                             "params": sum(p.numel() for p in exported.parameters())}
     dense = build_model(cfg.model, info.num_classes, info.in_chans).to(device)
+    dense_step_s = None
     if cfg.dense_baseline:  # every rank trains it (gradients are averaged), rank 0 reports
         dense.load_state_dict(init_state)
         if main:
             _log(f"training the dense reference ({cfg.epochs} epochs x {steps_per_epoch} steps)")
+        t_dense = time.time()
         train_dense(dense, cfg, train_loader, device, steps_per_epoch, dist_info)
+        dense_step_s = (time.time() - t_dense) / max(1, cfg.epochs * steps_per_epoch)
     if not main:
         _dist.barrier(dist_info)
         return {}
@@ -655,6 +662,14 @@ def _finish(cfg, pruner, model, init_state, train_loader, test_loader, info, dev
         "latency_noisy": noisy,
         "device": str(device),
         "world_size": dist_info.world_size,
+        # the budget: time per training step (data loading included), to size --epochs and
+        # --steps-per-epoch; S2H from the epochs this process trained (resumed runs: their part)
+        "seconds_per_step": {
+            "s2h": (sum(r.get("train_seconds", 0.0) for r in epochs)
+                    / max(1, sum(r.get("train_steps", 0) for r in epochs)))
+            if any(r.get("train_steps") for r in epochs) else None,
+            "dense": dense_step_s},
+        "steps": cfg.epochs * steps_per_epoch,
         "torch": torch.__version__,
     }
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:
@@ -705,6 +720,12 @@ def format_table(summary: dict) -> str:
             else:
                 line += f"{d[key] / e[key]:8.2f}x"
             lines.append(line)
+    sps = summary.get("seconds_per_step") or {}
+    if sps.get("s2h") is not None:
+        lines.append(f"time per training step: S2H {sps['s2h']:.2f} s"
+                     + (f", dense {sps['dense']:.2f} s" if sps.get("dense") is not None else "")
+                     + f" ({summary.get('steps')} steps each; --epochs and --steps-per-epoch "
+                       "set the budget)")
     hard = summary.get("hard_acc_after_bn_recalibration")
     if hard is not None:
         lines.append(f"hard network after BatchNorm recalibration "

@@ -191,9 +191,19 @@ def test_progress_bar_shows_the_epoch_lines_flops(tmp_path, capsys, monkeypatch)
     run = tmp_path / "run"
     assert main(["prune", *TINY, "--epochs", "2", "--steps-per-epoch", "7", "--no-plots",
                  "--out", str(run)]) == 0
-    lines = re.findall(r"hard FLOPs (\d\.\d+)", capsys.readouterr().out)
+    text = capsys.readouterr().out
+    lines = re.findall(r"hard FLOPs (\d\.\d+)", text)
     assert len(lines) == 2
     assert [b.postfix["hard_flops"] for b in bars[:2]] == lines
+    # the budget: measured time per step, in summary.json and in the final table
+    summary = json.loads((run / "summary.json").read_text())
+    epochs = [r for r in _rows(run) if r["kind"] == "epoch"]
+    assert [r["train_steps"] for r in epochs] == [7, 7]
+    assert 0 < summary["seconds_per_step"]["s2h"] == pytest.approx(
+        sum(r["train_seconds"] for r in epochs) / 14)
+    assert summary["seconds_per_step"]["dense"] is None  # --no-dense-baseline
+    assert f"time per training step: S2H {summary['seconds_per_step']['s2h']:.2f} s (14 steps" \
+        in text
 
 
 def test_help_shows_defaults_and_the_readme_synopsis_agrees(capsys):
