@@ -283,3 +283,33 @@ def test_widths_plot_is_a_heatmap_showing_every_groups_final_width(tmp_path, gro
         hits = (np.abs(column - want).max(axis=1) < 0.02).sum()
         # each fraction's rows: at least ~10 pixel rows each
         assert hits >= 10 * (groups // len(fracs)), (frac, hits)
+
+
+def test_resume_drops_rows_logged_after_the_checkpoint(tmp_path, monkeypatch, capsys):
+    """Rows are flushed as they are logged, so a killed run leaves rows past its checkpoint
+    (and maybe a torn last line): --resume drops them and logs those steps again, once."""
+    args = [*TINY, "--epochs", "2", "--steps-per-epoch", "6", "--ckpt-every", "4",
+            "--no-plots"]
+    full, run = tmp_path / "full", tmp_path / "run"
+    assert main(["prune", *args, "--out", str(full)]) == 0
+    orig = trainer._atomic_save
+
+    def die_at_step_4(obj, path):
+        orig(obj, path)
+        if obj["step"] == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_atomic_save", die_at_step_4)
+    assert main(["prune", *args, "--out", str(run)]) == 130
+    monkeypatch.setattr(trainer, "_atomic_save", orig)
+    assert [r["step"] for r in _rows(run)] == [1, 2, 3, 4]
+    later = [r for r in _rows(full) if r["step"] > 4][:3]  # what a killed run had flushed
+    with open(run / "metrics.jsonl", "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in later)
+        f.write('{"kind": "step", "step": 8, "lo')  # torn by the kill
+    assert main(["prune", *args, "--out", str(run), "--resume"]) == 0
+    ra, rb = _rows(full), _rows(run)
+    assert [(r["kind"], r["step"]) for r in ra] == [(r["kind"], r["step"]) for r in rb]
+    for x, y in zip(ra, rb):
+        if x["kind"] == "step":
+            assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
