@@ -25,6 +25,12 @@ Fashion-MNIST job), one thread, AdamW for both, the dense step and the S2H step 
 state and a milder one); with gaps of ~40 the soft masks of pruned channels reach ~1e-18 and
 the backward runs into float32 denormals (many times slower on x86), which the
 ``flush_denormal`` rows (``torch.set_flush_denormal(True)``) remove.
+
+``wall_floor``: the same passes timed on this machine instead of counted in FLOPs — (dense
+forward + exported-model forward + an input-gradient-only dense backward + dense backward +
+exported-model backward) / (dense forward + backward), each timed in the same interleaved
+rounds; narrow convolutions do not run at their FLOPs share on a CPU, so this floor is higher
+than ``(4 + 3p) / 3``. ``ratio_to_wall_floor`` is what s2h's own overhead leaves.
 """
 
 from __future__ import annotations
@@ -194,10 +200,34 @@ def run_cpu_case(keep, reps, sharpness, flush_denormal, batch=64, threads=1):
         def s2h_step(i):
             pruner.train_step(xs[i % 2], ys[i % 2], sopt)
 
+        exported = pruner.export().train()
+        for q in exported.parameters():
+            q.requires_grad_(True)
+
+        def passes(net, i, input_grad_only=False):
+            """(forward s, backward s) of a plain training pass; input_grad_only: the weights'
+            gradients are not computed (the shape of the gate-only backward)."""
+            x = xs[i % 2].clone().requires_grad_(input_grad_only)
+            params = list(net.parameters())
+            if input_grad_only:
+                for q in params:
+                    q.requires_grad_(False)
+            t0 = time.perf_counter()
+            loss = F.cross_entropy(net(x), ys[i % 2])
+            t1 = time.perf_counter()
+            if input_grad_only:
+                torch.autograd.grad(loss, x)
+                for q in params:
+                    q.requires_grad_(True)
+            else:
+                loss.backward()
+                net.zero_grad(set_to_none=True)
+            return t1 - t0, time.perf_counter() - t1
+
         for i in range(2):
             dense_step(i)
             s2h_step(i)
-        td, ts = [], []
+        td, ts, pd, pe, pi = [], [], [], [], []
         for i in range(reps):
             t = time.perf_counter()
             dense_step(i)
@@ -205,13 +235,25 @@ def run_cpu_case(keep, reps, sharpness, flush_denormal, batch=64, threads=1):
             t = time.perf_counter()
             s2h_step(i)
             ts.append(time.perf_counter() - t)
+            pd.append(passes(dense, i))
+            pe.append(passes(exported, i))
+            pi.append(passes(dense, i, input_grad_only=True))
         dense_ms, ms = 1e3 * statistics.median(td), 1e3 * statistics.median(ts)
+
+        def med(rows, j):
+            return statistics.median(r[j] for r in rows)
+
+        fwd, bwd = med(pd, 0), med(pd, 1)
+        wall_floor = (fwd + med(pe, 0) + med(pi, 1) + bwd + med(pe, 1)) / (fwd + bwd)
         floor = (4 + 3 * p) / 3
         return {"bench": "s2h_step", "case": "s2h.models/resnet20@28x1", "device": "cpu",
                 "threads": threads, "commit": _commit(), "torch": torch.__version__,
                 "dtype": "float32", "keep": round(p, 4), "batch": batch, "ms": ms,
                 "dense_ms": dense_ms, "ratio_to_dense": ms / dense_ms, "floor": floor,
                 "ratio_to_floor": ms / dense_ms / floor, "sharpness": sharpness,
+                "wall_floor": wall_floor, "ratio_to_wall_floor": ms / dense_ms / wall_floor,
+                "exported_fwd_share": med(pe, 0) / fwd, "exported_bwd_share": med(pe, 1) / bwd,
+                "input_grad_bwd_share": med(pi, 1) / bwd,
                 "flush_denormal": flush_denormal, "reps": reps, "interleaved": True}
     finally:
         torch.set_flush_denormal(False)
@@ -221,11 +263,11 @@ def run_cpu_case(keep, reps, sharpness, flush_denormal, batch=64, threads=1):
 def _print_cpu_rows(rows):
     print("\nS2H step vs dense step, CPU (ResNet-20, batch 64, 28x28x1, interleaved medians)")
     print(f"{'threads':>8s}{'p':>7s}{'sharp':>6s}{'ftz':>6s}{'s2h ms':>9s}{'dense ms':>10s}"
-          f"{'s2h/dense':>10s}{'floor':>7s}{'/floor':>8s}")
+          f"{'s2h/dense':>10s}{'floor':>7s}{'/floor':>8s}{'wall floor':>11s}{'/wall':>7s}")
     for r in rows:
         print(f"{r['threads']:8d}{r['keep']:7.3f}{r['sharpness']:6g}{str(r['flush_denormal']):>6s}"
               f"{r['ms']:9.1f}{r['dense_ms']:10.1f}{r['ratio_to_dense']:10.2f}{r['floor']:7.2f}"
-              f"{r['ratio_to_floor']:8.2f}")
+              f"{r['ratio_to_floor']:8.2f}{r['wall_floor']:11.2f}{r['ratio_to_wall_floor']:7.2f}")
 
 
 def main(argv=None) -> int:
