@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 
-
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` shows every default, except for flags (off unless given) and the ``None``
     of options whose help says what happens without them."""

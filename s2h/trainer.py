@@ -371,8 +371,10 @@ def _stop_on_sigint(enabled: bool):
     def handler(signum, frame):
         stop["signal"] = signum
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\ninterrupt: finishing this step, then saving a checkpoint "
-              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        # os.write, not print: the handler may run in the middle of a buffered write to
+        # stderr (the progress bar), and a second buffered write there would raise
+        os.write(2, b"\ninterrupt: finishing this step, then saving a checkpoint "
+                    b"(Ctrl-C again to stop at once)\n")
 
     signal.signal(signal.SIGINT, handler)
     return stop, lambda: signal.signal(signal.SIGINT, previous)
