@@ -87,6 +87,12 @@ def depthwise_configs() -> list[triton.Config]:
     ]
 
 
+def mask_columns(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``w * mask`` over dim 1 (input channels), in fp32, rounded once to ``w``'s dtype."""
+    shape = (1, -1) + (1,) * (w.dim() - 2)
+    return (w.float() * mask.float().reshape(shape)).to(w.dtype)
+
+
 def tune_key(*sizes: int) -> int:
     """The autotune key of a launch: every size rounded up to a power of two, packed in one int.
 

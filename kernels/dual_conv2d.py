@@ -51,6 +51,7 @@ from ._common import (
     gemm_configs,
     grouped_tile_coords,
     launcher,
+    mask_columns,
     needed_input_grads,
     num_programs_target,
     register_op,
@@ -67,7 +68,7 @@ from ._common import (
 
 @triton.jit
 def _conv_fwd_tile(
-    tile, x_ptr, mask_ptr, w_ptr, b_ptr, bias_index_ptr, y_ptr,
+    tile, x_ptr, w_ptr, b_ptr, bias_index_ptr, y_ptr,
     B, C, H, W, O, OH, OW,
     sxb, sxc, sxh, sxw, swo, swc, swr, sws, syb, syc, syh, syw,
     conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
@@ -75,7 +76,8 @@ def _conv_fwd_tile(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """One ``BLOCK_M`` output pixels x ``BLOCK_N`` output channels tile."""
+    """One ``BLOCK_M`` output pixels x ``BLOCK_N`` output channels tile; ``w`` has the input
+    mask folded in, so the loop is a plain implicit GEMM."""
     M = B * OH * OW
     pid_m, pid_n = grouped_tile_coords(tile, tl.cdiv(M, BLOCK_M), tl.cdiv(O, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -103,8 +105,6 @@ def _conv_fwd_tile(
             x_img[:, None] + (ih * sxh + iw * sxw)[:, None] + offs_c[None, :] * sxc,
             mask=row_ok[:, None] & c_ok[None, :], other=0.0,
         )  # fmt: skip
-        gate = tl.load(mask_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
-        a = (a.to(tl.float32) * gate[None, :]).to(x_ptr.dtype.element_ty)
         wt = tl.load(
             w_ptr + r * swr + s * sws + offs_c[:, None] * swc + offs_n[None, :] * swo,
             mask=c_ok[:, None] & n_ok[None, :], other=0.0,
@@ -130,7 +130,7 @@ def _conv_fwd_tile(
 )
 @triton.jit(do_not_specialize=["TUNE_KEY"])
 def _dual_conv_fwd_kernel(
-    xs_ptr, xh_ptr, w_ptr, wh_ptr, b_ptr, out_keep_ptr, ms_ptr, mh_ptr, ys_ptr, yh_ptr,
+    xs_ptr, xh_ptr, w_ptr, wh_ptr, b_ptr, out_keep_ptr, ys_ptr, yh_ptr,
     B_s, B_h, C, H, W, O, C_h, O_h, OH, OW,
     s_xs_b, s_xs_c, s_xs_h, s_xs_w, s_xh_b, s_xh_c, s_xh_h, s_xh_w,
     s_w_o, s_w_c, s_w_r, s_w_s, s_wh_o, s_wh_c, s_wh_r, s_wh_s,
@@ -146,14 +146,14 @@ def _dual_conv_fwd_kernel(
     soft_tiles = tl.cdiv(B_s * OH * OW, BLOCK_M) * tl.cdiv(O, BLOCK_N)
     if pid < soft_tiles:
         _conv_fwd_tile(
-            pid, xs_ptr, ms_ptr, w_ptr, b_ptr, out_keep_ptr, ys_ptr, B_s, C, H, W, O, OH, OW,
+            pid, xs_ptr, w_ptr, b_ptr, out_keep_ptr, ys_ptr, B_s, C, H, W, O, OH, OW,
             s_xs_b, s_xs_c, s_xs_h, s_xs_w, s_w_o, s_w_c, s_w_r, s_w_s,
             s_ys_b, s_ys_c, s_ys_h, s_ys_w, conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
             KH, KW, HAS_BIAS, False, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
         )  # fmt: skip
     else:
         _conv_fwd_tile(
-            pid - soft_tiles, xh_ptr, mh_ptr, wh_ptr, b_ptr, out_keep_ptr, yh_ptr,
+            pid - soft_tiles, xh_ptr, wh_ptr, b_ptr, out_keep_ptr, yh_ptr,
             B_h, C_h, H, W, O_h, OH, OW,
             s_xh_b, s_xh_c, s_xh_h, s_xh_w, s_wh_o, s_wh_c, s_wh_r, s_wh_s,
             s_yh_b, s_yh_c, s_yh_h, s_yh_w, conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
@@ -761,8 +761,12 @@ def dual_conv2d_op(
             TUNE_KEY=tune_key(b_s * oh * ow, b_h * oh * ow, c, c_h, kh * kw),
         )  # fmt: skip
         return y_soft, y_hard
-    w_soft = _tap_major(weight)
-    w_hard = _tap_major(weight.index_select(0, out_keep).index_select(1, in_keep))
+    # the input masks folded into the tap-major weight copies the kernel reads anyway (rounded
+    # once): the implicit-GEMM loop then reads plain operands
+    w_soft = _tap_major(mask_columns(weight, ms))
+    w_hard = _tap_major(
+        mask_columns(weight.index_select(0, out_keep).index_select(1, in_keep), mh)
+    )
 
     def grid(meta: dict) -> tuple[int]:
         bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
@@ -772,7 +776,7 @@ def dual_conv2d_op(
         )
 
     launcher(_dual_conv_fwd_kernel)[grid](
-        x_soft, x_hard, w_soft, w_hard, b_arg, out_keep, ms, mh, y_soft, y_hard,
+        x_soft, x_hard, w_soft, w_hard, b_arg, out_keep, y_soft, y_hard,
         b_s, b_h, c, h, w, n_out, c_h, n_out_h, oh, ow,
         *_strides4(x_soft), *_strides4(x_hard), *_strides4(w_soft), *_strides4(w_hard),
         *_strides4(y_soft), *_strides4(y_hard), *geo,

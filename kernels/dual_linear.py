@@ -8,8 +8,10 @@ Math (``W`` is ``[N, K]``, ``i = in_keep``, ``o = out_keep``)::
 Kernels (each one launch covering the tiles of *both* problems; soft tiles come first
 because their reduction is longer, so the short hard tiles fill the tail of the wave):
 
-* ``_dual_linear_fwd_kernel``   the input mask is applied to the A operand as it is loaded,
-  the bias is added in the epilogue (gathered through ``out_keep`` for the hard problem).
+* ``_dual_linear_fwd_kernel``   a plain GEMM of ``x`` and ``W * mask`` (the input mask is
+  folded into the weight copy once per call, out of the K loop: ``(x * m) @ W.T ==
+  x @ (W * m).T``); the bias is added in the epilogue (gathered through ``out_keep`` for the
+  hard problem).
 * ``_dual_linear_dgrad_kernel`` ``g = dY @ W`` (gradient w.r.t. the masked input); the
   epilogue writes ``dx = g * mask`` and the per-row-tile partial sums of ``g * x`` that give
   the mask gradient, so neither ``g`` nor ``x * mask`` is ever materialised.
@@ -47,6 +49,7 @@ from ._common import (
     gemm_configs,
     grouped_tile_coords,
     launcher,
+    mask_columns,
     needed_input_grads,
     num_programs_target,
     register_op,
@@ -63,13 +66,14 @@ from ._common import (
 
 @triton.jit
 def _fwd_tile(
-    tile, x_ptr, mask_ptr, w_ptr, b_ptr, bias_index_ptr, y_ptr,
+    tile, x_ptr, w_ptr, b_ptr, bias_index_ptr, y_ptr,
     M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, BIAS_GATHER: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """One ``BLOCK_M x BLOCK_N`` tile of ``y = (x * mask) @ w.T + b``."""
+    """One ``BLOCK_M x BLOCK_N`` tile of ``y = x @ w.T + b``; ``w`` has the input mask folded in
+    (``(x * mask) @ w.T == x @ (w * mask).T``), so the K loop is a plain GEMM loop."""
     pid_m, pid_n = grouped_tile_coords(tile, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -84,9 +88,6 @@ def _fwd_tile(
         a = tl.load(
             x_rows + offs_k[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0
         )
-        gate = tl.load(mask_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        # The mask multiply is the A-operand prologue: one rounding to the operand dtype.
-        a = (a.to(tl.float32) * gate[None, :]).to(x_ptr.dtype.element_ty)
         b = tl.load(
             w_cols + offs_k[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :], other=0.0
         )
@@ -108,7 +109,7 @@ def _fwd_tile(
 @triton.autotune(configs=gemm_configs(), key=["TUNE_KEY"])
 @triton.jit(do_not_specialize=["TUNE_KEY"])
 def _dual_linear_fwd_kernel(
-    xs_ptr, xh_ptr, w_ptr, wh_ptr, b_ptr, out_keep_ptr, ms_ptr, mh_ptr, ys_ptr, yh_ptr,
+    xs_ptr, xh_ptr, w_ptr, wh_ptr, b_ptr, out_keep_ptr, ys_ptr, yh_ptr,
     M_s, M_h, N, K, N_h, K_h,
     stride_xs_m, stride_xs_k, stride_xh_m, stride_xh_k,
     stride_w_n, stride_w_k, stride_wh_n, stride_wh_k,
@@ -122,13 +123,13 @@ def _dual_linear_fwd_kernel(
     soft_tiles = tl.cdiv(M_s, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     if pid < soft_tiles:
         _fwd_tile(
-            pid, xs_ptr, ms_ptr, w_ptr, b_ptr, out_keep_ptr, ys_ptr, M_s, N, K,
+            pid, xs_ptr, w_ptr, b_ptr, out_keep_ptr, ys_ptr, M_s, N, K,
             stride_xs_m, stride_xs_k, stride_w_n, stride_w_k, stride_ys_m, stride_ys_n,
             HAS_BIAS, False, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
         )  # fmt: skip
     else:
         _fwd_tile(
-            pid - soft_tiles, xh_ptr, mh_ptr, wh_ptr, b_ptr, out_keep_ptr, yh_ptr, M_h, N_h, K_h,
+            pid - soft_tiles, xh_ptr, wh_ptr, b_ptr, out_keep_ptr, yh_ptr, M_h, N_h, K_h,
             stride_xh_m, stride_xh_k, stride_wh_n, stride_wh_k, stride_yh_m, stride_yh_n,
             HAS_BIAS, True, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
         )  # fmt: skip
@@ -352,7 +353,10 @@ def dual_linear_op(
     n_out_h, n_in_h = out_keep.shape[0], in_keep.shape[0]
     xs = _rows(x_soft, n_in)
     xh = _rows(x_hard, n_in_h)
-    w_hard = gather_hard_weight(weight, in_keep, out_keep)
+    # the input masks folded into the weights once per call (one pass over W, rounded once):
+    # the kernels' K loops then read plain operands
+    w_soft = mask_columns(weight, soft_in_mask)
+    w_hard = mask_columns(gather_hard_weight(weight, in_keep, out_keep), hard_in_mask)
     ys = torch.empty((xs.shape[0], n_out), dtype=x_soft.dtype, device=x_soft.device)
     yh = torch.empty((xh.shape[0], n_out_h), dtype=x_hard.dtype, device=x_hard.device)
     m_s, m_h = xs.shape[0], xh.shape[0]
@@ -366,11 +370,10 @@ def dual_linear_op(
             )
 
         launcher(_dual_linear_fwd_kernel)[grid](
-            xs, xh, weight, w_hard, bias if bias is not None else weight, out_keep,
-            soft_in_mask.contiguous(), hard_in_mask.contiguous(), ys, yh,
+            xs, xh, w_soft, w_hard, bias if bias is not None else weight, out_keep, ys, yh,
             m_s, m_h, n_out, n_in, n_out_h, n_in_h,
             xs.stride(0), xs.stride(1), xh.stride(0), xh.stride(1),
-            weight.stride(0), weight.stride(1), w_hard.stride(0), w_hard.stride(1),
+            w_soft.stride(0), w_soft.stride(1), w_hard.stride(0), w_hard.stride(1),
             ys.stride(0), ys.stride(1), yh.stride(0), yh.stride(1),
             HAS_BIAS=bias is not None, UPCAST=upcast_dot(weight.dtype),
             PRECISION=dot_precision(weight.dtype, "matmul"),

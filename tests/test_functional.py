@@ -617,3 +617,15 @@ def test_autotune_runs_once_per_width_bucket(triton_backend: None, monkeypatch) 
         assert torch.allclose(yh, xh @ w[:16, :k_in].t(), atol=1e-4)  # still computes right
         tunings.append(len(benched) // len(configs))
     assert tunings == [1, 1, 1, 1, 2]
+
+
+@needs_kernels
+def test_forward_gemm_kernels_read_no_mask_in_their_k_loop() -> None:
+    """The soft mask is folded into the weight once per call, not multiplied in the K loop:
+    the forward GEMM kernels take no mask argument at all (the depthwise direct kernels do)."""
+    from s2h.kernels import dual_conv2d as kdc
+    from s2h.kernels import dual_linear as kdl
+
+    for tuner in (kdl._dual_linear_fwd_kernel, kdc._dual_conv_fwd_kernel):
+        names = set(tuner.arg_names)
+        assert not names & {"ms_ptr", "mh_ptr", "mask_ptr"}, names
