@@ -152,11 +152,51 @@ def num_programs_target(device: torch.device) -> int:
     return 32
 
 
+ALIGN_ELEMS: int = 8  # the divisor's default: kept widths are multiples of it
+
+
+def with_align_hint(kernel: Any, args: tuple, kwargs: dict) -> dict:
+    """``kwargs`` plus the ``ALIGN`` constexpr of a kernel that declares ``align_args``.
+
+    Triton proves 16-byte alignment of a size or stride only when its value is divisible by
+    16; a kept width that is a multiple of 8 but not 16 (half of them with the default
+    divisor) then turns every bf16 load of the hard path into a scalar 2-byte load, with no
+    asynchronous copies. When every argument named in ``kernel.align_args`` is a multiple of
+    ``ALIGN_ELEMS`` and every tensor starts 16-byte aligned, the kernel is told so
+    (``tl.multiple_of``); otherwise ``ALIGN=1`` and nothing is assumed. (Under tracing, where
+    tensors have no address, nothing is assumed either.)
+    """
+    names = getattr(kernel, "align_args", None)
+    if not names or "ALIGN" in kwargs:
+        return kwargs
+    values = {**dict(zip(kernel.arg_names, args)), **kwargs}
+    try:
+        ok = all(int(values[n]) % ALIGN_ELEMS == 0 for n in names) and all(
+            t.data_ptr() % 16 == 0
+            for t in values.values()
+            if isinstance(t, torch.Tensor) and t.numel() > 0
+        )
+    except Exception:  # noqa: BLE001 (fake tensors / symbolic sizes while tracing)
+        ok = False
+    return {**kwargs, "ALIGN": ALIGN_ELEMS if ok else 1}
+
+
+class _Launcher:
+    def __init__(self, kernel: Any, inner: Any) -> None:
+        self.kernel, self.inner = kernel, inner
+
+    def __getitem__(self, grid: Any) -> Callable[..., Any]:
+        def launch(*args: Any, **kwargs: Any) -> Any:
+            return self.inner[grid](*args, **with_align_hint(self.kernel, args, kwargs))
+
+        return launch
+
+
 def launcher(kernel: Any) -> Any:
-    """The kernel as it must be called inside an op body (``wrap_triton`` when tracing works)."""
-    if USE_TRITON_OP:
-        return torch.library.wrap_triton(kernel)
-    return kernel
+    """The kernel as it must be called inside an op body (``wrap_triton`` when tracing works),
+    with its alignment hint (:func:`with_align_hint`) filled in."""
+    inner = torch.library.wrap_triton(kernel) if USE_TRITON_OP else kernel
+    return _Launcher(kernel, inner)
 
 
 def register_op(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., Any]], Any]:

@@ -72,6 +72,7 @@ class _Recorder:
 
     def __getitem__(self, grid: Any) -> Callable[..., None]:
         def record(*args: Any, **kwargs: Any) -> None:
+            kwargs = _common.with_align_hint(self.kernel, args, kwargs)
             self.sink.append(Launch(self.kernel, args, kwargs))
 
         return record

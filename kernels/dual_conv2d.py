@@ -137,11 +137,35 @@ def _dual_conv_fwd_kernel(
     s_ys_b, s_ys_c, s_ys_h, s_ys_w, s_yh_b, s_yh_c, s_yh_h, s_yh_w,
     conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
     TUNE_KEY,
+    ALIGN: tl.constexpr,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """Grouped launch: programs ``[0, T_s)`` do soft tiles, the rest hard tiles."""
+    if ALIGN > 1:  # see with_align_hint: a value-preserving rounding Triton can see
+        C = C // ALIGN * ALIGN
+        O = O // ALIGN * ALIGN
+        C_h = C_h // ALIGN * ALIGN
+        O_h = O_h // ALIGN * ALIGN
+        s_xs_b = s_xs_b // ALIGN * ALIGN
+        s_xs_h = s_xs_h // ALIGN * ALIGN
+        s_xs_w = s_xs_w // ALIGN * ALIGN
+        s_xh_b = s_xh_b // ALIGN * ALIGN
+        s_xh_h = s_xh_h // ALIGN * ALIGN
+        s_xh_w = s_xh_w // ALIGN * ALIGN
+        s_ys_b = s_ys_b // ALIGN * ALIGN
+        s_ys_h = s_ys_h // ALIGN * ALIGN
+        s_ys_w = s_ys_w // ALIGN * ALIGN
+        s_yh_b = s_yh_b // ALIGN * ALIGN
+        s_yh_h = s_yh_h // ALIGN * ALIGN
+        s_yh_w = s_yh_w // ALIGN * ALIGN
+        s_w_o = s_w_o // ALIGN * ALIGN
+        s_w_r = s_w_r // ALIGN * ALIGN
+        s_w_s = s_w_s // ALIGN * ALIGN
+        s_wh_o = s_wh_o // ALIGN * ALIGN
+        s_wh_r = s_wh_r // ALIGN * ALIGN
+        s_wh_s = s_wh_s // ALIGN * ALIGN
     pid = tl.program_id(0)
     soft_tiles = tl.cdiv(B_s * OH * OW, BLOCK_M) * tl.cdiv(O, BLOCK_N)
     if pid < soft_tiles:
@@ -159,6 +183,13 @@ def _dual_conv_fwd_kernel(
             s_yh_b, s_yh_c, s_yh_h, s_yh_w, conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
             KH, KW, HAS_BIAS, True, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
         )  # fmt: skip
+
+
+_dual_conv_fwd_kernel.align_args = (  # sizes and strides ALIGN asserts are multiples of it
+    "C", "O", "C_h", "O_h", "s_xs_b", "s_xs_h", "s_xs_w", "s_xh_b", "s_xh_h", "s_xh_w",
+    "s_ys_b", "s_ys_h", "s_ys_w", "s_yh_b", "s_yh_h", "s_yh_w", "s_w_o", "s_w_r", "s_w_s",
+    "s_wh_o", "s_wh_r", "s_wh_s",
+)
 
 
 @triton.jit
@@ -244,6 +275,7 @@ def _dual_conv_dgrad_kernel(
     s_dxs_b, s_dxs_c, s_dxs_h, s_dxs_w, s_dxh_b, s_dxh_c, s_dxh_h, s_dxh_w,
     conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
     TUNE_KEY,
+    ALIGN: tl.constexpr,
     KH: tl.constexpr, KW: tl.constexpr,
     NEED_DX_S: tl.constexpr, NEED_DM_S: tl.constexpr,
     NEED_DX_H: tl.constexpr, NEED_DM_H: tl.constexpr,
@@ -251,6 +283,35 @@ def _dual_conv_dgrad_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """Grouped data-gradient launch over the soft then the hard problem's tiles."""
+    if ALIGN > 1:  # see with_align_hint: a value-preserving rounding Triton can see
+        C = C // ALIGN * ALIGN
+        O = O // ALIGN * ALIGN
+        C_h = C_h // ALIGN * ALIGN
+        O_h = O_h // ALIGN * ALIGN
+        s_dys_b = s_dys_b // ALIGN * ALIGN
+        s_dys_h = s_dys_h // ALIGN * ALIGN
+        s_dys_w = s_dys_w // ALIGN * ALIGN
+        s_dyh_b = s_dyh_b // ALIGN * ALIGN
+        s_dyh_h = s_dyh_h // ALIGN * ALIGN
+        s_dyh_w = s_dyh_w // ALIGN * ALIGN
+        s_xs_b = s_xs_b // ALIGN * ALIGN
+        s_xs_h = s_xs_h // ALIGN * ALIGN
+        s_xs_w = s_xs_w // ALIGN * ALIGN
+        s_xh_b = s_xh_b // ALIGN * ALIGN
+        s_xh_h = s_xh_h // ALIGN * ALIGN
+        s_xh_w = s_xh_w // ALIGN * ALIGN
+        s_dxs_b = s_dxs_b // ALIGN * ALIGN
+        s_dxs_h = s_dxs_h // ALIGN * ALIGN
+        s_dxs_w = s_dxs_w // ALIGN * ALIGN
+        s_dxh_b = s_dxh_b // ALIGN * ALIGN
+        s_dxh_h = s_dxh_h // ALIGN * ALIGN
+        s_dxh_w = s_dxh_w // ALIGN * ALIGN
+        s_w_o = s_w_o // ALIGN * ALIGN
+        s_w_r = s_w_r // ALIGN * ALIGN
+        s_w_s = s_w_s // ALIGN * ALIGN
+        s_wh_o = s_wh_o // ALIGN * ALIGN
+        s_wh_r = s_wh_r // ALIGN * ALIGN
+        s_wh_s = s_wh_s // ALIGN * ALIGN
     pid = tl.program_id(0)
     soft_tiles = tl.cdiv(B_s * H * W, BLOCK_M) * tl.cdiv(C, BLOCK_N)
     if pid < soft_tiles:
@@ -270,6 +331,13 @@ def _dual_conv_dgrad_kernel(
             conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w, KH, KW, NEED_DX_H, NEED_DM_H,
             UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
         )  # fmt: skip
+
+
+_dual_conv_dgrad_kernel.align_args = (  # sizes and strides ALIGN asserts are multiples of it
+    "C", "O", "C_h", "O_h", "s_dys_b", "s_dys_h", "s_dys_w", "s_dyh_b", "s_dyh_h", "s_dyh_w",
+    "s_xs_b", "s_xs_h", "s_xs_w", "s_xh_b", "s_xh_h", "s_xh_w", "s_dxs_b", "s_dxs_h", "s_dxs_w",
+    "s_dxh_b", "s_dxh_h", "s_dxh_w", "s_w_o", "s_w_r", "s_w_s", "s_wh_o", "s_wh_r", "s_wh_s",
+)
 
 
 @triton.jit
@@ -358,11 +426,29 @@ def _dual_conv_wgrad_kernel(
     s_xs_b, s_xs_c, s_xs_h, s_xs_w, s_xh_b, s_xh_c, s_xh_h, s_xh_w,
     conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
     TUNE_KEY,
+    ALIGN: tl.constexpr,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Grouped weight-gradient launch; ``soft_on`` is 0 when the soft problem is skipped."""
+    if ALIGN > 1:  # see with_align_hint: a value-preserving rounding Triton can see
+        C = C // ALIGN * ALIGN
+        O = O // ALIGN * ALIGN
+        C_h = C_h // ALIGN * ALIGN
+        O_h = O_h // ALIGN * ALIGN
+        s_dys_b = s_dys_b // ALIGN * ALIGN
+        s_dys_h = s_dys_h // ALIGN * ALIGN
+        s_dys_w = s_dys_w // ALIGN * ALIGN
+        s_dyh_b = s_dyh_b // ALIGN * ALIGN
+        s_dyh_h = s_dyh_h // ALIGN * ALIGN
+        s_dyh_w = s_dyh_w // ALIGN * ALIGN
+        s_xs_b = s_xs_b // ALIGN * ALIGN
+        s_xs_h = s_xs_h // ALIGN * ALIGN
+        s_xs_w = s_xs_w // ALIGN * ALIGN
+        s_xh_b = s_xh_b // ALIGN * ALIGN
+        s_xh_h = s_xh_h // ALIGN * ALIGN
+        s_xh_w = s_xh_w // ALIGN * ALIGN
     pid = tl.program_id(0)
     soft_tiles = SPLIT * tl.cdiv(O, BLOCK_N) * (KH * KW) * tl.cdiv(C, BLOCK_K) * soft_on
     if pid < soft_tiles:
@@ -381,6 +467,12 @@ def _dual_conv_wgrad_kernel(
             conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
             KH, KW, HAS_BIAS, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
+
+
+_dual_conv_wgrad_kernel.align_args = (  # sizes and strides ALIGN asserts are multiples of it
+    "C", "O", "C_h", "O_h", "s_dys_b", "s_dys_h", "s_dys_w", "s_dyh_b", "s_dyh_h", "s_dyh_w",
+    "s_xs_b", "s_xs_h", "s_xs_w", "s_xh_b", "s_xh_h", "s_xh_w",
+)
 
 
 # --------------------------------------------------------------------------------------------

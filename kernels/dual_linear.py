@@ -115,10 +115,22 @@ def _dual_linear_fwd_kernel(
     stride_w_n, stride_w_k, stride_wh_n, stride_wh_k,
     stride_ys_m, stride_ys_n, stride_yh_m, stride_yh_n,
     TUNE_KEY,
+    ALIGN: tl.constexpr,
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """Grouped launch: programs ``[0, T_s)`` do soft tiles, ``[T_s, T_s + T_h)`` hard tiles."""
+    if ALIGN > 1:  # see with_align_hint: a value-preserving rounding Triton can see
+        N = N // ALIGN * ALIGN
+        K = K // ALIGN * ALIGN
+        N_h = N_h // ALIGN * ALIGN
+        K_h = K_h // ALIGN * ALIGN
+        stride_xs_m = stride_xs_m // ALIGN * ALIGN
+        stride_xh_m = stride_xh_m // ALIGN * ALIGN
+        stride_w_n = stride_w_n // ALIGN * ALIGN
+        stride_wh_n = stride_wh_n // ALIGN * ALIGN
+        stride_ys_m = stride_ys_m // ALIGN * ALIGN
+        stride_yh_m = stride_yh_m // ALIGN * ALIGN
     pid = tl.program_id(0)
     soft_tiles = tl.cdiv(M_s, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     if pid < soft_tiles:
@@ -133,6 +145,12 @@ def _dual_linear_fwd_kernel(
             stride_xh_m, stride_xh_k, stride_wh_n, stride_wh_k, stride_yh_m, stride_yh_n,
             HAS_BIAS, True, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
         )  # fmt: skip
+
+
+_dual_linear_fwd_kernel.align_args = (  # sizes and strides that ALIGN asserts are multiples of it
+    "N", "K", "N_h", "K_h", "stride_xs_m", "stride_xh_m", "stride_w_n", "stride_wh_n",
+    "stride_ys_m", "stride_yh_m",
+)
 
 
 @triton.jit
@@ -191,12 +209,24 @@ def _dual_linear_dgrad_kernel(
     stride_w_n, stride_w_k, stride_wh_n, stride_wh_k,
     stride_xs_m, stride_xs_k, stride_xh_m, stride_xh_k,
     TUNE_KEY,
+    ALIGN: tl.constexpr,
     NEED_DX_S: tl.constexpr, NEED_DM_S: tl.constexpr,
     NEED_DX_H: tl.constexpr, NEED_DM_H: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """Grouped data-gradient launch over the soft then the hard problem's tiles."""
+    if ALIGN > 1:  # see with_align_hint: a value-preserving rounding Triton can see
+        N = N // ALIGN * ALIGN
+        K = K // ALIGN * ALIGN
+        N_h = N_h // ALIGN * ALIGN
+        K_h = K_h // ALIGN * ALIGN
+        stride_dys_m = stride_dys_m // ALIGN * ALIGN
+        stride_dyh_m = stride_dyh_m // ALIGN * ALIGN
+        stride_w_n = stride_w_n // ALIGN * ALIGN
+        stride_wh_n = stride_wh_n // ALIGN * ALIGN
+        stride_xs_m = stride_xs_m // ALIGN * ALIGN
+        stride_xh_m = stride_xh_m // ALIGN * ALIGN
     pid = tl.program_id(0)
     soft_tiles = tl.cdiv(M_s, BLOCK_M) * tl.cdiv(K, BLOCK_N)
     if pid < soft_tiles:
@@ -212,6 +242,12 @@ def _dual_linear_dgrad_kernel(
             stride_dyh_m, stride_dyh_n, stride_wh_n, stride_wh_k, stride_xh_m, stride_xh_k,
             NEED_DX_H, NEED_DM_H, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
         )  # fmt: skip
+
+
+_dual_linear_dgrad_kernel.align_args = (  # sizes and strides that ALIGN asserts are multiples of it
+    "N", "K", "N_h", "K_h", "stride_dys_m", "stride_dyh_m", "stride_w_n", "stride_wh_n",
+    "stride_xs_m", "stride_xh_m",
+)
 
 
 @triton.jit
@@ -279,11 +315,21 @@ def _dual_linear_wgrad_kernel(
     stride_dys_m, stride_dys_n, stride_dyh_m, stride_dyh_n,
     stride_xs_m, stride_xs_k, stride_xh_m, stride_xh_k,
     TUNE_KEY,
+    ALIGN: tl.constexpr,
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Grouped weight-gradient launch over the soft then the hard problem's (split, tile)s.
     ``soft_on`` is 0 when the soft problem is skipped (its tiles span ``N x K``, not rows)."""
+    if ALIGN > 1:  # see with_align_hint: a value-preserving rounding Triton can see
+        N = N // ALIGN * ALIGN
+        K = K // ALIGN * ALIGN
+        N_h = N_h // ALIGN * ALIGN
+        K_h = K_h // ALIGN * ALIGN
+        stride_dys_m = stride_dys_m // ALIGN * ALIGN
+        stride_dyh_m = stride_dyh_m // ALIGN * ALIGN
+        stride_xs_m = stride_xs_m // ALIGN * ALIGN
+        stride_xh_m = stride_xh_m // ALIGN * ALIGN
     pid = tl.program_id(0)
     soft_tiles = SPLIT * tl.cdiv(N, BLOCK_N) * tl.cdiv(K, BLOCK_K) * soft_on
     if pid < soft_tiles:
@@ -299,6 +345,11 @@ def _dual_linear_wgrad_kernel(
             stride_dyh_m, stride_dyh_n, stride_xh_m, stride_xh_k,
             HAS_BIAS, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
+
+
+_dual_linear_wgrad_kernel.align_args = (  # sizes and strides that ALIGN asserts are multiples of it
+    "N", "K", "N_h", "K_h", "stride_dys_m", "stride_dyh_m", "stride_xs_m", "stride_xh_m",
+)
 
 
 # --------------------------------------------------------------------------------------------
