@@ -34,7 +34,49 @@ from .nn import (
     _MaskedMixin,
 )
 
-__all__ = ["NonFiniteLossError", "S2HPruner"]
+__all__ = ["ExportMismatchWarning", "NonFiniteLossError", "S2HPruner", "export_difference"]
+
+#: the exported model and the hard network must agree to this (fp32, relative to the output's
+#: magnitude when it is above 1)
+EXPORT_TOLERANCE = 1e-5
+
+
+class ExportMismatchWarning(UserWarning):
+    """The exported model's outputs differ from the hard network's on the same inputs."""
+
+
+@torch.no_grad()
+def export_difference(hard_fn: Callable, module: nn.Module, exported: nn.Module, inputs) -> tuple:
+    """``(max |exported(x) - hard_fn(x)|, tolerance)`` on ``inputs`` in fp32, both in eval mode
+    (``module``: the model behind ``hard_fn``; training flags are restored). Outputs that do not
+    even have the same structure or shapes give ``inf``."""
+    inputs = _as_tuple(inputs)
+    was, was_e = module.training, exported.training
+    module.eval()
+    exported.eval()
+    dev = inputs[0].device if inputs and isinstance(inputs[0], torch.Tensor) else None
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        with torch.autocast(device_type=dev.type if dev is not None else "cpu", enabled=False):
+            ref = torch.utils._pytree.tree_leaves(hard_fn(inputs))
+            out = torch.utils._pytree.tree_leaves(exported(*inputs))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        module.train(was)
+        exported.train(was_e)
+    if len(ref) != len(out):
+        return float("inf"), EXPORT_TOLERANCE
+    diff, scale = 0.0, 1.0
+    for a, b in zip(ref, out):
+        if not isinstance(a, torch.Tensor):
+            continue
+        if not isinstance(b, torch.Tensor) or a.shape != b.shape:
+            return float("inf"), EXPORT_TOLERANCE
+        if a.numel():
+            diff = max(diff, float((a.float() - b.float()).abs().max()))
+            scale = max(scale, float(a.float().abs().max()))
+    return diff, EXPORT_TOLERANCE * scale
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -75,9 +117,14 @@ def _as_tuple(inputs) -> tuple:
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, attr, module)
+    """Replace the submodule at ``name`` -- and at every other name of the same module object
+    (``self.c2 = self.c`` registers one module twice: both names must see the replacement)."""
+    old = root.get_submodule(name) if name else root
+    names = [n for n, m in root.named_modules(remove_duplicate=False) if m is old and n] or [name]
+    for n in names:
+        parent_name, _, attr = n.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        setattr(parent, attr, module)
 
 
 class S2HPruner:
@@ -629,12 +676,34 @@ class S2HPruner:
 
     # ------------------------------------------------------------------ export
     @torch.no_grad()
-    def export(self) -> nn.Module:
+    def export(self, check: bool = True) -> nn.Module:
         """A plain ``torch.nn`` copy of the hard network: every pruned layer sliced to its kept
         channels, BatchNorm with the hard network's running statistics, in eval mode.
 
         No s2h code is needed to run it; ``s2h.save_exported`` stores it without pickle.
+        With ``check`` (default), its outputs on the example inputs are compared with the hard
+        network's (fp32, :data:`EXPORT_TOLERANCE`) and an :class:`ExportMismatchWarning` gives
+        the difference when they do not agree.
         """
+        exported = self._export()
+        if check:
+            try:
+                diff, tol = export_difference(self.hard_forward, self.model, exported,
+                                              self.example_inputs)
+            except Exception as exc:  # noqa: BLE001 - the export itself does not run
+                diff, tol = float("inf"), 0.0
+                warnings.warn(f"the exported model does not run on the example inputs: "
+                              f"{type(exc).__name__}: {exc}", ExportMismatchWarning, stacklevel=2)
+            else:
+                if not diff <= tol:
+                    warnings.warn(
+                        f"the exported model differs from the hard network on the example inputs"
+                        f" (max |difference| {diff:.3g} > {tol:.3g}): the model's code probably "
+                        "reads a pruned layer in a way the analysis did not see",
+                        ExportMismatchWarning, stacklevel=2)
+        return exported
+
+    def _export(self) -> nn.Module:
         keep = {id(g): g.keep_index() for g in self.gates.values()}
         exported = copy.deepcopy(self.model)  # masked layers drop their gates when copied
         for name, m in self._masked.items():
