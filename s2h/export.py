@@ -308,7 +308,8 @@ def _assemble(arch: dict, model: nn.Module, shapes: dict) -> nn.Module:
     channel_params = arch.get("channel_params", [])
     if not isinstance(identities, list) or not isinstance(layers, dict) \
             or not isinstance(resized, dict) or not isinstance(channel_params, list):
-        raise ValueError("identities / channel_params must be lists, layers / resized objects")
+        raise ValueError("architecture.json: identities / channel_params must be lists, layers "
+                         "/ resized objects")
     for name in identities:
         if not isinstance(name, str) or not name:
             raise ValueError(f"bad module name {name!r} in architecture.json")
@@ -320,7 +321,7 @@ def _assemble(arch: dict, model: nn.Module, shapes: dict) -> nn.Module:
         setattr(parent, attr, nn.Identity())
     for name, spec in layers.items():
         if not isinstance(spec, dict) or not isinstance(spec.get("args", {}), dict):
-            raise ValueError(f"layer {name!r}: its description is not an object with 'args'")
+            raise ValueError(f"architecture.json: layer {name!r} is not an object with 'args'")
         with torch.device("meta"):
             new = build_layer(spec)
         parent_name, _, attr = name.rpartition(".")
@@ -331,7 +332,7 @@ def _assemble(arch: dict, model: nn.Module, shapes: dict) -> nn.Module:
         _set_all(model, name, new)
     for name, spec in resized.items():
         if not isinstance(spec, dict):
-            raise ValueError(f"resized layer {name!r}: its description is not an object")
+            raise ValueError(f"architecture.json: resized layer {name!r} is not an object")
         qn = spec.get("type")
         if qn not in _RESIZED_ATTRS:
             raise ValueError(f"architecture.json resizes a layer type that is not allowed: {qn!r}")

@@ -757,12 +757,21 @@ class S2HPruner:
                 f"(differing groups: {missing[:5] or 'same names, other channel counts'}); "
                 "was it saved for another model, ignore= list or divisor?"
             )
+        gates = state.get("gates")
+        if not isinstance(gates, dict) or set(gates) != set(self.gates):
+            have = set(gates) if isinstance(gates, dict) else set()
+            raise ValueError(
+                "pruner state does not hold exactly this pruner's gates (missing "
+                f"{sorted(set(self.gates) - have)[:5]}, unexpected {sorted(have - set(self.gates))[:5]})"
+                "; the checkpoint is incomplete or was saved for another model")
         with torch.no_grad():
-            for k, v in state["gates"].items():
+            for k, v in gates.items():
                 gate = self.gates[k]
                 if gate.logits.shape != v["logits"].shape:
                     raise ValueError(f"gate {k!r}: logits shape {tuple(v['logits'].shape)} does "
                                      f"not match {tuple(gate.logits.shape)} (another divisor?)")
+                if not torch.isfinite(v["logits"]).all():
+                    raise ValueError(f"gate {k!r}: the saved logits are not finite")
                 gate.logits.copy_(v["logits"])
                 gate.order.copy_(v["order"])
         cfg = state.get("config", {})

@@ -208,3 +208,112 @@ def test_module_registered_under_two_names_exports_and_loads(tmp_path):
     assert loaded.c is loaded.c2
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), hard, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- export folders
+def _saved_mlp(tmp_path, name="m"):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    return model, s2h.save_exported(model, str(tmp_path / name))
+
+
+def _edit_arch(d, fn):
+    path = os.path.join(d, "architecture.json")
+    arch = json.load(open(path))
+    arch = fn(arch)
+    with open(path, "w") as f:
+        json.dump(arch, f)
+
+
+def _maxrss_mb():
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@pytest.mark.parametrize("where", ["layers", "tree"])
+def test_memory_bomb_in_architecture_json_is_refused_before_allocating(tmp_path, where):
+    """40,000,000 channels in a 2 KB JSON: refused from the safetensors header, on the meta
+    device, before any memory is used (it used to allocate GBs and take half a minute)."""
+    import time
+
+    _, d = _saved_mlp(tmp_path)
+    big = 40_000_000
+
+    def bomb(arch):
+        if where == "layers":
+            arch["layers"]["0"]["args"]["out_features"] = big
+            arch["layers"]["2"]["args"]["in_features"] = big
+        else:  # the dense tree, whose layers architecture.json then replaces
+            arch["builder"]["tree"]["children"][0][1]["args"]["out_features"] = big
+            arch["builder"]["tree"]["children"][2][1]["args"]["in_features"] = big
+        return arch
+
+    _edit_arch(d, bomb)
+    assert os.path.getsize(os.path.join(d, "architecture.json")) < 4096
+    rss, t = _maxrss_mb(), time.perf_counter()
+    with pytest.raises(ValueError, match="40000000|elements"):
+        s2h.load_exported(d)
+    assert time.perf_counter() - t < 5
+    assert _maxrss_mb() - rss < 300  # a real build would be 40M x 8 x 2 x 4 bytes = 2.5 GB
+
+
+def test_load_exported_refuses_non_float_tensors(tmp_path):
+    model, d = _saved_mlp(tmp_path)
+    w = os.path.join(d, "model.safetensors")
+    for dtype in (torch.int64, torch.bool):
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        state["0.weight"] = (state["0.weight"] * 100).to(dtype)
+        save_file(state, w, metadata={"format": "s2h-exported"})
+        with pytest.raises(ValueError, match="'0.weight' is (I64|BOOL).*floating point"):
+            s2h.load_exported(d)
+    save_file({k: v.double() for k, v in model.state_dict().items()}, w)
+    loaded = s2h.load_exported(d)  # another float dtype is fine: cast to the model's
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("content", [
+    "[]", "null", '"s2h-exported"', '{"format": "s2h-exported", "version": 1}',
+    '{"format": "s2h-exported", "builder": null}',
+    '{"format": "s2h-exported", "builder": {"kind": "structure"}}',
+    '{"format": "s2h-exported", "builder": {"kind": "structure", "tree": []}}',
+    '{"format": "s2h-exported", "builder": {"kind": "structure", "tree": {"type": "Linear", '
+    '"args": {"in_features": "x"}}}}',
+    '{"format": "s2h-exported", "builder": {"kind": "structure", "tree": {"type": "Sequential"}},'
+    ' "layers": [1]}',
+    '{"format": "s2h-exported", "builder": {"kind": "structure", "tree": {"type": "Sequential"}},'
+    ' "layers": {"0": 7}}',
+    '{"format": "s2h-exported", "builder": {"kind": "s2h.models"}}',
+    "[" * 100_000 + "]" * 100_000,
+    '{"format": "s2h-exported", "builder": ' + '{"kind": "structure", "tree": {"type": '
+    '"Sequential", "children": [["0", ' * 3000 + '{"type": "ReLU"}' + "]]}}" * 3000 + "}",
+])
+def test_malformed_architecture_json_is_a_clear_value_error(tmp_path, content):
+    _, d = _saved_mlp(tmp_path)
+    with open(os.path.join(d, "architecture.json"), "w") as f:
+        f.write(content)
+    with pytest.raises(ValueError) as exc:
+        s2h.load_exported(d)
+    assert "architecture.json" in str(exc.value) or "unexpected" in str(exc.value) \
+        or "builder" in str(exc.value), str(exc.value)
+
+
+def test_checkpoint_with_only_some_gates_is_refused():
+    _, pruner, _, _ = _build(WidthRead)
+    _, other, _, _ = _build(_PlainTwo)
+    state = other.state_dict()
+    assert len(state["gates"]) == 2
+    other.load_state_dict(state)  # complete: fine
+    partial = dict(state, gates={k: v for k, v in list(state["gates"].items())[:1]})
+    with pytest.raises(ValueError, match="missing"):
+        other.load_state_dict(partial)
+    bad = dict(state, gates={k: dict(v, logits=v["logits"] * float("nan"))
+                             for k, v in state["gates"].items()})
+    with pytest.raises(ValueError, match="not finite"):
+        other.load_state_dict(bad)
+
+
+class _PlainTwo(_Base):
+    def forward(self, x):
+        return self.head(torch.relu(self.a(x)))
