@@ -103,7 +103,7 @@ def cmd_prune(args) -> int:
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # missing files, bad settings, --out not writable
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,7 +36,8 @@ from .nn import (
     _MaskedMixin,
 )
 
-__all__ = ["ExportMismatchWarning", "NonFiniteLossError", "S2HPruner", "export_difference"]
+__all__ = ["ExportMismatchWarning", "NonFiniteGradientError", "NonFiniteLossError",
+           "NonFiniteStateError", "S2HPruner", "export_difference"]
 
 #: the exported model and the hard network must agree to this (fp32, relative to the output's
 #: magnitude when it is above 1)
@@ -92,15 +95,70 @@ class NonFiniteLossError(FloatingPointError):
         self.value = value
 
 
+class NonFiniteGradientError(NonFiniteLossError):
+    """A gradient (or a BatchNorm statistic) of the step is NaN or infinite while every loss
+    term is finite; the optimizer step was not taken."""
+
+    def __init__(self, what: str, value: float) -> None:
+        FloatingPointError.__init__(
+            self,
+            f"{what} is {value} at this step (every loss term is finite); no gradient was "
+            "applied. Lower the learning rate(s), use --amp bf16 instead of fp16, or clip "
+            "gradients; resume from the last good checkpoint.")
+        self.term = what
+        self.value = value
+
+
+class NonFiniteStateError(NonFiniteLossError):
+    """The state about to be saved (weights, BatchNorm statistics, gates) holds NaN/inf."""
+
+    def __init__(self, message: str) -> None:
+        FloatingPointError.__init__(self, message)
+        self.term = "state"
+        self.value = float("nan")
+
+
+def first_non_finite(named_tensors) -> tuple[str, float] | None:
+    """``(name, a non-finite value)`` of the first tensor holding NaN/inf, or None. One device
+    sync for the whole set; the culprit is looked up only when there is one."""
+    named = [(n, t) for n, t in named_tensors if t is not None and t.numel()]
+    floats = [t for _, t in named if t.is_floating_point()]
+    if not floats:
+        return None
+    norms = torch._foreach_norm([t.detach().float() for t in floats], float("inf"))
+    if bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).all()):
+        return None
+    for n, t in named:
+        if t.is_floating_point():
+            bad = t.detach()[~torch.isfinite(t.detach())]
+            if bad.numel():
+                return n, float(bad.flatten()[0])
+    return None
+
+
+def check_gradients(model: nn.Module, optimizer, gate_names: dict | None = None) -> None:
+    """Raise :class:`NonFiniteGradientError` naming the first parameter of ``optimizer`` whose
+    gradient is NaN/inf (names from ``model``, gates from ``gate_names`` ``{id: name}``)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    names.update(gate_names or {})
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    bad = first_non_finite((f"the gradient of {names.get(id(p), 'a parameter')!r}", p.grad)
+                           for p in params)
+    if bad is not None:
+        raise NonFiniteGradientError(*bad)
+
+
 VARIANTS = ("s2h", "no_gap", "coupled_gap", "direct_hard")
 
 
 def optimizer_step(model: nn.Module, optimizer, scaler=None, max_grad_norm=None,
-                   grad_hook=None) -> None:
+                   grad_hook=None, names: dict | None = None) -> None:
     """After the backward passes: ``grad_hook()`` (e.g. data-parallel gradient averaging), clip
     the model's gradients (unscaled first under a GradScaler), then the (scaled) optimizer step."""
     if grad_hook is not None:
         grad_hook()
+    if scaler is None:  # (a GradScaler skips steps with non-finite gradients itself)
+        check_gradients(model, optimizer, names)
     if max_grad_norm is not None:
         if scaler is not None:
             scaler.unscale_(optimizer)
@@ -184,7 +242,8 @@ class S2HPruner:
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         self.variant = variant
-        if not isinstance(target_flops, (int, float)) or not (0.0 < float(target_flops) <= 1.0):
+        if isinstance(target_flops, (bool, np.bool_)) or not isinstance(target_flops, numbers.Real) \
+                or not (0.0 < float(target_flops) <= 1.0):
             raise ValueError(
                 f"target_flops is the remaining FLOPs fraction and must be in (0, 1], got "
                 f"{target_flops!r} (e.g. 0.35 keeps 35% of the FLOPs)"
@@ -195,6 +254,11 @@ class S2HPruner:
             raise ValueError("this model already has an S2HPruner attached; build one per model")
         self.model = model
         self.example_inputs = _as_tuple(example_inputs)
+        empty = [tuple(t.shape) for t in self.example_inputs
+                 if isinstance(t, torch.Tensor) and (t.numel() == 0 or t.dim() and not len(t))]
+        if empty or not self.example_inputs:
+            raise ValueError(f"example_inputs must hold at least one sample (batch 1-2 is "
+                             f"enough); got {empty or 'nothing'}")
         self.target_flops = float(target_flops)
         self.divisor = divisor
         self.tau = float(tau)
@@ -626,7 +690,12 @@ class S2HPruner:
             if not torch.isfinite(v):
                 raise NonFiniteLossError(key, float(v))
         self.backward(terms, scaler)
-        optimizer_step(self.model, optimizer, scaler, max_grad_norm, grad_hook)
+        bad = first_non_finite((f"the BatchNorm statistic {n!r}", b)
+                               for n, b in self.model.named_buffers() if "running" in n)
+        if bad is not None:
+            raise NonFiniteGradientError(*bad)
+        optimizer_step(self.model, optimizer, scaler, max_grad_norm, grad_hook,
+                       names={id(g.logits): f"gate {k}" for k, g in self.gates.items()})
         with torch.no_grad():  # softmax is shift-invariant: keep logits centred
             for g in self.gate_parameters():
                 g.sub_(g.mean())
