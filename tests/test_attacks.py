@@ -317,3 +317,361 @@ def test_checkpoint_with_only_some_gates_is_refused():
 class _PlainTwo(_Base):
     def forward(self, x):
         return self.head(torch.relu(self.a(x)))
+
+
+# ----------------------------------------------------------------------------- training runs
+from s2h import trainer  # noqa: E402
+from s2h.cli import main  # noqa: E402
+
+TINY = ["--dataset", "synthetic", "--model", "small_cnn", "--batch-size", "16",
+        "--eval-batches", "2", "--no-progress", "--target-flops", "0.5",
+        "--no-dense-baseline", "--no-latency", "--log-every", "1", "--no-plots"]
+
+
+def _ckpt(run):
+    return torch.load(run / "checkpoint.pt", weights_only=True)
+
+
+def _finite(ck) -> bool:
+    return all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point()) \
+        and all(torch.isfinite(g["logits"]).all() for g in ck["pruner"]["gates"].values())
+
+
+def test_nan_gradient_with_finite_loss_is_refused_before_the_step():
+    """A NaN in one gradient (every loss term finite) used to be applied silently."""
+    _, pruner, x, _ = _build(_PlainTwo)
+    opt = torch.optim.SGD([*pruner.weight_parameters(), *pruner.gate_parameters()], lr=0.1)
+    pruner.model.b.weight.register_hook(lambda g: g * float("nan"))
+    before = {k: v.clone() for k, v in pruner.model.state_dict().items() if "running" not in k}
+    with pytest.raises(s2h.pruner.NonFiniteGradientError, match="gradient of 'b.weight' is nan"):
+        pruner.train_step(x, torch.tensor([0, 1]), opt)
+    after = pruner.model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())  # nothing was updated
+
+
+def _inject(monkeypatch, at_step, how):
+    """Corrupt the run at S2H step ``at_step`` (1-based): ``how(pruner)`` after its backward."""
+    orig = S2HPruner.backward
+
+    def backward(self, terms, scaler=None):
+        orig(self, terms, scaler)
+        if self.step_count + 1 == at_step:
+            how(self)
+
+    monkeypatch.setattr(S2HPruner, "backward", backward)
+
+
+def test_nan_gradient_stops_the_run_naming_the_parameter_and_resume_with_lower_lr_works(
+        tmp_path, capsys, monkeypatch):
+    run = tmp_path / "r"
+    args = [*TINY, "--epochs", "1", "--steps-per-epoch", "6", "--ckpt-every", "2",
+            "--out", str(run)]
+    _inject(monkeypatch, 3, lambda p: p.model.get_submodule("fc").weight.grad.fill_(float("inf")))
+    assert main(["prune", *args]) == 3
+    err = capsys.readouterr().err
+    assert "the gradient of 'fc.weight' is inf" in err and "step 2" in err, err
+    ck = _ckpt(run)
+    assert ck["step"] == 2 and _finite(ck)
+    # the advice of the message: lower the learning rate and resume
+    monkeypatch.undo()
+    assert main(["prune", *args, "--resume", "--lr", "1e-4"]) == 0
+    out = capsys.readouterr().out
+    assert "--resume: applying changed settings: lr 0.002 -> 0.0001" in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["config"]["lr"] == 1e-4
+    assert summary["resume_changes"] == [{"step": 2, "changes": {"lr": [0.002, 0.0001]}}]
+    rows = [r for r in trainer.read_metrics(str(run / "metrics.jsonl")) if r["kind"] == "step"]
+    f = trainer._lr_lambda(6, 50)
+    assert [r["lr"] for r in rows] == pytest.approx(
+        [0.002 * f(0), 0.002 * f(1)] + [1e-4 * f(s) for s in range(2, 6)])
+
+
+def test_non_finite_state_never_overwrites_the_last_good_checkpoint(tmp_path, capsys,
+                                                                     monkeypatch):
+    """inf BatchNorm statistics / weights after a step (finite loss and gradients) used to be
+    written over the good checkpoint; now the write is refused and the old file kept."""
+    run = tmp_path / "r"
+    orig = S2HPruner.train_step
+
+    def step(self, *a, **k):
+        m = orig(self, *a, **k)
+        if self.step_count == 4:
+            with torch.no_grad():
+                next(p for n, p in self.model.named_parameters() if n.endswith("weight")).fill_(
+                    float("inf"))
+        return m
+
+    monkeypatch.setattr(S2HPruner, "train_step", step)
+    assert main(["prune", *TINY, "--epochs", "1", "--steps-per-epoch", "6", "--ckpt-every", "2",
+                 "--out", str(run)]) == 3
+    err = capsys.readouterr().err
+    assert "non-finite value" in err and "was not written" in err and "weight" in err, err
+    ck = _ckpt(run)
+    assert ck["step"] == 2 and _finite(ck)
+    assert not list(run.glob("*.tmp"))
+
+
+def test_non_finite_batchnorm_statistics_stop_the_step(tmp_path):
+    class BN(_Base):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(16)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.bn(self.a(x))))
+
+    _, pruner, x, _ = _build(BN)
+    opt = torch.optim.SGD(pruner.weight_parameters(), lr=0.1)
+    with torch.no_grad():
+        x = x.clone()
+        x[0, 0, 0, 0] = float("inf")  # the loss stays finite only through the BN: not checked
+    pruner.model.bn.running_var.fill_(float("inf"))
+    with pytest.raises(s2h.pruner.NonFiniteGradientError, match="'bn.running_var'"):
+        pruner.train_step(x[1:], torch.tensor([1]), opt)
+
+
+@pytest.mark.parametrize("flag,value,shown", [
+    ("--batch-size", "8", "--batch-size 16 (checkpoint) vs 8 (now)"),
+    ("--seed", "1", "--seed 0 (checkpoint) vs 1 (now)"),
+    ("--model", "resnet20", "--model 'small_cnn' (checkpoint) vs 'resnet20' (now)"),
+    ("--dataset", "fashion-mnist", "--dataset 'synthetic'"),
+])
+def test_resume_refuses_a_changed_setting_with_the_differences(tmp_path, capsys, flag, value,
+                                                                shown):
+    run = tmp_path / "r"
+    args = [*TINY, "--epochs", "2", "--steps-per-epoch", "2", "--out", str(run)]
+    assert main(["prune", *args[:-2], "--epochs", "1", "--out", str(run)]) == 0
+    before = (run / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    i = args.index(flag) if flag in args else None
+    changed = list(args)
+    if i is None:
+        changed += [flag, value]
+    else:
+        changed[i + 1] = value
+    assert main(["prune", *changed, "--resume"]) == 2
+    cap = capsys.readouterr()
+    assert shown in cap.err and "cannot change in the middle of a run" in cap.err, cap.err
+    assert "epoch 2/2" not in cap.out
+    assert (run / "checkpoint.pt").read_bytes() == before
+    # the same settings (and a changed --epochs) resume
+    assert main(["prune", *args, "--resume"]) == 0
+    assert "applying changed settings: epochs 1 -> 2" in capsys.readouterr().out
+
+
+def test_second_writer_on_one_out_is_refused(tmp_path, capsys):
+    import fcntl
+    import subprocess
+    import sys
+
+    run = tmp_path / "r"
+    run.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl,sys,time; f=open(sys.argv[1],'a+'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); f.write('pid 4242'); f.flush(); print('ok', flush=True);"
+         " time.sleep(60)", str(run / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ok"
+        assert main(["prune", *TINY, "--epochs", "1", "--steps-per-epoch", "2",
+                     "--out", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {run} is in use by another s2h run (pid 4242)" in err, err
+        assert not (run / "metrics.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # released with its process: the run goes through, and holds the lock while it runs
+    seen = []
+    orig = trainer._atomic_save
+
+    def spy(obj, path):
+        with open(run / ".lock") as f, pytest.raises(OSError):
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        seen.append(path)
+        orig(obj, path)
+
+    trainer._atomic_save, saved = spy, trainer._atomic_save
+    try:
+        assert main(["prune", *TINY, "--epochs", "1", "--steps-per-epoch", "2",
+                     "--out", str(run)]) == 0
+    finally:
+        trainer._atomic_save = saved
+    assert seen
+
+
+def test_atomic_writes_use_unique_temp_names(tmp_path):
+    """Concurrent writers of one file (threads here) never share a temp file: every read sees a
+    complete file (a fixed 'checkpoint.pt.tmp' let one writer rename another's torn file)."""
+    import threading
+
+    path = str(tmp_path / "c.pt")
+    trainer._atomic_save({"v": torch.zeros(1)}, path)
+    errors = []
+
+    def writer(k):
+        for i in range(15):
+            try:
+                trainer._atomic_save({"v": torch.full((200_000,), float(k * 100 + i))}, path)
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    reads = 0
+    while any(t.is_alive() for t in threads):
+        v = torch.load(path, weights_only=True)["v"]
+        assert (v == v[0]).all()
+        reads += 1
+    for t in threads:
+        t.join()
+    assert not errors and reads
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_disk_full_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, capsys,
+                                                                       monkeypatch):
+    import errno
+
+    run = tmp_path / "r"
+    calls = []
+    real_save = torch.save
+
+    def save(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # the second checkpoint: half written, then the disk is full
+            f.write(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(trainer.torch, "save", save)
+    assert main(["prune", *TINY, "--epochs", "1", "--steps-per-epoch", "6", "--ckpt-every", "2",
+                 "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.pt: no space left on the device" in err and "is intact" in err, err
+    monkeypatch.undo()
+    ck = trainer.load_checkpoint(str(run / "checkpoint.pt"))
+    assert ck["step"] == 2
+    assert not list(run.glob("*.tmp"))
+
+
+def test_unwritable_out_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["prune", *TINY, "--epochs", "1", "--out", str(blocker / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write to --out {blocker / 'run'}"), err
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(trainer.os, "makedirs", denied)
+    assert main(["prune", *TINY, "--epochs", "1", "--out", str(tmp_path / "ro")]) == 2
+    assert "cannot write to --out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (["--steps-per-epoch", "-1"], "--steps-per-epoch must be >= 1"),
+    (["--steps-per-epoch", "0"], "--steps-per-epoch must be >= 1"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--lr", "nan"], "--lr must be > 0"),
+    (["--gate-lr", "-0.1"], "--gate-lr must be >= 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--model", "hf-hub:timm/resnet18.a1_in1k"], "names a hub model"),
+    (["--model", "timm/resnet18.a1_in1k"], "names a hub model"),
+])
+def test_cli_rejects_meaningless_settings(tmp_path, capsys, monkeypatch, flags, msg):
+    import timm
+
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("reached timm"))
+    out = tmp_path / "o"
+    assert main(["prune", *TINY, *flags, "--out", str(out)]) == 2
+    assert msg in capsys.readouterr().err
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_target_flops_types():
+    model = _PlainTwo()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="target_flops"):
+        S2HPruner(model, (x,), True)
+    p = S2HPruner(_PlainTwo(), (x,), np.float32(0.5))
+    assert p.target_flops == 0.5
+    S2HPruner(_PlainTwo(), (x,), np.float64(0.75))
+
+
+def test_empty_example_batch_is_a_clear_error():
+    with pytest.raises(ValueError, match="at least one sample"):
+        S2HPruner(_PlainTwo(), (torch.randn(0, 3, 8, 8),), 0.5)
+    with pytest.raises(ValueError, match="at least one sample"):
+        S2HPruner(_PlainTwo(), (), 0.5)
+
+
+def test_corrupt_image_in_imagefolder_fails_before_training_naming_it(tmp_path, capsys,
+                                                                      monkeypatch):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            d = tmp_path / "data" / split / c
+            d.mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+                    d / f"{i}.png")
+    # truncated: PIL opens it (the header is whole), decoding fails. In the test split, read
+    # only after the first epoch: it used to cost a whole epoch, then a traceback
+    bad = tmp_path / "data" / "val" / "b" / "2.png"
+    bad.write_bytes(bad.read_bytes()[:-200])
+    with Image.open(bad):
+        pass
+    steps = []
+    monkeypatch.setattr(S2HPruner, "train_step", lambda *a, **k: steps.append(1) or {})
+    out = tmp_path / "o"
+    code = main(["prune", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"),
+                 "--model", "small_cnn", "--batch-size", "4", "--epochs", "1", "--no-progress",
+                 "--no-dense-baseline", "--no-latency", "--no-plots", "--out", str(out)])
+    cap = capsys.readouterr()
+    assert not steps and not (out / "checkpoint.pt").exists()  # validated before training
+    assert code == 2 and str(bad) in cap.err and "not a readable image" in cap.err, cap.err
+
+
+def test_without_matplotlib_the_run_finishes_and_says_how_to_get_plots(tmp_path, capsys,
+                                                                       monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.delitem(sys.modules, "s2h.plots", raising=False)
+    run = tmp_path / "r"
+    args = [a for a in TINY if a != "--no-plots"]
+    assert main(["prune", *args, "--epochs", "1", "--steps-per-epoch", "2",
+                 "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "plots skipped: matplotlib is not installed (pip install matplotlib" in out
+    assert (run / "summary.json").exists() and not (run / "plots").exists()
+
+
+def test_trainer_reports_output_difference_of_export(tmp_path, capsys, monkeypatch):
+    """The final line compares outputs, not accuracies: an export that differs says False."""
+    run = tmp_path / "r"
+    real = S2HPruner.export
+
+    def bad_export(self, check=True):
+        e = real(self, check=False)
+        with torch.no_grad():
+            next(m for m in e.modules() if isinstance(m, nn.Linear)).bias.add_(1e-3)
+        return e
+
+    monkeypatch.setattr(S2HPruner, "export", bad_export)
+    assert main(["prune", *TINY, "--epochs", "1", "--steps-per-epoch", "2",
+                 "--out", str(run)]) == 0
+    assert "exported == hard network: False (max |output difference| 0.001" in \
+        capsys.readouterr().out
+    s = json.loads((run / "summary.json").read_text())
+    assert s["export_matches_hard_network"] is False
+    assert s["export_max_abs_difference"] == pytest.approx(1e-3, rel=1e-3)
+    monkeypatch.undo()
+    assert main(["prune", *TINY, "--epochs", "1", "--steps-per-epoch", "2",
+                 "--out", str(tmp_path / "ok")]) == 0
+    assert "exported == hard network: True" in capsys.readouterr().out
