@@ -457,9 +457,10 @@ def run_prune(cfg: PruneConfig) -> dict:
     dist_info = _dist.init_from_env(device.type)
     if dist_info.enabled and device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)
-    validate_config(cfg)
-    lock = _lock_run_dir(cfg.out) if dist_info.is_main else None
+    lock = None
     try:
+        validate_config(cfg)
+        lock = _lock_run_dir(cfg.out) if dist_info.is_main else None
         return _run(cfg, device, dist_info)
     finally:
         if lock is not None:
