@@ -9,13 +9,8 @@ __version__ = "0.1.0"
 
 from . import nn  # noqa: E402
 from .export import load_exported, save_exported  # noqa: E402
-from .pruner import (  # noqa: E402
-    ExportMismatchWarning,
-    NonFiniteLossError,
-    S2HPruner,
-    export_difference,
-)
+from .pruner import NonFiniteLossError, S2HPruner  # noqa: E402
 from .stp import STPPruner  # noqa: E402
 
-__all__ = ["ExportMismatchWarning", "NonFiniteLossError", "S2HPruner", "STPPruner", "__version__", "load_exported", "nn",
-           "export_difference", "save_exported"]
+__all__ = ["NonFiniteLossError", "S2HPruner", "STPPruner", "__version__", "load_exported", "nn",
+           "save_exported"]

@@ -17,6 +17,7 @@ from torch import nn
 
 import s2h
 from s2h import S2HPruner
+from s2h.pruner import ExportMismatchWarning, NonFiniteGradientError, export_difference
 
 
 # ----------------------------------------------------------------------------- graph patterns
@@ -115,7 +116,7 @@ def test_graph_patterns_keep_the_group_whole_by_name(cls, why):
     pruner.set_widths({"b": 8})
     model.eval()
     with warnings.catch_warnings():
-        warnings.simplefilter("error", s2h.ExportMismatchWarning)
+        warnings.simplefilter("error", ExportMismatchWarning)
         exported = pruner.export()
     assert exported.b.out_channels == 8 and exported.a.out_channels == 16
     with torch.no_grad():
@@ -164,9 +165,9 @@ def test_export_compares_outputs_with_the_hard_network(monkeypatch):
         return new
 
     monkeypatch.setattr(P, "_plain_layer", bad)
-    with pytest.warns(s2h.ExportMismatchWarning, match="differs from the hard network"):
+    with pytest.warns(ExportMismatchWarning, match="differs from the hard network"):
         exported = pruner.export()
-    diff, tol = s2h.export_difference(pruner.hard_forward, model, exported, x)
+    diff, tol = export_difference(pruner.hard_forward, model, exported, x)
     assert diff > 1e-3 > tol
 
 
@@ -190,7 +191,7 @@ def test_module_registered_under_two_names_exports_and_loads(tmp_path):
     pruner.set_widths(0.5)
     model.eval()
     with warnings.catch_warnings():
-        warnings.simplefilter("error", s2h.ExportMismatchWarning)
+        warnings.simplefilter("error", ExportMismatchWarning)
         exported = pruner.export()
     assert exported.c is exported.c2 and exported.c.in_channels < 16
     with torch.no_grad():
@@ -343,7 +344,7 @@ def test_nan_gradient_with_finite_loss_is_refused_before_the_step():
     opt = torch.optim.SGD([*pruner.weight_parameters(), *pruner.gate_parameters()], lr=0.1)
     pruner.model.b.weight.register_hook(lambda g: g * float("nan"))
     before = {k: v.clone() for k, v in pruner.model.state_dict().items() if "running" not in k}
-    with pytest.raises(s2h.pruner.NonFiniteGradientError, match="gradient of 'b.weight' is nan"):
+    with pytest.raises(NonFiniteGradientError, match="gradient of 'b.weight' is nan"):
         pruner.train_step(x, torch.tensor([0, 1]), opt)
     after = pruner.model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())  # nothing was updated
@@ -426,7 +427,7 @@ def test_non_finite_batchnorm_statistics_stop_the_step(tmp_path):
         x = x.clone()
         x[0, 0, 0, 0] = float("inf")  # the loss stays finite only through the BN: not checked
     pruner.model.bn.running_var.fill_(float("inf"))
-    with pytest.raises(s2h.pruner.NonFiniteGradientError, match="'bn.running_var'"):
+    with pytest.raises(NonFiniteGradientError, match="'bn.running_var'"):
         pruner.train_step(x[1:], torch.tensor([1]), opt)
 
 
