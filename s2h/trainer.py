@@ -490,6 +490,11 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
         if not os.path.exists(ckpt_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = load_checkpoint(ckpt_path)
+        bad = first_non_finite(ckpt.get("model", {}).items()) if isinstance(
+            ckpt.get("model"), dict) else None
+        if bad is not None:
+            raise ValueError(f"--resume: {ckpt_path} holds a non-finite value ({bad[0]} = "
+                             f"{bad[1]}); it cannot be resumed")
         changes = resume_changes(ckpt.get("config", {}), cfg)
         if changes.get("epochs") and cfg.epochs < int(ckpt["epoch"]):
             raise ValueError(f"--resume --epochs {cfg.epochs}: the checkpoint has already done "
@@ -540,10 +545,14 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
     sums: dict[str, float] = {}
     n = 0
     if cfg.resume:
-        model.load_state_dict(ckpt["model"])
-        pruner.load_state_dict(ckpt["pruner"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            pruner.load_state_dict(ckpt["pruner"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+        except (KeyError, RuntimeError, TypeError) as exc:
+            raise ValueError(f"--resume: {ckpt_path} does not fit this run "
+                             f"({type(exc).__name__}: {str(exc)[:300]})") from exc
         # what this run says, not what the checkpoint held (the same values when unchanged):
         # the learning rates continue on the new schedule, the pruner aims at the new target
         sched.base_lrs = [cfg.lr, cfg.gate_lr]

@@ -676,3 +676,22 @@ def test_trainer_reports_output_difference_of_export(tmp_path, capsys, monkeypat
     assert main(["prune", *TINY, "--epochs", "1", "--steps-per-epoch", "2",
                  "--out", str(tmp_path / "ok")]) == 0
     assert "exported == hard network: True" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tamper,msg", [
+    (lambda ck: ck["model"].pop(next(iter(ck["model"]))), "does not fit this run"),
+    (lambda ck: ck["pruner"]["gates"].pop(next(iter(ck["pruner"]["gates"]))), "missing"),
+    (lambda ck: next(v for v in ck["model"].values() if v.is_floating_point()).fill_(
+        float("nan")), "non-finite value"),
+])
+def test_tampered_checkpoint_is_refused_on_resume(tmp_path, capsys, tamper, msg):
+    run = tmp_path / "r"
+    args = [*TINY, "--epochs", "2", "--steps-per-epoch", "2", "--out", str(run)]
+    assert main(["prune", *args[:-2], "--epochs", "1", "--out", str(run)]) == 0
+    ck = _ckpt(run)
+    tamper(ck)
+    torch.save(ck, run / "checkpoint.pt")
+    capsys.readouterr()
+    assert main(["prune", *args, "--resume"]) == 2
+    cap = capsys.readouterr()
+    assert msg in cap.err and "epoch 2/2" not in cap.out, cap.err
