@@ -260,8 +260,9 @@ def save_exported(model: nn.Module, directory: str, builder: dict | None = None)
             "torch": torch.__version__}
     os.makedirs(directory, exist_ok=True)
     tensors = {k: v.detach().contiguous().clone().cpu() for k, v in model.state_dict().items()}
-    tmp_w = os.path.join(directory, "model.safetensors.tmp")
-    tmp_a = os.path.join(directory, "architecture.json.tmp")
+    tag = f"{os.getpid()}.{os.urandom(4).hex()}.tmp"  # unique: concurrent writers never share
+    tmp_w = os.path.join(directory, f"model.safetensors.{tag}")
+    tmp_a = os.path.join(directory, f"architecture.json.{tag}")
     save_file(tensors, tmp_w, metadata={"format": FORMAT})
     with open(tmp_a, "w") as f:
         json.dump(arch, f, indent=1)

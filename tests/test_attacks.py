@@ -695,3 +695,31 @@ def test_tampered_checkpoint_is_refused_on_resume(tmp_path, capsys, tamper, msg)
     assert main(["prune", *args, "--resume"]) == 2
     cap = capsys.readouterr()
     assert msg in cap.err and "epoch 2/2" not in cap.out, cap.err
+
+
+def test_concurrent_save_exported_to_one_folder_never_tears(tmp_path):
+    import threading
+
+    models = [nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 8)).eval()
+              for _ in range(3)]
+    d = str(tmp_path / "m")
+    errors = []
+
+    def writer(m):
+        for _ in range(10):
+            try:
+                s2h.save_exported(m, d)
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(m,)) for m in models]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:2]
+    assert not [f for f in os.listdir(d) if f.endswith(".tmp")]
+    loaded = s2h.load_exported(d)
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        assert any(torch.equal(loaded(x), m(x)) for m in models)
