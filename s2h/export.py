@@ -217,7 +217,8 @@ def _resize_tensors_one(owner: nn.Module, attr: str, saved: tuple) -> None:
     p = owner._parameters[attr]
     if tuple(p.shape) != tuple(saved):
         owner._parameters[attr] = nn.Parameter(
-            torch.empty(tuple(saved), dtype=p.dtype, device=p.device), requires_grad=p.requires_grad)
+            torch.empty(tuple(saved), dtype=p.dtype, device=p.device),
+            requires_grad=p.requires_grad)
 
 
 def save_exported(model: nn.Module, directory: str, builder: dict | None = None) -> str:

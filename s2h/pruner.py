@@ -242,7 +242,8 @@ class S2HPruner:
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         self.variant = variant
-        if isinstance(target_flops, (bool, np.bool_)) or not isinstance(target_flops, numbers.Real) \
+        if isinstance(target_flops, (bool, np.bool_)) \
+                or not isinstance(target_flops, numbers.Real) \
                 or not (0.0 < float(target_flops) <= 1.0):
             raise ValueError(
                 f"target_flops is the remaining FLOPs fraction and must be in (0, 1], got "
@@ -831,8 +832,9 @@ class S2HPruner:
             have = set(gates) if isinstance(gates, dict) else set()
             raise ValueError(
                 "pruner state does not hold exactly this pruner's gates (missing "
-                f"{sorted(set(self.gates) - have)[:5]}, unexpected {sorted(have - set(self.gates))[:5]})"
-                "; the checkpoint is incomplete or was saved for another model")
+                f"{sorted(set(self.gates) - have)[:5]}, unexpected "
+                f"{sorted(have - set(self.gates))[:5]}); the checkpoint is incomplete or was "
+                "saved for another model")
         with torch.no_grad():
             for k, v in gates.items():
                 gate = self.gates[k]
