@@ -706,6 +706,19 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def verify(self) -> None:
+        """Open every image (PIL's header + integrity check, no full decode) and raise
+        :class:`DatasetFormatError` naming the first file that is not a readable image, so a
+        bad file stops a run before training instead of in the middle of it."""
+        from PIL import Image
+
+        for path, _ in self.samples:
+            try:
+                with Image.open(path) as image:
+                    image.verify()
+            except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ...
+                raise DatasetFormatError(f"{path}: not a readable image ({exc})") from exc
+
     def _crop_box(
         self, width: int, height: int, generator: torch.Generator | None
     ) -> tuple[int, int, int, int]:

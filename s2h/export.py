@@ -16,6 +16,7 @@ model). For a model of your own class, pass ``model_fn`` to :func:`load_exported
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 
@@ -74,14 +75,14 @@ def _int_value(v):
     return list(v)
 
 
-def _resize_tensors(module: nn.Module, prefix: str, state: dict) -> None:
-    """Give ``module``'s own parameters and buffers the shapes of the saved tensors."""
+def _resize_tensors(module: nn.Module, prefix: str, shapes: dict) -> None:
+    """Give ``module``'s own parameters and buffers the saved shapes (``name -> shape``)."""
     for store in (module._parameters, module._buffers):
         for k, t in list(store.items()):
-            saved = state.get(prefix + k)
-            if t is None or saved is None or tuple(saved.shape) == tuple(t.shape):
+            saved = shapes.get(prefix + k)
+            if t is None or saved is None or tuple(saved) == tuple(t.shape):
                 continue
-            new = torch.empty(saved.shape, dtype=t.dtype, device=t.device)
+            new = torch.empty(tuple(saved), dtype=t.dtype, device=t.device)
             store[k] = (nn.Parameter(new, requires_grad=t.requires_grad)
                         if isinstance(t, nn.Parameter) else new)
 
@@ -212,11 +213,12 @@ def _build_from(builder: dict) -> nn.Module:
     raise ValueError(f"unknown builder kind {kind!r} in architecture.json")
 
 
-def _resize_tensors_one(owner: nn.Module, attr: str, saved: torch.Tensor) -> None:
+def _resize_tensors_one(owner: nn.Module, attr: str, saved: tuple) -> None:
     p = owner._parameters[attr]
-    if tuple(p.shape) != tuple(saved.shape):
+    if tuple(p.shape) != tuple(saved):
         owner._parameters[attr] = nn.Parameter(
-            torch.empty(saved.shape, dtype=p.dtype, device=p.device), requires_grad=p.requires_grad)
+            torch.empty(tuple(saved), dtype=p.dtype, device=p.device),
+            requires_grad=p.requires_grad)
 
 
 def save_exported(model: nn.Module, directory: str, builder: dict | None = None) -> str:
@@ -259,8 +261,9 @@ def save_exported(model: nn.Module, directory: str, builder: dict | None = None)
             "torch": torch.__version__}
     os.makedirs(directory, exist_ok=True)
     tensors = {k: v.detach().contiguous().clone().cpu() for k, v in model.state_dict().items()}
-    tmp_w = os.path.join(directory, "model.safetensors.tmp")
-    tmp_a = os.path.join(directory, "architecture.json.tmp")
+    tag = f"{os.getpid()}.{os.urandom(4).hex()}.tmp"  # unique: concurrent writers never share
+    tmp_w = os.path.join(directory, f"model.safetensors.{tag}")
+    tmp_a = os.path.join(directory, f"architecture.json.{tag}")
     # safetensors' save_file creates its file with mode 0600; written here like any other
     # file (0666 less the umask: 0644 usually), so a saved model is readable by others
     with open(tmp_w, "wb") as f:
@@ -272,9 +275,129 @@ def save_exported(model: nn.Module, directory: str, builder: dict | None = None)
     return directory
 
 
+#: safetensors dtype names of floating-point tensors
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
+#: the dense model built before the pruned layers replace its own may hold at most this many
+#: elements beyond 100x the saved ones (a small file cannot make the loader allocate gigabytes)
+_DENSE_SLACK = 20_000_000
+
+
+def _read_header(w_path: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(w_path, "pt") as f:
+            return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
+                    for k in f.keys()}
+    except Exception as exc:
+        raise ValueError(f"{w_path} is not a readable safetensors file: {exc}") from exc
+
+
+def _set_all(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Set the submodule ``name`` (and every other name of the same module object) to ``new``."""
+    old = model.get_submodule(name)
+    names = [n for n, m in model.named_modules(remove_duplicate=False) if m is old and n] or [name]
+    for n in names:
+        parent_name, _, attr = n.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, new)
+
+
+def _assemble(arch: dict, model: nn.Module, shapes: dict) -> nn.Module:
+    """Apply architecture.json's identities, pruned layers and resized tensors to the dense
+    ``model``; new layers are built on the meta device (no memory), tensors that change shape
+    take the shapes of the header (``shapes``), on the device of the tensor they replace."""
+    identities = arch.get("identities", [])
+    layers = arch.get("layers", {})
+    resized = arch.get("resized", {})
+    channel_params = arch.get("channel_params", [])
+    if not isinstance(identities, list) or not isinstance(layers, dict) \
+            or not isinstance(resized, dict) or not isinstance(channel_params, list):
+        raise ValueError("architecture.json: identities / channel_params must be lists, layers "
+                         "/ resized objects")
+    for name in identities:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"bad module name {name!r} in architecture.json")
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if not hasattr(parent, attr):
+            raise ValueError(f"architecture.json names module {name!r}, which the rebuilt model "
+                             "does not have (another model version?)")
+        setattr(parent, attr, nn.Identity())
+    for name, spec in layers.items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("args", {}), dict):
+            raise ValueError(f"architecture.json: layer {name!r} is not an object with 'args'")
+        with torch.device("meta"):
+            new = build_layer(spec)
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if not name or not hasattr(parent, attr):
+            raise ValueError(f"architecture.json names layer {name!r}, which the rebuilt model "
+                             "does not have (another model version?)")
+        _set_all(model, name, new)
+    for name, spec in resized.items():
+        if not isinstance(spec, dict):
+            raise ValueError(f"architecture.json: resized layer {name!r} is not an object")
+        qn = spec.get("type")
+        if qn not in _RESIZED_ATTRS:
+            raise ValueError(f"architecture.json resizes a layer type that is not allowed: {qn!r}")
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            mod = None
+        if mod is None or _qualname(type(mod)) != qn:
+            raise ValueError(f"architecture.json names a {qn} at {name!r}, which the rebuilt "
+                             "model does not have (another model version?)")
+        attrs = spec.get("attrs", {})
+        if not isinstance(attrs, dict) or set(attrs) - set(_RESIZED_ATTRS[qn]):
+            raise ValueError(f"unexpected attributes for {qn}: {attrs!r}")
+        for a, v in attrs.items():
+            v = _int_value(v)
+            setattr(mod, a, tuple(v) if isinstance(v, list) else v)
+        _resize_tensors(mod, f"{name}." if name else "", shapes)
+    for pname in channel_params:
+        if not isinstance(pname, str):
+            raise ValueError(f"bad parameter name {pname!r} in architecture.json")
+        owner_name, _, attr = pname.rpartition(".")
+        try:
+            owner = model.get_submodule(owner_name)
+        except AttributeError:
+            continue
+        p = owner._parameters.get(attr)
+        saved = shapes.get(pname)
+        if p is not None and saved is not None and len(saved) == p.dim() \
+                and sum(s > 1 for s in saved) <= 1:
+            _resize_tensors_one(owner, attr, saved)
+    return model
+
+
+def _check_against_header(model: nn.Module, header: dict, w_path: str) -> None:
+    """Every tensor the model expects is in the file with that shape and a compatible dtype
+    (floating point where the model has floating point), and nothing else is."""
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    missing = sorted(set(expected) - set(header))
+    extra = sorted(set(header) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{w_path} does not match architecture.json: missing tensors "
+                         f"{missing[:5]}, unexpected tensors {extra[:5]}")
+    for k, t in expected.items():
+        shape, dtype = header[k]
+        if tuple(shape) != tuple(t.shape):
+            raise ValueError(f"{w_path}: tensor {k!r} has shape {tuple(shape)} but "
+                             f"architecture.json describes {tuple(t.shape)}")
+        if t.is_floating_point() != (dtype in _FLOAT_DTYPES):
+            raise ValueError(f"{w_path}: tensor {k!r} is {dtype}, the model's is {t.dtype} "
+                             "(a floating-point tensor must be saved as floating point and "
+                             "the other way round)")
+
+
 def load_exported(directory: str, model_fn: Callable[[], nn.Module] | None = None,
                   device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model saved by :func:`save_exported` (no pickle; see the module docstring)."""
+    """Rebuild a model saved by :func:`save_exported` (no pickle; see the module docstring).
+
+    Nothing is allocated before every size of ``architecture.json`` has been checked against
+    the tensor shapes in the safetensors header: the model is first assembled on the meta
+    device and compared with the header, then built and loaded."""
     from safetensors.torch import load_file
 
     arch_path = os.path.join(directory, "architecture.json")
@@ -287,60 +410,56 @@ def load_exported(directory: str, model_fn: Callable[[], nn.Module] | None = Non
             arch = json.load(f)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{arch_path} is not valid JSON: {exc}") from exc
-    if arch.get("format") != FORMAT:
-        raise ValueError(f"{arch_path} is not an s2h export (format={arch.get('format')!r})")
-    model = model_fn() if model_fn is not None else _build_from(arch["builder"])
-    for name in arch.get("identities", []):
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"bad module name {name!r} in architecture.json")
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        if not hasattr(parent, attr):
-            raise ValueError(f"architecture.json names module {name!r}, which the rebuilt model "
-                             "does not have (another model version?)")
-        setattr(parent, attr, nn.Identity())
-    for name, spec in arch.get("layers", {}).items():
-        new = build_layer(spec)
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        if not hasattr(parent, attr):
-            raise ValueError(f"architecture.json names layer {name!r}, which the rebuilt model "
-                             "does not have (another model version?)")
-        setattr(parent, attr, new)
+        except RecursionError as exc:
+            raise ValueError(f"{arch_path} is nested too deeply to be an s2h export") from exc
+    if not isinstance(arch, dict) or arch.get("format") != FORMAT:
+        fmt = arch.get("format") if isinstance(arch, dict) else type(arch).__name__
+        raise ValueError(f"{arch_path} is not an s2h export (format={fmt!r})")
+    builder = arch.get("builder")
+    if not isinstance(builder, dict) or (model_fn is None and not builder.get("kind")):
+        raise ValueError(f"{arch_path} has no valid 'builder' (how to rebuild the model): "
+                         f"{builder!r}")
+    header = _read_header(w_path)
+    shapes = {k: v[0] for k, v in header.items()}
+    saved_numel = sum(math.prod(s) for s in shapes.values())
+
+    def dense() -> nn.Module:
+        return model_fn() if model_fn is not None else _build_from(builder)
+
+    try:
+        # 1. on the meta device: every size checked against the header, nothing allocated
+        try:
+            with torch.device("meta"):
+                meta = dense()
+        except (ValueError, TypeError, KeyError, RecursionError):
+            raise
+        except Exception:  # a builder that cannot run on meta: checked after a real build
+            meta = None
+        if meta is not None:
+            n_dense = sum(t.numel() for t in meta.state_dict().values())
+            if n_dense > 100 * saved_numel + _DENSE_SLACK:
+                raise ValueError(f"{arch_path}: the dense model it describes has {n_dense} "
+                                 f"elements for {saved_numel} saved ones: refusing to build it")
+            _check_against_header(_assemble(arch, meta, shapes), header, w_path)
+        # 2. for real: the dense model (on meta when fully described by the file), the pruned
+        # layers on meta, then every tensor assigned from the file
+        if builder.get("kind") == "structure" and model_fn is None:
+            with torch.device("meta"):
+                model = dense()
+        else:
+            model = dense()
+        model = _assemble(arch, model, shapes)
+        _check_against_header(model, header, w_path)
+    except (TypeError, KeyError, AttributeError, IndexError, RecursionError) as exc:
+        raise ValueError(f"{arch_path} is malformed: {type(exc).__name__}: {exc}") from exc
     state = load_file(w_path, device=str(device))
-    for name, spec in arch.get("resized", {}).items():
-        qn = spec.get("type")
-        if qn not in _RESIZED_ATTRS:
-            raise ValueError(f"architecture.json resizes a layer type that is not allowed: {qn!r}")
-        try:
-            mod = model.get_submodule(name)
-        except AttributeError:
-            mod = None
-        if mod is None or _qualname(type(mod)) != qn:
-            raise ValueError(f"architecture.json names a {qn} at {name!r}, which the rebuilt "
-                             "model does not have (another model version?)")
-        attrs = spec.get("attrs", {})
-        if set(attrs) - set(_RESIZED_ATTRS[qn]):
-            raise ValueError(f"unexpected attributes for {qn}: "
-                             f"{sorted(set(attrs) - set(_RESIZED_ATTRS[qn]))}")
-        for a, v in attrs.items():
-            v = _int_value(v)
-            setattr(mod, a, tuple(v) if isinstance(v, list) else v)
-        _resize_tensors(mod, f"{name}." if name else "", state)
-    for pname in arch.get("channel_params", []):
-        if not isinstance(pname, str):
-            raise ValueError(f"bad parameter name {pname!r} in architecture.json")
-        owner_name, _, attr = pname.rpartition(".")
-        try:
-            owner = model.get_submodule(owner_name)
-        except AttributeError:
-            continue
-        p = owner._parameters.get(attr)
-        saved = state.get(pname)
-        if p is not None and saved is not None and saved.dim() == p.dim() \
-                and sum(s > 1 for s in saved.shape) <= 1:
-            _resize_tensors_one(owner, attr, saved)
-    model.load_state_dict(state, strict=True)
-    if arch["builder"].get("kind") != "custom":
-        model.s2h_builder = arch["builder"]
+    current = model.state_dict(keep_vars=True)
+    state = {k: v.to(current[k].dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+            if t.is_meta]
+    if left:
+        raise ValueError(f"{arch_path}: tensors {left[:5]} are not in the file (not persistent?)")
+    if builder.get("kind") != "custom":
+        model.s2h_builder = builder
     return model.to(device).eval()

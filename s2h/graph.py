@@ -16,6 +16,7 @@ helpers without special cases; the price is one forward pass at construction.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -34,12 +35,15 @@ _EXTRA_POINTWISE = {
     "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_", "hardtanh", "hardtanh_",
     "relu6", "silu", "silu_", "leaky_relu", "leaky_relu_", "elu", "elu_", "gelu", "gelu_",
     "mish", "mish_", "softplus", "clone", "_to_copy", "detach", "alias", "contiguous",
-    "copy_", "dropout", "native_dropout", "lift_fresh", "lift_fresh_copy", "_log_softmax",
+    "copy_", "dropout", "native_dropout", "lift_fresh", "lift_fresh_copy",
     "threshold", "fill_", "zero_", "bernoulli_",
 }
 _VIEW_OPS = {"view", "_unsafe_view", "reshape", "squeeze", "unsqueeze", "expand", "flatten",
-             "unflatten", "view_as", "squeeze_", "unsqueeze_", "_reshape_alias", "as_strided",
-             "as_strided_"}
+             "unflatten", "view_as", "squeeze_", "unsqueeze_", "_reshape_alias"}
+#: normalise over one dim: channel-wise unless that dim is the channel dim
+_SOFTMAX_OPS = {"_softmax", "_log_softmax", "softmax", "log_softmax"}
+#: views with explicit strides: any layout, the channel dim cannot be followed
+_STRIDED_OPS = {"as_strided", "as_strided_", "as_strided_scatter"}
 _REDUCE_OPS = {"mean", "sum", "amax", "amin", "var", "std", "var_mean", "max", "min", "prod",
                "logsumexp", "norm", "linalg_vector_norm"}
 _POOL_OPS = {"avg_pool2d", "max_pool2d_with_indices", "_adaptive_avg_pool2d", "adaptive_max_pool2d",
@@ -52,11 +56,28 @@ _NO_TENSOR_EFFECT = {"sym_size", "sym_stride", "sym_numel", "sym_storage_offset"
                      "new_ones", "new_empty", "new_full", "_assert_async", "eq", "ne"}
 
 PRUNABLE_TYPES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm)
+#: size attributes of layers that a pruned width changes -> the side of the layer they measure
+_SIZE_ATTRS = {"in_channels": "in", "out_channels": "out", "in_features": "in",
+               "out_features": "out", "num_features": "in", "normalized_shape": "in"}
 #: ops that keep every dim and act only on the dims named by their arguments
 _DIM_OPS = {"roll", "flip", "slice", "select", "constant_pad_nd", "narrow"}
 #: unary ops through which a parameter stays "the same parameter" (views and dtype casts)
-_PARAM_VIEW_OPS = _VIEW_OPS | {"permute", "_to_copy", "clone", "detach", "alias", "contiguous",
-                               "t", "transpose"}
+_PARAM_VIEW_OPS = _VIEW_OPS | _STRIDED_OPS | {"permute", "_to_copy", "clone", "detach", "alias",
+                                              "contiguous", "t", "transpose"}
+
+
+def _same_shape_restride(src: torch.Tensor, out: torch.Tensor) -> bool:
+    """``out`` has ``src``'s shape and a dense layout of it (only the memory format changes)."""
+    if tuple(out.shape) != tuple(src.shape):
+        return False
+    expect = 1
+    for d in sorted(range(out.dim()), key=lambda d: (out.stride(d), out.shape[d])):
+        if out.shape[d] == 1:
+            continue
+        if out.stride(d) != expect:
+            return False
+        expect *= out.shape[d]
+    return True
 
 
 def _is_layer(m: nn.Module) -> bool:
@@ -218,6 +239,16 @@ class _Analyzer:
         #: parameter name -> label of the channels it scales elementwise (layer-scale gamma)
         self.channel_params: dict[str, int] = {}
         self.bad_params: set[str] = set()
+        #: id of a layer's own parameter / buffer (or a view of one) -> (layer name, its name)
+        self.layer_tensor_of: dict[int, tuple[str, str]] = {}
+        for lname, m in model.named_modules():
+            if _is_layer(m):
+                for tname, t in list(m.named_parameters()) + list(m.named_buffers()):
+                    self.layer_tensor_of.setdefault(id(t), (lname, f"{lname}.{tname}".lstrip(".")))
+        #: layer name -> [(side "in"/"out"/"all", what was read, where)] read by the model's own
+        #: code outside the layer's call: a pruned width would change what that code computes
+        self.outside_reads: dict[str, list[tuple[str, str, str]]] = {}
+        self._internal = 0  # > 0 while the analysis itself (hooks) runs
 
     # ----------------------------------------------------------------- label helpers
     def get(self, t: torch.Tensor) -> list[int | None]:
@@ -252,6 +283,16 @@ class _Analyzer:
         tensors_in = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         labelled = [t for t in tensors_in if any(x is not None for x in self.get(t))]
         outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        owned = [self.layer_tensor_of[id(t)] for t in tensors_in if id(t) in self.layer_tensor_of]
+        if owned:
+            if name in _PARAM_VIEW_OPS and len(tensors_in) == 1:
+                for o in outs:  # a view / cast of a layer's weight: follow it, the use decides
+                    self.layer_tensor_of[id(o)] = owned[0]
+                    self.keepalive.append(o)
+            elif name not in _NO_TENSOR_EFFECT:
+                for lname, tname in owned:
+                    self.outside_reads.setdefault(lname, []).append(
+                        ("all", f"its tensor {tname!r} is used by aten.{name}", self.where()))
         if not labelled:
             # follow views / casts of parameters, to recognise per-channel scales later
             if name in _PARAM_VIEW_OPS and tensors_in and id(tensors_in[0]) in self.param_of:
@@ -261,7 +302,23 @@ class _Analyzer:
             return  # nothing to propagate; outputs stay unlabelled
         if name in _NO_TENSOR_EFFECT:
             return
-        if torch.Tag.pointwise in func.tags or name in _EXTRA_POINTWISE:
+        if name == "as_strided_" and _same_shape_restride(args[0], outs[0]):
+            # torch's own kernels restride a fresh output in place (memory format): same dims
+            self.set(outs[0], self.get(args[0]))
+        elif name in _STRIDED_OPS:
+            self.freeze_inputs(args, kwargs, f"aten.{name} (explicit strides: the channel layout "
+                                             "cannot be followed)")
+        elif name in _SOFTMAX_OPS:
+            src = list(self.get(args[0]))
+            d = (args[1] if len(args) > 1 else kwargs.get("dim", -1)) % max(1, len(src))
+            if src and src[d] is not None:
+                self.freeze_label(src[d], f"aten.{name} over the channel dim in {self.where()} "
+                                          "(not channel-wise)")
+                src[d] = None
+            for o in outs:
+                if o.dim() == len(src):
+                    self.set(o, src)
+        elif torch.Tag.pointwise in func.tags or name in _EXTRA_POINTWISE:
             self._pointwise(tensors_in, outs, name)
         elif name in _VIEW_OPS:
             self._view(args[0], outs[0], name)
@@ -562,6 +619,14 @@ class _Analyzer:
                 )
                 out = list(in_lab) if kind != "depthwise" else [None, lab_in] + [None] * (y.dim() - 2)
                 self.set(y, out)
+        # channels of a group in another dim of the input (moved there by a transpose / view):
+        # the layer does not carry them to its output, so they could not be pruned consistently
+        kept = set(self.get(y))
+        for d, lab in enumerate(in_lab):
+            if lab is not None and d != channel_dim % len(in_lab) and lab not in kept:
+                self.freeze_label(lab, f"{name} receives these channels in dim {d}, not in its "
+                                       f"channel dim (a transpose / channel-swapping view before "
+                                       f"it?)")
         self._seen_calls.add(name)
 
     # ----------------------------------------------------------------- run
@@ -570,29 +635,39 @@ class _Analyzer:
         hooks = []
         names = {m: n for n, m in self.model.named_modules()}
 
+        is_layer = {m: _is_layer(m) for m in names}
+
         def pre(m, args):
-            name = names[m]
-            self.module_stack.append(name or type(m).__name__)
-            if _is_layer(m):
-                self.opaque_depth += 1
+            self._internal += 1
+            try:
+                name = names[m]
+                self.module_stack.append(name or type(m).__name__)
+                if is_layer[m]:
+                    self.opaque_depth += 1
+            finally:
+                self._internal -= 1
 
         def post(m, args, out):
-            name = names[m]
-            self.module_stack.pop()
-            if _is_layer(m):
-                self.opaque_depth -= 1
-                if self.opaque_depth == 0:
-                    x = args[0] if args else None
-                    if isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor):
-                        self.on_layer(name, m, x, out)
-                    else:
-                        self.freeze_inputs(args, {}, f"{name} called with non-tensor arguments")
+            self._internal += 1
+            try:
+                name = names[m]
+                self.module_stack.pop()
+                if is_layer[m]:
+                    self.opaque_depth -= 1
+                    if self.opaque_depth == 0:
+                        x = args[0] if args else None
+                        if isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor):
+                            self.on_layer(name, m, x, out)
+                        else:
+                            self.freeze_inputs(args, {}, f"{name} called with non-tensor arguments")
+            finally:
+                self._internal -= 1
 
         for m in self.model.modules():
             hooks.append(m.register_forward_pre_hook(pre))
             hooks.append(m.register_forward_hook(post))
         try:
-            with self._tracer():
+            with self._size_reads(names, is_layer), self._tracer():
                 out = self.model(*example_inputs)
         finally:
             for h in hooks:
@@ -601,6 +676,53 @@ class _Analyzer:
             if isinstance(t, torch.Tensor):
                 for lab in self.get(t):
                     self.freeze_label(lab, "the model output (never pruned)")
+        # a layer whose weights or sizes the model's own code reads outside the layer's call:
+        # that code would see other values in the exported (smaller) model, so keep it whole
+        for lname, reads in self.outside_reads.items():
+            rec = self.layers.get(lname)
+            if rec is None:
+                continue
+            for side, what, where in reads:
+                labs = {"in": [rec.in_label], "out": [rec.out_label]}.get(
+                    side, [rec.in_label, rec.out_label, *rec.extra_labels.values()])
+                for lab in labs:
+                    self.freeze_label(lab, f"{lname} is read outside its own call ({what}, in "
+                                           f"{where}): the exported model would differ")
+
+    @contextlib.contextmanager
+    def _size_reads(self, names, is_layer):
+        """Record Python reads of the layers' size attributes (``conv.out_channels``,
+        ``bn.num_features``, ...) made by the model's own code outside the layer's call.
+
+        The attributes are moved out of the instances' ``__dict__`` for the trace, so that a read
+        reaches ``nn.Module.__getattr__``, replaced for the trace by one that records it."""
+        stash: dict[int, tuple[str, dict]] = {}
+        for m, name in names.items():
+            if is_layer[m]:
+                vals = {a: m.__dict__.pop(a) for a in _SIZE_ATTRS if a in m.__dict__}
+                if vals:
+                    stash[id(m)] = (name, vals)
+        orig = nn.Module.__getattr__
+        an = self
+
+        def getattr_(mod, attr):
+            ent = stash.get(id(mod))
+            if ent is not None and attr in ent[1]:
+                if an.opaque_depth == 0 and an._internal == 0:
+                    an.outside_reads.setdefault(ent[0], []).append(
+                        (_SIZE_ATTRS[attr], f"its size {ent[0]}.{attr} is read", an.where()))
+                return ent[1][attr]
+            return orig(mod, attr)
+
+        nn.Module.__getattr__ = getattr_
+        try:
+            yield
+        finally:
+            nn.Module.__getattr__ = orig
+            for m in names:
+                ent = stash.get(id(m))
+                if ent is not None:
+                    m.__dict__.update(ent[1])
 
     def _tracer(self):
         return _Tracer(self)

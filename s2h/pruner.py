@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,7 +36,50 @@ from .nn import (
     _MaskedMixin,
 )
 
-__all__ = ["NonFiniteLossError", "S2HPruner"]
+__all__ = ["ExportMismatchWarning", "NonFiniteGradientError", "NonFiniteLossError",
+           "NonFiniteStateError", "S2HPruner", "export_difference"]
+
+#: the exported model and the hard network must agree to this (fp32, relative to the output's
+#: magnitude when it is above 1)
+EXPORT_TOLERANCE = 1e-5
+
+
+class ExportMismatchWarning(UserWarning):
+    """The exported model's outputs differ from the hard network's on the same inputs."""
+
+
+@torch.no_grad()
+def export_difference(hard_fn: Callable, module: nn.Module, exported: nn.Module, inputs) -> tuple:
+    """``(max |exported(x) - hard_fn(x)|, tolerance)`` on ``inputs`` in fp32, both in eval mode
+    (``module``: the model behind ``hard_fn``; training flags are restored). Outputs that do not
+    even have the same structure or shapes give ``inf``."""
+    inputs = _as_tuple(inputs)
+    was, was_e = module.training, exported.training
+    module.eval()
+    exported.eval()
+    dev = inputs[0].device if inputs and isinstance(inputs[0], torch.Tensor) else None
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        with torch.autocast(device_type=dev.type if dev is not None else "cpu", enabled=False):
+            ref = torch.utils._pytree.tree_leaves(hard_fn(inputs))
+            out = torch.utils._pytree.tree_leaves(exported(*inputs))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        module.train(was)
+        exported.train(was_e)
+    if len(ref) != len(out):
+        return float("inf"), EXPORT_TOLERANCE
+    diff, scale = 0.0, 1.0
+    for a, b in zip(ref, out):
+        if not isinstance(a, torch.Tensor):
+            continue
+        if not isinstance(b, torch.Tensor) or a.shape != b.shape:
+            return float("inf"), EXPORT_TOLERANCE
+        if a.numel():
+            diff = max(diff, float((a.float() - b.float()).abs().max()))
+            scale = max(scale, float(a.float().abs().max()))
+    return diff, EXPORT_TOLERANCE * scale
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -50,15 +95,70 @@ class NonFiniteLossError(FloatingPointError):
         self.value = value
 
 
+class NonFiniteGradientError(NonFiniteLossError):
+    """A gradient (or a BatchNorm statistic) of the step is NaN or infinite while every loss
+    term is finite; the optimizer step was not taken."""
+
+    def __init__(self, what: str, value: float) -> None:
+        FloatingPointError.__init__(
+            self,
+            f"{what} is {value} at this step (every loss term is finite); no gradient was "
+            "applied. Lower the learning rate(s), use --amp bf16 instead of fp16, or clip "
+            "gradients; resume from the last good checkpoint.")
+        self.term = what
+        self.value = value
+
+
+class NonFiniteStateError(NonFiniteLossError):
+    """The state about to be saved (weights, BatchNorm statistics, gates) holds NaN/inf."""
+
+    def __init__(self, message: str) -> None:
+        FloatingPointError.__init__(self, message)
+        self.term = "state"
+        self.value = float("nan")
+
+
+def first_non_finite(named_tensors) -> tuple[str, float] | None:
+    """``(name, a non-finite value)`` of the first tensor holding NaN/inf, or None. One device
+    sync for the whole set; the culprit is looked up only when there is one."""
+    named = [(n, t) for n, t in named_tensors if t is not None and t.numel()]
+    floats = [t for _, t in named if t.is_floating_point()]
+    if not floats:
+        return None
+    norms = torch._foreach_norm([t.detach().float() for t in floats], float("inf"))
+    if bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).all()):
+        return None
+    for n, t in named:
+        if t.is_floating_point():
+            bad = t.detach()[~torch.isfinite(t.detach())]
+            if bad.numel():
+                return n, float(bad.flatten()[0])
+    return None
+
+
+def check_gradients(model: nn.Module, optimizer, gate_names: dict | None = None) -> None:
+    """Raise :class:`NonFiniteGradientError` naming the first parameter of ``optimizer`` whose
+    gradient is NaN/inf (names from ``model``, gates from ``gate_names`` ``{id: name}``)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    names.update(gate_names or {})
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    bad = first_non_finite((f"the gradient of {names.get(id(p), 'a parameter')!r}", p.grad)
+                           for p in params)
+    if bad is not None:
+        raise NonFiniteGradientError(*bad)
+
+
 VARIANTS = ("s2h", "no_gap", "coupled_gap", "direct_hard")
 
 
 def optimizer_step(model: nn.Module, optimizer, scaler=None, max_grad_norm=None,
-                   grad_hook=None) -> None:
+                   grad_hook=None, names: dict | None = None) -> None:
     """After the backward passes: ``grad_hook()`` (e.g. data-parallel gradient averaging), clip
     the model's gradients (unscaled first under a GradScaler), then the (scaled) optimizer step."""
     if grad_hook is not None:
         grad_hook()
+    if scaler is None:  # (a GradScaler skips steps with non-finite gradients itself)
+        check_gradients(model, optimizer, names)
     if max_grad_norm is not None:
         if scaler is not None:
             scaler.unscale_(optimizer)
@@ -75,9 +175,14 @@ def _as_tuple(inputs) -> tuple:
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, attr, module)
+    """Replace the submodule at ``name`` -- and at every other name of the same module object
+    (``self.c2 = self.c`` registers one module twice: both names must see the replacement)."""
+    old = root.get_submodule(name) if name else root
+    names = [n for n, m in root.named_modules(remove_duplicate=False) if m is old and n] or [name]
+    for n in names:
+        parent_name, _, attr = n.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        setattr(parent, attr, module)
 
 
 class S2HPruner:
@@ -137,7 +242,9 @@ class S2HPruner:
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         self.variant = variant
-        if not isinstance(target_flops, (int, float)) or not (0.0 < float(target_flops) <= 1.0):
+        if isinstance(target_flops, (bool, np.bool_)) \
+                or not isinstance(target_flops, numbers.Real) \
+                or not (0.0 < float(target_flops) <= 1.0):
             raise ValueError(
                 f"target_flops is the remaining FLOPs fraction and must be in (0, 1], got "
                 f"{target_flops!r} (e.g. 0.35 keeps 35% of the FLOPs)"
@@ -148,6 +255,11 @@ class S2HPruner:
             raise ValueError("this model already has an S2HPruner attached; build one per model")
         self.model = model
         self.example_inputs = _as_tuple(example_inputs)
+        empty = [tuple(t.shape) for t in self.example_inputs
+                 if isinstance(t, torch.Tensor) and (t.numel() == 0 or t.dim() and not len(t))]
+        if empty or not self.example_inputs:
+            raise ValueError(f"example_inputs must hold at least one sample (batch 1-2 is "
+                             f"enough); got {empty or 'nothing'}")
         self.target_flops = float(target_flops)
         self.divisor = divisor
         self.tau = float(tau)
@@ -646,7 +758,12 @@ class S2HPruner:
             if not torch.isfinite(v):
                 raise NonFiniteLossError(key, float(v))
         self.backward(terms, scaler)
-        optimizer_step(self.model, optimizer, scaler, max_grad_norm, grad_hook)
+        bad = first_non_finite((f"the BatchNorm statistic {n!r}", b)
+                               for n, b in self.model.named_buffers() if "running" in n)
+        if bad is not None:
+            raise NonFiniteGradientError(*bad)
+        optimizer_step(self.model, optimizer, scaler, max_grad_norm, grad_hook,
+                       names={id(g.logits): f"gate {k}" for k, g in self.gates.items()})
         with torch.no_grad():  # softmax is shift-invariant: keep logits centred
             for g in self.gate_parameters():
                 g.sub_(g.mean())
@@ -696,12 +813,34 @@ class S2HPruner:
 
     # ------------------------------------------------------------------ export
     @torch.no_grad()
-    def export(self) -> nn.Module:
+    def export(self, check: bool = True) -> nn.Module:
         """A plain ``torch.nn`` copy of the hard network: every pruned layer sliced to its kept
         channels, BatchNorm with the hard network's running statistics, in eval mode.
 
         No s2h code is needed to run it; ``s2h.save_exported`` stores it without pickle.
+        With ``check`` (default), its outputs on the example inputs are compared with the hard
+        network's (fp32, :data:`EXPORT_TOLERANCE`) and an :class:`ExportMismatchWarning` gives
+        the difference when they do not agree.
         """
+        exported = self._export()
+        if check:
+            try:
+                diff, tol = export_difference(self.hard_forward, self.model, exported,
+                                              self.example_inputs)
+            except Exception as exc:  # noqa: BLE001 - the export itself does not run
+                diff, tol = float("inf"), 0.0
+                warnings.warn(f"the exported model does not run on the example inputs: "
+                              f"{type(exc).__name__}: {exc}", ExportMismatchWarning, stacklevel=2)
+            else:
+                if not diff <= tol:
+                    warnings.warn(
+                        f"the exported model differs from the hard network on the example inputs"
+                        f" (max |difference| {diff:.3g} > {tol:.3g}): the model's code probably "
+                        "reads a pruned layer in a way the analysis did not see",
+                        ExportMismatchWarning, stacklevel=2)
+        return exported
+
+    def _export(self) -> nn.Module:
         keep = {id(g): g.keep_index() for g in self.gates.values()}
         exported = copy.deepcopy(self.model)  # masked layers drop their gates when copied
         for name, m in self._masked.items():
@@ -755,12 +894,22 @@ class S2HPruner:
                 f"(differing groups: {missing[:5] or 'same names, other channel counts'}); "
                 "was it saved for another model, ignore= list or divisor?"
             )
+        gates = state.get("gates")
+        if not isinstance(gates, dict) or set(gates) != set(self.gates):
+            have = set(gates) if isinstance(gates, dict) else set()
+            raise ValueError(
+                "pruner state does not hold exactly this pruner's gates (missing "
+                f"{sorted(set(self.gates) - have)[:5]}, unexpected "
+                f"{sorted(have - set(self.gates))[:5]}); the checkpoint is incomplete or was "
+                "saved for another model")
         with torch.no_grad():
-            for k, v in state["gates"].items():
+            for k, v in gates.items():
                 gate = self.gates[k]
                 if gate.logits.shape != v["logits"].shape:
                     raise ValueError(f"gate {k!r}: logits shape {tuple(v['logits'].shape)} does "
                                      f"not match {tuple(gate.logits.shape)} (another divisor?)")
+                if not torch.isfinite(v["logits"]).all():
+                    raise ValueError(f"gate {k!r}: the saved logits are not finite")
                 gate.logits.copy_(v["logits"])
                 gate.order.copy_(v["order"])
         cfg = state.get("config", {})

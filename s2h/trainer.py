@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
+import fcntl
 import json
 import math
 import os
@@ -37,7 +39,14 @@ from torch import nn
 
 from . import distributed as _dist
 from .export import save_exported
-from .pruner import VARIANTS, NonFiniteLossError, S2HPruner
+from .pruner import (
+    VARIANTS,
+    NonFiniteLossError,
+    NonFiniteStateError,
+    S2HPruner,
+    export_difference,
+    first_non_finite,
+)
 
 
 @dataclass
@@ -93,6 +102,10 @@ def build_model(name: str, num_classes: int, in_chans: int) -> nn.Module:
 
     if name in models.list_models():
         return models.create_model(name, num_classes=num_classes, in_chans=in_chans)
+    if ":" in name or "/" in name:  # hf-hub:org/name, timm/name@...: would download
+        raise ValueError(f"model {name!r} names a hub model: s2h prune builds models from "
+                         "their architecture name with random weights and downloads nothing; "
+                         "pass a plain name (e.g. 'resnet18')")
     try:
         import timm
     except ImportError as exc:  # pragma: no cover
@@ -167,15 +180,111 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> int:
     return int(fc.get_total_flops())
 
 
+def _tmp_name(path: str) -> str:
+    """A temp name next to ``path`` that no other writer uses (pid + random)."""
+    return f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+
+
+def _atomic_write(path: str, write, mode: str = "wb") -> None:
+    """Write ``path`` so that a process killed at any moment leaves either the old file or the
+    new one, never a torn one: ``write(f)`` into a unique temp file, fsync, rename over. On an
+    error (disk full, ...) the temp file is removed and the old file is left as it was."""
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        what = "no space left on the device" if exc.errno == errno.ENOSPC else \
+            (exc.strerror or str(exc))
+        raise OSError(exc.errno, f"could not write {path}: {what}; the previous "
+                                 f"{os.path.basename(path)} (if any) is intact") from exc
+
+
 def _atomic_save(obj, path: str) -> None:
-    """Write ``obj`` to ``path`` so that a process killed at any moment leaves either the old
-    file or the new one, never a torn one: write a temp file, fsync, rename over."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """``torch.save`` through :func:`_atomic_write`."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+class RunDirLocked(ValueError):
+    """Another process is writing the same ``--out`` directory."""
+
+
+def _lock_run_dir(out: str):
+    """Create ``out`` and take an exclusive lock on ``out/.lock`` for this run (released when
+    the returned file is closed or the process dies). Refuses a second writer clearly."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        f = open(os.path.join(out, ".lock"), "a+")
+    except OSError as exc:
+        raise ValueError(f"cannot write to --out {out}: {exc.strerror or exc}") from exc
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        raise RunDirLocked(f"--out {out} is in use by another s2h run ({holder or 'a process'}); "
+                           "wait for it to finish or use another --out") from exc
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    return f
+
+
+#: settings that --resume may change (applied, with a notice); any other difference is refused
+RESUME_CHANGEABLE = ("lr", "gate_lr", "epochs", "target_flops", "ckpt_every", "log_every",
+                     "progress", "plots", "tensorboard", "eval_batches", "dense_baseline",
+                     "latency", "workers", "device", "out", "resume")
+
+
+def resume_changes(saved: dict, cfg: PruneConfig) -> dict:
+    """``{name: (saved, now)}`` of the settings of ``cfg`` that differ from the checkpoint's
+    ``saved`` config; raises ValueError listing those that --resume cannot change."""
+    now = asdict(cfg)
+    diff = {k: (saved.get(k), now[k]) for k in now
+            if k in saved and saved.get(k) != now[k] and k not in ("out", "resume")}
+    refused = {k: v for k, v in diff.items() if k not in RESUME_CHANGEABLE}
+    if refused:
+        lines = ", ".join(f"--{k.replace('_', '-')} {a!r} (checkpoint) vs {b!r} (now)"
+                          for k, (a, b) in refused.items())
+        raise ValueError(f"--resume with settings that differ from the checkpoint's: {lines}. "
+                         "These cannot change in the middle of a run; repeat the original "
+                         "values, or start a new run in another --out. (--resume may change: "
+                         + ", ".join("--" + k.replace("_", "-") for k in RESUME_CHANGEABLE[:4])
+                         + ".)")
+    return diff
+
+
+def validate_config(cfg: PruneConfig) -> None:
+    """Refuse settings that cannot mean anything (ValueError, before any work)."""
+    checks = [
+        (cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}"),
+        (cfg.steps_per_epoch is None or cfg.steps_per_epoch >= 1,
+         f"--steps-per-epoch must be >= 1, got {cfg.steps_per_epoch}"),
+        (cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}"),
+        (math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
+        (math.isfinite(cfg.gate_lr) and cfg.gate_lr >= 0, f"--gate-lr must be >= 0, got "
+                                                          f"{cfg.gate_lr}"),
+        (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0,
+         f"--weight-decay must be >= 0, got {cfg.weight_decay}"),
+        (cfg.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {cfg.warmup_steps}"),
+        (cfg.ckpt_every is None or cfg.ckpt_every >= 1,
+         f"--ckpt-every must be >= 1, got {cfg.ckpt_every}"),
+        (cfg.eval_batches is None or cfg.eval_batches >= 1,
+         f"--eval-batches must be >= 1, got {cfg.eval_batches}"),
+        (cfg.log_every >= 0, f"--log-every must be >= 0, got {cfg.log_every}"),
+        (cfg.max_grad_norm is None or cfg.max_grad_norm > 0,
+         f"--max-grad-norm must be > 0, got {cfg.max_grad_norm}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)
 
 
 def _lr_lambda(total_steps: int, warmup: int):
@@ -343,9 +452,14 @@ def run_prune(cfg: PruneConfig) -> dict:
     dist_info = _dist.init_from_env(device.type)
     if dist_info.enabled and device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)
+    lock = None
     try:
+        validate_config(cfg)
+        lock = _lock_run_dir(cfg.out) if dist_info.is_main else None
         return _run(cfg, device, dist_info)
     finally:
+        if lock is not None:
+            lock.close()
         _dist.shutdown(dist_info)
 
 
@@ -397,11 +511,31 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     rank_batch = cfg.batch_size // world
+    ckpt, changes = None, {}
+    if cfg.resume:  # before any work: a changed setting is refused or applied, and said so
+        if not os.path.exists(ckpt_path):
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = load_checkpoint(ckpt_path)
+        bad = first_non_finite(ckpt.get("model", {}).items()) if isinstance(
+            ckpt.get("model"), dict) else None
+        if bad is not None:
+            raise ValueError(f"--resume: {ckpt_path} holds a non-finite value ({bad[0]} = "
+                             f"{bad[1]}); it cannot be resumed")
+        changes = resume_changes(ckpt.get("config", {}), cfg)
+        if changes.get("epochs") and cfg.epochs < int(ckpt["epoch"]):
+            raise ValueError(f"--resume --epochs {cfg.epochs}: the checkpoint has already done "
+                             f"{int(ckpt['epoch'])} epochs")
+        if main and changes:
+            _log("--resume: applying changed settings: " + ", ".join(
+                f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
 
     train_loader, test_loader, info = build_loaders(
         cfg.dataset, cfg.data_dir, rank_batch, workers=cfg.workers, seed=cfg.seed,
         test_batch_size=cfg.batch_size, rank=dist_info.rank, world_size=world,
     )
+    if hasattr(train_loader.dataset, "verify"):  # image folders: every file decodes, or exit 2
+        train_loader.dataset.verify()
+        test_loader.dataset.verify()
     steps_per_epoch = len(train_loader)
     if cfg.steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
@@ -437,13 +571,23 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
     sums: dict[str, float] = {}
     n = 0
     if cfg.resume:
-        if not os.path.exists(ckpt_path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = load_checkpoint(ckpt_path)
-        model.load_state_dict(ckpt["model"])
-        pruner.load_state_dict(ckpt["pruner"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            pruner.load_state_dict(ckpt["pruner"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+        except (KeyError, RuntimeError, TypeError) as exc:
+            raise ValueError(f"--resume: {ckpt_path} does not fit this run "
+                             f"({type(exc).__name__}: {str(exc)[:300]})") from exc
+        # what this run says, not what the checkpoint held (the same values when unchanged):
+        # the learning rates continue on the new schedule, the pruner aims at the new target
+        sched.base_lrs = [cfg.lr, cfg.gate_lr]
+        for g, base, lam in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
+            g["initial_lr"] = base
+            g["lr"] = base * lam(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in opt.param_groups]
+        if hasattr(pruner, "target_flops"):
+            pruner.target_flops = float(cfg.target_flops)
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, start_batch = int(ckpt["epoch"]), int(ckpt.get("batch", 0))
@@ -451,15 +595,18 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
         set_rng_state(ckpt["rng"] if isinstance(ckpt["rng"], dict) else {"torch": ckpt["rng"]})
         if main:  # rows logged after the checkpoint are redone: drop them, keep the rest
             keep = read_metrics(metrics_path, pruner.step_count)
-            with open(metrics_path + ".tmp", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in keep)
-            os.replace(metrics_path + ".tmp", metrics_path)
+            _atomic_write(metrics_path, lambda f: f.writelines(json.dumps(r) + "\n" for r in keep),
+                          "w")
             where = f"epoch {start_epoch + 1}, batch {start_batch}" if start_batch else \
                 f"the end of epoch {start_epoch}"
             _log(f"resumed from {ckpt_path} at {where} (step {pruner.step_count})")
     elif main and os.path.exists(metrics_path):
         os.remove(metrics_path)
     _dist.broadcast_state([model, pruner.gates], dist_info)
+    resume_log = list(ckpt.get("resume_changes", [])) if ckpt is not None else []
+    if changes:
+        resume_log.append({"step": pruner.step_count,
+                           "changes": {k: list(v) for k, v in changes.items()}})
 
     tb = _tensorboard(cfg, main)
     mlog = open(metrics_path, "a") if main else None
@@ -473,7 +620,16 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
             return
         mlog.flush()
         os.fsync(mlog.fileno())
+        # never replace a good checkpoint with a state that holds NaN/inf
+        bad = first_non_finite([*((f"parameter {k!r}", v) for k, v in model.state_dict().items()),
+                                *((f"gate {k!r}", g.logits) for k, g in pruner.gates.items())])
+        if bad is not None:
+            good = ckpt_path if os.path.exists(ckpt_path) else "none yet"
+            raise NonFiniteStateError(
+                f"the model state to checkpoint holds a non-finite value ({bad[0]} = {bad[1]}); "
+                f"it was not written. Last good checkpoint (left untouched): {good}")
         _atomic_save({"format": "s2h-checkpoint", "version": 2, "config": asdict(cfg),
+                      "resume_changes": resume_log,
                       "epoch": epochs_done, "batch": batch, "step": pruner.step_count,
                       "world_size": world,
                       "epoch_sums": sums, "epoch_steps": n,
@@ -574,7 +730,7 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
             tb.close()
 
     return _finish(cfg, pruner, model, init_state, train_loader, test_loader, info, device,
-                   steps_per_epoch, example, dist_info)
+                   steps_per_epoch, example, dist_info, resume_log)
 
 
 def load_checkpoint(path: str) -> dict:
@@ -606,7 +762,7 @@ def recalibrate_for_export(cfg: PruneConfig, pruner, train_loader) -> int:
 
 
 def _finish(cfg, pruner, model, init_state, train_loader, test_loader, info, device,
-            steps_per_epoch, example, dist_info) -> dict:
+            steps_per_epoch, example, dist_info, resume_log=()) -> dict:
     main = dist_info.is_main
     n = recalibrate_for_export(cfg, pruner, train_loader)
     _dist.broadcast_state([model], dist_info)
@@ -619,6 +775,9 @@ def _finish(cfg, pruner, model, init_state, train_loader, test_loader, info, dev
                             module=model)
         exported = pruner.export().to(device)
         exp_acc = evaluate(exported, test_loader, device, cfg.eval_batches)
+        # the outputs, not only the accuracies: fp32, on the first test batch
+        x_cmp = next(iter(test_loader))[0].to(device)
+        exp_diff, exp_tol = export_difference(pruner.hard_forward, model, exported, x_cmp)
         save_exported(exported, os.path.join(cfg.out, "exported"))
         rows["exported"] = {"accuracy": exp_acc, "flops": count_flops(exported, ex1),
                             "params": sum(p.numel() for p in exported.parameters())}
@@ -657,7 +816,9 @@ def _finish(cfg, pruner, model, init_state, train_loader, test_loader, info, dev
         "last_epoch": epochs[-1] if epochs else None,
         "hard_acc_after_bn_recalibration": hard_acc,
         "bn_recalibration_batches": n,
-        "export_matches_hard_network": abs(hard_acc - exp_acc) < 1e-9,
+        "export_matches_hard_network": bool(exp_diff <= exp_tol),
+        "export_max_abs_difference": exp_diff,
+        "resume_changes": list(resume_log),
         "widths": pruner.widths(),
         "group_channels": pruner.group_channels(),
         "rows": rows,
@@ -674,8 +835,8 @@ def _finish(cfg, pruner, model, init_state, train_loader, test_loader, info, dev
         "steps": cfg.epochs * steps_per_epoch,
         "torch": torch.__version__,
     }
-    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    _atomic_write(os.path.join(cfg.out, "summary.json"),
+                  lambda f: json.dump(summary, f, indent=1), "w")
     if cfg.plots:
         _write_plots(cfg.out, summary)
     _log(format_table(summary))
@@ -684,10 +845,13 @@ def _finish(cfg, pruner, model, init_state, train_loader, test_loader, info, dev
 
 
 def _write_plots(out: str, summary: dict) -> None:
-    try:
+    try:  # matplotlib is optional at run time (s2h.plots imports it lazily: check it here)
+        import matplotlib  # noqa: F401
+
         from .plots import plot_run
-    except ImportError as exc:  # matplotlib is optional at run time
-        _log(f"no plots: {exc}")
+    except ImportError:
+        _log("plots skipped: matplotlib is not installed (pip install matplotlib, or "
+             "pip install 's2h[plots]'; then python -m s2h.plots OUT to draw them)")
         return
     paths = plot_run(os.path.join(out, "metrics.jsonl"), os.path.join(out, "plots"),
                      summary=summary)
@@ -735,4 +899,7 @@ def format_table(summary: dict) -> str:
                      f"test accuracy {hard:.2f}%")
     lines.append(f"exported == hard network: {summary['export_matches_hard_network']}; "
                  f"model saved to {summary['config']['out']}/exported")
+    if "export_max_abs_difference" in summary:
+        lines.append(f"  (their outputs on a test batch, fp32: max |difference| "
+                     f"{summary['export_max_abs_difference']:.2g})")
     return "\n".join(lines)
