@@ -174,6 +174,30 @@ def _as_tuple(inputs) -> tuple:
     return inputs if isinstance(inputs, tuple) else (inputs,)
 
 
+def use_channels_last(model: nn.Module, device: torch.device | str) -> bool:
+    """Convert a conv model to channels-last when it runs on CUDA; returns whether it did.
+
+    The fused conv kernels (and cuDNN in bf16/fp16) are fast in channels-last (NHWC): their
+    loads are contiguous over channels, which is also where the kept-channel gathers act. On
+    the CPU the layout is left as it is.
+    """
+    if torch.device(device).type != "cuda" or not any(
+        isinstance(m, nn.Conv2d) for m in model.modules()
+    ):
+        return False
+    model.to(memory_format=torch.channels_last)
+    return True
+
+
+def channels_last_inputs(inputs: tuple) -> tuple:
+    """4-D floating tensors of ``inputs`` in channels-last memory format (others unchanged)."""
+    return tuple(
+        t.contiguous(memory_format=torch.channels_last)
+        if isinstance(t, torch.Tensor) and t.dim() == 4 and torch.is_floating_point(t) else t
+        for t in inputs
+    )
+
+
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     """Replace the submodule at ``name`` -- and at every other name of the same module object
     (``self.c2 = self.c`` registers one module twice: both names must see the replacement)."""
@@ -314,6 +338,9 @@ class S2HPruner:
             self.gates[self._key(g.name)] = gate
             self._group_gate[id(g)] = gate
         self.gates.to(device)
+        self.channels_last = use_channels_last(model, device)
+        if self.channels_last:
+            self.example_inputs = channels_last_inputs(self.example_inputs)
         self.runtime = GateRuntime()
         self._swap_layers()
         self._build_flops_table()
@@ -639,7 +666,7 @@ class S2HPruner:
         """``(soft_out, hard_out)``: the full-width relaxed network and the kept-channel one.
 
         In lockstep mode (``fused``) one pass computes both, through the fused dual ops."""
-        inputs = _as_tuple(inputs)
+        inputs = self._inputs(inputs)
         if self.lockstep:
             from . import dual
 
@@ -647,13 +674,17 @@ class S2HPruner:
             return dual.dual_forward(self.model, list(self._masked.values()), inputs)
         return self._two_pass(inputs)
 
-    def hard_forward(self, inputs):
+    def _inputs(self, inputs) -> tuple:
         inputs = _as_tuple(inputs)
+        return channels_last_inputs(inputs) if self.channels_last else inputs
+
+    def hard_forward(self, inputs):
+        inputs = self._inputs(inputs)
         with self.mode("hard"):
             return self.model(*inputs)
 
     def soft_forward(self, inputs):
-        inputs = _as_tuple(inputs)
+        inputs = self._inputs(inputs)
         with self.mode("soft"):
             return self.model(*inputs)
 

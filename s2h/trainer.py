@@ -46,6 +46,7 @@ from .pruner import (
     S2HPruner,
     export_difference,
     first_non_finite,
+    use_channels_last,
 )
 
 
@@ -121,6 +122,14 @@ def build_model(name: str, num_classes: int, in_chans: int) -> nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
 
 
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch on ``device``; image batches in channels-last on CUDA (see use_channels_last)."""
+    x = x.to(device, non_blocking=True)
+    if device.type == "cuda" and x.dim() == 4 and torch.is_floating_point(x):
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 def _autocast(device: torch.device, amp: str):
     if amp == "none":
         return contextlib.nullcontext()
@@ -146,7 +155,7 @@ def _accuracy(model_fn, loader, device, max_batches, amp) -> float:
     for i, (x, y) in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = _to_device(x, device), y.to(device, non_blocking=True)
         with _autocast(device, amp):
             out = model_fn(x)
         correct += int((out.argmax(-1) == y).sum())
@@ -354,7 +363,7 @@ def train_dense(model, cfg, train_loader, device, steps_per_epoch, dist_info=Non
         for i, (x, y) in enumerate(it):
             if i >= steps_per_epoch:
                 break
-            x, y = x.to(device), y.to(device)
+            x, y = _to_device(x, device), y.to(device)
             opt.zero_grad(set_to_none=True)
             with _autocast(device, cfg.amp):
                 loss = F.cross_entropy(model(x).float(), y)
@@ -774,6 +783,7 @@ def _finish(cfg, pruner, model, init_state, train_loader, test_loader, info, dev
         hard_acc = evaluate(pruner.hard_forward, test_loader, device, cfg.eval_batches,
                             module=model)
         exported = pruner.export().to(device)
+        use_channels_last(exported, device)
         exp_acc = evaluate(exported, test_loader, device, cfg.eval_batches)
         # the outputs, not only the accuracies: fp32, on the first test batch
         x_cmp = next(iter(test_loader))[0].to(device)
@@ -782,6 +792,7 @@ def _finish(cfg, pruner, model, init_state, train_loader, test_loader, info, dev
         rows["exported"] = {"accuracy": exp_acc, "flops": count_flops(exported, ex1),
                             "params": sum(p.numel() for p in exported.parameters())}
     dense = build_model(cfg.model, info.num_classes, info.in_chans).to(device)
+    use_channels_last(dense, device)
     dense_step_s = None
     if cfg.dense_baseline:  # every rank trains it (gradients are averaged), rank 0 reports
         dense.load_state_dict(init_state)

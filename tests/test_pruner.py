@@ -384,3 +384,26 @@ def test_grad_balance_rescales_the_resource_gradient_per_gate():
         assert float(res.norm()) == pytest.approx(0.5 * float(gap.norm()), rel=1e-5)
     with pytest.raises(ValueError, match="grad_balance"):
         s2h.S2HPruner(plain_cnn(), torch.randn(2, 3, 8, 8), 0.5, grad_balance=-1)
+
+
+def test_conv_models_go_channels_last_on_cuda_only():
+    """The fused conv kernels are fast in NHWC: on CUDA the pruner (and the trainer, for the
+    exported and dense models) converts conv models and image batches to channels-last; on
+    the CPU nothing changes, and a model without convs is left alone."""
+    from s2h.pruner import channels_last_inputs, use_channels_last
+
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1))
+    assert not use_channels_last(cnn, torch.device("cpu"))
+    assert cnn[0].weight.is_contiguous()
+    assert use_channels_last(cnn, torch.device("cuda"))  # the layout only; no device move
+    assert cnn[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not cnn[0].weight.is_contiguous()
+    mlp = nn.Sequential(nn.Linear(4, 4))
+    assert not use_channels_last(mlp, "cuda")
+    x, y = torch.randn(2, 3, 5, 5), torch.randn(2, 3)
+    cx, cy = channels_last_inputs((x, y))
+    assert cx.is_contiguous(memory_format=torch.channels_last) and torch.equal(cx, x)
+    assert cy is y
+    p = s2h.S2HPruner(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)),
+                      torch.randn(2, 3, 6, 6), 0.5, divisor=4)
+    assert not p.channels_last and p.model[0].weight.is_contiguous()
