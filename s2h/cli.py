@@ -27,7 +27,26 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=d.lr, help="weights' learning rate (AdamW)")
     p.add_argument("--gate-lr", type=float, default=d.gate_lr, help="gates' learning rate")
     p.add_argument("--gate-schedule", default=d.gate_schedule, choices=["constant", "cosine"],
-                   help="gates' learning-rate schedule (the weights' is warm-up + cosine)")
+                   help="gates' learning-rate schedule; cosine (default) follows the weights' "
+                        "warm-up + cosine")
+    p.add_argument("--resource-mode", default=d.resource_mode,
+                   choices=["normalized", "quadratic"],
+                   help="normalized (default): per gate, the FLOPs gradient is rescaled to "
+                        "--resource-ratio x the norm of the gate's other gradients, faded "
+                        "within --resource-band of the target; quadratic: lam*(r-T)^2")
+    p.add_argument("--resource-ratio", type=float, default=d.resource_ratio,
+                   help="normalized resource gradient / other gradients, per gate")
+    p.add_argument("--resource-band", type=float, default=d.resource_band,
+                   help="FLOPs-ratio band around the target in which the normalized resource "
+                        "gradient fades (factor min((r-T)^2/band^2, 1))")
+    p.add_argument("--gate-warmup-steps", type=int, default=d.gate_warmup_steps, metavar="N",
+                   help="train the dense weights N steps before the gates train")
+    p.add_argument("--importance-from", default=d.importance_from, choices=["warmup", "init"],
+                   help="channel importance (L1) order: taken at the end of the gate warm-up "
+                        "(default; training from scratch) or from the starting weights")
+    p.add_argument("--freeze-arch-at", type=float, default=d.freeze_arch_at, metavar="F",
+                   help="fraction of training after which the architecture is fixed (projected "
+                        "onto the budget if above it) and only the weights train; 1: at the end")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
                    help="clip the weights' gradient norm (0: no clipping)")
@@ -75,6 +94,9 @@ def _config(args) -> PruneConfig:
         batch_size=args.batch_size, lr=args.lr, gate_lr=args.gate_lr,
         weight_decay=args.weight_decay, alpha=args.alpha, lam=args.lam, divisor=args.divisor,
         gate_schedule=args.gate_schedule, warmup_steps=args.warmup_steps,
+        resource_mode=args.resource_mode, resource_ratio=args.resource_ratio,
+        resource_band=args.resource_band, gate_warmup_steps=args.gate_warmup_steps,
+        importance_from=args.importance_from, freeze_arch_at=args.freeze_arch_at,
         max_grad_norm=args.max_grad_norm or None, variant=args.variant,
         method=args.method, stp_trials=args.stp_trials, stp_width_step=args.stp_width_step,
         stp_commits_per_round=args.stp_commits_per_round,

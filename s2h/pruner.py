@@ -563,14 +563,14 @@ class S2HPruner:
         def scaled(t):
             return scaler.scale(t) if scaler is not None else t
 
-        gates = list(self.gate_parameters())
+        gates = [g for g in self.gate_parameters() if g.requires_grad]  # none when frozen
         normalized = self.resource_mode == "normalized" and terms["flops_ratio"].requires_grad
         res_grads = None
         if normalized:
             res_grads = torch.autograd.grad(terms["flops_ratio"], gates, allow_unused=True,
                                             retain_graph=True)
             before = [None if g.grad is None else g.grad.detach().clone() for g in gates]
-        if terms["gap_gates"].requires_grad:
+        if terms["gap_gates"].requires_grad and gates:
             torch.autograd.backward(scaled(terms["gap_gates"]), inputs=gates, retain_graph=True)
         main = terms["perf"] + terms["gap_weights"]
         if not normalized:
@@ -612,6 +612,31 @@ class S2HPruner:
                 if scaler is not None:
                     add = scaler.scale(add)
             g.grad = add if g.grad is None else g.grad + add
+
+    def warmup_step(self, inputs, targets, optimizer, *, loss_fn=None, scaler=None,
+                    max_grad_norm: float | None = None,
+                    grad_hook: Callable[[], None] | None = None) -> dict[str, float]:
+        """One weight warm-up step (METHOD §4, phases): the dense network on the task loss, no
+        gate involved (the hard network is the full one until the gates move).  Same metrics
+        keys as :meth:`train_step` (the gap and resource terms are 0)."""
+        self.model.train()
+        optimizer.zero_grad(set_to_none=True)
+        with self.mode("dense"):
+            out = self.model(*_as_tuple(inputs))
+        perf = (loss_fn or F.cross_entropy)(out.float(), targets)
+        if not torch.isfinite(perf):
+            raise NonFiniteLossError("perf", float(perf))
+        (scaler.scale(perf) if scaler is not None else perf).backward()
+        optimizer_step(self.model, optimizer, scaler, max_grad_norm, grad_hook)
+        self.step_count += 1
+        with torch.no_grad():
+            m = {"perf": float(perf), "gap_weights": 0.0, "gap_gates": 0.0, "resource": 0.0,
+                 "flops_ratio": 1.0, "loss": float(perf)}
+            if targets is not None and targets.dtype in (torch.int64, torch.int32):
+                m["soft_acc"] = m["hard_acc"] = float((out.argmax(-1) == targets).float().mean())
+            m["agreement"] = 1.0
+            m["hard_flops_ratio"] = self.hard_flops_ratio()
+        return m
 
     def train_step(self, inputs, targets, optimizer, *, loss_fn=None, scaler=None,
                    max_grad_norm: float | None = None,

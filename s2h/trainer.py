@@ -56,7 +56,14 @@ class PruneConfig:
     divisor: int = 8
     tau: float = 1.0
     warmup_steps: int = 50
-    gate_schedule: str = "constant"  # constant | cosine (same warm-up and length as the weights')
+    # the gates' lr follows the weights' schedule (warm-up + cosine) by default, as in the demo
+    gate_schedule: str = "cosine"  # cosine | constant
+    resource_mode: str = "normalized"  # normalized | quadratic (S2HPruner.resource_mode)
+    resource_ratio: float = 2.0
+    resource_band: float = 0.02
+    gate_warmup_steps: int = 0  # dense weight training before the gates train
+    importance_from: str = "warmup"  # warmup (L1 order at the end of the warm-up) | init
+    freeze_arch_at: float = 0.8  # fraction of training; from then on the architecture is fixed
     variant: str = "s2h"  # s2h | no_gap | coupled_gap | direct_hard (S2HPruner's ablations)
     method: str = "s2h"  # s2h | stp (STPPruner, METHOD §8)
     stp_trials: int = 2  # STP: steps each candidate is tried before a commit
@@ -204,7 +211,9 @@ def build_pruner(cfg: PruneConfig, model: nn.Module, example: torch.Tensor, warn
     if cfg.method != "s2h":
         raise ValueError(f"method must be 's2h' or 'stp', got {cfg.method!r}")
     return S2HPruner(model, (example,), cfg.target_flops, divisor=cfg.divisor, tau=cfg.tau,
-                     alpha=cfg.alpha, lam=cfg.lam, variant=cfg.variant, warn=warn)
+                     alpha=cfg.alpha, lam=cfg.lam, variant=cfg.variant, warn=warn,
+                     resource_mode=cfg.resource_mode, resource_ratio=cfg.resource_ratio,
+                     resource_band=cfg.resource_band)
 
 
 def _make_optimizer(cfg: PruneConfig, weights, gates=None):
@@ -311,6 +320,40 @@ def _gate_lambda(cfg: PruneConfig, total_steps: int):
     raise ValueError(f"gate_schedule must be 'constant' or 'cosine', got {cfg.gate_schedule!r}")
 
 
+def _check_phases(cfg: PruneConfig) -> None:
+    if not 0.0 < cfg.freeze_arch_at <= 1.0:
+        raise ValueError(f"freeze_arch_at is a fraction of training in (0, 1], got "
+                         f"{cfg.freeze_arch_at} (1: the architecture is fixed at the end)")
+    if cfg.gate_warmup_steps < 0:
+        raise ValueError(f"gate_warmup_steps must be >= 0, got {cfg.gate_warmup_steps}")
+    if cfg.importance_from not in ("warmup", "init"):
+        raise ValueError(f"importance_from must be 'warmup' or 'init', got "
+                         f"{cfg.importance_from!r}")
+
+
+def phase_steps(cfg: PruneConfig, total_steps: int) -> tuple[int, int]:
+    """``(gate warm-up steps, step at which the architecture freezes)`` of an S2H run of
+    ``total_steps``; the warm-up is capped so the gates train for at least one step."""
+    freeze = max(1, min(total_steps, round(cfg.freeze_arch_at * total_steps)))
+    return min(cfg.gate_warmup_steps, freeze - 1), freeze
+
+
+def _budget_line(summary: dict) -> str:
+    """One line of the final table: target, exported ratio, what the projection did."""
+    proj = summary.get("projection")
+    target = summary["config"]["target_flops"]
+    exp = summary.get("exported_flops_ratio")
+    head = f"FLOPs budget: target {target:.3f}" + (f", exported {exp:.3f}" if exp else "")
+    if not proj:
+        return head
+    if not proj["needed"]:
+        return head + f"; projection not needed (hard ratio {proj['ratio_before']:.3f} at step " \
+                      f"{proj['at_step']})"
+    return head + (f"; projection at step {proj['at_step']}: {proj['ratio_before']:.3f} -> "
+                   f"{proj['ratio_after']:.3f} ({proj['steps']} divisor steps in "
+                   f"{len(proj['narrowed'])} groups)")
+
+
 def read_metrics(path: str, max_step: int | None = None) -> list[dict]:
     """The rows of ``metrics.jsonl`` (optionally only those up to ``max_step``); a last line
     cut short by a killed process is ignored."""
@@ -360,6 +403,7 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
     if cfg.variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {cfg.variant!r}")
     _gate_lambda(cfg, 1)  # validate early
+    _check_phases(cfg)
     main = dist_info.is_main
     world = dist_info.world_size
     if cfg.batch_size % world:
@@ -398,6 +442,8 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
              + (f", {world} processes x batch {rank_batch}" if dist_info.enabled else ""))
     opt = _make_optimizer(cfg, pruner.weight_parameters(), pruner.gate_parameters())
     total_steps = cfg.epochs * steps_per_epoch
+    gate_warmup, freeze_step = phase_steps(cfg, total_steps)
+    s2h_phases = cfg.method == "s2h"
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, [_lr_lambda(total_steps, cfg.warmup_steps), _gate_lambda(cfg, total_steps)]
     )
@@ -469,12 +515,26 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
                     break
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 lrs = [g["lr"] for g in opt.param_groups]  # the rates this step uses
+                step_fn, phase = pruner.train_step, "s2h"
+                if s2h_phases:  # phases (METHOD §4), decided from the step count alone: resume
+                    s = pruner.step_count  # lands in the same phase as the run it continues
+                    if s < gate_warmup:
+                        step_fn, phase = pruner.warmup_step, "warmup"
+                    elif s == gate_warmup and gate_warmup > 0 and cfg.importance_from == "warmup":
+                        pruner.reset_importance()
+                    if s >= freeze_step and not pruner.arch_frozen:
+                        proj = pruner.freeze_architecture()
+                        if main:
+                            _log(f"step {s}: architecture frozen at hard FLOPs "
+                                 f"{proj['ratio_after']:.3f}" + (
+                                     f" (projected from {proj['ratio_before']:.3f}: "
+                                     f"{proj['steps']} divisor steps)" if proj["needed"] else ""))
+                    if pruner.arch_frozen:
+                        phase = "frozen"
                 try:
                     with _autocast(device, cfg.amp):
-                        m = pruner.train_step(x, y, opt, scaler=scaler,
-                                              max_grad_norm=cfg.max_grad_norm,
-                                              grad_hook=sync_grads if dist_info.enabled
-                                              else None)
+                        m = step_fn(x, y, opt, scaler=scaler, max_grad_norm=cfg.max_grad_norm,
+                                    grad_hook=sync_grads if dist_info.enabled else None)
                 except NonFiniteLossError as exc:
                     good = ckpt_path if os.path.exists(ckpt_path) else "none yet"
                     exc.args = (f"{exc.args[0]} Stopped at epoch {epoch + 1}, step {i}; "
@@ -490,7 +550,7 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
                                    hard_acc=f"{m['hard_acc']:.2f}")
                 if main and cfg.log_every and step % cfg.log_every == 0:
                     mlog.write(json.dumps({"kind": "step", "epoch": epoch + 1, "step": step,
-                                           "lr": lrs[0], "gate_lr": lrs[1], **m,
+                                           "phase": phase, "lr": lrs[0], "gate_lr": lrs[1], **m,
                                            "widths": pruner.widths()}) + "\n")
                     if tb is not None:
                         for k, v in m.items():
@@ -547,6 +607,8 @@ def load_checkpoint(path: str) -> dict:
 def _finish(cfg, pruner, model, init_state, train_loader, test_loader, info, device,
             steps_per_epoch, example, dist_info) -> dict:
     main = dist_info.is_main
+    if cfg.method == "s2h" and not pruner.arch_frozen:  # freeze_arch_at=1: fixed at the end
+        pruner.freeze_architecture()
     # A fixed epoch index: the same recalibration batches whether or not the run was resumed.
     train_loader.sampler.set_epoch(cfg.epochs)
     n = pruner.recalibrate_bn(((x,) for x, _ in train_loader), max_batches=20)
@@ -588,6 +650,8 @@ def _finish(cfg, pruner, model, init_state, train_loader, test_loader, info, dev
         "config": asdict(cfg),
         "variant": cfg.variant,
         "hard_flops_ratio": pruner.hard_flops_ratio(),
+        "exported_flops_ratio": rows["exported"]["flops"] / rows["dense"]["flops"],
+        "projection": getattr(pruner, "projection", None),
         "last_epoch": epochs[-1] if epochs else None,
         "hard_acc_after_bn_recalibration": hard_acc,
         "bn_recalibration_batches": n,
@@ -640,6 +704,7 @@ def format_table(summary: dict) -> str:
         if key in d:
             lines.append(f"{dev + ' latency ' + label + ' (ms)':28s}{d[key]:12.2f}{e[key]:18.2f}"
                          f"{d[key] / e[key]:8.2f}x")
+    lines.append(_budget_line(summary))
     lines.append(f"exported == hard network: {summary['export_matches_hard_network']}; "
                  f"model saved to {summary['config']['out']}/exported")
     return "\n".join(lines)
