@@ -663,7 +663,7 @@ class S2HPruner:
         self.backward(terms, scaler)
         optimizer_step(self.model, optimizer, scaler, max_grad_norm, grad_hook)
         with torch.no_grad():  # softmax is shift-invariant: keep logits centred
-            for g in self.gate_parameters():
+            for g in ([] if self.arch_frozen else self.gate_parameters()):
                 g.sub_(g.mean())
         self.step_count += 1
         with torch.no_grad():
