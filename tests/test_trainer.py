@@ -206,3 +206,77 @@ def test_mixed_precision_runs_and_checkpoints_the_scaler(tmp_path, amp):
         assert ck["scaler"] == {}
     rows = [r for r in _steps(run) if r["kind"] == "step"]
     assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_phases_and_resume_across_the_warmup_end_and_the_freeze(tmp_path, monkeypatch):
+    """--gate-warmup-steps 2, --freeze-arch-at 0.625 of 8 steps (freeze at step 5): rows say
+    their phase; the gates do not move in the warm-up nor after the freeze (no resource term
+    there); the L1 order is re-taken at the end of the warm-up. A run stopped right after the
+    checkpoint of step 2 (warm-up end) or step 4 (before the freeze) or step 6 (frozen) and
+    resumed ends in the same state as the uninterrupted run."""
+    args = [*TINY, "--epochs", "2", "--steps-per-epoch", "4", "--ckpt-every", "2",
+            "--no-plots", "--gate-warmup-steps", "2", "--freeze-arch-at", "0.625",
+            "--lr", "0.05", "--warmup-steps", "1"]  # a warm-up that re-ranks some channels
+    full = tmp_path / "full"
+    saved = {}
+    orig = trainer._atomic_save
+
+    def keep(obj, path):
+        orig(obj, path)
+        saved[obj["step"]] = torch.load(path, weights_only=True)
+
+    monkeypatch.setattr(trainer, "_atomic_save", keep)
+    assert main(["prune", *args, "--out", str(full)]) == 0
+    rows = [r for r in _steps(full) if r["kind"] == "step"]
+    assert [r["phase"] for r in rows] == ["warmup"] * 2 + ["s2h"] * 3 + ["frozen"] * 3
+    assert all(r["resource"] == 0.0 and r["gap_gates"] == 0.0 for r in rows[:2])
+    assert all(r["resource"] == 0.0 for r in rows[5:])
+    logits = {s: saved[s]["pruner"]["gates"] for s in (2, 4, 6, 8)}
+    from s2h.gates import ChannelGate
+
+    reranked = 0
+    for k in logits[2]:  # the gates did not move during the warm-up: still at their start
+        c = saved[2]["pruner"]["groups"][k.replace("/", ".")]
+        start = ChannelGate(c, 8).logits.detach()
+        assert torch.allclose(logits[2][k]["logits"], start, atol=1e-6), k
+        assert torch.equal(logits[6][k]["logits"], logits[8][k]["logits"]), k  # frozen
+        # the L1 order taken at the end of the warm-up (step 2): by hand from those weights
+        w = saved[2]["model"][k.replace("/", ".") + ".weight"]
+        l1 = w.abs().flatten(1).sum(1)
+        order = torch.sort(-l1, stable=True).indices
+        assert torch.equal(saved[4]["pruner"]["gates"][k]["order"], order), k
+        reranked += not torch.equal(saved[2]["pruner"]["gates"][k]["order"], order)
+    assert reranked  # the order from the initial weights was not kept
+    assert not saved[4]["pruner"]["arch_frozen"] and saved[6]["pruner"]["arch_frozen"]
+    summary = json.loads((full / "summary.json").read_text())
+    proj = summary["projection"]
+    assert proj["at_step"] == 5 and proj["ratio_after"] <= 0.5
+    assert summary["exported_flops_ratio"] == pytest.approx(proj["ratio_after"], abs=1e-6)
+    assert summary["exported_flops_ratio"] <= 0.5 + 0.005
+    assert summary["export_matches_hard_network"]
+
+    for stop_at in (2, 4, 6):
+        run = tmp_path / f"stop{stop_at}"
+
+        def stopping(obj, path, stop_at=stop_at):
+            orig(obj, path)
+            if obj["step"] == stop_at:
+                raise _Stop
+
+        monkeypatch.setattr(trainer, "_atomic_save", stopping)
+        with pytest.raises(_Stop):
+            main(["prune", *args, "--out", str(run)])
+        monkeypatch.setattr(trainer, "_atomic_save", orig)
+        assert main(["prune", *args, "--out", str(run), "--resume"]) == 0
+        a = torch.load(full / "checkpoint.pt", weights_only=True)
+        b = torch.load(run / "checkpoint.pt", weights_only=True)
+        _same_state(a, b)
+        for k in a["pruner"]["gates"]:
+            assert torch.equal(a["pruner"]["gates"][k]["order"], b["pruner"]["gates"][k]["order"])
+        assert b["pruner"]["projection"] == a["pruner"]["projection"]
+        assert [r["phase"] for r in _steps(run) if r["kind"] == "step"] == \
+            [r["phase"] for r in rows]
