@@ -64,6 +64,7 @@ class PruneConfig:
     gate_warmup_steps: int = 0  # dense weight training before the gates train
     importance_from: str = "warmup"  # warmup (L1 order at the end of the warm-up) | init
     freeze_arch_at: float = 0.8  # fraction of training; from then on the architecture is fixed
+    holdout: int = 0  # > 0: evaluate on that many held-out training images instead of the test set
     variant: str = "s2h"  # s2h | no_gap | coupled_gap | direct_hard (S2HPruner's ablations)
     method: str = "s2h"  # s2h | stp (STPPruner, METHOD §8)
     stp_trials: int = 2  # STP: steps each candidate is tried before a commit
@@ -419,6 +420,7 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
     train_loader, test_loader, info = build_loaders(
         cfg.dataset, cfg.data_dir, rank_batch, workers=cfg.workers, seed=cfg.seed,
         test_batch_size=cfg.batch_size, rank=dist_info.rank, world_size=world,
+        holdout=cfg.holdout,
     )
     steps_per_epoch = len(train_loader)
     if cfg.steps_per_epoch:
