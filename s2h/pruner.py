@@ -549,7 +549,7 @@ class S2HPruner:
         return {"perf": perf, "gap_weights": gap_weights, "gap_gates": gap_gates,
                 "resource": resource, "flops_ratio": ratio}
 
-    def backward(self, terms: dict[str, torch.Tensor], scaler=None) -> None:
+    def backward(self, terms: dict[str, torch.Tensor], scaler=None, grad_hook=None) -> None:
         """Accumulate the gradients of the four terms with the routing of METHOD §4.
 
         ``gap_gates`` is back-propagated with ``inputs=`` the gate logits only: autograd then
@@ -558,6 +558,9 @@ class S2HPruner:
         The resource term: ``resource_mode="quadratic"`` adds it to that backward; the default
         ``"normalized"`` adds its gate gradient afterwards, rescaled per gate against the gate
         gradients the other terms left (:meth:`_add_normalized_resource_grad`).
+        ``grad_hook()`` (data-parallel averaging), if given, runs after the backward passes and
+        before that rescaling, so that it is measured against the averaged gradients (the FLOPs
+        gradient is the same on every process).
         """
 
         def scaled(t):
@@ -577,9 +580,11 @@ class S2HPruner:
             main = main + terms["resource"]
         if main.requires_grad:
             scaled(main).backward()
+        if grad_hook is not None:
+            grad_hook()
         if normalized:
-            self._add_normalized_resource_grad(float(terms["flops_ratio"].detach()), gates, res_grads,
-                                               before, scaler)
+            self._add_normalized_resource_grad(float(terms["flops_ratio"].detach()), gates,
+                                               res_grads, before, scaler)
 
     @torch.no_grad()
     def resource_scale(self, ratio: float) -> float:
@@ -660,8 +665,8 @@ class S2HPruner:
             v = terms[key]
             if not torch.isfinite(v):
                 raise NonFiniteLossError(key, float(v))
-        self.backward(terms, scaler)
-        optimizer_step(self.model, optimizer, scaler, max_grad_norm, grad_hook)
+        self.backward(terms, scaler, grad_hook)
+        optimizer_step(self.model, optimizer, scaler, max_grad_norm)
         with torch.no_grad():  # softmax is shift-invariant: keep logits centred
             for g in ([] if self.arch_frozen else self.gate_parameters()):
                 g.sub_(g.mean())
