@@ -647,12 +647,15 @@ class S2HPruner:
                    max_grad_norm: float | None = None,
                    grad_hook: Callable[[], None] | None = None) -> dict[str, float]:
         """One full S2H step (METHOD §4): dual forward, the gate-only backward of the mask-side
-        gap term, one backward of the other three terms, the optimizer step.
+        gap term, one backward of the performance and weight-side gap terms, the resource
+        gradient (normalised by default, see :meth:`backward`), the optimizer step. After
+        :meth:`freeze_architecture` the gates get no gradient and there is no resource term.
 
         Works under ``torch.autocast``; pass a ``torch.amp.GradScaler`` as ``scaler`` for fp16.
         Raises :class:`NonFiniteLossError` (before any update) if a term is NaN/inf.
-        ``grad_hook()`` runs after all backward passes, before clipping and the optimizer step:
-        data-parallel training averages the weight and gate gradients there.
+        ``grad_hook()`` runs after the backward passes (before the normalised resource gradient
+        is added, and before clipping and the optimizer step): data-parallel training averages
+        the weight and gate gradients there.
         """
         self.model.train()
         optimizer.zero_grad(set_to_none=True)
