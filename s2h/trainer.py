@@ -517,7 +517,7 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
                     break
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 lrs = [g["lr"] for g in opt.param_groups]  # the rates this step uses
-                step_fn, phase = pruner.train_step, "s2h"
+                step_fn, phase = pruner.train_step, cfg.method
                 if s2h_phases:  # phases (METHOD §4), decided from the step count alone: resume
                     s = pruner.step_count  # lands in the same phase as the run it continues
                     if s < gate_warmup:
