@@ -280,3 +280,22 @@ def test_phases_and_resume_across_the_warmup_end_and_the_freeze(tmp_path, monkey
         assert b["pruner"]["projection"] == a["pruner"]["projection"]
         assert [r["phase"] for r in _steps(run) if r["kind"] == "step"] == \
             [r["phase"] for r in rows]
+
+
+def test_resource_flags_reach_the_pruner_and_bad_phases_are_refused(tmp_path):
+    run = tmp_path / "q"
+    assert main(["prune", *TINY, "--epochs", "1", "--steps-per-epoch", "2", "--no-plots",
+                 "--resource-mode", "quadratic", "--resource-ratio", "3", "--resource-band",
+                 "0.05", "--freeze-arch-at", "1", "--out", str(run)]) == 0
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    cfg = ck["pruner"]["config"]
+    assert (cfg["resource_mode"], cfg["resource_ratio"], cfg["resource_band"]) == \
+        ("quadratic", 3.0, 0.05)
+    assert not ck["pruner"]["arch_frozen"]  # frozen only at the end (after the last checkpoint)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["projection"]["at_step"] == 2
+    assert summary["exported_flops_ratio"] <= 0.5 + 1e-9
+    for bad in (["--freeze-arch-at", "0"], ["--freeze-arch-at", "1.5"],
+                ["--gate-warmup-steps", "-1"]):
+        assert main(["prune", *TINY, "--epochs", "1", "--steps-per-epoch", "2", "--no-plots",
+                     *bad, "--out", str(tmp_path / "bad")]) == 2
