@@ -299,3 +299,23 @@ def test_resource_flags_reach_the_pruner_and_bad_phases_are_refused(tmp_path):
                 ["--gate-warmup-steps", "-1"]):
         assert main(["prune", *TINY, "--epochs", "1", "--steps-per-epoch", "2", "--no-plots",
                      *bad, "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_importance_from_init_keeps_the_starting_order(tmp_path, monkeypatch):
+    saved = {}
+    orig = trainer._atomic_save
+
+    def keep(obj, path):
+        orig(obj, path)
+        saved[obj["step"]] = torch.load(path, weights_only=True)
+
+    monkeypatch.setattr(trainer, "_atomic_save", keep)
+    args = [*TINY, "--epochs", "1", "--steps-per-epoch", "4", "--ckpt-every", "2", "--no-plots",
+            "--gate-warmup-steps", "2", "--lr", "0.05", "--warmup-steps", "1"]
+    assert main(["prune", *args, "--importance-from", "init", "--out",
+                 str(tmp_path / "init")]) == 0
+    init = {k: v["order"] for k, v in saved[4]["pruner"]["gates"].items()}
+    assert all(torch.equal(saved[2]["pruner"]["gates"][k]["order"], o) for k, o in init.items())
+    assert main(["prune", *args, "--out", str(tmp_path / "warm")]) == 0
+    warm = {k: v["order"] for k, v in saved[4]["pruner"]["gates"].items()}
+    assert any(not torch.equal(init[k], warm[k]) for k in init)  # the default re-ranks
