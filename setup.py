@@ -2,9 +2,13 @@
 
 Switches (environment variables, as in flash-attention / torchao):
 
+* default             the C++ CPU ops always; the CUDA sources only where they can run: torch
+                         has CUDA, nvcc is found *and* a GPU is present (compiling them takes
+                         minutes on a small machine and is of no use without a GPU).
 * ``S2H_SKIP_CUDA=1``   build only the C++ CPU ops.
-* ``S2H_FORCE_CUDA=1``  build the CUDA sources even when torch or nvcc look unusable
-                         (fails loudly if they really are).
+* ``S2H_FORCE_CUDA=1``  build the CUDA sources even without a GPU, or when torch or nvcc look
+                         unusable (fails loudly if they really are): CI sets it as a compile
+                         check.
 * ``TORCH_CUDA_ARCH_LIST`` archs to compile for (default ``8.0;9.0``: A100, H100/H200).
 * ``MAX_JOBS``          parallel compile jobs (default 2: the CI machine has 2 cores).
 
@@ -42,7 +46,9 @@ def _cuda_wanted() -> tuple[bool, str]:
     nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else shutil.which("nvcc")
     if not nvcc or not os.path.exists(nvcc):
         return False, "nvcc not found (set CUDA_HOME)"
-    return True, f"torch CUDA {torch.version.cuda}, nvcc at {nvcc}"
+    if not torch.cuda.is_available():
+        return False, "no GPU on this machine (S2H_FORCE_CUDA=1 compiles them anyway)"
+    return True, f"torch CUDA {torch.version.cuda}, nvcc at {nvcc}, a GPU is present"
 
 
 def _extra_cuda_includes() -> list[str]:

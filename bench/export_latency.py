@@ -13,7 +13,10 @@ fp32 at batch 1 and 32 (instead of 256, so a CPU run takes minutes; said in the 
 on a GPU (when one is present): bf16 at batch 1 and 256. One JSON row per (model, keep,
 device, dtype, batch) is appended to ``--out`` with ``bench="export_latency"``, ``case``,
 ``device``, ``commit``, ``torch``, ``dtype``, ``keep``, ``batch``, ``ms``, ``dense_ms``,
-``speedup`` and ``flops_ratio`` (the exported model's FLOPs over the dense one's).
+``speedup`` and ``flops_ratio`` (the exported model's FLOPs over the dense one's), plus
+``spread`` (the largest relative spread of the repeated block medians, ``s2h.latency``) and
+``noisy``: when the spread exceeds ``--noise-limit`` the row's ``speedup`` is null and the line
+says "noisy machine" instead of a ratio.
 """
 
 from __future__ import annotations
@@ -22,16 +25,16 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import s2h  # noqa: E402
+from s2h.latency import NOISE_LIMIT  # noqa: E402
+from s2h.latency import time_side_by_side as _timed  # noqa: E402
 
 #: model -> (input size, timm kwargs, channels_last)
 CASES = {
@@ -50,28 +53,11 @@ def _commit() -> str | None:
         return None
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
 def time_side_by_side(models: dict[str, torch.nn.Module], x: torch.Tensor, rounds: int,
-                      warmup: int = 2) -> dict[str, float]:
-    """Median ms per forward of each model, alternating the models within every round."""
-    for _ in range(warmup):
-        for m in models.values():
-            m(x)
-    _sync(x.device)
-    times: dict[str, list[float]] = {k: [] for k in models}
-    for _ in range(rounds):
-        for k, m in models.items():
-            _sync(x.device)
-            t = time.perf_counter()
-            m(x)
-            _sync(x.device)
-            times[k].append((time.perf_counter() - t) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+                      warmup: int = 2, limit: float = NOISE_LIMIT):
+    """Median ms per forward of each model, alternating the models within every round, with
+    the noise check of :func:`s2h.latency.time_side_by_side` (3 blocks of rounds)."""
+    return _timed(models, x, rounds, warmup=warmup, limit=limit)
 
 
 def _flops(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -83,7 +69,7 @@ def _flops(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def run_case(name: str, keeps: list[float], batches: list[int], device: torch.device,
-             dtype: torch.dtype, rounds: int) -> list[dict]:
+             dtype: torch.dtype, rounds: int, limit: float = NOISE_LIMIT) -> list[dict]:
     import timm
 
     size, kw, channels_last = CASES.get(name, (224, {}, True))
@@ -106,14 +92,17 @@ def run_case(name: str, keeps: list[float], batches: list[int], device: torch.de
     for batch in batches:
         x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
         x = x.contiguous(memory_format=fmt)
-        ms = time_side_by_side(models, x, rounds)
+        ms = time_side_by_side(models, x, rounds, limit=limit)
         for keep in keeps:
+            speedup = ms.ratio("dense", f"keep={keep}")
+            pair = [ms.spread["dense"], ms.spread[f"keep={keep}"]]
             rows.append({
                 "bench": "export_latency", "case": f"{name}@{size}", "device": _device_name(device),
                 "commit": _commit(), "torch": torch.__version__, "dtype": str(dtype).split(".")[-1],
                 "keep": keep, "batch": batch, "ms": round(ms[f"keep={keep}"], 3),
                 "dense_ms": round(ms["dense"], 3),
-                "speedup": round(ms["dense"] / ms[f"keep={keep}"], 3),
+                "speedup": None if speedup is None else round(speedup, 3),
+                "spread": round(max(pair), 4), "noisy": ms.noisy,
                 "flops_ratio": round(ratios[keep], 4),
                 "channels_last": channels_last,
             })
@@ -121,7 +110,8 @@ def run_case(name: str, keeps: list[float], batches: list[int], device: torch.de
             print(f"{r['case']:28s} {r['device'][:24]:24s} {r['dtype']:8s} b={batch:<4d} "
                   f"keep={keep:<5} FLOPs {r['flops_ratio']:.3f} (1/{1 / r['flops_ratio']:.2f})  "
                   f"{r['ms']:9.2f} ms vs dense {r['dense_ms']:9.2f} ms  "
-                  f"speed-up {r['speedup']:.2f}x", flush=True)
+                  + (f"noisy machine (medians spread {100 * r['spread']:.0f}%)"
+                     if r["speedup"] is None else f"speed-up {r['speedup']:.2f}x"), flush=True)
     return rows
 
 
@@ -137,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keeps", default="0.15,0.35,0.55")
     ap.add_argument("--cpu-batches", default="1,32")
     ap.add_argument("--gpu-batches", default="1,256")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=6,
+                    help="timing rounds in all, in 3 blocks whose medians must agree")
+    ap.add_argument("--noise-limit", type=float, default=NOISE_LIMIT,
+                    help="largest relative spread of the block medians for a speed-up to print")
     ap.add_argument("--no-cpu", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "results", "export_latency.jsonl"))
@@ -149,13 +142,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{torch.get_num_threads()} threads, median of {args.rounds} alternating rounds")
         for name in args.models.split(","):
             rows += run_case(name, keeps, [int(b) for b in args.cpu_batches.split(",")],
-                             torch.device("cpu"), torch.float32, args.rounds)
+                             torch.device("cpu"), torch.float32, args.rounds, args.noise_limit)
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
         print(f"GPU bf16, batches {args.gpu_batches}")
         for name in args.models.split(","):
             rows += run_case(name, keeps, [int(b) for b in args.gpu_batches.split(",")],
-                             torch.device("cuda"), torch.bfloat16, max(args.rounds, 20))
+                             torch.device("cuda"), torch.bfloat16, max(args.rounds, 21),
+                             args.noise_limit)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "a") as f:

@@ -15,6 +15,22 @@ Timing: warm-up first, then medians of ``--reps`` steps with CUDA events (wall c
 random data. The floor of ``ratio_to_dense`` is ``(4 + 3p) / 3`` (METHOD §6); the issue's bars
 (H100): <= 1.6 at p ~ 0.15, reference / fast >= 1.5, peak memory <= 1.4.
 On the CPU the batch is cut to ``--cpu-batch`` (the rows say so): CPU rows are for plumbing only.
+
+CPU rows of the main job (``--cpu-rows``, on by default on a CPU-only machine; ``--cpu-rows
+only`` skips the timm cases): ``s2h.models`` ResNet-20, batch 64, 28x28 one-channel input (the
+Fashion-MNIST job), one thread, AdamW for both, the dense step and the S2H step *interleaved*
+(alternating, medians of ``--cpu-reps``) so machine load hits both alike. ``ratio_to_floor`` is
+``(s2h_ms / dense_ms) / ((4 + 3p) / 3)``; the issue's bar is ~1.2. The gates are set by
+``set_widths`` with logit gaps of ``2 * --sharpness`` (20 and 5: the default ``set_width``
+state and a milder one); with gaps of ~40 the soft masks of pruned channels reach ~1e-18 and
+the backward runs into float32 denormals (many times slower on x86), which the
+``flush_denormal`` rows (``torch.set_flush_denormal(True)``) remove.
+
+``wall_floor``: the same passes timed on this machine instead of counted in FLOPs — (dense
+forward + exported-model forward + an input-gradient-only dense backward + dense backward +
+exported-model backward) / (dense forward + backward), each timed in the same interleaved
+rounds; narrow convolutions do not run at their FLOPs share on a CPU, so this floor is higher
+than ``(4 + 3p) / 3``. ``ratio_to_wall_floor`` is what s2h's own overhead leaves.
 """
 
 from __future__ import annotations
@@ -149,6 +165,111 @@ def _device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+def run_cpu_case(keep, reps, sharpness, flush_denormal, batch=64, threads=1):
+    """The main job's step on the CPU: s2h.models ResNet-20, 28x28x1, dense and S2H interleaved."""
+    from s2h import models
+
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(flush_denormal)
+    try:
+        def make():
+            torch.manual_seed(0)
+            return models.create_model("resnet20", num_classes=10, in_chans=1)
+
+        dense = make()
+        dopt = torch.optim.AdamW(dense.parameters(), lr=1e-3)
+        model = make()
+        pruner = s2h.S2HPruner(model, torch.randn(2, 1, 28, 28), keep, warn=False)
+        pruner.set_widths(keep)
+        with torch.no_grad():  # set_width puts gaps of 2 * 20 between the logits
+            for g in pruner.gate_parameters():
+                g.mul_(sharpness / 20.0)
+        p = pruner.hard_flops_ratio()
+        sopt = torch.optim.AdamW([{"params": list(pruner.weight_parameters())},
+                                  {"params": list(pruner.gate_parameters()), "lr": 0.0}], lr=1e-3)
+        g = torch.Generator().manual_seed(0)
+        xs = [torch.randn(batch, 1, 28, 28, generator=g) for _ in range(2)]
+        ys = [torch.randint(0, 10, (batch,), generator=g) for _ in range(2)]
+
+        def dense_step(i):
+            dopt.zero_grad(set_to_none=True)
+            F.cross_entropy(dense(xs[i % 2]), ys[i % 2]).backward()
+            dopt.step()
+
+        def s2h_step(i):
+            pruner.train_step(xs[i % 2], ys[i % 2], sopt)
+
+        exported = pruner.export().train()
+        for q in exported.parameters():
+            q.requires_grad_(True)
+
+        def passes(net, i, input_grad_only=False):
+            """(forward s, backward s) of a plain training pass; input_grad_only: the weights'
+            gradients are not computed (the shape of the gate-only backward)."""
+            x = xs[i % 2].clone().requires_grad_(input_grad_only)
+            params = list(net.parameters())
+            if input_grad_only:
+                for q in params:
+                    q.requires_grad_(False)
+            t0 = time.perf_counter()
+            loss = F.cross_entropy(net(x), ys[i % 2])
+            t1 = time.perf_counter()
+            if input_grad_only:
+                torch.autograd.grad(loss, x)
+                for q in params:
+                    q.requires_grad_(True)
+            else:
+                loss.backward()
+                net.zero_grad(set_to_none=True)
+            return t1 - t0, time.perf_counter() - t1
+
+        for i in range(2):
+            dense_step(i)
+            s2h_step(i)
+        td, ts, pd, pe, pi = [], [], [], [], []
+        for i in range(reps):
+            t = time.perf_counter()
+            dense_step(i)
+            td.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            s2h_step(i)
+            ts.append(time.perf_counter() - t)
+            pd.append(passes(dense, i))
+            pe.append(passes(exported, i))
+            pi.append(passes(dense, i, input_grad_only=True))
+        dense_ms, ms = 1e3 * statistics.median(td), 1e3 * statistics.median(ts)
+
+        def med(rows, j):
+            return statistics.median(r[j] for r in rows)
+
+        fwd, bwd = med(pd, 0), med(pd, 1)
+        wall_floor = (fwd + med(pe, 0) + med(pi, 1) + bwd + med(pe, 1)) / (fwd + bwd)
+        floor = (4 + 3 * p) / 3
+        return {"bench": "s2h_step", "case": "s2h.models/resnet20@28x1", "device": "cpu",
+                "threads": threads, "commit": _commit(), "torch": torch.__version__,
+                "dtype": "float32", "keep": round(p, 4), "batch": batch, "ms": ms,
+                "dense_ms": dense_ms, "ratio_to_dense": ms / dense_ms, "floor": floor,
+                "ratio_to_floor": ms / dense_ms / floor, "sharpness": sharpness,
+                "wall_floor": wall_floor, "ratio_to_wall_floor": ms / dense_ms / wall_floor,
+                "exported_fwd_share": med(pe, 0) / fwd, "exported_bwd_share": med(pe, 1) / bwd,
+                "input_grad_bwd_share": med(pi, 1) / bwd,
+                "flush_denormal": flush_denormal, "reps": reps, "interleaved": True}
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(prev_threads)
+
+
+def _print_cpu_rows(rows):
+    print("\nS2H step vs dense step, CPU (ResNet-20, batch 64, 28x28x1, interleaved medians)")
+    print(f"{'threads':>8s}{'p':>7s}{'sharp':>6s}{'ftz':>6s}{'s2h ms':>9s}{'dense ms':>10s}"
+          f"{'s2h/dense':>10s}{'floor':>7s}{'/floor':>8s}{'wall floor':>11s}{'/wall':>7s}")
+    for r in rows:
+        print(f"{r['threads']:8d}{r['keep']:7.3f}{r['sharpness']:6g}{str(r['flush_denormal']):>6s}"
+              f"{r['ms']:9.1f}{r['dense_ms']:10.1f}{r['ratio_to_dense']:10.2f}{r['floor']:7.2f}"
+              f"{r['ratio_to_floor']:8.2f}{r['wall_floor']:11.2f}{r['ratio_to_wall_floor']:7.2f}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="resnet50:32:256,vit_small_patch16_224:224:128",
@@ -159,7 +280,25 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--cpu-batch", type=int, default=4)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--cpu-rows", default="auto", choices=["auto", "yes", "no", "only"],
+                    help="the main job's CPU step rows (auto: when no GPU is present)")
+    ap.add_argument("--cpu-keep", type=float, default=0.39)
+    ap.add_argument("--cpu-reps", type=int, default=7)
+    ap.add_argument("--sharpness", default="20,5", help="gate logit half-gaps of the CPU rows")
     args = ap.parse_args(argv)
+    cpu_rows = []
+    if args.cpu_rows in ("yes", "only") or (args.cpu_rows == "auto"
+                                             and not torch.cuda.is_available()):
+        for sharp in [float(v) for v in args.sharpness.split(",")]:
+            for ftz in (False, True):
+                cpu_rows.append(run_cpu_case(args.cpu_keep, args.cpu_reps, sharp, ftz))
+        _print_cpu_rows(cpu_rows)
+        if args.out:
+            with open(args.out, "a") as f:
+                for r in cpu_rows:
+                    f.write(json.dumps(r) + "\n")
+        if args.cpu_rows == "only":
+            return 0
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
                           if args.device == "auto" else args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]

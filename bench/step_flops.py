@@ -2,10 +2,16 @@
 
     python bench/step_flops.py [--model resnet50] [--image-size 224] [--batch 2] [--out rows.jsonl]
 
-Counts with ``torch.utils.flop_counter`` on the plain PyTorch path: one ``pruner.train_step``
-(soft forward, hard forward on kept channels, gate-only backward of the mask-side gap term,
-the main backward) against a dense forward + backward of the same model. The floor is
-``(4 + 3p) / 3`` (METHOD §6); the bar is ``<= 1.1 x floor``.
+Counts with ``torch.utils.flop_counter`` one ``pruner.train_step`` (soft forward, hard forward
+on kept channels, gate-only backward of the mask-side gap term, the main backward) against a
+dense forward + backward of the same model. The floor is ``(4 + 3p) / 3`` (METHOD §6); the bar
+is ``<= 1.1 x floor``.
+
+``--path reference`` (default) counts the plain PyTorch two-pass step; ``--path fused`` the
+lockstep step through the fused dual kernels (FLOP formulas registered for
+``torch.ops.s2h_kernels.*``), which needs CUDA or, on a CPU, Triton's interpreter::
+
+    TRITON_INTERPRET=1 python bench/step_flops.py --path both --model resnet18 --image-size 32
 """
 
 from __future__ import annotations
@@ -51,10 +57,12 @@ def count_dense_step(name, x, y) -> int:
     return fc.get_total_flops()
 
 
-def count_s2h_step(name, x, y, ratio) -> tuple[int, float, int]:
+def count_s2h_step(name, x, y, ratio, fused: bool = False) -> tuple[int, float, int]:
     torch.manual_seed(0)
     model = _model(name)
-    pruner = s2h.S2HPruner(model, x[:1], ratio, warn=False)
+    if fused:
+        os.environ["S2H_BACKEND"] = "triton"
+    pruner = s2h.S2HPruner(model, x[:1], ratio, warn=False, fused=fused)
     pruner.set_widths(ratio)
     opt = torch.optim.SGD([{"params": pruner.weight_parameters()},
                            {"params": pruner.gate_parameters()}], lr=0.0)
@@ -70,26 +78,30 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--ratios", default="0.15,0.35")
     ap.add_argument("--out", default=None, help="append JSON rows to this file")
+    ap.add_argument("--path", default="reference", choices=["reference", "fused", "both"],
+                    help="count the two-pass PyTorch step, the fused lockstep step, or both")
     args = ap.parse_args(argv)
     x = torch.randn(args.batch, 3, args.image_size, args.image_size)
     y = torch.randint(0, 1000, (args.batch,))
     dense = count_dense_step(args.model, x, y)
     rows = []
-    for r in [float(v) for v in args.ratios.split(",")]:
-        step, p, _ = count_s2h_step(args.model, x, y, r)
+    paths = ["reference", "fused"] if args.path == "both" else [args.path]
+    for r, path in [(float(v), path) for v in args.ratios.split(",") for path in paths]:
+        step, p, _ = count_s2h_step(args.model, x, y, r, fused=path == "fused")
         floor = (4 + 3 * p) / 3
         rows.append({"bench": "step_flops", "case": f"{args.model}@{args.image_size}",
+                     "path": path,
                      "keep": round(p, 4), "batch": args.batch, "dense_step_gflops": dense / 1e9,
                      "s2h_step_gflops": step / 1e9, "ratio_to_dense": step / dense,
                      "floor": floor, "ratio_to_floor": step / dense / floor,
                      "within_bar": step / dense <= 1.1 * floor, "commit": _commit(),
                      "torch": torch.__version__})
     print(f"\nS2H step FLOPs vs dense training step: {args.model}, {args.image_size}x"
-          f"{args.image_size}, batch {args.batch} (torch.utils.flop_counter, reference path)")
-    print(f"{'hard FLOPs p':>13s}{'dense GFLOP':>13s}{'S2H GFLOP':>12s}{'S2H/dense':>11s}"
+          f"{args.image_size}, batch {args.batch} (torch.utils.flop_counter)")
+    print(f"{'path':>10s}{'hard FLOPs p':>13s}{'dense GFLOP':>13s}{'S2H GFLOP':>12s}{'S2H/dense':>11s}"
           f"{'floor (4+3p)/3':>16s}{'/ floor':>9s}{'<=1.1x floor':>14s}")
     for r in rows:
-        print(f"{r['keep']:13.3f}{r['dense_step_gflops']:13.2f}{r['s2h_step_gflops']:12.2f}"
+        print(f"{r['path']:>10s}{r['keep']:13.3f}{r['dense_step_gflops']:13.2f}{r['s2h_step_gflops']:12.2f}"
               f"{r['ratio_to_dense']:11.3f}{r['floor']:16.3f}{r['ratio_to_floor']:9.3f}"
               f"{str(r['within_bar']):>14s}")
     if args.out:

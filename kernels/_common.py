@@ -29,6 +29,10 @@ USE_TRITON_OP: bool = hasattr(torch.library, "triton_op") and not INTERPRET
 # written by exactly one tile whatever config autotuning picks (and re-running a config while
 # benchmarking rewrites the same rows: no stale partials).
 PARTIAL_ROWS: int = 64
+# The same value as seen from ``@triton.jit`` code: the compiler only lets kernels read globals
+# that are ``tl.constexpr`` objects (a plain int compiles under the interpreter only, and fails
+# on a GPU with "Cannot access global variable PARTIAL_ROWS from within @jit'ed function").
+PARTIAL_ROWS_C: tl.constexpr = tl.constexpr(PARTIAL_ROWS)
 
 
 def _config(bm: int, bn: int, bk: int, *, warps: int, stages: int) -> triton.Config:
@@ -81,6 +85,27 @@ def depthwise_configs() -> list[triton.Config]:
         cfg({"BLOCK_M": 64, "BLOCK_C": 128}, num_warps=4),
         cfg({"BLOCK_M": 128, "BLOCK_C": 64}, num_warps=8),
     ]
+
+
+def mask_columns(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``w * mask`` over dim 1 (input channels), in fp32, rounded once to ``w``'s dtype."""
+    shape = (1, -1) + (1,) * (w.dim() - 2)
+    return (w.float() * mask.float().reshape(shape)).to(w.dtype)
+
+
+def tune_key(*sizes: int) -> int:
+    """The autotune key of a launch: every size rounded up to a power of two, packed in one int.
+
+    Autotuning keyed on the exact sizes re-benchmarks every config whenever a kept width
+    changes during training (every layer, every width step). Keyed on power-of-two buckets, a
+    kernel is tuned at most once per bucket; the config chosen there is near-best for the
+    neighbouring widths too. (The kernels still specialise on a size's divisibility by 16,
+    so a compile, not a re-tune, may follow a width change.)
+    """
+    code = 0
+    for size in sizes:
+        code = (code << 6) | (max(int(size), 1) - 1).bit_length()
+    return code
 
 
 def dot_precision(dtype: torch.dtype, kind: str) -> str:
@@ -146,6 +171,34 @@ def register_op(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., 
         return op
 
     return deco
+
+
+def needed_input_grads(ctx: Any, inputs: tuple) -> tuple[bool, ...]:
+    """``ctx.needs_input_grad`` narrowed to the gradients this backward pass will use.
+
+    ``inputs`` are the op's leading tensor inputs as seen in backward (the saved tensors).
+    ``needs_input_grad`` is fixed at forward time; a backward restricted with ``inputs=``
+    (the gate-only backward of the mask-side gap term, METHOD section 4) does not use the
+    weight gradient, and autograd would compute and drop it. The engine knows which nodes it
+    will run in the current pass: a gradient whose node will not run is not computed. Outside
+    the engine (e.g. a backward traced by torch.compile) this falls back to
+    ``needs_input_grad``.
+    """
+    from torch.autograd.graph import get_gradient_edge
+
+    need = tuple(ctx.needs_input_grad)
+    try:
+        with torch.enable_grad():  # the edge of a leaf is found through a recorded view
+            return tuple(
+                bool(n) and (
+                    i >= len(inputs) or not isinstance(inputs[i], torch.Tensor)
+                    or not inputs[i].requires_grad
+                    or torch._C._will_engine_execute_node(get_gradient_edge(inputs[i]).node)
+                )
+                for i, n in enumerate(need)
+            )  # fmt: skip
+    except (RuntimeError, AttributeError, AssertionError):  # not inside the autograd engine
+        return need
 
 
 def empty_grad(like: torch.Tensor) -> torch.Tensor:

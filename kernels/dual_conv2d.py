@@ -40,18 +40,23 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.utils.flop_counter import register_flop_formula
 
 from ._common import (
     INTERPRET,
     PARTIAL_ROWS,
+    PARTIAL_ROWS_C,
     depthwise_configs,
     dot_precision,
     gemm_configs,
     grouped_tile_coords,
     launcher,
+    mask_columns,
+    needed_input_grads,
     num_programs_target,
     register_op,
     store_partial_column_sums,
+    tune_key,
     upcast_dot,
     wgrad_configs,
 )
@@ -63,7 +68,7 @@ from ._common import (
 
 @triton.jit
 def _conv_fwd_tile(
-    tile, x_ptr, mask_ptr, w_ptr, b_ptr, bias_index_ptr, y_ptr,
+    tile, x_ptr, w_ptr, b_ptr, bias_index_ptr, y_ptr,
     B, C, H, W, O, OH, OW,
     sxb, sxc, sxh, sxw, swo, swc, swr, sws, syb, syc, syh, syw,
     conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
@@ -71,7 +76,8 @@ def _conv_fwd_tile(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """One ``BLOCK_M`` output pixels x ``BLOCK_N`` output channels tile."""
+    """One ``BLOCK_M`` output pixels x ``BLOCK_N`` output channels tile; ``w`` has the input
+    mask folded in, so the loop is a plain implicit GEMM."""
     M = B * OH * OW
     pid_m, pid_n = grouped_tile_coords(tile, tl.cdiv(M, BLOCK_M), tl.cdiv(O, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -99,8 +105,6 @@ def _conv_fwd_tile(
             x_img[:, None] + (ih * sxh + iw * sxw)[:, None] + offs_c[None, :] * sxc,
             mask=row_ok[:, None] & c_ok[None, :], other=0.0,
         )  # fmt: skip
-        gate = tl.load(mask_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
-        a = (a.to(tl.float32) * gate[None, :]).to(x_ptr.dtype.element_ty)
         wt = tl.load(
             w_ptr + r * swr + s * sws + offs_c[:, None] * swc + offs_n[None, :] * swo,
             mask=c_ok[:, None] & n_ok[None, :], other=0.0,
@@ -122,16 +126,17 @@ def _conv_fwd_tile(
 
 
 @triton.autotune(
-    configs=gemm_configs(), key=["B_s", "B_h", "C", "H", "W", "O", "C_h", "O_h", "KH", "KW"]
+    configs=gemm_configs(), key=["TUNE_KEY"]
 )
-@triton.jit
+@triton.jit(do_not_specialize=["TUNE_KEY"])
 def _dual_conv_fwd_kernel(
-    xs_ptr, xh_ptr, w_ptr, wh_ptr, b_ptr, out_keep_ptr, ms_ptr, mh_ptr, ys_ptr, yh_ptr,
+    xs_ptr, xh_ptr, w_ptr, wh_ptr, b_ptr, out_keep_ptr, ys_ptr, yh_ptr,
     B_s, B_h, C, H, W, O, C_h, O_h, OH, OW,
     s_xs_b, s_xs_c, s_xs_h, s_xs_w, s_xh_b, s_xh_c, s_xh_h, s_xh_w,
     s_w_o, s_w_c, s_w_r, s_w_s, s_wh_o, s_wh_c, s_wh_r, s_wh_s,
     s_ys_b, s_ys_c, s_ys_h, s_ys_w, s_yh_b, s_yh_c, s_yh_h, s_yh_w,
     conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
+    TUNE_KEY,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -141,14 +146,14 @@ def _dual_conv_fwd_kernel(
     soft_tiles = tl.cdiv(B_s * OH * OW, BLOCK_M) * tl.cdiv(O, BLOCK_N)
     if pid < soft_tiles:
         _conv_fwd_tile(
-            pid, xs_ptr, ms_ptr, w_ptr, b_ptr, out_keep_ptr, ys_ptr, B_s, C, H, W, O, OH, OW,
+            pid, xs_ptr, w_ptr, b_ptr, out_keep_ptr, ys_ptr, B_s, C, H, W, O, OH, OW,
             s_xs_b, s_xs_c, s_xs_h, s_xs_w, s_w_o, s_w_c, s_w_r, s_w_s,
             s_ys_b, s_ys_c, s_ys_h, s_ys_w, conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
             KH, KW, HAS_BIAS, False, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
         )  # fmt: skip
     else:
         _conv_fwd_tile(
-            pid - soft_tiles, xh_ptr, mh_ptr, wh_ptr, b_ptr, out_keep_ptr, yh_ptr,
+            pid - soft_tiles, xh_ptr, wh_ptr, b_ptr, out_keep_ptr, yh_ptr,
             B_h, C_h, H, W, O_h, OH, OW,
             s_xh_b, s_xh_c, s_xh_h, s_xh_w, s_wh_o, s_wh_c, s_wh_r, s_wh_s,
             s_yh_b, s_yh_c, s_yh_h, s_yh_w, conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
@@ -221,14 +226,14 @@ def _conv_dgrad_tile(
         x = tl.load(x_ptr + x_rows[:, None] + offs_c[None, :] * sxc, mask=ok, other=0.0)
         store_partial_column_sums(
             dmask_part_ptr, acc * x.to(tl.float32), pid_m, M, C, offs_c, c_ok,
-            BLOCK_M, BLOCK_N, PARTIAL_ROWS,
+            BLOCK_M, BLOCK_N, PARTIAL_ROWS_C,
         )  # fmt: skip
 
 
 @triton.autotune(
-    configs=gemm_configs(), key=["B_s", "B_h", "C", "H", "W", "O", "C_h", "O_h", "KH", "KW"]
+    configs=gemm_configs(), key=["TUNE_KEY"]
 )
-@triton.jit
+@triton.jit(do_not_specialize=["TUNE_KEY"])
 def _dual_conv_dgrad_kernel(
     dys_ptr, dyh_ptr, w_ptr, wh_ptr, xs_ptr, xh_ptr, ms_ptr, mh_ptr,
     dxs_ptr, dxh_ptr, dms_part_ptr, dmh_part_ptr,
@@ -238,6 +243,7 @@ def _dual_conv_dgrad_kernel(
     s_xs_b, s_xs_c, s_xs_h, s_xs_w, s_xh_b, s_xh_c, s_xh_h, s_xh_w,
     s_dxs_b, s_dxs_c, s_dxs_h, s_dxs_w, s_dxh_b, s_dxh_c, s_dxh_h, s_dxh_w,
     conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
+    TUNE_KEY,
     KH: tl.constexpr, KW: tl.constexpr,
     NEED_DX_S: tl.constexpr, NEED_DM_S: tl.constexpr,
     NEED_DX_H: tl.constexpr, NEED_DM_H: tl.constexpr,
@@ -341,9 +347,9 @@ def _conv_wgrad_tile(
 
 @triton.autotune(
     configs=wgrad_configs(),
-    key=["B_s", "B_h", "C", "H", "W", "O", "C_h", "O_h", "KH", "KW", "SPLIT"],
+    key=["TUNE_KEY"],
 )
-@triton.jit
+@triton.jit(do_not_specialize=["TUNE_KEY"])
 def _dual_conv_wgrad_kernel(
     dys_ptr, dyh_ptr, xs_ptr, xh_ptr, ms_ptr, mh_ptr,
     dws_part_ptr, dwh_part_ptr, dbs_part_ptr, dbh_part_ptr,
@@ -351,6 +357,7 @@ def _dual_conv_wgrad_kernel(
     s_dys_b, s_dys_c, s_dys_h, s_dys_w, s_dyh_b, s_dyh_c, s_dyh_h, s_dyh_w,
     s_xs_b, s_xs_c, s_xs_h, s_xs_w, s_xh_b, s_xh_c, s_xh_h, s_xh_w,
     conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
+    TUNE_KEY,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -434,14 +441,15 @@ def _dw_fwd_tile(
     )  # fmt: skip
 
 
-@triton.autotune(configs=depthwise_configs(), key=["B_s", "B_h", "C", "C_h", "H", "W", "KH", "KW"])
-@triton.jit
+@triton.autotune(configs=depthwise_configs(), key=["TUNE_KEY"])
+@triton.jit(do_not_specialize=["TUNE_KEY"])
 def _dual_dw_fwd_kernel(
     xs_ptr, xh_ptr, w_ptr, keep_ptr, b_ptr, ms_ptr, mh_ptr, ys_ptr, yh_ptr,
     B_s, B_h, C, C_h, H, W, OH, OW,
     s_xs_b, s_xs_c, s_xs_h, s_xs_w, s_xh_b, s_xh_c, s_xh_h, s_xh_w, s_w_c, s_w_r, s_w_s,
     s_ys_b, s_ys_c, s_ys_h, s_ys_w, s_yh_b, s_yh_c, s_yh_h, s_yh_w,
     conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
+    TUNE_KEY,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
@@ -519,12 +527,12 @@ def _dw_dgrad_tile(
         x = tl.load(x_ptr + x_rows[:, None] + offs_c[None, :] * sxc, mask=ok, other=0.0)
         store_partial_column_sums(
             dmask_part_ptr, acc * x.to(tl.float32), pid_m, M, C, offs_c, c_ok,
-            BLOCK_M, BLOCK_C, PARTIAL_ROWS,
+            BLOCK_M, BLOCK_C, PARTIAL_ROWS_C,
         )  # fmt: skip
 
 
-@triton.autotune(configs=depthwise_configs(), key=["B_s", "B_h", "C", "C_h", "H", "W", "KH", "KW"])
-@triton.jit
+@triton.autotune(configs=depthwise_configs(), key=["TUNE_KEY"])
+@triton.jit(do_not_specialize=["TUNE_KEY"])
 def _dual_dw_dgrad_kernel(
     dys_ptr, dyh_ptr, w_ptr, keep_ptr, xs_ptr, xh_ptr, ms_ptr, mh_ptr,
     dxs_ptr, dxh_ptr, dms_part_ptr, dmh_part_ptr,
@@ -534,6 +542,7 @@ def _dual_dw_dgrad_kernel(
     s_xs_b, s_xs_c, s_xs_h, s_xs_w, s_xh_b, s_xh_c, s_xh_h, s_xh_w,
     s_dxs_b, s_dxs_c, s_dxs_h, s_dxs_w, s_dxh_b, s_dxh_c, s_dxh_h, s_dxh_w,
     conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
+    TUNE_KEY,
     KH: tl.constexpr, KW: tl.constexpr,
     NEED_DX_S: tl.constexpr, NEED_DM_S: tl.constexpr,
     NEED_DX_H: tl.constexpr, NEED_DM_H: tl.constexpr,
@@ -620,9 +629,9 @@ def _dw_wgrad_tile(
 
 
 @triton.autotune(
-    configs=depthwise_configs(), key=["B_s", "B_h", "C", "C_h", "H", "W", "KH", "KW", "SPLIT"]
+    configs=depthwise_configs(), key=["TUNE_KEY"]
 )
-@triton.jit
+@triton.jit(do_not_specialize=["TUNE_KEY"])
 def _dual_dw_wgrad_kernel(
     dys_ptr, dyh_ptr, xs_ptr, xh_ptr, ms_ptr, mh_ptr,
     dws_part_ptr, dwh_part_ptr, dbs_part_ptr, dbh_part_ptr,
@@ -630,6 +639,7 @@ def _dual_dw_wgrad_kernel(
     s_dys_b, s_dys_c, s_dys_h, s_dys_w, s_dyh_b, s_dyh_c, s_dyh_h, s_dyh_w,
     s_xs_b, s_xs_c, s_xs_h, s_xs_w, s_xh_b, s_xh_c, s_xh_h, s_xh_w,
     conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
+    TUNE_KEY,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
@@ -748,10 +758,15 @@ def dual_conv2d_op(
             weight.stride(0), weight.stride(2), weight.stride(3),
             *_strides4(y_soft), *_strides4(y_hard), *geo,
             KH=kh, KW=kw, HAS_BIAS=bias is not None,
+            TUNE_KEY=tune_key(b_s * oh * ow, b_h * oh * ow, c, c_h, kh * kw),
         )  # fmt: skip
         return y_soft, y_hard
-    w_soft = _tap_major(weight)
-    w_hard = _tap_major(weight.index_select(0, out_keep).index_select(1, in_keep))
+    # the input masks folded into the tap-major weight copies the kernel reads anyway (rounded
+    # once): the implicit-GEMM loop then reads plain operands
+    w_soft = _tap_major(mask_columns(weight, ms))
+    w_hard = _tap_major(
+        mask_columns(weight.index_select(0, out_keep).index_select(1, in_keep), mh)
+    )
 
     def grid(meta: dict) -> tuple[int]:
         bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
@@ -761,12 +776,13 @@ def dual_conv2d_op(
         )
 
     launcher(_dual_conv_fwd_kernel)[grid](
-        x_soft, x_hard, w_soft, w_hard, b_arg, out_keep, ms, mh, y_soft, y_hard,
+        x_soft, x_hard, w_soft, w_hard, b_arg, out_keep, y_soft, y_hard,
         b_s, b_h, c, h, w, n_out, c_h, n_out_h, oh, ow,
         *_strides4(x_soft), *_strides4(x_hard), *_strides4(w_soft), *_strides4(w_hard),
         *_strides4(y_soft), *_strides4(y_hard), *geo,
         KH=kh, KW=kw, HAS_BIAS=bias is not None, UPCAST=upcast_dot(weight.dtype),
         PRECISION=dot_precision(weight.dtype, "conv"),
+        TUNE_KEY=tune_key(b_s * oh * ow, b_h * oh * ow, c, n_out, c_h, n_out_h, kh * kw),
     )  # fmt: skip
     return y_soft, y_hard
 
@@ -837,6 +853,7 @@ def dual_conv2d_dgrad_op(
                 *_strides4(x_soft), *_strides4(x_hard), *_strides4(dxs), *_strides4(dxh), *geo,
                 KH=kh, KW=kw, NEED_DX_S=need_x_soft, NEED_DM_S=need_soft_mask,
                 NEED_DX_H=need_x_hard, NEED_DM_H=need_hard_mask,
+                TUNE_KEY=tune_key(b_s * h * w, b_h * h * w, c, c_h, kh * kw),
             )  # fmt: skip
         else:
             w_soft = _tap_major(weight)
@@ -861,6 +878,7 @@ def dual_conv2d_dgrad_op(
                 KH=kh, KW=kw, NEED_DX_S=need_x_soft, NEED_DM_S=need_soft_mask,
                 NEED_DX_H=need_x_hard, NEED_DM_H=need_hard_mask,
                 UPCAST=upcast_dot(weight.dtype), PRECISION=dot_precision(weight.dtype, "conv"),
+                TUNE_KEY=tune_key(b_s * h * w, b_h * h * w, c, n_out, c_h, n_out_h, kh * kw),
             )  # fmt: skip
     return (
         dxs if do_soft and need_x_soft else x_soft.new_empty((0,)),
@@ -940,6 +958,7 @@ def dual_conv2d_wgrad_op(
                 b_s, b_h, c, c_h, h, w, oh, ow, split, int(do_soft),
                 *_strides4(dys), *_strides4(dyh), *_strides4(x_soft), *_strides4(x_hard), *geo,
                 KH=kh, KW=kw, HAS_BIAS=need_bias,
+                TUNE_KEY=tune_key(b_s * oh * ow, b_h * oh * ow, c, c_h, kh * kw, split),
             )  # fmt: skip
         # [split, taps, C] -> [C, 1, KH, KW]
         dw = (
@@ -974,6 +993,9 @@ def dual_conv2d_wgrad_op(
                 *_strides4(dys), *_strides4(dyh), *_strides4(x_soft), *_strides4(x_hard), *geo,
                 KH=kh, KW=kw, HAS_BIAS=need_bias, UPCAST=upcast_dot(weight.dtype),
                 PRECISION=dot_precision(weight.dtype, "conv"),
+                TUNE_KEY=tune_key(
+                    b_s * oh * ow, b_h * oh * ow, c, n_out, c_h, n_out_h, kh * kw, split
+                ),
             )  # fmt: skip
         # [split, O, taps, C] -> [O, C, KH, KW]
         if do_soft:
@@ -992,6 +1014,59 @@ def dual_conv2d_wgrad_op(
 
 
 # --------------------------------------------------------------------------------------------
+# FLOP formulas (torch.utils.flop_counter), counted like aten.convolution: 2 * output elements
+# * (input channels per group * KH * KW) per path; the data and weight gradients as many as
+# the forward of the path they run for.
+# --------------------------------------------------------------------------------------------
+
+
+def _path_flops(x, weight, n_out, n_in, depthwise, stride, padding, dilation) -> int:
+    """FLOPs of one path's convolution: ``x`` the input shape, ``n_out`` / ``n_in`` its widths."""
+    kh, kw = weight[2], weight[3]
+    oh = _out_size(x[2], kh, stride[0], padding[0], dilation[0])
+    ow = _out_size(x[3], kw, stride[1], padding[1], dilation[1])
+    per_out = (1 if depthwise else n_in) * kh * kw
+    return 2 * x[0] * n_out * oh * ow * per_out
+
+
+def _conv_flops(x_soft, x_hard, weight, in_keep, out_keep, stride, padding, dilation, groups,
+                soft: bool, hard: bool) -> int:  # fmt: skip
+    depthwise = groups > 1 and groups == x_soft[1] and weight[1] == 1
+    if groups > 1 and not depthwise:
+        raise NotImplementedError("dual_conv2d supports groups=1 and depthwise convs only")
+    geo = (stride, padding, dilation)
+    return (_path_flops(x_soft, weight, weight[0], x_soft[1], depthwise, *geo) if soft else 0) + (
+        _path_flops(x_hard, weight, out_keep[0], in_keep[0], depthwise, *geo) if hard else 0
+    )
+
+
+@register_flop_formula(torch.ops.s2h_kernels.dual_conv2d)
+def _fwd_flops(x_soft, x_hard, weight, bias, soft_in_mask, hard_in_mask, in_keep, out_keep,
+               stride, padding, dilation, groups, weight_grad=True, *, out_shape=None,
+               **kwargs) -> int:  # fmt: skip
+    return _conv_flops(x_soft, x_hard, weight, in_keep, out_keep, stride, padding, dilation,
+                       groups, True, True)
+
+
+@register_flop_formula(torch.ops.s2h_kernels.dual_conv2d_dgrad)
+def _dgrad_flops(grad_soft, grad_hard, x_soft, x_hard, weight, soft_in_mask, hard_in_mask,
+                 in_keep, out_keep, stride, padding, dilation, groups, need_x_soft, need_x_hard,
+                 need_soft_mask, need_hard_mask, *, out_shape=None, **kwargs) -> int:  # fmt: skip
+    soft = grad_soft is not None and (need_x_soft or need_soft_mask)
+    hard = grad_hard is not None and (need_x_hard or need_hard_mask)
+    return _conv_flops(x_soft, x_hard, weight, in_keep, out_keep, stride, padding, dilation,
+                       groups, soft, hard)
+
+
+@register_flop_formula(torch.ops.s2h_kernels.dual_conv2d_wgrad)
+def _wgrad_flops(grad_soft, grad_hard, x_soft, x_hard, weight, soft_in_mask, hard_in_mask,
+                 in_keep, out_keep, stride, padding, dilation, groups, need_bias,
+                 *, out_shape=None, **kwargs) -> int:  # fmt: skip
+    return _conv_flops(x_soft, x_hard, weight, in_keep, out_keep, stride, padding, dilation,
+                       groups, grad_soft is not None, grad_hard is not None)
+
+
+# --------------------------------------------------------------------------------------------
 # Autograd
 # --------------------------------------------------------------------------------------------
 
@@ -1003,13 +1078,16 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.geometry = (list(stride), list(padding), list(dilation), groups)
     ctx.has_bias = bias is not None
     ctx.weight_grad = weight_grad
+    ctx.bias = bias  # a leaf input: needed_input_grads asks whether its gradient is used
     # Unused outputs (the hard one in the gate-only gap backward) arrive as None: skipped.
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_soft: Optional[torch.Tensor], grad_hard: Optional[torch.Tensor]):
     x_soft, x_hard, weight, soft_in_mask, hard_in_mask, in_keep, out_keep = ctx.saved_tensors
-    need = ctx.needs_input_grad
+    need = needed_input_grads(
+        ctx, (x_soft, x_hard, weight, ctx.bias, soft_in_mask, hard_in_mask)
+    )
     soft, hard = grad_soft is not None, grad_hard is not None
     dxs = dxh = dms = dmh = dw = db = None
     if (soft and (need[0] or need[4])) or (hard and (need[1] or need[5])):

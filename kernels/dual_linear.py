@@ -8,8 +8,10 @@ Math (``W`` is ``[N, K]``, ``i = in_keep``, ``o = out_keep``)::
 Kernels (each one launch covering the tiles of *both* problems; soft tiles come first
 because their reduction is longer, so the short hard tiles fill the tail of the wave):
 
-* ``_dual_linear_fwd_kernel``   the input mask is applied to the A operand as it is loaded,
-  the bias is added in the epilogue (gathered through ``out_keep`` for the hard problem).
+* ``_dual_linear_fwd_kernel``   a plain GEMM of ``x`` and ``W * mask`` (the input mask is
+  folded into the weight copy once per call, out of the K loop: ``(x * m) @ W.T ==
+  x @ (W * m).T``); the bias is added in the epilogue (gathered through ``out_keep`` for the
+  hard problem).
 * ``_dual_linear_dgrad_kernel`` ``g = dY @ W`` (gradient w.r.t. the masked input); the
   epilogue writes ``dx = g * mask`` and the per-row-tile partial sums of ``g * x`` that give
   the mask gradient, so neither ``g`` nor ``x * mask`` is ever materialised.
@@ -31,22 +33,28 @@ computed compact and scattered into ``dW[o][:, i]`` by an index-add.
 # torch.library infers op schemas from typing.Optional (the GPU host's torch 2.11 included);
 # keep it rather than `X | None`.
 # ruff: noqa: UP045
+import math
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from torch.utils.flop_counter import register_flop_formula
 
 from ._common import (
     INTERPRET,
     PARTIAL_ROWS,
+    PARTIAL_ROWS_C,
     dot_precision,
     gemm_configs,
     grouped_tile_coords,
     launcher,
+    mask_columns,
+    needed_input_grads,
     num_programs_target,
     register_op,
     store_partial_column_sums,
+    tune_key,
     upcast_dot,
     wgrad_configs,
 )
@@ -58,13 +66,14 @@ from ._common import (
 
 @triton.jit
 def _fwd_tile(
-    tile, x_ptr, mask_ptr, w_ptr, b_ptr, bias_index_ptr, y_ptr,
+    tile, x_ptr, w_ptr, b_ptr, bias_index_ptr, y_ptr,
     M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, BIAS_GATHER: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """One ``BLOCK_M x BLOCK_N`` tile of ``y = (x * mask) @ w.T + b``."""
+    """One ``BLOCK_M x BLOCK_N`` tile of ``y = x @ w.T + b``; ``w`` has the input mask folded in
+    (``(x * mask) @ w.T == x @ (w * mask).T``), so the K loop is a plain GEMM loop."""
     pid_m, pid_n = grouped_tile_coords(tile, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -79,9 +88,6 @@ def _fwd_tile(
         a = tl.load(
             x_rows + offs_k[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0
         )
-        gate = tl.load(mask_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        # The mask multiply is the A-operand prologue: one rounding to the operand dtype.
-        a = (a.to(tl.float32) * gate[None, :]).to(x_ptr.dtype.element_ty)
         b = tl.load(
             w_cols + offs_k[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :], other=0.0
         )
@@ -100,14 +106,15 @@ def _fwd_tile(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.autotune(configs=gemm_configs(), key=["M_s", "M_h", "N", "K", "N_h", "K_h"])
-@triton.jit
+@triton.autotune(configs=gemm_configs(), key=["TUNE_KEY"])
+@triton.jit(do_not_specialize=["TUNE_KEY"])
 def _dual_linear_fwd_kernel(
-    xs_ptr, xh_ptr, w_ptr, wh_ptr, b_ptr, out_keep_ptr, ms_ptr, mh_ptr, ys_ptr, yh_ptr,
+    xs_ptr, xh_ptr, w_ptr, wh_ptr, b_ptr, out_keep_ptr, ys_ptr, yh_ptr,
     M_s, M_h, N, K, N_h, K_h,
     stride_xs_m, stride_xs_k, stride_xh_m, stride_xh_k,
     stride_w_n, stride_w_k, stride_wh_n, stride_wh_k,
     stride_ys_m, stride_ys_n, stride_yh_m, stride_yh_n,
+    TUNE_KEY,
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -116,13 +123,13 @@ def _dual_linear_fwd_kernel(
     soft_tiles = tl.cdiv(M_s, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     if pid < soft_tiles:
         _fwd_tile(
-            pid, xs_ptr, ms_ptr, w_ptr, b_ptr, out_keep_ptr, ys_ptr, M_s, N, K,
+            pid, xs_ptr, w_ptr, b_ptr, out_keep_ptr, ys_ptr, M_s, N, K,
             stride_xs_m, stride_xs_k, stride_w_n, stride_w_k, stride_ys_m, stride_ys_n,
             HAS_BIAS, False, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
         )  # fmt: skip
     else:
         _fwd_tile(
-            pid - soft_tiles, xh_ptr, mh_ptr, wh_ptr, b_ptr, out_keep_ptr, yh_ptr, M_h, N_h, K_h,
+            pid - soft_tiles, xh_ptr, wh_ptr, b_ptr, out_keep_ptr, yh_ptr, M_h, N_h, K_h,
             stride_xh_m, stride_xh_k, stride_wh_n, stride_wh_k, stride_yh_m, stride_yh_n,
             HAS_BIAS, True, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
         )  # fmt: skip
@@ -170,12 +177,12 @@ def _dgrad_tile(
         x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
         x = tl.load(x_ptrs, mask=ok, other=0.0).to(tl.float32)
         store_partial_column_sums(
-            dmask_part_ptr, acc * x, pid_m, M, K, offs_k, k_ok, BLOCK_M, BLOCK_N, PARTIAL_ROWS
+            dmask_part_ptr, acc * x, pid_m, M, K, offs_k, k_ok, BLOCK_M, BLOCK_N, PARTIAL_ROWS_C
         )
 
 
-@triton.autotune(configs=gemm_configs(), key=["M_s", "M_h", "N", "K", "N_h", "K_h"])
-@triton.jit
+@triton.autotune(configs=gemm_configs(), key=["TUNE_KEY"])
+@triton.jit(do_not_specialize=["TUNE_KEY"])
 def _dual_linear_dgrad_kernel(
     dys_ptr, dyh_ptr, w_ptr, wh_ptr, xs_ptr, xh_ptr, ms_ptr, mh_ptr,
     dxs_ptr, dxh_ptr, dms_part_ptr, dmh_part_ptr,
@@ -183,6 +190,7 @@ def _dual_linear_dgrad_kernel(
     stride_dys_m, stride_dys_n, stride_dyh_m, stride_dyh_n,
     stride_w_n, stride_w_k, stride_wh_n, stride_wh_k,
     stride_xs_m, stride_xs_k, stride_xh_m, stride_xh_k,
+    TUNE_KEY,
     NEED_DX_S: tl.constexpr, NEED_DM_S: tl.constexpr,
     NEED_DX_H: tl.constexpr, NEED_DM_H: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -262,14 +270,15 @@ def _wgrad_tile(
             tl.store(db_part_ptr + split * N + offs_n, bias_acc, mask=n_ok)
 
 
-@triton.autotune(configs=wgrad_configs(), key=["M_s", "M_h", "N", "K", "N_h", "K_h", "SPLIT"])
-@triton.jit
+@triton.autotune(configs=wgrad_configs(), key=["TUNE_KEY"])
+@triton.jit(do_not_specialize=["TUNE_KEY"])
 def _dual_linear_wgrad_kernel(
     dys_ptr, dyh_ptr, xs_ptr, xh_ptr, ms_ptr, mh_ptr,
     dws_part_ptr, dwh_part_ptr, dbs_part_ptr, dbh_part_ptr,
     M_s, M_h, N, K, N_h, K_h, SPLIT, soft_on,
     stride_dys_m, stride_dys_n, stride_dyh_m, stride_dyh_n,
     stride_xs_m, stride_xs_k, stride_xh_m, stride_xh_k,
+    TUNE_KEY,
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -344,7 +353,10 @@ def dual_linear_op(
     n_out_h, n_in_h = out_keep.shape[0], in_keep.shape[0]
     xs = _rows(x_soft, n_in)
     xh = _rows(x_hard, n_in_h)
-    w_hard = gather_hard_weight(weight, in_keep, out_keep)
+    # the input masks folded into the weights once per call (one pass over W, rounded once):
+    # the kernels' K loops then read plain operands
+    w_soft = mask_columns(weight, soft_in_mask)
+    w_hard = mask_columns(gather_hard_weight(weight, in_keep, out_keep), hard_in_mask)
     ys = torch.empty((xs.shape[0], n_out), dtype=x_soft.dtype, device=x_soft.device)
     yh = torch.empty((xh.shape[0], n_out_h), dtype=x_hard.dtype, device=x_hard.device)
     m_s, m_h = xs.shape[0], xh.shape[0]
@@ -358,14 +370,14 @@ def dual_linear_op(
             )
 
         launcher(_dual_linear_fwd_kernel)[grid](
-            xs, xh, weight, w_hard, bias if bias is not None else weight, out_keep,
-            soft_in_mask.contiguous(), hard_in_mask.contiguous(), ys, yh,
+            xs, xh, w_soft, w_hard, bias if bias is not None else weight, out_keep, ys, yh,
             m_s, m_h, n_out, n_in, n_out_h, n_in_h,
             xs.stride(0), xs.stride(1), xh.stride(0), xh.stride(1),
-            weight.stride(0), weight.stride(1), w_hard.stride(0), w_hard.stride(1),
+            w_soft.stride(0), w_soft.stride(1), w_hard.stride(0), w_hard.stride(1),
             ys.stride(0), ys.stride(1), yh.stride(0), yh.stride(1),
             HAS_BIAS=bias is not None, UPCAST=upcast_dot(weight.dtype),
             PRECISION=dot_precision(weight.dtype, "matmul"),
+            TUNE_KEY=tune_key(m_s, m_h, n_out, n_in, n_out_h, n_in_h),
         )  # fmt: skip
     return (
         ys.reshape(*x_soft.shape[:-1], n_out),
@@ -442,6 +454,7 @@ def dual_linear_dgrad_op(
             NEED_DX_S=need_x_soft, NEED_DM_S=need_soft_mask,
             NEED_DX_H=need_x_hard, NEED_DM_H=need_hard_mask,
             UPCAST=upcast_dot(weight.dtype), PRECISION=dot_precision(weight.dtype, "matmul"),
+            TUNE_KEY=tune_key(m_s, m_h, n_out, n_in, n_out_h, n_in_h),
         )  # fmt: skip
     return (
         dxs.reshape(x_soft.shape) if do_soft and need_x_soft else x_soft.new_empty((0,)),
@@ -509,6 +522,7 @@ def dual_linear_wgrad_op(
             xs.stride(0), xs.stride(1), xh.stride(0), xh.stride(1),
             HAS_BIAS=need_bias, UPCAST=upcast_dot(weight.dtype),
             PRECISION=dot_precision(weight.dtype, "matmul"),
+            TUNE_KEY=tune_key(m_s, m_h, n_out, n_in, n_out_h, n_in_h, split),
         )  # fmt: skip
     dw = dws_part.sum(0) if do_soft else torch.zeros((n_out, n_in), **f32)
     db = dbs_part.sum(0) if do_soft and need_bias else torch.zeros((n_out,), **f32)
@@ -519,6 +533,45 @@ def dual_linear_wgrad_op(
         if need_bias:
             db = db.index_put((out_keep,), dbh_part.sum(0), accumulate=True)
     return dw.to(weight.dtype), db.to(weight.dtype) if need_bias else weight.new_empty((0,))
+
+
+# --------------------------------------------------------------------------------------------
+# FLOP formulas (torch.utils.flop_counter): the matmul FLOPs each launch computes, 2*M*K*N per
+# path (the soft path on full widths, the hard one on the kept widths), counted like aten.mm
+# so that a fused step and a plain-PyTorch step are counted alike.
+# --------------------------------------------------------------------------------------------
+
+
+def _rows_of(shape) -> int:
+    return math.prod(shape[:-1]) if shape is not None else 0
+
+
+@register_flop_formula(torch.ops.s2h_kernels.dual_linear)
+def _fwd_flops(x_soft, x_hard, weight, bias, soft_in_mask, hard_in_mask, in_keep, out_keep,
+               weight_grad=True, *, out_shape=None, **kwargs) -> int:  # fmt: skip
+    n_out, n_in = weight
+    return 2 * _rows_of(x_soft) * n_in * n_out + 2 * _rows_of(x_hard) * in_keep[0] * out_keep[0]
+
+
+@register_flop_formula(torch.ops.s2h_kernels.dual_linear_dgrad)
+def _dgrad_flops(grad_soft, grad_hard, x_soft, x_hard, weight, soft_in_mask, hard_in_mask,
+                 in_keep, out_keep, need_x_soft, need_x_hard, need_soft_mask, need_hard_mask,
+                 *, out_shape=None, **kwargs) -> int:  # fmt: skip
+    n_out, n_in = weight
+    soft = grad_soft is not None and (need_x_soft or need_soft_mask)
+    hard = grad_hard is not None and (need_x_hard or need_hard_mask)
+    return (2 * _rows_of(x_soft) * n_in * n_out if soft else 0) + (
+        2 * _rows_of(x_hard) * in_keep[0] * out_keep[0] if hard else 0
+    )
+
+
+@register_flop_formula(torch.ops.s2h_kernels.dual_linear_wgrad)
+def _wgrad_flops(grad_soft, grad_hard, x_soft, x_hard, weight, soft_in_mask, hard_in_mask,
+                 in_keep, out_keep, need_bias, *, out_shape=None, **kwargs) -> int:  # fmt: skip
+    n_out, n_in = weight
+    return (2 * _rows_of(x_soft) * n_in * n_out if grad_soft is not None else 0) + (
+        2 * _rows_of(x_hard) * in_keep[0] * out_keep[0] if grad_hard is not None else 0
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -533,6 +586,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(x_soft, x_hard, weight, soft_in_mask, hard_in_mask, in_keep, out_keep)
     ctx.has_bias = bias is not None
     ctx.weight_grad = weight_grad
+    ctx.bias = bias  # a leaf input: needed_input_grads asks whether its gradient is used
     # An unused output (e.g. the hard output in the gate-only gap backward) then arrives as
     # None and its tiles are skipped instead of multiplying zeros.
     ctx.set_materialize_grads(False)
@@ -540,7 +594,9 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_soft: Optional[torch.Tensor], grad_hard: Optional[torch.Tensor]):
     x_soft, x_hard, weight, soft_in_mask, hard_in_mask, in_keep, out_keep = ctx.saved_tensors
-    need = ctx.needs_input_grad
+    need = needed_input_grads(
+        ctx, (x_soft, x_hard, weight, ctx.bias, soft_in_mask, hard_in_mask)
+    )
     soft, hard = grad_soft is not None, grad_hard is not None
     dxs = dxh = dms = dmh = dw = db = None
     if (soft and (need[0] or need[4])) or (hard and (need[1] or need[5])):

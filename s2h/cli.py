@@ -5,25 +5,39 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 
-from .trainer import PruneConfig
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every default, except for flags (off unless given) and the ``None``
+    of options whose help says what happens without them."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action, (argparse._StoreTrueAction,
+                                                         argparse._StoreFalseAction)):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _add_prune_args(p: argparse.ArgumentParser) -> None:
+    from .trainer import PruneConfig  # torch: only when `prune` is the command
+
     d = PruneConfig()
     p.add_argument("--model", default=d.model,
                    help="s2h.models name (resnet20, resnet56, wrn28_10, ...) or any timm model")
     p.add_argument("--dataset", default=d.dataset,
-                   choices=["fashion-mnist", "synthetic", "cifar100", "imagefolder"])
+                   choices=["fashion-mnist", "synthetic", "cifar100", "imagefolder"],
+                   help="training data")
     p.add_argument("--data-dir", default=None, help="dataset directory (default: per dataset)")
     p.add_argument("--target-flops", type=float, default=d.target_flops,
                    help="remaining FLOPs fraction in (0, 1] (0.35 keeps 35%%)")
-    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
     p.add_argument("--steps-per-epoch", type=int, default=None,
                    help="limit an epoch to this many steps (smoke runs)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="global batch size (split over the processes under torchrun)")
     p.add_argument("--lr", type=float, default=d.lr, help="weights' learning rate (AdamW)")
     p.add_argument("--gate-lr", type=float, default=d.gate_lr, help="gates' learning rate")
     p.add_argument("--gate-schedule", default=d.gate_schedule, choices=["constant", "cosine"],
@@ -47,7 +61,8 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--freeze-arch-at", type=float, default=d.freeze_arch_at, metavar="F",
                    help="fraction of training after which the architecture is fixed (projected "
                         "onto the budget if above it) and only the weights train; 1: at the end")
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
+                   help="linear learning-rate warm-up steps")
     p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
                    help="clip the weights' gradient norm (0: no clipping)")
     p.add_argument("--variant", default=d.variant,
@@ -62,11 +77,13 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="STP: divisor steps a width candidate narrows by")
     p.add_argument("--stp-commits-per-round", type=int, default=d.stp_commits_per_round,
                    help="STP: best candidates committed per exploration round")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="AdamW weight decay of the weights (gates: none)")
     p.add_argument("--alpha", type=float, default=d.alpha, help="gap (distillation) weight")
     p.add_argument("--lam", type=float, default=d.lam, help="resource loss weight")
     p.add_argument("--divisor", type=int, default=d.divisor, help="width granularity")
-    p.add_argument("--amp", default=d.amp, choices=["none", "bf16", "fp16"])
+    p.add_argument("--amp", default=d.amp, choices=["none", "bf16", "fp16"],
+                   help="mixed precision")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--out", default=d.out, help="output directory")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
@@ -77,7 +94,7 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plots", action="store_true", help="do not draw OUT/plots/*.png")
     p.add_argument("--log-every", type=int, default=d.log_every, metavar="N",
                    help="write a metrics.jsonl row every N steps")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of every generator")
     p.add_argument("--workers", type=int, default=d.workers, help="data loader workers")
     p.add_argument("--eval-batches", type=int, default=None,
                    help="limit evaluation to this many test batches")
@@ -87,7 +104,9 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _config(args) -> PruneConfig:
+def _config(args):
+    from .trainer import PruneConfig
+
     return PruneConfig(
         model=args.model, dataset=args.dataset, data_dir=args.data_dir,
         target_flops=args.target_flops, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
@@ -128,16 +147,32 @@ def cmd_prune(args) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C: a checkpoint was saved (Interrupted) or not
+        argv = list(getattr(args, "argv", None) or ["prune"])
+        again = "s2h " + shlex.join(argv + ([] if "--resume" in argv else ["--resume"]))
+        ckpt = os.path.join(cfg.out, "checkpoint.pt")
+        if getattr(exc, "checkpoint", None):
+            print(f"interrupted: checkpoint saved at step {exc.step} to {exc.checkpoint}; "
+                  f"resume with: {again}", file=sys.stderr)
+        elif os.path.exists(ckpt):
+            print(f"interrupted: the last checkpoint is {ckpt}; resume with: {again}",
+                  file=sys.stderr)
+        else:
+            print("interrupted before the first checkpoint: nothing to resume", file=sys.stderr)
+        return 130
     return 0
 
 
 def cmd_export(args) -> int:
-    """Rebuild the pruner from a checkpoint and write the exported model."""
+    """Rebuild the pruner from a checkpoint and write the exported model, with the same
+    BatchNorm recalibration (same batches) as the run's own ``exported/``."""
     import torch
 
-    from .data import dataset_info
+    from .data import build_loaders, dataset_info
     from .export import save_exported
-    from .trainer import build_model, build_pruner, load_checkpoint
+    from .trainer import (RECALIBRATION_BATCHES, PruneConfig, build_model, build_pruner,
+                          freeze_for_export, load_checkpoint, recalibrate_for_export,
+                          seed_everything)
 
     try:
         ckpt = load_checkpoint(args.checkpoint)
@@ -146,14 +181,39 @@ def cmd_export(args) -> int:
         return 2
     known = PruneConfig.__annotations__
     cfg = PruneConfig(**{k: v for k, v in ckpt["config"].items() if k in known})
+    seed_everything(cfg.seed)
     info = dataset_info(cfg.dataset, cfg.data_dir)
     model = build_model(cfg.model, info.num_classes, info.in_chans)
     example = torch.randn(2, info.in_chans, info.image_size, info.image_size)
     pruner = build_pruner(cfg, model, example, warn=False)
     model.load_state_dict(ckpt["model"])
     pruner.load_state_dict(ckpt["pruner"])
+    freeze_for_export(cfg, pruner)  # as the run's exported/: projected onto the budget
+    done = int(ckpt["epoch"]) >= cfg.epochs and not int(ckpt.get("batch", 0))
+    where = ("the end of training" if done else
+             f"epoch {int(ckpt['epoch']) + 1} of {cfg.epochs}, batch {int(ckpt.get('batch', 0))} "
+             "(unfinished run: not what its exported/ will be)")
+    if args.no_recalibrate:
+        how = ("BatchNorm statistics as trained, NOT recalibrated: differs from the run's "
+               "exported/, which re-estimates them")
+    else:
+        world = int(ckpt.get("world_size", 1))
+        try:
+            train_loader, _, _ = build_loaders(
+                cfg.dataset, cfg.data_dir, cfg.batch_size // world, workers=0, seed=cfg.seed,
+                test_batch_size=cfg.batch_size, rank=0, world_size=world, holdout=cfg.holdout)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: cannot recalibrate BatchNorm as the run did: {exc}\n"
+                  "(--no-recalibrate exports the statistics as trained, which differ from the "
+                  "run's exported/)", file=sys.stderr)
+            return 2
+        n = recalibrate_for_export(cfg, pruner, train_loader)
+        how = (f"BatchNorm recalibrated on the same {n} training batches as the run's exported/"
+               + ("" if n == RECALIBRATION_BATCHES else
+                  f" (fewer than {RECALIBRATION_BATCHES}: the data set is that small)"))
     out = save_exported(pruner.export(), args.out)
-    print(f"exported {cfg.model} at {pruner.hard_flops_ratio():.3f} of the dense FLOPs to {out}")
+    print(f"exported {cfg.model} from {where} at {pruner.hard_flops_ratio():.3f} of the dense "
+          f"FLOPs to {out}; {how}")
     return 0
 
 
@@ -178,14 +238,23 @@ def cmd_info(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="s2h", description="Soft-to-Hard structured pruning")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="s2h", description="Soft-to-Hard structured pruning",
+                                     formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("prune", help="prune a model to a FLOPs budget with the S2H loop")
-    _add_prune_args(p)
+    p = sub.add_parser("prune", help="prune a model to a FLOPs budget with the S2H loop",
+                       formatter_class=_HelpFormatter)
+    if argv[:1] == ["prune"]:  # its defaults import torch: not for `s2h --help` or `s2h info`
+        _add_prune_args(p)
     p.set_defaults(func=cmd_prune)
-    p = sub.add_parser("export", help="export the pruned model of a checkpoint")
+    p = sub.add_parser("export", help="export the pruned model of a checkpoint",
+                       formatter_class=_HelpFormatter)
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--no-recalibrate", action="store_true",
+                   help="keep the BatchNorm statistics as trained instead of re-estimating them "
+                        "on the run's training batches (no data needed; not the run's "
+                        "exported/)")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("bench", help="run a benchmark script of bench/ (source checkout)")
     p.add_argument("name", help="e.g. step_flops, gather, dual_forward")
@@ -195,6 +264,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
     args = parser.parse_args(argv)
+    args.argv = argv
     return args.func(args)
 
 

@@ -55,6 +55,13 @@ class DualTensor(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}
+        # Autograd bookkeeping done by tools such as FlopCounterMode's module tracker: a hook
+        # goes on both halves; the graph node read is the soft half's (what the class mirrors).
+        if func is torch.Tensor.register_hook:
+            return _BothHandles([func(half, *args[1:], **kwargs)
+                                 for half in (args[0].soft, args[0].hard)])
+        if getattr(func, "__self__", None) is _GRAD_FN:
+            return args[0].soft.grad_fn
         soft_args = pytree.tree_map(lambda a: a.soft if isinstance(a, DualTensor) else a,
                                     (args, kwargs))
         hard_args = pytree.tree_map(lambda a: a.hard if isinstance(a, DualTensor) else a,
@@ -67,6 +74,20 @@ class DualTensor(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types_, args=(), kwargs=None):
         raise LockstepUnsupported(f"{func} reached the dispatcher with a DualTensor")
+
+
+_GRAD_FN = torch._C.TensorBase.grad_fn
+
+
+class _BothHandles:
+    """The hook handles of both halves, removed together."""
+
+    def __init__(self, handles) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 def _merge(s, h, func):

@@ -227,7 +227,7 @@ def save_exported(model: nn.Module, directory: str, builder: dict | None = None)
     can be saved with ``builder={"kind": "custom", "name": "<anything>"}`` and loaded with
     ``load_exported(dir, model_fn=...)``.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
     builder = builder or detect_builder(model)
     if builder is None:
@@ -261,7 +261,10 @@ def save_exported(model: nn.Module, directory: str, builder: dict | None = None)
     tensors = {k: v.detach().contiguous().clone().cpu() for k, v in model.state_dict().items()}
     tmp_w = os.path.join(directory, "model.safetensors.tmp")
     tmp_a = os.path.join(directory, "architecture.json.tmp")
-    save_file(tensors, tmp_w, metadata={"format": FORMAT})
+    # safetensors' save_file creates its file with mode 0600; written here like any other
+    # file (0666 less the umask: 0644 usually), so a saved model is readable by others
+    with open(tmp_w, "wb") as f:
+        f.write(safetensors_bytes(tensors, metadata={"format": FORMAT}))
     with open(tmp_a, "w") as f:
         json.dump(arch, f, indent=1)
     os.replace(tmp_w, os.path.join(directory, "model.safetensors"))

@@ -17,12 +17,14 @@ Back-ends (DESIGN.md "Dispatch"), chosen per call by ``S2H_BACKEND``:
 
 Under ``torch.compile`` the back-end is picked when the function is traced. Under
 ``torch.autocast`` the inputs and weights are cast to the autocast dtype (the masks keep
-theirs; they are applied in fp32 inside the kernels), as ``F.linear``/``F.conv2d`` would.
+theirs; they are multiplied in fp32), as ``F.linear``/``F.conv2d`` would.
 
 Numerics of the Triton path: fp32 accumulation always; fp32 operands use TF32 tensor cores
 exactly when PyTorch would for the same layer (``torch.backends.cuda.matmul.allow_tf32`` for
-linear, ``torch.backends.cudnn.allow_tf32`` for conv); ``x * mask`` is rounded once to the
-operand dtype. Weight gradients are deterministic (split-K partials summed in a fixed order).
+linear, ``torch.backends.cudnn.allow_tf32`` for conv). In the forward the input mask is folded
+into the weight, ``x @ (W * mask).T`` with ``W * mask`` rounded once to the operand dtype (the
+reference rounds ``x * mask`` once instead; both are held to the same error rule), so the
+kernels' K loops read plain operands. Weight gradients are deterministic (split-K partials summed in a fixed order).
 """
 
 from __future__ import annotations

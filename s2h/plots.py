@@ -3,7 +3,8 @@
 * ``training.png``     — the hard network's FLOPs ratio and accuracy over training (the
   paper's figure 3): train-batch accuracy of the soft and hard networks (moving average) and
   the test accuracy of both at every epoch end;
-* ``widths.png``       — the kept fraction of every dependency group over training (figure 5);
+* ``widths.png``       — the kept fraction of every dependency group over training (figure 5),
+  as a heatmap (one row per group, one column per logged step);
 * ``final_widths.png`` — kept vs full channels of every group at the end (figure 4).
 
 ``python -m s2h.plots RUN_DIR`` redraws them for a finished or running job.
@@ -109,20 +110,27 @@ def plot_run(metrics_path: str, out_dir: str, summary: dict | None = None) -> li
     if with_widths:
         names = list(with_widths[-1]["widths"])
         full = {k: channels.get(k) or max(r["widths"][k] for r in with_widths) for k in names}
-        fig, ax = plt.subplots(figsize=(8.5, 4.8))
-        cmap = plt.get_cmap("viridis")
-        for j, k in enumerate(names):
-            ax.plot([r["step"] for r in with_widths],
-                    [r["widths"][k] / full[k] for r in with_widths],
-                    color=cmap(j / max(1, len(names) - 1)), lw=1.4,
-                    label=f"{_short(k)} ({full[k]})")
+        # a heatmap (group x step) of the kept fraction: stays readable for 12 or 50 groups,
+        # where one line per group overplots (equal widths) and neighbouring colours blur
+        xs_w = [r["step"] for r in with_widths]
+        grid = [[r["widths"][k] / full[k] for r in with_widths] for k in names]
+        height = min(14.0, max(3.6, 2.2 + 0.22 * len(names)))
+        fig, ax = plt.subplots(figsize=(9.0, height))
+        half = (xs_w[1] - xs_w[0]) / 2 if len(xs_w) > 1 else 0.5
+        im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis",
+                       vmin=0.0, vmax=1.0, origin="upper",
+                       extent=(xs_w[0] - half, xs_w[-1] + half, len(names) - 0.5, -0.5))
+        ax.set_yticks(range(len(names)))
+        row_pt = (height - 2.2) / len(names) * 72  # height of one group's row, in points
+        label_size = max(4.0, min(8.0, 0.5 * row_pt))
+        for y in range(1, len(names)):  # thin separators: equal neighbours stay apart
+            ax.axhline(y - 0.5, color="white", lw=0.4)
+        ax.set_yticklabels([f"{_short(k)} ({full[k]})" for k in names], fontsize=label_size)
         ax.set_xlabel("training step")
-        ax.set_ylabel("kept channels / full width")
-        ax.set_ylim(0, 1.05)
-        ax.grid(alpha=0.3)
-        ax.set_title("width of every dependency group over training", fontsize=11)
-        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7.5,
-                  title="group (channels)", title_fontsize=8)
+        ax.set_ylabel("group (full channels)")
+        ax.set_title("kept fraction of every dependency group over training", fontsize=11)
+        cbar = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
+        cbar.set_label("kept channels / full width")
         fig.tight_layout()
         path = os.path.join(out_dir, "widths.png")
         fig.savefig(path, dpi=110)

@@ -24,8 +24,9 @@ import json
 import math
 import os
 import random
-import statistics
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -106,8 +107,12 @@ def build_model(name: str, num_classes: int, in_chans: int) -> nn.Module:
         raise ValueError(f"unknown model {name!r}: not in s2h.models ({models.list_models()}) "
                          "and timm is not installed") from exc
     if not timm.is_model(name):
+        import difflib
+
+        close = difflib.get_close_matches(name, models.list_models() + timm.list_models(), n=3)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(f"unknown model {name!r}: not in s2h.models {models.list_models()} "
-                         "nor in timm.list_models()")
+                         f"nor in timm.list_models(){hint}")
     return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
 
 
@@ -146,27 +151,17 @@ def _accuracy(model_fn, loader, device, max_batches, amp) -> float:
 
 @torch.no_grad()
 def compare_latency(models: dict[str, nn.Module], shape, device, rounds: int = 15,
-                    warmup: int = 3) -> dict[str, float]:
-    """Median forward latency (ms) of each model for a random input of ``shape``.
+                    warmup: int = 3):
+    """Median forward latency (ms) of each model for a random input of ``shape``: a
+    :class:`s2h.latency.Latency` (a dict of ms, with ``spread`` and ``noisy``).
 
     The models are timed side by side, alternating within every round, so machine noise hits
-    them alike (the ratio is what to read)."""
+    them alike (the ratio is what to read); the rounds are split into 3 blocks whose medians
+    must agree within ``s2h.latency.NOISE_LIMIT``, else ``noisy`` is set."""
+    from .latency import time_side_by_side
+
     x = torch.randn(*shape, device=device)
-    for m in models.values():
-        m.eval()
-        for _ in range(warmup):
-            m(x)
-    times: dict[str, list[float]] = {k: [] for k in models}
-    for _ in range(rounds):
-        for k, m in models.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            m(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[k].append((time.perf_counter() - t) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return time_side_by_side(models, x, rounds, warmup=warmup)
 
 
 def count_flops(model: nn.Module, example: torch.Tensor) -> int:
@@ -398,6 +393,37 @@ def run_prune(cfg: PruneConfig) -> dict:
         _dist.shutdown(dist_info)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during training: the step under way was finished and a checkpoint
+    saved, from which ``--resume`` continues exactly."""
+
+    def __init__(self, checkpoint: str, step: int, epoch: int, batch: int):
+        super().__init__(checkpoint, step, epoch, batch)
+        self.checkpoint, self.step, self.epoch, self.batch = checkpoint, step, epoch, batch
+
+
+def _stop_on_sigint(enabled: bool):
+    """``(stop, restore)``: while installed, the first SIGINT only sets ``stop["signal"]``
+    (the loop finishes its step, saves a checkpoint and raises :class:`Interrupted`); a second
+    one raises KeyboardInterrupt at once. Not under torchrun (the ranks could stop at different
+    steps) nor outside the main thread: there SIGINT keeps its default behaviour."""
+    stop: dict = {"signal": None}
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        return stop, lambda: None
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        stop["signal"] = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        # os.write, not print: the handler may run in the middle of a buffered write to
+        # stderr (the progress bar), and a second buffered write there would raise
+        os.write(2, b"\ninterrupt: finishing this step, then saving a checkpoint "
+                    b"(Ctrl-C again to stop at once)\n")
+
+    signal.signal(signal.SIGINT, handler)
+    return stop, lambda: signal.signal(signal.SIGINT, previous)
+
+
 def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
     from .data import build_loaders
 
@@ -485,6 +511,7 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
 
     tb = _tensorboard(cfg, main)
     mlog = open(metrics_path, "a") if main else None
+    stop, restore_sigint = _stop_on_sigint(not dist_info.enabled)
 
     def save_checkpoint(epochs_done: int, batch: int) -> None:
         # Every rank joins the broadcast; rank 0 alone writes. Rows logged so far are flushed
@@ -496,6 +523,7 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
         os.fsync(mlog.fileno())
         _atomic_save({"format": "s2h-checkpoint", "version": 2, "config": asdict(cfg),
                       "epoch": epochs_done, "batch": batch, "step": pruner.step_count,
+                      "world_size": world,
                       "epoch_sums": sums, "epoch_steps": n,
                       "model": model.state_dict(), "pruner": pruner.state_dict(),
                       "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -512,6 +540,7 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
             train_loader.sampler.set_epoch(epoch, skip=skip * rank_batch)
             it = _progress(train_loader, steps_per_epoch - skip,
                            f"s2h {epoch + 1}/{cfg.epochs}", cfg.progress and main)
+            ran = 0  # steps this process ran in this epoch (for the time per step)
             for i, (x, y) in enumerate(it, start=skip):
                 if i >= steps_per_epoch:
                     break
@@ -544,21 +573,32 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
                     raise
                 sched.step()
                 n += 1
+                ran += 1
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + v
                 step = pruner.step_count
-                if hasattr(it, "set_postfix") and i % 5 == 0:
-                    it.set_postfix(loss=f"{m['loss']:.3f}", flops=f"{m['hard_flops_ratio']:.3f}",
-                                   hard_acc=f"{m['hard_acc']:.2f}")
+                if hasattr(it, "set_postfix"):  # every step (drawn at most once a second), so
+                    # the bar's last value is the one the epoch line prints
+                    it.set_postfix(loss=f"{m['loss']:.3f}",
+                                   hard_flops=f"{m['hard_flops_ratio']:.3f}",
+                                   hard_acc=f"{m['hard_acc']:.2f}", refresh=False)
                 if main and cfg.log_every and step % cfg.log_every == 0:
                     mlog.write(json.dumps({"kind": "step", "epoch": epoch + 1, "step": step,
                                            "phase": phase, "lr": lrs[0], "gate_lr": lrs[1], **m,
                                            "widths": pruner.widths()}) + "\n")
+                    mlog.flush()  # readable at once (python -m s2h.plots on a running job)
                     if tb is not None:
                         for k, v in m.items():
                             tb.add_scalar(f"train/{k}", v, step)
                 if cfg.ckpt_every and step % cfg.ckpt_every == 0 and i + 1 < steps_per_epoch:
                     save_checkpoint(epoch, i + 1)
+                if stop["signal"] is not None and i + 1 < steps_per_epoch:
+                    if not (cfg.ckpt_every and step % cfg.ckpt_every == 0):
+                        save_checkpoint(epoch, i + 1)
+                    if hasattr(it, "close"):
+                        it.close()
+                    raise Interrupted(ckpt_path, pruner.step_count, epoch + 1, i + 1)
+            train_seconds = time.time() - t0
             avg = {k: v / max(1, n) for k, v in sums.items()}
             _dist.broadcast_state([model], dist_info)
             if main:
@@ -569,8 +609,10 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
                 row = {"kind": "epoch", "epoch": epoch + 1, "step": pruner.step_count,
                        "train": avg, "test_soft_acc": soft_acc, "test_hard_acc": hard_acc,
                        "hard_flops_ratio": pruner.hard_flops_ratio(), "widths": pruner.widths(),
-                       "seconds": time.time() - t0}
+                       "seconds": time.time() - t0, "train_seconds": train_seconds,
+                       "train_steps": ran}
                 mlog.write(json.dumps(row) + "\n")
+                mlog.flush()
                 if tb is not None:
                     tb.add_scalar("test/soft_acc", soft_acc, row["step"])
                     tb.add_scalar("test/hard_acc", hard_acc, row["step"])
@@ -584,7 +626,10 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
                      f"hard {hard_acc:.2f}%  hard FLOPs {row['hard_flops_ratio']:.3f}  "
                      f"{row['seconds']:.0f}s")
             save_checkpoint(epoch + 1, 0)
+            if stop["signal"] is not None:  # Ctrl-C in the epoch's last step or its evaluation
+                raise Interrupted(ckpt_path, pruner.step_count, epoch + 2, 0)
     finally:
+        restore_sigint()
         if mlog is not None:
             mlog.close()
         if tb is not None:
@@ -596,6 +641,8 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
 
 def load_checkpoint(path: str) -> dict:
     """Load a training checkpoint safely (``weights_only=True``), with a clear error."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: the file does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -606,14 +653,32 @@ def load_checkpoint(path: str) -> dict:
     return ckpt
 
 
+#: training batches the hard network's BatchNorm statistics are re-estimated on before export
+RECALIBRATION_BATCHES = 20
+
+
+def freeze_for_export(cfg: PruneConfig, pruner) -> None:
+    """Every export of an S2H run is of a frozen architecture, projected onto the budget (a
+    run with ``freeze_arch_at=1``, or a checkpoint taken before the freeze, is frozen here)."""
+    if cfg.method == "s2h" and not pruner.arch_frozen:
+        pruner.freeze_architecture()
+
+
+def recalibrate_for_export(cfg: PruneConfig, pruner, train_loader) -> int:
+    """The BatchNorm recalibration of every export of a run (its ``exported/`` and ``s2h
+    export CHECKPOINT``): the first :data:`RECALIBRATION_BATCHES` training batches of epoch
+    index ``cfg.epochs`` — a fixed index, so the same batches whether or not the run was
+    resumed (the data order and augmentation are a function of seed and epoch only)."""
+    train_loader.sampler.set_epoch(cfg.epochs)
+    return pruner.recalibrate_bn(((x,) for x, _ in train_loader),
+                                 max_batches=RECALIBRATION_BATCHES)
+
+
 def _finish(cfg, pruner, model, init_state, train_loader, test_loader, info, device,
             steps_per_epoch, example, dist_info) -> dict:
     main = dist_info.is_main
-    if cfg.method == "s2h" and not pruner.arch_frozen:  # freeze_arch_at=1: fixed at the end
-        pruner.freeze_architecture()
-    # A fixed epoch index: the same recalibration batches whether or not the run was resumed.
-    train_loader.sampler.set_epoch(cfg.epochs)
-    n = pruner.recalibrate_bn(((x,) for x, _ in train_loader), max_batches=20)
+    freeze_for_export(cfg, pruner)
+    n = recalibrate_for_export(cfg, pruner, train_loader)
     _dist.broadcast_state([model], dist_info)
     rows: dict = {}
     exported = None
@@ -628,24 +693,31 @@ def _finish(cfg, pruner, model, init_state, train_loader, test_loader, info, dev
         rows["exported"] = {"accuracy": exp_acc, "flops": count_flops(exported, ex1),
                             "params": sum(p.numel() for p in exported.parameters())}
     dense = build_model(cfg.model, info.num_classes, info.in_chans).to(device)
+    dense_step_s = None
     if cfg.dense_baseline:  # every rank trains it (gradients are averaged), rank 0 reports
         dense.load_state_dict(init_state)
         if main:
             _log(f"training the dense reference ({cfg.epochs} epochs x {steps_per_epoch} steps)")
+        t_dense = time.time()
         train_dense(dense, cfg, train_loader, device, steps_per_epoch, dist_info)
+        dense_step_s = (time.time() - t_dense) / max(1, cfg.epochs * steps_per_epoch)
     if not main:
         _dist.barrier(dist_info)
         return {}
     acc = evaluate(dense, test_loader, device, cfg.eval_batches) if cfg.dense_baseline else None
     rows["dense"] = {"accuracy": acc, "flops": count_flops(dense, ex1),
                      "params": sum(p.numel() for p in dense.parameters())}
+    noisy: dict = {}  # latency key -> the repeated medians disagreed (s2h.latency)
     if cfg.latency:
         shape1 = (1, info.in_chans, info.image_size, info.image_size)
         shape_b = (64, info.in_chans, info.image_size, info.image_size)
         pair = {"dense": dense, "exported": exported}
-        for key, shape, rounds in (("latency_ms_b1", shape1, 30), ("latency_ms_b64", shape_b, 10)):
-            for name, ms in compare_latency(pair, shape, device, rounds).items():
+        for key, shape, rounds in (("latency_ms_b1", shape1, 30), ("latency_ms_b64", shape_b, 12)):
+            lat = compare_latency(pair, shape, device, rounds)
+            for name, ms in lat.items():
                 rows[name][key] = ms
+                rows[name][key.replace("_ms_", "_spread_")] = lat.spread[name]
+            noisy[key] = lat.noisy
     epochs = [r for r in read_metrics(os.path.join(cfg.out, "metrics.jsonl"))
               if r.get("kind") == "epoch"]
     summary = {
@@ -661,8 +733,17 @@ def _finish(cfg, pruner, model, init_state, train_loader, test_loader, info, dev
         "widths": pruner.widths(),
         "group_channels": pruner.group_channels(),
         "rows": rows,
+        "latency_noisy": noisy,
         "device": str(device),
         "world_size": dist_info.world_size,
+        # the budget: time per training step (data loading included), to size --epochs and
+        # --steps-per-epoch; S2H from the epochs this process trained (resumed runs: their part)
+        "seconds_per_step": {
+            "s2h": (sum(r.get("train_seconds", 0.0) for r in epochs)
+                    / max(1, sum(r.get("train_steps", 0) for r in epochs)))
+            if any(r.get("train_steps") for r in epochs) else None,
+            "dense": dense_step_s},
+        "steps": cfg.epochs * steps_per_epoch,
         "torch": torch.__version__,
     }
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:
@@ -702,11 +783,29 @@ def format_table(summary: dict) -> str:
         f"{e['params'] / d['params']:9.3f}",
     ]
     dev = summary.get("device", "cpu").upper()
+    noisy = summary.get("latency_noisy", {})
     for key, label in (("latency_ms_b1", "batch 1"), ("latency_ms_b64", "batch 64")):
         if key in d:
-            lines.append(f"{dev + ' latency ' + label + ' (ms)':28s}{d[key]:12.2f}{e[key]:18.2f}"
-                         f"{d[key] / e[key]:8.2f}x")
+            line = f"{dev + ' latency ' + label + ' (ms)':28s}{d[key]:12.2f}{e[key]:18.2f}"
+            if noisy.get(key):  # the repeated medians disagree: no ratio to read
+                sk = key.replace("_ms_", "_spread_")
+                spread = max(d.get(sk, 0.0), e.get(sk, 0.0))
+                line += f"  noisy machine (medians spread {100 * spread:.0f}%)"
+            else:
+                line += f"{d[key] / e[key]:8.2f}x"
+            lines.append(line)
     lines.append(_budget_line(summary))
+    sps = summary.get("seconds_per_step") or {}
+    if sps.get("s2h") is not None:
+        lines.append(f"time per training step: S2H {sps['s2h']:.2f} s"
+                     + (f", dense {sps['dense']:.2f} s" if sps.get("dense") is not None else "")
+                     + f" ({summary.get('steps')} steps each; --epochs and --steps-per-epoch "
+                       "set the budget)")
+    hard = summary.get("hard_acc_after_bn_recalibration")
+    if hard is not None:
+        lines.append(f"hard network after BatchNorm recalibration "
+                     f"({summary.get('bn_recalibration_batches')} train batches): "
+                     f"test accuracy {hard:.2f}%")
     lines.append(f"exported == hard network: {summary['export_matches_hard_network']}; "
                  f"model saved to {summary['config']['out']}/exported")
     return "\n".join(lines)

@@ -135,3 +135,137 @@ def test_two_pass_soft_and_hard_forwards_compile_without_graph_breaks():
         with p.runtime.use(mode):
             e = torch._dynamo.explain(model)(x)
         assert e.graph_break_count == 0, (mode, [str(b.reason) for b in e.break_reasons])
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's interpreter")
+def test_gate_only_backward_launches_no_weight_gradient_kernel(monkeypatch):
+    """The gate-only backward of the mask-side gap term (``inputs=`` the gates) needs activation
+    and mask gradients only: no weight-gradient kernel may run, and the gate gradients must equal
+    those of the two-pass reference. The full backward then does run the weight gradients."""
+    pytest.importorskip("triton")
+    from s2h import kernels
+    from s2h.kernels import dual_conv2d, dual_linear
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(2, 3, 6, 6), torch.randint(0, 4, (2,))
+    ref = s2h.S2HPruner(twin, x, 0.5, divisor=4, fused=False)
+    monkeypatch.setenv("S2H_BACKEND", "triton")
+    fused = s2h.S2HPruner(model, x, 0.5, divisor=4, fused=True)
+    assert fused.lockstep and kernels.TRITON_AVAILABLE
+    with torch.no_grad():
+        for pa, pb in zip(fused.gate_parameters(), ref.gate_parameters(), strict=True):
+            pa.copy_(torch.tensor([1.0, -1.0]))
+            pb.copy_(pa)
+    launched: list[str] = []
+    for mod in (dual_linear, dual_conv2d):
+        real = mod.launcher
+
+        def counting(kernel, real=real):
+            fn = kernel
+            while hasattr(fn, "fn"):  # autotuner -> jit function -> python function
+                fn = fn.fn
+            launched.append(fn.__name__)
+            return real(kernel)
+
+        monkeypatch.setattr(mod, "launcher", counting)
+    la = fused.losses(*fused.dual_forward(x), y)
+    lb = ref.losses(*ref.dual_forward(x), y)
+    gates_a, gates_b = list(fused.gate_parameters()), list(ref.gate_parameters())
+    launched.clear()
+    torch.autograd.backward(la["gap_gates"], inputs=gates_a, retain_graph=True)
+    assert any("dgrad" in k for k in launched), launched
+    assert not any("wgrad" in k for k in launched), launched
+    torch.autograd.backward(lb["gap_gates"], inputs=gates_b, retain_graph=True)
+    assert sum(float(p.grad.abs().sum()) for p in gates_b) > 0
+    for pa, pb in zip(gates_a, gates_b, strict=True):
+        assert torch.allclose(pa.grad, pb.grad, atol=1e-5, rtol=1e-4)
+    assert all(p.grad is None for p in fused.weight_parameters())
+    launched.clear()
+    (la["perf"] + la["gap_weights"]).backward()
+    assert any("wgrad" in k for k in launched), launched
+    (lb["perf"] + lb["gap_weights"]).backward()
+    for pa, pb in zip(fused.weight_parameters(), ref.weight_parameters(), strict=True):
+        assert torch.allclose(pa.grad, pb.grad, atol=1e-4, rtol=1e-3)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward scales the gradient (a wrong kernel backward)."""
+
+    @staticmethod
+    def forward(ctx, t, factor):
+        ctx.factor = factor
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.factor is None:
+            raise RuntimeError("CompilationError in _dual_linear_dgrad_kernel (simulated)")
+        return g * ctx.factor, None
+
+
+@pytest.mark.parametrize("factor", [1.01, None])
+def test_lockstep_self_check_covers_the_backward(monkeypatch, factor):
+    """A fused op whose forward is right but whose backward is wrong (or raises, as a kernel
+    that fails to compile would) must not be trusted: the self-check runs the backward too and
+    names what failed. Before it did, only the forward (under no_grad) was compared."""
+    from s2h import functional
+
+    real = functional.dual_linear
+
+    def broken(x_soft, x_hard, weight, *args, **kwargs):
+        return real(x_soft, x_hard, _ScaleGrad.apply(weight, factor), *args, **kwargs)
+
+    monkeypatch.setattr(functional, "dual_linear", broken)
+    model, x = _case("mlp")
+    with pytest.raises(ValueError) as info:
+        s2h.S2HPruner(model, x[:2], 0.5, divisor=4, fused=True)
+    msg = str(info.value)
+    if factor is None:
+        assert "_dual_linear_dgrad_kernel" in msg
+    else:
+        assert "gradient of" in msg and "weight" in msg and "backward" in msg
+    monkeypatch.setattr(functional, "dual_linear", real)
+    model, x = _case("mlp")
+    assert s2h.S2HPruner(model, x[:2], 0.5, divisor=4, fused=True).lockstep
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's interpreter")
+def test_fused_step_flops_are_counted_like_the_two_pass_step(monkeypatch):
+    """torch.utils.flop_counter sees the fused ops (FLOP formulas registered for
+    ``torch.ops.s2h_kernels.*``): a whole lockstep train_step counts the same matmul / conv
+    FLOPs as the plain-PyTorch two-pass step, which aten's own formulas count; and one
+    dual_linear forward counts 2*M*K*N + 2*M_h*K_h*N_h by hand."""
+    pytest.importorskip("triton")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 8), nn.ReLU(),
+                          nn.Linear(8, 4))
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(2, 3, 6, 6), torch.randint(0, 4, (2,))
+    ref = s2h.S2HPruner(twin, x, 0.5, divisor=4, fused=False)
+    monkeypatch.setenv("S2H_BACKEND", "triton")
+    fused = s2h.S2HPruner(model, x, 0.5, divisor=4, fused=True)
+    counts = []
+    for p in (fused, ref):
+        with torch.no_grad():
+            for g in p.gate_parameters():
+                g.copy_(torch.tensor([1.0, -1.0]))
+        opt = torch.optim.SGD([{"params": p.weight_parameters()},
+                               {"params": p.gate_parameters()}], lr=0.0)
+        with FlopCounterMode(display=False) as fc:
+            p.train_step(x, y, opt)
+        counts.append(fc.get_total_flops())
+    assert counts[0] == counts[1] > 0
+    xs, xh = torch.randn(5, 12), torch.randn(5, 8)
+    w = torch.randn(6, 12)
+    with FlopCounterMode(display=False) as fc:
+        torch.ops.s2h_kernels.dual_linear(xs, xh, w, None, torch.ones(12), torch.ones(8),
+                                          torch.arange(8), torch.arange(4), True)
+    assert fc.get_total_flops() == 2 * 5 * 12 * 6 + 2 * 5 * 8 * 4

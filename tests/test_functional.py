@@ -589,3 +589,43 @@ def test_gpu_depthwise_shape(triton_backend: None) -> None:
         sf.dual_conv2d, sf.dual_conv2d_reference, case, "conv", channels_last=True,
         stride=1, padding=2, groups=240,
     )  # fmt: skip
+
+
+@needs_kernels
+def test_autotune_runs_once_per_width_bucket(triton_backend: None, monkeypatch) -> None:
+    """Kept widths change during training; autotuning keyed on exact widths would re-benchmark
+    every config at every change. Keys are power-of-two buckets: with the benchmarker mocked
+    (two configs), kept input widths 40/48/56/64 tune once, 72 (next bucket) once more."""
+    import triton
+
+    from s2h.kernels import dual_linear as kdl
+
+    tuner = kdl._dual_linear_fwd_kernel
+    base = tuner.configs[0]
+    configs = [base, triton.Config({**base.kwargs, "GROUP_M": 1}, num_warps=base.num_warps)]
+    benched: list = []
+    monkeypatch.setattr(tuner, "configs", configs)
+    monkeypatch.setattr(tuner, "cache", {})
+    monkeypatch.setattr(tuner, "_bench", lambda *a, config, **k: benched.append(config) or [1.0])
+    x = torch.randn(6, 80)
+    w = torch.randn(24, 80)
+    tunings = []
+    for k_in in (40, 48, 56, 64, 72):
+        xh = torch.randn(6, k_in)
+        ys, yh = sf.dual_linear(x, xh, w, None, torch.rand(80), torch.ones(k_in),
+                                torch.arange(k_in), torch.arange(16))
+        assert torch.allclose(yh, xh @ w[:16, :k_in].t(), atol=1e-4)  # still computes right
+        tunings.append(len(benched) // len(configs))
+    assert tunings == [1, 1, 1, 1, 2]
+
+
+@needs_kernels
+def test_forward_gemm_kernels_read_no_mask_in_their_k_loop() -> None:
+    """The soft mask is folded into the weight once per call, not multiplied in the K loop:
+    the forward GEMM kernels take no mask argument at all (the depthwise direct kernels do)."""
+    from s2h.kernels import dual_conv2d as kdc
+    from s2h.kernels import dual_linear as kdl
+
+    for tuner in (kdl._dual_linear_fwd_kernel, kdc._dual_conv_fwd_kernel):
+        names = set(tuner.arg_names)
+        assert not names & {"ms_ptr", "mh_ptr", "mask_ptr"}, names
