@@ -334,10 +334,13 @@ def phase_steps(cfg: PruneConfig, total_steps: int) -> tuple[int, int]:
     return min(cfg.gate_warmup_steps, freeze - 1), freeze
 
 
-def _budget_line(summary: dict) -> str:
-    """One line of the final table: target, exported ratio, what the projection did."""
+def _budget_line(summary: dict) -> str | None:
+    """One line of the final table: target, exported ratio, what the projection did (None for
+    a summary without a target)."""
     proj = summary.get("projection")
-    target = summary["config"]["target_flops"]
+    target = summary.get("config", {}).get("target_flops")
+    if target is None:
+        return None
     exp = summary.get("exported_flops_ratio")
     head = f"FLOPs budget: target {target:.3f}" + (f", exported {exp:.3f}" if exp else "")
     if not proj:
@@ -556,7 +559,7 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
                     if s >= freeze_step and not pruner.arch_frozen:
                         proj = pruner.freeze_architecture()
                         if main:
-                            _log(f"step {s}: architecture frozen at hard FLOPs "
+                            _log(f"step {s}: architecture frozen at a FLOPs ratio of "
                                  f"{proj['ratio_after']:.3f}" + (
                                      f" (projected from {proj['ratio_before']:.3f}: "
                                      f"{proj['steps']} divisor steps)" if proj["needed"] else ""))
@@ -794,7 +797,9 @@ def format_table(summary: dict) -> str:
             else:
                 line += f"{d[key] / e[key]:8.2f}x"
             lines.append(line)
-    lines.append(_budget_line(summary))
+    budget = _budget_line(summary)
+    if budget is not None:
+        lines.append(budget)
     sps = summary.get("seconds_per_step") or {}
     if sps.get("s2h") is not None:
         lines.append(f"time per training step: S2H {sps['s2h']:.2f} s"
