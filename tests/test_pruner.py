@@ -408,3 +408,24 @@ def test_grad_balance_is_the_normalized_mode():
         s2h.S2HPruner(plain_cnn(), torch.randn(2, 3, 8, 8), 0.5, grad_balance=-1)
     with pytest.raises(ValueError, match="resource_mode"):
         s2h.S2HPruner(plain_cnn(), torch.randn(2, 3, 8, 8), 0.5, resource_mode="nope")
+
+
+def test_normalized_resource_falls_back_to_the_quadratic_gradient_without_other_gradients():
+    """A gate whose other gradients are all zero has nothing to be normalised against: it gets
+    the plain 2 λ (r - T) dr/du (here: every other term multiplied by zero)."""
+    model, pruner = _cnn_pruner(target=0.3)
+    gates = list(pruner.gate_parameters())
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    for p in list(pruner.weight_parameters()) + gates:
+        p.grad = None
+    soft, hard = pruner.dual_forward(x)
+    t = pruner.losses(soft, hard, y)
+    r = float(t["flops_ratio"].detach())
+    dr = _grads(t["flops_ratio"], gates)
+    terms = {k: (v * 0.0 if k in ("perf", "gap_weights", "gap_gates") else v)
+             for k, v in t.items()}
+    pruner.backward(terms)
+    for g, d in zip(gates, dr):
+        assert torch.allclose(g.grad.double(), 2 * pruner.lam * (r - 0.3) * d.double(),
+                              atol=1e-7, rtol=1e-5)
+    assert any(float(g.grad.abs().sum()) > 0 for g in gates)
