@@ -41,7 +41,26 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=d.lr, help="weights' learning rate (AdamW)")
     p.add_argument("--gate-lr", type=float, default=d.gate_lr, help="gates' learning rate")
     p.add_argument("--gate-schedule", default=d.gate_schedule, choices=["constant", "cosine"],
-                   help="gates' learning-rate schedule (the weights' is warm-up + cosine)")
+                   help="gates' learning-rate schedule; cosine (default) follows the weights' "
+                        "warm-up + cosine")
+    p.add_argument("--resource-mode", default=d.resource_mode,
+                   choices=["normalized", "quadratic"],
+                   help="normalized (default): per gate, the FLOPs gradient is rescaled to "
+                        "--resource-ratio x the norm of the gate's other gradients, faded "
+                        "within --resource-band of the target; quadratic: lam*(r-T)^2")
+    p.add_argument("--resource-ratio", type=float, default=d.resource_ratio,
+                   help="normalized resource gradient / other gradients, per gate")
+    p.add_argument("--resource-band", type=float, default=d.resource_band,
+                   help="FLOPs-ratio band around the target in which the normalized resource "
+                        "gradient fades (factor min((r-T)^2/band^2, 1))")
+    p.add_argument("--gate-warmup-steps", type=int, default=d.gate_warmup_steps, metavar="N",
+                   help="train the dense weights N steps before the gates train")
+    p.add_argument("--importance-from", default=d.importance_from, choices=["warmup", "init"],
+                   help="channel importance (L1) order: taken at the end of the gate warm-up "
+                        "(default; training from scratch) or from the starting weights")
+    p.add_argument("--freeze-arch-at", type=float, default=d.freeze_arch_at, metavar="F",
+                   help="fraction of training after which the architecture is fixed (projected "
+                        "onto the budget if above it) and only the weights train; 1: at the end")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
                    help="linear learning-rate warm-up steps")
     p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
@@ -94,6 +113,9 @@ def _config(args):
         batch_size=args.batch_size, lr=args.lr, gate_lr=args.gate_lr,
         weight_decay=args.weight_decay, alpha=args.alpha, lam=args.lam, divisor=args.divisor,
         gate_schedule=args.gate_schedule, warmup_steps=args.warmup_steps,
+        resource_mode=args.resource_mode, resource_ratio=args.resource_ratio,
+        resource_band=args.resource_band, gate_warmup_steps=args.gate_warmup_steps,
+        importance_from=args.importance_from, freeze_arch_at=args.freeze_arch_at,
         max_grad_norm=args.max_grad_norm or None, variant=args.variant,
         method=args.method, stp_trials=args.stp_trials, stp_width_step=args.stp_width_step,
         stp_commits_per_round=args.stp_commits_per_round,
@@ -149,7 +171,8 @@ def cmd_export(args) -> int:
     from .data import build_loaders, dataset_info
     from .export import save_exported
     from .trainer import (RECALIBRATION_BATCHES, PruneConfig, build_model, build_pruner,
-                          load_checkpoint, recalibrate_for_export, seed_everything)
+                          freeze_for_export, load_checkpoint, recalibrate_for_export,
+                          seed_everything)
 
     try:
         ckpt = load_checkpoint(args.checkpoint)
@@ -165,6 +188,7 @@ def cmd_export(args) -> int:
     pruner = build_pruner(cfg, model, example, warn=False)
     model.load_state_dict(ckpt["model"])
     pruner.load_state_dict(ckpt["pruner"])
+    freeze_for_export(cfg, pruner)  # as the run's exported/: projected onto the budget
     done = int(ckpt["epoch"]) >= cfg.epochs and not int(ckpt.get("batch", 0))
     where = ("the end of training" if done else
              f"epoch {int(ckpt['epoch']) + 1} of {cfg.epochs}, batch {int(ckpt.get('batch', 0))} "
@@ -177,7 +201,7 @@ def cmd_export(args) -> int:
         try:
             train_loader, _, _ = build_loaders(
                 cfg.dataset, cfg.data_dir, cfg.batch_size // world, workers=0, seed=cfg.seed,
-                test_batch_size=cfg.batch_size, rank=0, world_size=world)
+                test_batch_size=cfg.batch_size, rank=0, world_size=world, holdout=cfg.holdout)
         except (FileNotFoundError, ValueError) as exc:
             print(f"error: cannot recalibrate BatchNorm as the run did: {exc}\n"
                   "(--no-recalibrate exports the statistics as trained, which differ from the "

@@ -921,6 +921,22 @@ class EpochSampler(Sampler):
         yield from pairs[skip:]
 
 
+class _Slice(Dataset):
+    """Samples ``start .. stop - 1`` of ``dataset``, re-indexed from 0; an index may be the
+    ``(index, sample_seed)`` pair the :class:`EpochSampler` yields."""
+
+    def __init__(self, dataset, start: int, stop: int) -> None:
+        self.dataset, self.start, self.stop = dataset, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, idx):
+        if isinstance(idx, tuple):
+            return self.dataset[(idx[0] + self.start, *idx[1:])]
+        return self.dataset[idx + self.start]
+
+
 def build_loaders(
     name: str,
     data_dir: str | Path | None = None,
@@ -937,8 +953,13 @@ def build_loaders(
     rank: int = 0,
     world_size: int = 1,
     pin_memory: bool | None = None,
+    holdout: int = 0,
 ) -> tuple[DataLoader, DataLoader, DatasetInfo]:
     """Train and test loaders plus the dataset's :class:`DatasetInfo`.
+
+    ``holdout > 0``: a validation split carved from the training set replaces the test set:
+    the last ``holdout`` training images (without augmentation) are the second loader, and the
+    train loader never sees them (for choosing hyper-parameters without the test set).
 
     The train loader shuffles with an :class:`EpochSampler` seeded by ``seed`` (``drop_last``);
     ``train_loader.sampler.set_epoch(e)`` before iterating reproduces epoch ``e`` exactly,
@@ -953,6 +974,15 @@ def build_loaders(
     test_set = build_dataset(
         key, "test", data_dir, False, image_size, num_samples=num_test, data_seed=data_seed
     )
+    full_train = train_set
+    if holdout:
+        n = len(train_set)
+        if not 0 < holdout < n:
+            raise ValueError(f"holdout must be in (0, {n}) training samples, got {holdout}")
+        val_set = build_dataset(key, "train", data_dir, False, image_size, num_samples=num_train,
+                                data_seed=data_seed)
+        test_set = _Slice(val_set, n - holdout, n)
+        train_set = _Slice(train_set, 0, n - holdout)
     sampler = EpochSampler(len(train_set), seed, rank=rank, world_size=world_size)
     if len(sampler) < batch_size:
         raise ValueError(
@@ -978,8 +1008,9 @@ def build_loaders(
         test_set, batch_size=test_batch_size or batch_size, shuffle=False, **common
     )
     if key == "imagefolder":
-        info = DatasetInfo(3, len(train_set.classes), 0, None, key, _IMAGENET_MEAN, _IMAGENET_STD)
+        info = DatasetInfo(3, len(full_train.classes), 0, None, key, _IMAGENET_MEAN,
+                           _IMAGENET_STD)
     else:
         info = dataset_info(key, data_dir)
-    info = dataclasses.replace(info, image_size=int(train_set.image_size))
+    info = dataclasses.replace(info, image_size=int(full_train.image_size))
     return train_loader, test_loader, info

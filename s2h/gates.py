@@ -19,6 +19,14 @@ soft network has put 99.7% of its mass on the narrower width (measured: ResNet-2
 channels stuck at 16 with ``p = [0.997, 0.003]``, E = 8.05), and a group can never reach its
 minimum width; the FLOPs ratio stalled at 0.47 for a 0.35 target. Rounding to the nearest
 multiple removes that one-sided bias; ``ceil`` stays available.
+
+Initialisation (METHOD §2 item 8): the last width gets probability ``t`` and the others share
+``1 - t`` equally, so ``E = C (1 + t) / 2``; ``t`` is chosen for ``E = C - init_gap * d`` with
+``init_gap = 0.25`` by default: a quarter block *above* the round-to-nearest boundary
+``C - d/2``, so the hard network is the full network until the gates have moved.  The demo's
+start ``E = C - d/2`` sat exactly on that boundary: measured on ResNet-20 (divisor 8), the first
+gate update dropped one block of every group (target 0.9: hard FLOPs 1.000 -> 0.669 after one
+step; target 0.5: 1.000 -> 0.509 at step 1).
 """
 
 from __future__ import annotations
@@ -50,6 +58,8 @@ class ChannelGate(nn.Module):
             Sets the fixed importance order; default: channel order.
         name: a readable name for messages (usually the producing module's name).
         rounding: ``"nearest"`` or ``"ceil"``: how ``E`` becomes the hard width.
+        init_gap: the initial ``E`` is ``C - init_gap * d`` (in ``(0, 0.5)`` for ``"nearest"``:
+            below 0.5 keeps the hard network full at the start; default 0.25, see above).
 
     The logits live in ``self.logits`` (``(K,)`` float32 parameter); the order in the buffer
     ``self.order`` (``(C,)`` int64).  ``K == 1`` gates (``C == d``) are fixed at full width.
@@ -63,8 +73,11 @@ class ChannelGate(nn.Module):
         importance: torch.Tensor | None = None,
         name: str = "",
         rounding: str = "nearest",
+        init_gap: float = 0.25,
     ) -> None:
         super().__init__()
+        if not 0.0 < init_gap < 1.0:
+            raise ValueError(f"init_gap must be in (0, 1) (a fraction of the divisor), got {init_gap}")
         if rounding not in ("nearest", "ceil"):
             raise ValueError(f"rounding must be 'nearest' or 'ceil', got {rounding!r}")
         self.rounding = rounding
@@ -80,7 +93,8 @@ class ChannelGate(nn.Module):
         self.name = name
         logits = torch.zeros(self.num_widths)
         if self.num_widths > 1:
-            t = (self.channels - self.divisor) / self.channels
+            # p_K = t, the other K - 1 widths share 1 - t: E = C (1 + t) / 2 = C - init_gap * d
+            t = 1.0 - 2.0 * init_gap * self.divisor / self.channels
             logits[-1] = self.tau * math.log((self.num_widths - 1) * t / (1 - t))
         self.logits = nn.Parameter(logits)
         self.register_buffer("order", torch.arange(self.channels), persistent=True)
@@ -135,7 +149,7 @@ class ChannelGate(nn.Module):
             # guard the float rounding of E just above a multiple of d (e.g. 16.000001)
             k = math.ceil(e / self.divisor - 1e-6) * self.divisor
         else:
-            # half-way rounds up (1e-4: float32 error of E/d); the initial E = C - d/2 gives C
+            # half-way rounds up (1e-4: float32 error of E/d)
             k = math.floor(e / self.divisor + 0.5 + 1e-4) * self.divisor
         return int(min(self.channels, max(self.divisor, k)))
 

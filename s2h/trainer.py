@@ -67,7 +67,15 @@ class PruneConfig:
     divisor: int = 8
     tau: float = 1.0
     warmup_steps: int = 50
-    gate_schedule: str = "constant"  # constant | cosine (same warm-up and length as the weights')
+    # the gates' lr follows the weights' schedule (warm-up + cosine) by default, as in the demo
+    gate_schedule: str = "cosine"  # cosine | constant
+    resource_mode: str = "normalized"  # normalized | quadratic (S2HPruner.resource_mode)
+    resource_ratio: float = 2.0
+    resource_band: float = 0.02
+    gate_warmup_steps: int = 0  # dense weight training before the gates train
+    importance_from: str = "warmup"  # warmup (L1 order at the end of the warm-up) | init
+    freeze_arch_at: float = 0.8  # fraction of training; from then on the architecture is fixed
+    holdout: int = 0  # > 0: evaluate on that many held-out training images instead of the test set
     variant: str = "s2h"  # s2h | no_gap | coupled_gap | direct_hard (S2HPruner's ablations)
     method: str = "s2h"  # s2h | stp (STPPruner, METHOD §8)
     stp_trials: int = 2  # STP: steps each candidate is tried before a commit
@@ -317,7 +325,9 @@ def build_pruner(cfg: PruneConfig, model: nn.Module, example: torch.Tensor, warn
     if cfg.method != "s2h":
         raise ValueError(f"method must be 's2h' or 'stp', got {cfg.method!r}")
     return S2HPruner(model, (example,), cfg.target_flops, divisor=cfg.divisor, tau=cfg.tau,
-                     alpha=cfg.alpha, lam=cfg.lam, variant=cfg.variant, warn=warn)
+                     alpha=cfg.alpha, lam=cfg.lam, variant=cfg.variant, warn=warn,
+                     resource_mode=cfg.resource_mode, resource_ratio=cfg.resource_ratio,
+                     resource_band=cfg.resource_band)
 
 
 def _make_optimizer(cfg: PruneConfig, weights, gates=None):
@@ -424,6 +434,43 @@ def _gate_lambda(cfg: PruneConfig, total_steps: int):
     raise ValueError(f"gate_schedule must be 'constant' or 'cosine', got {cfg.gate_schedule!r}")
 
 
+def _check_phases(cfg: PruneConfig) -> None:
+    if not 0.0 < cfg.freeze_arch_at <= 1.0:
+        raise ValueError(f"freeze_arch_at is a fraction of training in (0, 1], got "
+                         f"{cfg.freeze_arch_at} (1: the architecture is fixed at the end)")
+    if cfg.gate_warmup_steps < 0:
+        raise ValueError(f"gate_warmup_steps must be >= 0, got {cfg.gate_warmup_steps}")
+    if cfg.importance_from not in ("warmup", "init"):
+        raise ValueError(f"importance_from must be 'warmup' or 'init', got "
+                         f"{cfg.importance_from!r}")
+
+
+def phase_steps(cfg: PruneConfig, total_steps: int) -> tuple[int, int]:
+    """``(gate warm-up steps, step at which the architecture freezes)`` of an S2H run of
+    ``total_steps``; the warm-up is capped so the gates train for at least one step."""
+    freeze = max(1, min(total_steps, round(cfg.freeze_arch_at * total_steps)))
+    return min(cfg.gate_warmup_steps, freeze - 1), freeze
+
+
+def _budget_line(summary: dict) -> str | None:
+    """One line of the final table: target, exported ratio, what the projection did (None for
+    a summary without a target)."""
+    proj = summary.get("projection")
+    target = summary.get("config", {}).get("target_flops")
+    if target is None:
+        return None
+    exp = summary.get("exported_flops_ratio")
+    head = f"FLOPs budget: target {target:.3f}" + (f", exported {exp:.3f}" if exp else "")
+    if not proj:
+        return head
+    if not proj["needed"]:
+        return head + f"; projection not needed (hard ratio {proj['ratio_before']:.3f} at step " \
+                      f"{proj['at_step']})"
+    return head + (f"; projection at step {proj['at_step']}: {proj['ratio_before']:.3f} -> "
+                   f"{proj['ratio_after']:.3f} ({proj['steps']} divisor steps in "
+                   f"{len(proj['narrowed'])} groups)")
+
+
 def read_metrics(path: str, max_step: int | None = None) -> list[dict]:
     """The rows of ``metrics.jsonl`` (optionally only those up to ``max_step``); a last line
     cut short by a killed process is ignored."""
@@ -509,6 +556,7 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
     if cfg.variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {cfg.variant!r}")
     _gate_lambda(cfg, 1)  # validate early
+    _check_phases(cfg)
     main = dist_info.is_main
     world = dist_info.world_size
     if cfg.batch_size % world:
@@ -541,6 +589,7 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
     train_loader, test_loader, info = build_loaders(
         cfg.dataset, cfg.data_dir, rank_batch, workers=cfg.workers, seed=cfg.seed,
         test_batch_size=cfg.batch_size, rank=dist_info.rank, world_size=world,
+        holdout=cfg.holdout,
     )
     if hasattr(train_loader.dataset, "verify"):  # image folders: every file decodes, or exit 2
         train_loader.dataset.verify()
@@ -567,6 +616,8 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
              + (f", {world} processes x batch {rank_batch}" if dist_info.enabled else ""))
     opt = _make_optimizer(cfg, pruner.weight_parameters(), pruner.gate_parameters())
     total_steps = cfg.epochs * steps_per_epoch
+    gate_warmup, freeze_step = phase_steps(cfg, total_steps)
+    s2h_phases = cfg.method == "s2h"
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, [_lr_lambda(total_steps, cfg.warmup_steps), _gate_lambda(cfg, total_steps)]
     )
@@ -663,12 +714,26 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
                     break
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 lrs = [g["lr"] for g in opt.param_groups]  # the rates this step uses
+                step_fn, phase = pruner.train_step, cfg.method
+                if s2h_phases:  # phases (METHOD §4), decided from the step count alone: resume
+                    s = pruner.step_count  # lands in the same phase as the run it continues
+                    if s < gate_warmup:
+                        step_fn, phase = pruner.warmup_step, "warmup"
+                    elif s == gate_warmup and gate_warmup > 0 and cfg.importance_from == "warmup":
+                        pruner.reset_importance()
+                    if s >= freeze_step and not pruner.arch_frozen:
+                        proj = pruner.freeze_architecture()
+                        if main:
+                            _log(f"step {s}: architecture frozen at a FLOPs ratio of "
+                                 f"{proj['ratio_after']:.3f}" + (
+                                     f" (projected from {proj['ratio_before']:.3f}: "
+                                     f"{proj['steps']} divisor steps)" if proj["needed"] else ""))
+                    if pruner.arch_frozen:
+                        phase = "frozen"
                 try:
                     with _autocast(device, cfg.amp):
-                        m = pruner.train_step(x, y, opt, scaler=scaler,
-                                              max_grad_norm=cfg.max_grad_norm,
-                                              grad_hook=sync_grads if dist_info.enabled
-                                              else None)
+                        m = step_fn(x, y, opt, scaler=scaler, max_grad_norm=cfg.max_grad_norm,
+                                    grad_hook=sync_grads if dist_info.enabled else None)
                 except NonFiniteLossError as exc:
                     good = ckpt_path if os.path.exists(ckpt_path) else "none yet"
                     exc.args = (f"{exc.args[0]} Stopped at epoch {epoch + 1}, step {i}; "
@@ -687,7 +752,7 @@ def _run(cfg: PruneConfig, device: torch.device, dist_info) -> dict:
                                    hard_acc=f"{m['hard_acc']:.2f}", refresh=False)
                 if main and cfg.log_every and step % cfg.log_every == 0:
                     mlog.write(json.dumps({"kind": "step", "epoch": epoch + 1, "step": step,
-                                           "lr": lrs[0], "gate_lr": lrs[1], **m,
+                                           "phase": phase, "lr": lrs[0], "gate_lr": lrs[1], **m,
                                            "widths": pruner.widths()}) + "\n")
                     mlog.flush()  # readable at once (python -m s2h.plots on a running job)
                     if tb is not None:
@@ -760,6 +825,13 @@ def load_checkpoint(path: str) -> dict:
 RECALIBRATION_BATCHES = 20
 
 
+def freeze_for_export(cfg: PruneConfig, pruner) -> None:
+    """Every export of an S2H run is of a frozen architecture, projected onto the budget (a
+    run with ``freeze_arch_at=1``, or a checkpoint taken before the freeze, is frozen here)."""
+    if cfg.method == "s2h" and not pruner.arch_frozen:
+        pruner.freeze_architecture()
+
+
 def recalibrate_for_export(cfg: PruneConfig, pruner, train_loader) -> int:
     """The BatchNorm recalibration of every export of a run (its ``exported/`` and ``s2h
     export CHECKPOINT``): the first :data:`RECALIBRATION_BATCHES` training batches of epoch
@@ -773,6 +845,7 @@ def recalibrate_for_export(cfg: PruneConfig, pruner, train_loader) -> int:
 def _finish(cfg, pruner, model, init_state, train_loader, test_loader, info, device,
             steps_per_epoch, example, dist_info, resume_log=()) -> dict:
     main = dist_info.is_main
+    freeze_for_export(cfg, pruner)
     n = recalibrate_for_export(cfg, pruner, train_loader)
     _dist.broadcast_state([model], dist_info)
     rows: dict = {}
@@ -824,6 +897,8 @@ def _finish(cfg, pruner, model, init_state, train_loader, test_loader, info, dev
         "config": asdict(cfg),
         "variant": cfg.variant,
         "hard_flops_ratio": pruner.hard_flops_ratio(),
+        "exported_flops_ratio": rows["exported"]["flops"] / rows["dense"]["flops"],
+        "projection": getattr(pruner, "projection", None),
         "last_epoch": epochs[-1] if epochs else None,
         "hard_acc_after_bn_recalibration": hard_acc,
         "bn_recalibration_batches": n,
@@ -897,6 +972,9 @@ def format_table(summary: dict) -> str:
             else:
                 line += f"{d[key] / e[key]:8.2f}x"
             lines.append(line)
+    budget = _budget_line(summary)
+    if budget is not None:
+        lines.append(budget)
     sps = summary.get("seconds_per_step") or {}
     if sps.get("s2h") is not None:
         lines.append(f"time per training step: S2H {sps['s2h']:.2f} s"

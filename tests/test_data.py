@@ -483,3 +483,21 @@ def test_sampler_skip_resumes_mid_epoch_with_the_same_samples():
     rest = [y for _, y in train]
     assert len(rest) == len(batches) - 3
     assert all(torch.equal(a, b) for a, b in zip(batches[3:], rest))
+
+
+def test_holdout_carves_a_validation_split_from_the_training_set():
+    from s2h.data import build_dataset, build_loaders
+
+    full = build_dataset("synthetic", "train", None, False, None)
+    n = len(full)
+    train, val, info = build_loaders("synthetic", None, 16, workers=0, holdout=40)
+    assert len(train.sampler) == n - 40 and len(val.dataset) == 40
+    xs = torch.cat([x for x, _ in val])
+    ref = torch.stack([full[i][0] for i in range(n - 40, n)])
+    assert torch.equal(xs, ref)  # the last 40 training images, unaugmented
+    seen = [i for i, _ in train.sampler]
+    assert len(seen) == n - 40 and max(seen) < n - 40  # never trained on
+    assert train.dataset[(3, 7)][1] == full[(3, 7)][1]
+    assert info.image_size == full.image_size
+    with pytest.raises(ValueError, match="holdout"):
+        build_loaders("synthetic", None, 16, workers=0, holdout=n)

@@ -21,11 +21,29 @@ def test_divisor_must_be_positive():
 
 @pytest.mark.parametrize("c,d", [(64, 8), (48, 16), (256, 8), (16, 8)])
 def test_initialisation_near_full_width(c, d):
+    """E starts a quarter block below C: a margin of d/4 above the round-to-nearest boundary
+    C - d/2 (METHOD §2 item 8), so the hard network is the full one until the gates move."""
     g = ChannelGate(c, d)
     e = g.expected_width().item()
-    assert e == pytest.approx(c - d / 2, rel=1e-5)
+    # by hand: p_K = t, the K - 1 others share 1 - t equally
+    k = c // d
+    t = 1 - 2 * 0.25 * d / c
+    e_ref = t * c + (1 - t) * sum(j * d for j in range(1, k)) / (k - 1)
+    assert e_ref == pytest.approx(c - d / 4)
+    assert e == pytest.approx(e_ref, rel=1e-5)
     assert g.hard_width() == c
     assert g.keep_index().tolist() == list(range(c))
+    # the margin survives a nudge of the logits that the old start (E = C - d/2) did not
+    with torch.no_grad():
+        g.logits[-1] -= 0.05
+    assert g.hard_width() == c
+    old = ChannelGate(c, d, init_gap=0.5)
+    assert old.expected_width().item() == pytest.approx(c - d / 2, rel=1e-5)
+    with torch.no_grad():
+        old.logits[-1] -= 0.05
+    assert old.hard_width() == c - d
+    with pytest.raises(ValueError, match="init_gap"):
+        ChannelGate(c, d, init_gap=0.0)
 
 
 @pytest.mark.parametrize("rounding", ["ceil", "nearest"])

@@ -21,10 +21,10 @@ def _randomise_gates(pruner, scale=1.5, seed=0):
             gate.copy_(torch.randn(gate.shape, generator=g) * scale)
 
 
-def _cnn_pruner(target=0.5):
+def _cnn_pruner(target=0.5, **kw):
     torch.manual_seed(0)
     model = plain_cnn()
-    pruner = s2h.S2HPruner(model, torch.randn(2, 3, 16, 16), target, divisor=4)
+    pruner = s2h.S2HPruner(model, torch.randn(2, 3, 16, 16), target, divisor=4, **kw)
     _randomise_gates(pruner)
     return model, pruner
 
@@ -49,7 +49,7 @@ def _routed(pruner, x, y, only):
 
 
 def test_gradient_routing_of_every_term():
-    model, pruner = _cnn_pruner()
+    model, pruner = _cnn_pruner(resource_mode="quadratic")
     weights, gates = list(pruner.weight_parameters()), list(pruner.gate_parameters())
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
 
@@ -93,7 +93,7 @@ class _Capture(torch.optim.Optimizer):
 
 
 def test_train_step_applies_exactly_the_routed_gradients():
-    model, pruner = _cnn_pruner()
+    model, pruner = _cnn_pruner(resource_mode="quadratic")
     weights, gates = list(pruner.weight_parameters()), list(pruner.gate_parameters())
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
     soft, hard = pruner.dual_forward(x)
@@ -332,7 +332,8 @@ def test_recalibrate_bn_sets_hard_stats_from_batches():
 def test_ablation_variants_route_their_terms(variant):
     torch.manual_seed(0)
     model = plain_cnn()
-    pruner = s2h.S2HPruner(model, torch.randn(2, 3, 16, 16), 0.5, divisor=4, variant=variant)
+    pruner = s2h.S2HPruner(model, torch.randn(2, 3, 16, 16), 0.5, divisor=4, variant=variant,
+                           resource_mode="quadratic")
     _randomise_gates(pruner)
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
     opt = _Capture([{"params": list(pruner.weight_parameters())},
@@ -361,29 +362,73 @@ def test_ablation_variants_route_their_terms(variant):
         s2h.S2HPruner(plain_cnn(), torch.randn(2, 3, 8, 8), 0.5, variant="nope")
 
 
-def test_grad_balance_rescales_the_resource_gradient_per_gate():
+@pytest.mark.parametrize("offset", [-0.2, -0.01, 0.05])
+def test_normalized_resource_gradient_matches_the_formula(offset):
+    """Default resource_mode="normalized": per gate, the applied gradient is the other terms'
+    gradient plus sign(r - T) * ratio * min((r - T)^2 / band^2, 1) * |other| * dr/du / |dr/du|,
+    with every piece computed here separately (autograd per term, formula in float64).
+    offset = T - r: far below r (fade 1), inside the band (fade 1/4), above r (sign -)."""
     model, pruner = _cnn_pruner()
-    pruner.grad_balance = 0.5
+    r0 = pruner.hard_flops_ratio()
+    pruner.target_flops = target = r0 + offset
+    pruner.resource_ratio = 1.5
     weights, gates = list(pruner.weight_parameters()), list(pruner.gate_parameters())
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
     soft, hard = pruner.dual_forward(x)
     t = pruner.losses(soft, hard, y)
+    r = float(t["flops_ratio"].detach())
+    assert r == pytest.approx(r0)
     g_perf = _grads(t["perf"], weights + gates)
     g_gapw = _grads(t["gap_weights"], weights + gates)
     g_gapu = _grads(t["gap_gates"], gates)
-    g_res = _grads(t["resource"], gates)
+    g_r = _grads(t["flops_ratio"], gates)
     nw = len(weights)
+    fade = min((r - target) ** 2 / 0.02 ** 2, 1.0)
+    assert fade == pytest.approx({-0.2: 1.0, -0.01: 0.25, 0.05: 1.0}[offset], rel=1e-4)
+    sign = 1.0 if r > target else -1.0
     opt = _Capture([{"params": weights}, {"params": gates}])
     pruner.train_step(x, y, opt)
     for i, (got, perf, gw) in enumerate(zip(opt.seen[:nw], g_perf[:nw], g_gapw[:nw])):
-        assert torch.allclose(got, perf + gw, atol=1e-6), f"weight {i}"
+        assert torch.allclose(got, perf + gw, atol=1e-6), f"weight {i}"  # no resource term
+    moved = 0
     for j, got in enumerate(opt.seen[nw:]):
-        gap = g_gapw[nw + j] + g_gapu[j]
-        res = g_res[j] * (0.5 * gap.norm() / g_res[j].norm())
-        assert torch.allclose(got, g_perf[nw + j] + gap + res, atol=1e-6, rtol=1e-5)
-        assert float(res.norm()) == pytest.approx(0.5 * float(gap.norm()), rel=1e-5)
+        other = (g_perf[nw + j] + g_gapw[nw + j] + g_gapu[j]).double()
+        dr = g_r[j].double()
+        res = sign * 1.5 * fade * other.norm() * dr / dr.norm()
+        assert torch.allclose(got.double(), other + res, atol=1e-6, rtol=1e-5), f"gate {j}"
+        moved += float(res.norm()) > 0
+    assert moved == len(gates)
+
+
+def test_grad_balance_is_the_normalized_mode():
+    with pytest.warns(DeprecationWarning, match="grad_balance"):
+        p = s2h.S2HPruner(plain_cnn(), torch.randn(2, 3, 8, 8), 0.5, grad_balance=0.5)
+    assert (p.resource_mode, p.resource_ratio) == ("normalized", 0.5)
     with pytest.raises(ValueError, match="grad_balance"):
         s2h.S2HPruner(plain_cnn(), torch.randn(2, 3, 8, 8), 0.5, grad_balance=-1)
+    with pytest.raises(ValueError, match="resource_mode"):
+        s2h.S2HPruner(plain_cnn(), torch.randn(2, 3, 8, 8), 0.5, resource_mode="nope")
+
+
+def test_normalized_resource_falls_back_to_the_quadratic_gradient_without_other_gradients():
+    """A gate whose other gradients are all zero has nothing to be normalised against: it gets
+    the plain 2 λ (r - T) dr/du (here: every other term multiplied by zero)."""
+    model, pruner = _cnn_pruner(target=0.3)
+    gates = list(pruner.gate_parameters())
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    for p in list(pruner.weight_parameters()) + gates:
+        p.grad = None
+    soft, hard = pruner.dual_forward(x)
+    t = pruner.losses(soft, hard, y)
+    r = float(t["flops_ratio"].detach())
+    dr = _grads(t["flops_ratio"], gates)
+    terms = {k: (v * 0.0 if k in ("perf", "gap_weights", "gap_gates") else v)
+             for k, v in t.items()}
+    pruner.backward(terms)
+    for g, d in zip(gates, dr):
+        assert torch.allclose(g.grad.double(), 2 * pruner.lam * (r - 0.3) * d.double(),
+                              atol=1e-7, rtol=1e-5)
+    assert any(float(g.grad.abs().sum()) > 0 for g in gates)
 
 
 def test_conv_models_go_channels_last_on_cuda_only():

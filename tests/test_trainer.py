@@ -134,10 +134,17 @@ def test_variants_and_gate_schedule_reach_the_training(tmp_path):
 
     run = tmp_path / "direct"
     assert main(["prune", *TINY, "--epochs", "1", "--steps-per-epoch", "3", "--no-plots",
-                 "--variant", "direct_hard", "--out", str(run)]) == 0
+                 "--variant", "direct_hard", "--gate-schedule", "constant",
+                 "--out", str(run)]) == 0
     rows = [r for r in _steps(run) if r["kind"] == "step"]
     assert all(r["soft_acc"] == r["hard_acc"] for r in rows)  # one (hard) network only
     assert all(r["gate_lr"] == pytest.approx(5e-2) for r in rows)  # constant schedule
+    # the default: the gates' lr follows the weights' warm-up + cosine schedule
+    run = tmp_path / "default"
+    assert main(["prune", *TINY, "--epochs", "1", "--steps-per-epoch", "4", "--no-plots",
+                 "--warmup-steps", "2", "--out", str(run)]) == 0
+    rows = [r for r in _steps(run) if r["kind"] == "step"]
+    assert [r["gate_lr"] for r in rows] == pytest.approx([0.05 * f(s) for s in range(4)])
     with pytest.raises(SystemExit):
         main(["prune", *TINY, "--variant", "nope", "--out", str(run)])
 
@@ -199,3 +206,116 @@ def test_mixed_precision_runs_and_checkpoints_the_scaler(tmp_path, amp):
         assert ck["scaler"] == {}
     rows = [r for r in _steps(run) if r["kind"] == "step"]
     assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_phases_and_resume_across_the_warmup_end_and_the_freeze(tmp_path, monkeypatch):
+    """--gate-warmup-steps 2, --freeze-arch-at 0.625 of 8 steps (freeze at step 5): rows say
+    their phase; the gates do not move in the warm-up nor after the freeze (no resource term
+    there); the L1 order is re-taken at the end of the warm-up. A run stopped right after the
+    checkpoint of step 2 (warm-up end) or step 4 (before the freeze) or step 6 (frozen) and
+    resumed ends in the same state as the uninterrupted run."""
+    args = [*TINY, "--epochs", "2", "--steps-per-epoch", "4", "--ckpt-every", "2",
+            "--no-plots", "--gate-warmup-steps", "2", "--freeze-arch-at", "0.625",
+            "--lr", "0.05", "--warmup-steps", "1"]  # a warm-up that re-ranks some channels
+    full = tmp_path / "full"
+    saved = {}
+    orig = trainer._atomic_save
+
+    def keep(obj, path):
+        orig(obj, path)
+        saved[obj["step"]] = torch.load(path, weights_only=True)
+
+    monkeypatch.setattr(trainer, "_atomic_save", keep)
+    assert main(["prune", *args, "--out", str(full)]) == 0
+    rows = [r for r in _steps(full) if r["kind"] == "step"]
+    assert [r["phase"] for r in rows] == ["warmup"] * 2 + ["s2h"] * 3 + ["frozen"] * 3
+    assert all(r["resource"] == 0.0 and r["gap_gates"] == 0.0 for r in rows[:2])
+    assert all(r["resource"] == 0.0 for r in rows[5:])
+    logits = {s: saved[s]["pruner"]["gates"] for s in (2, 4, 6, 8)}
+    from s2h.gates import ChannelGate
+
+    reranked = 0
+    for k in logits[2]:  # the gates did not move during the warm-up: still at their start
+        c = saved[2]["pruner"]["groups"][k.replace("/", ".")]
+        start = ChannelGate(c, 8).logits.detach()
+        assert torch.allclose(logits[2][k]["logits"], start, atol=1e-6), k
+        assert torch.equal(logits[6][k]["logits"], logits[8][k]["logits"]), k  # frozen
+        # the L1 order taken at the end of the warm-up (step 2): by hand from those weights
+        w = saved[2]["model"][k.replace("/", ".") + ".weight"]
+        l1 = w.abs().flatten(1).sum(1)
+        order = torch.sort(-l1, stable=True).indices
+        assert torch.equal(saved[4]["pruner"]["gates"][k]["order"], order), k
+        reranked += not torch.equal(saved[2]["pruner"]["gates"][k]["order"], order)
+    assert reranked  # the order from the initial weights was not kept
+    assert not saved[4]["pruner"]["arch_frozen"] and saved[6]["pruner"]["arch_frozen"]
+    summary = json.loads((full / "summary.json").read_text())
+    proj = summary["projection"]
+    assert proj["at_step"] == 5 and proj["ratio_after"] <= 0.5
+    assert summary["exported_flops_ratio"] == pytest.approx(proj["ratio_after"], abs=1e-6)
+    assert summary["exported_flops_ratio"] <= 0.5 + 0.005
+    assert summary["export_matches_hard_network"]
+
+    for stop_at in (2, 4, 6):
+        run = tmp_path / f"stop{stop_at}"
+
+        def stopping(obj, path, stop_at=stop_at):
+            orig(obj, path)
+            if obj["step"] == stop_at:
+                raise _Stop
+
+        monkeypatch.setattr(trainer, "_atomic_save", stopping)
+        with pytest.raises(_Stop):
+            main(["prune", *args, "--out", str(run)])
+        monkeypatch.setattr(trainer, "_atomic_save", orig)
+        assert main(["prune", *args, "--out", str(run), "--resume"]) == 0
+        a = torch.load(full / "checkpoint.pt", weights_only=True)
+        b = torch.load(run / "checkpoint.pt", weights_only=True)
+        _same_state(a, b)
+        for k in a["pruner"]["gates"]:
+            assert torch.equal(a["pruner"]["gates"][k]["order"], b["pruner"]["gates"][k]["order"])
+        assert b["pruner"]["projection"] == a["pruner"]["projection"]
+        assert [r["phase"] for r in _steps(run) if r["kind"] == "step"] == \
+            [r["phase"] for r in rows]
+
+
+def test_resource_flags_reach_the_pruner_and_bad_phases_are_refused(tmp_path):
+    run = tmp_path / "q"
+    assert main(["prune", *TINY, "--epochs", "1", "--steps-per-epoch", "2", "--no-plots",
+                 "--resource-mode", "quadratic", "--resource-ratio", "3", "--resource-band",
+                 "0.05", "--freeze-arch-at", "1", "--out", str(run)]) == 0
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    cfg = ck["pruner"]["config"]
+    assert (cfg["resource_mode"], cfg["resource_ratio"], cfg["resource_band"]) == \
+        ("quadratic", 3.0, 0.05)
+    assert not ck["pruner"]["arch_frozen"]  # frozen only at the end (after the last checkpoint)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["projection"]["at_step"] == 2
+    assert summary["exported_flops_ratio"] <= 0.5 + 1e-9
+    for bad in (["--freeze-arch-at", "0"], ["--freeze-arch-at", "1.5"],
+                ["--gate-warmup-steps", "-1"]):
+        assert main(["prune", *TINY, "--epochs", "1", "--steps-per-epoch", "2", "--no-plots",
+                     *bad, "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_importance_from_init_keeps_the_starting_order(tmp_path, monkeypatch):
+    saved = {}
+    orig = trainer._atomic_save
+
+    def keep(obj, path):
+        orig(obj, path)
+        saved[obj["step"]] = torch.load(path, weights_only=True)
+
+    monkeypatch.setattr(trainer, "_atomic_save", keep)
+    args = [*TINY, "--epochs", "1", "--steps-per-epoch", "4", "--ckpt-every", "2", "--no-plots",
+            "--gate-warmup-steps", "2", "--lr", "0.05", "--warmup-steps", "1"]
+    assert main(["prune", *args, "--importance-from", "init", "--out",
+                 str(tmp_path / "init")]) == 0
+    init = {k: v["order"] for k, v in saved[4]["pruner"]["gates"].items()}
+    assert all(torch.equal(saved[2]["pruner"]["gates"][k]["order"], o) for k, o in init.items())
+    assert main(["prune", *args, "--out", str(tmp_path / "warm")]) == 0
+    warm = {k: v["order"] for k, v in saved[4]["pruner"]["gates"].items()}
+    assert any(not torch.equal(init[k], warm[k]) for k in init)  # the default re-ranks
