@@ -354,8 +354,8 @@ def _inject(monkeypatch, at_step, how):
     """Corrupt the run at S2H step ``at_step`` (1-based): ``how(pruner)`` after its backward."""
     orig = S2HPruner.backward
 
-    def backward(self, terms, scaler=None):
-        orig(self, terms, scaler)
+    def backward(self, terms, *args, **kwargs):
+        orig(self, terms, *args, **kwargs)
         if self.step_count + 1 == at_step:
             how(self)
 
