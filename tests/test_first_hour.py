@@ -20,6 +20,8 @@ import torch
 from s2h import trainer
 from s2h.cli import main
 
+from _runs import same_state
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
 TINY = ["--dataset", "synthetic", "--model", "small_cnn", "--batch-size", "16",
@@ -29,16 +31,6 @@ TINY = ["--dataset", "synthetic", "--model", "small_cnn", "--batch-size", "16",
 
 def _rows(run) -> list[dict]:
     return trainer.read_metrics(str(run / "metrics.jsonl"))
-
-
-def _same_state(a: dict, b: dict, atol: float = 1e-5) -> None:
-    for k in a["model"]:
-        assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=atol), k
-    for k in a["pruner"]["gates"]:
-        assert torch.allclose(a["pruner"]["gates"][k]["logits"],
-                              b["pruner"]["gates"][k]["logits"], atol=atol), k
-    assert a["pruner"]["widths"] == b["pruner"]["widths"]
-    assert a["pruner"]["step_count"] == b["pruner"]["step_count"]
 
 
 def test_sigint_mid_first_epoch_saves_resumes_and_plots_a_running_job(tmp_path, capsys):
@@ -93,7 +85,7 @@ def test_sigint_mid_first_epoch_saves_resumes_and_plots_a_running_job(tmp_path, 
     assert f"at epoch 1, batch {ck['batch']}" in capsys.readouterr().out
     a = torch.load(full / "checkpoint.pt", weights_only=True)
     b = torch.load(run / "checkpoint.pt", weights_only=True)
-    _same_state(a, b)
+    same_state(a, b)
     ra, rb = _rows(full), _rows(run)
     assert [(r["kind"], r["step"]) for r in ra] == [(r["kind"], r["step"]) for r in rb]
     for x, y in zip(ra, rb):

@@ -18,6 +18,8 @@ import torch
 from s2h import trainer
 from s2h.cli import main
 
+from _runs import keep_checkpoints, same_state
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dataset", "synthetic", "--model", "small_cnn", "--batch-size", "16",
         "--eval-batches", "2", "--no-progress", "--target-flops", "0.5",
@@ -26,16 +28,6 @@ TINY = ["--dataset", "synthetic", "--model", "small_cnn", "--batch-size", "16",
 
 def _steps(run) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def _same_state(a: dict, b: dict, atol: float = 1e-5) -> None:
-    for k in a["model"]:
-        assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=atol), k
-    for k in a["pruner"]["gates"]:
-        assert torch.allclose(a["pruner"]["gates"][k]["logits"],
-                              b["pruner"]["gates"][k]["logits"], atol=atol), k
-    assert a["pruner"]["widths"] == b["pruner"]["widths"]
-    assert a["pruner"]["step_count"] == b["pruner"]["step_count"]
 
 
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, capsys):
@@ -81,7 +73,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, capsys
     a = torch.load(full / "checkpoint.pt", weights_only=True)
     b = torch.load(killed / "checkpoint.pt", weights_only=True)
     assert (a["epoch"], a["batch"], b["epoch"], b["batch"]) == (2, 0, 2, 0)
-    _same_state(a, b)
+    same_state(a, b)
     # metrics.jsonl: every step exactly once, same values; epoch rows equal (partial sums kept)
     ra, rb = _steps(full), _steps(killed)
     assert [(r["kind"], r["step"]) for r in ra] == [(r["kind"], r["step"]) for r in rb]
@@ -222,14 +214,8 @@ def test_phases_and_resume_across_the_warmup_end_and_the_freeze(tmp_path, monkey
             "--no-plots", "--gate-warmup-steps", "2", "--freeze-arch-at", "0.625",
             "--lr", "0.05", "--warmup-steps", "1"]  # a warm-up that re-ranks some channels
     full = tmp_path / "full"
-    saved = {}
     orig = trainer._atomic_save
-
-    def keep(obj, path):
-        orig(obj, path)
-        saved[obj["step"]] = torch.load(path, weights_only=True)
-
-    monkeypatch.setattr(trainer, "_atomic_save", keep)
+    saved = keep_checkpoints(monkeypatch)
     assert main(["prune", *args, "--out", str(full)]) == 0
     rows = [r for r in _steps(full) if r["kind"] == "step"]
     assert [r["phase"] for r in rows] == ["warmup"] * 2 + ["s2h"] * 3 + ["frozen"] * 3
@@ -274,7 +260,7 @@ def test_phases_and_resume_across_the_warmup_end_and_the_freeze(tmp_path, monkey
         assert main(["prune", *args, "--out", str(run), "--resume"]) == 0
         a = torch.load(full / "checkpoint.pt", weights_only=True)
         b = torch.load(run / "checkpoint.pt", weights_only=True)
-        _same_state(a, b)
+        same_state(a, b)
         for k in a["pruner"]["gates"]:
             assert torch.equal(a["pruner"]["gates"][k]["order"], b["pruner"]["gates"][k]["order"])
         assert b["pruner"]["projection"] == a["pruner"]["projection"]
@@ -302,14 +288,7 @@ def test_resource_flags_reach_the_pruner_and_bad_phases_are_refused(tmp_path):
 
 
 def test_importance_from_init_keeps_the_starting_order(tmp_path, monkeypatch):
-    saved = {}
-    orig = trainer._atomic_save
-
-    def keep(obj, path):
-        orig(obj, path)
-        saved[obj["step"]] = torch.load(path, weights_only=True)
-
-    monkeypatch.setattr(trainer, "_atomic_save", keep)
+    saved = keep_checkpoints(monkeypatch)
     args = [*TINY, "--epochs", "1", "--steps-per-epoch", "4", "--ckpt-every", "2", "--no-plots",
             "--gate-warmup-steps", "2", "--lr", "0.05", "--warmup-steps", "1"]
     assert main(["prune", *args, "--importance-from", "init", "--out",
