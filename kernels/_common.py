@@ -40,8 +40,30 @@ def _config(bm: int, bn: int, bk: int, *, warps: int, stages: int) -> triton.Con
     return triton.Config(meta, num_warps=warps, num_stages=stages)
 
 
-def gemm_configs() -> list[triton.Config]:
-    """Autotune configs for the 2-D tile GEMMs (forward and data gradient).
+# Which candidate configs each kernel autotunes over. A candidate is dropped for a kernel when
+# it spills registers (or would not fit shared memory) on sm_90 or sm_80 in any representative
+# case of ``python bench/compile_kernels.py`` (the table in bench/results/compile_kernels.md);
+# the numbers say which, so the lists change with the kernels, from measurements.
+_GEMM_KEEP = {
+    "linear_fwd": (0, 1, 3, 4, 5),  # 256x128 spills 48 B on sm_80
+    "linear_dgrad": (0, 3, 4, 5),  # 128x256 and 256x128 spill 56-304 B
+    "conv_fwd": (0, 3, 4, 5),  # 128x256 and 256x128 spill 112-240 B
+    "conv_dgrad": (0, 4, 5),  # 128x64 (4 warps) also spills 204 B on sm_80, 3x3 stride 2
+}
+_WGRAD_KEEP = {
+    "linear": (2, 3),  # 64x128 tiles spill 60-360 B on sm_80
+    "conv": (3,),  # every wider tile spills 144-564 B on sm_80
+}
+_DEPTHWISE_KEEP = {
+    "fwd": (0, 1, 2, 3),
+    "dgrad": (2,),  # the others spill 24-48 B
+    "wgrad": (0, 1, 3),  # 64x128 spills 232 B
+}
+
+
+def gemm_configs(kind: str) -> list[triton.Config]:
+    """Autotune configs for the 2-D tile GEMMs (forward and data gradient) of ``kind``
+    (``linear_fwd``, ``linear_dgrad``, ``conv_fwd``, ``conv_dgrad``).
 
     ``BLOCK_M`` x ``BLOCK_N`` is the output tile, ``BLOCK_K`` the reduction step. Under the
     interpreter, a single config (no benchmarking) with large tiles: the interpreter's cost is
@@ -49,7 +71,7 @@ def gemm_configs() -> list[triton.Config]:
     """
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
-    return [  # BLOCK_M: multiples of PARTIAL_ROWS
+    candidates = [  # BLOCK_M: multiples of PARTIAL_ROWS
         _config(128, 128, 64, warps=8, stages=3),
         _config(128, 256, 64, warps=8, stages=3),
         _config(256, 128, 64, warps=8, stages=3),
@@ -57,34 +79,37 @@ def gemm_configs() -> list[triton.Config]:
         _config(64, 128, 64, warps=4, stages=4),
         _config(64, 64, 32, warps=4, stages=4),
     ]
+    return [candidates[i] for i in _GEMM_KEEP[kind]]
 
 
-def wgrad_configs() -> list[triton.Config]:
-    """Configs for weight-gradient GEMMs: output tile ``BLOCK_N`` x ``BLOCK_K``, row step
-    ``BLOCK_M``."""
+def wgrad_configs(kind: str) -> list[triton.Config]:
+    """Configs for weight-gradient GEMMs (``kind``: ``linear`` or ``conv``): output tile
+    ``BLOCK_N`` x ``BLOCK_K``, row step ``BLOCK_M``."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32})]
     cfg = triton.Config
-    return [
+    candidates = [
         cfg({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
         cfg({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
         cfg({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
         cfg({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     ]
+    return [candidates[i] for i in _WGRAD_KEEP[kind]]
 
 
-def depthwise_configs() -> list[triton.Config]:
-    """Configs for the depthwise (direct, non-GEMM) kernels: ``BLOCK_M`` pixels x ``BLOCK_C``
-    channels."""
+def depthwise_configs(kind: str) -> list[triton.Config]:
+    """Configs for the depthwise (direct, non-GEMM) kernels (``kind``: ``fwd``, ``dgrad``,
+    ``wgrad``): ``BLOCK_M`` pixels x ``BLOCK_C`` channels."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 64, "BLOCK_C": 32})]
     cfg = triton.Config
-    return [  # BLOCK_M: multiples of PARTIAL_ROWS
+    candidates = [  # BLOCK_M: multiples of PARTIAL_ROWS
         cfg({"BLOCK_M": 64, "BLOCK_C": 64}, num_warps=4),
         cfg({"BLOCK_M": 128, "BLOCK_C": 32}, num_warps=4),
         cfg({"BLOCK_M": 64, "BLOCK_C": 128}, num_warps=4),
         cfg({"BLOCK_M": 128, "BLOCK_C": 64}, num_warps=8),
     ]
+    return [candidates[i] for i in _DEPTHWISE_KEEP[kind]]
 
 
 def mask_columns(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

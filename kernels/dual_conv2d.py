@@ -126,7 +126,7 @@ def _conv_fwd_tile(
 
 
 @triton.autotune(
-    configs=gemm_configs(), key=["TUNE_KEY"]
+    configs=gemm_configs("conv_fwd"), key=["TUNE_KEY"]
 )
 @triton.jit(do_not_specialize=["TUNE_KEY"])
 def _dual_conv_fwd_kernel(
@@ -262,7 +262,7 @@ def _conv_dgrad_tile(
 
 
 @triton.autotune(
-    configs=gemm_configs(), key=["TUNE_KEY"]
+    configs=gemm_configs("conv_dgrad"), key=["TUNE_KEY"]
 )
 @triton.jit(do_not_specialize=["TUNE_KEY"])
 def _dual_conv_dgrad_kernel(
@@ -414,7 +414,7 @@ def _conv_wgrad_tile(
 
 
 @triton.autotune(
-    configs=wgrad_configs(),
+    configs=wgrad_configs("conv"),
     key=["TUNE_KEY"],
 )
 @triton.jit(do_not_specialize=["TUNE_KEY"])
@@ -533,7 +533,7 @@ def _dw_fwd_tile(
     )  # fmt: skip
 
 
-@triton.autotune(configs=depthwise_configs(), key=["TUNE_KEY"])
+@triton.autotune(configs=depthwise_configs("fwd"), key=["TUNE_KEY"])
 @triton.jit(do_not_specialize=["TUNE_KEY"])
 def _dual_dw_fwd_kernel(
     xs_ptr, xh_ptr, w_ptr, keep_ptr, b_ptr, ms_ptr, mh_ptr, ys_ptr, yh_ptr,
@@ -623,7 +623,7 @@ def _dw_dgrad_tile(
         )  # fmt: skip
 
 
-@triton.autotune(configs=depthwise_configs(), key=["TUNE_KEY"])
+@triton.autotune(configs=depthwise_configs("dgrad"), key=["TUNE_KEY"])
 @triton.jit(do_not_specialize=["TUNE_KEY"])
 def _dual_dw_dgrad_kernel(
     dys_ptr, dyh_ptr, w_ptr, keep_ptr, xs_ptr, xh_ptr, ms_ptr, mh_ptr,
@@ -721,7 +721,7 @@ def _dw_wgrad_tile(
 
 
 @triton.autotune(
-    configs=depthwise_configs(), key=["TUNE_KEY"]
+    configs=depthwise_configs("wgrad"), key=["TUNE_KEY"]
 )
 @triton.jit(do_not_specialize=["TUNE_KEY"])
 def _dual_dw_wgrad_kernel(
@@ -780,6 +780,20 @@ def _tap_major(w: torch.Tensor) -> torch.Tensor:
 
 def _strides4(t: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(t.stride())  # type: ignore[return-value]
+
+
+def _tap_strides(w: torch.Tensor) -> tuple[int, int, int, int]:
+    """Strides of a :func:`_tap_major` weight as its layout defines them, size-1 dims included.
+
+    For a 1x1 conv, torch reports stride 1 for the size-1 KH / KW dims (a contiguous tensor
+    already counts as channels-last there), and Triton then specialises those strides to the
+    constant 1: the tap offset ``r * s_r + s * s_s`` loses its known alignment and every weight
+    load of the K loop becomes scalar. The kernels only index those dims at 0, so the canonical
+    strides are equally right and keep the offset a multiple of ``C``.
+    """
+    o, c, kh, kw = w.shape
+    assert w.is_contiguous(memory_format=torch.channels_last)
+    return kh * kw * c, 1, kw * c, c
 
 
 def _conv_params(
@@ -870,7 +884,7 @@ def dual_conv2d_op(
     launcher(_dual_conv_fwd_kernel)[grid](
         x_soft, x_hard, w_soft, w_hard, b_arg, out_keep, y_soft, y_hard,
         b_s, b_h, c, h, w, n_out, c_h, n_out_h, oh, ow,
-        *_strides4(x_soft), *_strides4(x_hard), *_strides4(w_soft), *_strides4(w_hard),
+        *_strides4(x_soft), *_strides4(x_hard), *_tap_strides(w_soft), *_tap_strides(w_hard),
         *_strides4(y_soft), *_strides4(y_hard), *geo,
         KH=kh, KW=kw, HAS_BIAS=bias is not None, UPCAST=upcast_dot(weight.dtype),
         PRECISION=dot_precision(weight.dtype, "conv"),
@@ -965,7 +979,7 @@ def dual_conv2d_dgrad_op(
             launcher(_dual_conv_dgrad_kernel)[grid](
                 dys, dyh, w_soft, w_hard, x_soft, x_hard, ms, mh, dxs, dxh, dms_part, dmh_part,
                 b_s, b_h, c, h, w, n_out, c_h, n_out_h, oh, ow,
-                *_strides4(dys), *_strides4(dyh), *_strides4(w_soft), *_strides4(w_hard),
+                *_strides4(dys), *_strides4(dyh), *_tap_strides(w_soft), *_tap_strides(w_hard),
                 *_strides4(x_soft), *_strides4(x_hard), *_strides4(dxs), *_strides4(dxh), *geo,
                 KH=kh, KW=kw, NEED_DX_S=need_x_soft, NEED_DM_S=need_soft_mask,
                 NEED_DX_H=need_x_hard, NEED_DM_H=need_hard_mask,

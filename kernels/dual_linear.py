@@ -106,7 +106,7 @@ def _fwd_tile(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.autotune(configs=gemm_configs(), key=["TUNE_KEY"])
+@triton.autotune(configs=gemm_configs("linear_fwd"), key=["TUNE_KEY"])
 @triton.jit(do_not_specialize=["TUNE_KEY"])
 def _dual_linear_fwd_kernel(
     xs_ptr, xh_ptr, w_ptr, wh_ptr, b_ptr, out_keep_ptr, ys_ptr, yh_ptr,
@@ -199,7 +199,7 @@ def _dgrad_tile(
         )
 
 
-@triton.autotune(configs=gemm_configs(), key=["TUNE_KEY"])
+@triton.autotune(configs=gemm_configs("linear_dgrad"), key=["TUNE_KEY"])
 @triton.jit(do_not_specialize=["TUNE_KEY"])
 def _dual_linear_dgrad_kernel(
     dys_ptr, dyh_ptr, w_ptr, wh_ptr, xs_ptr, xh_ptr, ms_ptr, mh_ptr,
@@ -306,7 +306,7 @@ def _wgrad_tile(
             tl.store(db_part_ptr + split * N + offs_n, bias_acc, mask=n_ok)
 
 
-@triton.autotune(configs=wgrad_configs(), key=["TUNE_KEY"])
+@triton.autotune(configs=wgrad_configs("linear"), key=["TUNE_KEY"])
 @triton.jit(do_not_specialize=["TUNE_KEY"])
 def _dual_linear_wgrad_kernel(
     dys_ptr, dyh_ptr, xs_ptr, xh_ptr, ms_ptr, mh_ptr,

@@ -144,3 +144,28 @@ def test_hard_path_widths_that_are_8_mod_16_load_like_16_aligned_ones():
 
 def ck_kept(n: int, keep: float, divisor: int = 8) -> int:
     return max(divisor, int(round(n * keep / divisor)) * divisor)
+
+
+def test_one_by_one_convs_load_weights_vectorised_and_do_not_spill():
+    """A 1x1 conv's weight has size-1 KH/KW dims whose torch strides are 1: Triton specialised
+    them to the constant 1, the tap offset lost its alignment and every weight load of the K
+    loop became a 2-byte load (and the default config spilled). With the layout's canonical
+    strides a ResNet-50 1x1 conv compiles to the load mix of a 3x3 one, with no spills."""
+    result = _run(
+        """
+        import json, sys
+        sys.path.insert(0, "bench")
+        import compile_kernels as ck
+        res = {}
+        for case in ("r50.conv1x1", "r50.conv3x3"):
+            for r in ck.compile_case((case, 0.35, True)):
+                if r["arch"] == "sm_90":
+                    assert r["ok"], r
+                    res[f"{r['kernel']}/{case}"] = [r["loads_16B"], r["loads_2B"], r["spill_bytes"]]
+        print(json.dumps(res))
+        """
+    )
+    for kernel in ("_dual_conv_fwd_kernel", "_dual_conv_dgrad_kernel", "_dual_conv_wgrad_kernel"):
+        one, three = result[f"{kernel}/r50.conv1x1"], result[f"{kernel}/r50.conv3x3"]
+        assert one[:2] == three[:2], (kernel, result)
+        assert one[2] == 0, (kernel, result)
