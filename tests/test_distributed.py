@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -35,10 +36,22 @@ def test_two_gloo_processes_match_one_process(tmp_path, capsys):
     capsys.readouterr()
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           "-m", "s2h", *ARGS, "--out", str(ddp)]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    def torchrun():
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+               "-m", "s2h", *ARGS, "--out", str(ddp)]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    res = torchrun()
+    if res.returncode != 0 and "terminate called without an active exception" in res.stderr \
+            and "exported == hard network" in res.stdout:
+        # Seen once in ~25 runs: a rank aborts in torch's gloo teardown *after* the run has
+        # finished and written everything (known, not yet root-caused: see the session notes).
+        # Run once more from scratch; a second failure, or any other failure, fails the test.
+        shutil.rmtree(ddp)
+        res = torchrun()
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = res.stdout
     # rank 0 alone reports and writes: one header, one table, each metrics row once
