@@ -187,8 +187,10 @@ def with_align_hint(kernel: Any, args: tuple, kwargs: dict) -> dict:
     16; a kept width that is a multiple of 8 but not 16 (half of them with the default
     divisor) then turns every bf16 load of the hard path into a scalar 2-byte load, with no
     asynchronous copies. When every argument named in ``kernel.align_args`` is a multiple of
-    ``ALIGN_ELEMS`` and every tensor starts 16-byte aligned, the kernel is told so
-    (``tl.multiple_of``); otherwise ``ALIGN=1`` and nothing is assumed. (Under tracing, where
+    ``ALIGN_ELEMS`` and every tensor starts 16-byte aligned, the kernel is told so (it rounds
+    those values ``x // ALIGN * ALIGN``, which keeps them and is a multiple Triton's axis
+    analysis can see; ``tl.multiple_of`` on a scalar argument had no effect); otherwise
+    ``ALIGN=1`` and nothing is assumed. (Under tracing, where
     tensors have no address, nothing is assumed either.)
     """
     names = getattr(kernel, "align_args", None)

@@ -15,7 +15,6 @@ Typical use::
 from __future__ import annotations
 
 import copy
-import math
 import numbers
 import warnings
 from collections.abc import Callable, Iterator

@@ -126,7 +126,7 @@ def test_hard_path_widths_that_are_8_mod_16_load_like_16_aligned_ones():
         import json, sys
         sys.path.insert(0, "bench")
         import compile_kernels as ck
-        res = {}
+        res = {"kept": [ck.kept(768, 0.35), ck.kept(768, 0.55)]}
         for keep in (0.35, 0.55):
             for r in ck.compile_case(("vit_b16.fc1", keep, True)):
                 if r["arch"] == "sm_90":
@@ -135,15 +135,11 @@ def test_hard_path_widths_that_are_8_mod_16_load_like_16_aligned_ones():
         print(json.dumps(res))
         """
     )
-    assert ck_kept(768, 0.55) % 16 == 8 and ck_kept(768, 0.35) % 16 == 0
+    assert result["kept"][0] % 16 == 0 and result["kept"][1] % 16 == 8, result["kept"]
     for kernel in ("_dual_linear_fwd_kernel", "_dual_linear_dgrad_kernel",
                    "_dual_linear_wgrad_kernel"):
         assert result[f"{kernel}/0.55"] == result[f"{kernel}/0.35"], (kernel, result)
         assert result[f"{kernel}/0.55"][0] > 0 and result[f"{kernel}/0.55"][2] > 0
-
-
-def ck_kept(n: int, keep: float, divisor: int = 8) -> int:
-    return max(divisor, int(round(n * keep / divisor)) * divisor)
 
 
 def test_one_by_one_convs_load_weights_vectorised_and_do_not_spill():
