@@ -71,6 +71,12 @@ def _extra_cuda_includes() -> list[str]:
     return out
 
 
+def _version() -> str:
+    """The one version string: ``__version__`` in s2h/__init__.py (pyproject reads it too)."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "s2h", "__init__.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
 def _extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
@@ -82,7 +88,7 @@ def _extensions():
     cxx = ["-O3"]
     if sys.platform != "win32":
         cxx.append("-fopenmp")
-    define_macros = [("S2H_VERSION", '"0.1.0"')]
+    define_macros = [("S2H_VERSION", f'"{_version()}"')]
     print(f"[s2h setup] CUDA sources: {'yes' if use_cuda else 'no'} ({why})", flush=True)
     if use_cuda and cu_sources:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")

@@ -11,19 +11,24 @@ both activations must reach the layer at the same time. Here every activation is
 * each masked layer computes both paths: conv / linear through the fused dual op, every other
   masked layer by running its own soft and hard code on the two halves.
 
-:func:`validate` compares the lockstep outputs with the two-pass outputs once, at half width, on
-the example inputs; the pruner falls back to two passes if they differ or anything raises.
+:func:`validate` compares the lockstep outputs and gradients with the two-pass ones once, at
+half width, on the example inputs; the pruner falls back to two passes if they differ or
+anything raises.
 """
 
 from __future__ import annotations
 
 import contextlib
 import types
+from typing import TYPE_CHECKING
 
 import torch
 import torch.utils._pytree as pytree
 
-from .nn import MaskedConv2d, MaskedLinear, _MaskedMixin
+from .nn import MaskedConv2d, MaskedLayer, MaskedLinear
+
+if TYPE_CHECKING:
+    from .pruner import S2HPruner
 
 
 class LockstepUnsupported(RuntimeError):
@@ -99,7 +104,7 @@ def _merge(s, h, func):
                 raise LockstepUnsupported(f"{getattr(func, '__name__', func)}: shapes differ "
                                           f"between soft and hard ({tuple(s)} vs {tuple(h)})")
             return s
-        merged = [_merge(a, b, func) for a, b in zip(s, h)]
+        merged = [_merge(a, b, func) for a, b in zip(s, h, strict=True)]
         return type(s)(merged) if not hasattr(s, "_fields") else type(s)(*merged)
     if s is None and h is None:
         return None
@@ -117,7 +122,7 @@ def _all(n, like):
     return torch.arange(n, device=like.device)
 
 
-def _dual_layer(m: _MaskedMixin, x):
+def _dual_layer(m: MaskedLayer, x):
     """Both paths of masked layer ``m`` for a DualTensor input."""
     from . import functional
 
@@ -133,7 +138,8 @@ def _dual_layer(m: _MaskedMixin, x):
             st = rt.state(in_gate)
             soft_mask, hard_mask, in_keep = st.soft_mask, st.hard_mask, st.keep
         else:
-            soft_mask, hard_mask, in_keep = _ones(cin, x.soft), _ones(cin, x.soft), _all(cin, x.soft)
+            soft_mask, hard_mask = _ones(cin, x.soft), _ones(cin, x.soft)
+            in_keep = _all(cin, x.soft)
         if isinstance(m, MaskedConv2d) and m.is_depthwise:
             out_keep = in_keep
         elif out_gate is not None:
@@ -194,3 +200,98 @@ def dual_forward(model, masked_modules, inputs: tuple):
     soft = pytree.tree_unflatten([t.soft if isinstance(t, DualTensor) else t for t in leaves], spec)
     hard = pytree.tree_unflatten([t.hard if isinstance(t, DualTensor) else t for t in leaves], spec)
     return soft, hard
+
+
+def validate(pruner: S2HPruner) -> str | None:
+    """Check ``pruner``'s lockstep forward against two passes once, at about half width; None
+    if they agree.
+
+    Forward *and* backward: the outputs of both networks and the gradient of every weight
+    and gate logit under a fixed random linear loss. Error rule (as the kernel tests'): the
+    lockstep error against a float64 two-pass reference must be at most twice the error of
+    the same-dtype two-pass path, plus a small floor. Anything raised (a kernel that does
+    not compile, a model that cannot run in lockstep) is the reason, named.
+    """
+    saved = [g.logits.detach().clone() for g in pruner.gates.values()]
+    was = pruner.model.training
+    params = [(n, p) for n, p in pruner.model.named_parameters() if p.requires_grad]
+    params += [(f"gate {g.name}", g.logits) for g in pruner.gates.values()]
+    try:
+        pruner.set_widths(0.5)
+        pruner.model.eval()  # no BatchNorm statistics move while checking
+
+        def run(lockstep: bool, dtype: torch.dtype | None = None):
+            inputs = tuple(t.to(dtype) if dtype is not None and torch.is_floating_point(t)
+                           else t for t in pruner.example_inputs)
+            for _, p in params:
+                p.grad = None
+            pruner.runtime.prepare(pruner.gates.values(), pruner._device())
+            if lockstep:
+                s, h = dual_forward(pruner.model, list(pruner.masked_layers.values()), inputs)
+            else:
+                s, h = pruner.two_pass_forward(inputs)
+            outs = [t for t in torch.utils._pytree.tree_leaves((s, h))
+                    if isinstance(t, torch.Tensor) and torch.is_floating_point(t)]
+            gen = torch.Generator().manual_seed(0)
+            loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64)
+                        .to(o.device)).sum() for o in outs)
+            loss.backward()
+            grads = {n: (None if p.grad is None else p.grad.detach().double().clone())
+                     for n, p in params}
+            for _, p in params:
+                p.grad = None
+            return [o.detach().double() for o in outs], grads
+
+        got_out, got_grad = run(lockstep=True)
+        same_out, same_grad = run(lockstep=False)
+        # float64 reference: the same modules with float64 copies of every floating
+        # parameter and buffer (the originals are put back untouched afterwards)
+        swapped, seen = [], set()
+        for m in list(pruner.model.modules()) + list(pruner.gates.modules()):
+            for table in (m._parameters, m._buffers):
+                for t in table.values():
+                    if t is not None and torch.is_floating_point(t) and id(t) not in seen:
+                        seen.add(id(t))
+                        swapped.append((t, t.data))
+                        t.data = t.data.double()
+        eps = max(torch.finfo(data.dtype).eps for _, data in swapped)
+        try:
+            want_out, want_grad = run(lockstep=False, dtype=torch.float64)
+        finally:
+            for t, data in swapped:
+                t.data = data
+
+        def bad(have, same, want) -> bool:
+            if have.shape != want.shape:
+                return True
+            scale = max(float(want.abs().max()), 1e-6) if want.numel() else 1.0
+            err = float((have - want).abs().max()) if want.numel() else 0.0
+            torch_err = float((same - want).abs().max()) if want.numel() else 0.0
+            return err > 2 * torch_err + 64 * eps * scale
+
+        if len(got_out) != len(want_out):
+            return "the lockstep forward returned a different number of outputs"
+        for i, (a, b, c) in enumerate(zip(got_out, same_out, want_out, strict=True)):
+            if bad(a, b, c):
+                what = "soft" if i < len(got_out) // 2 else "hard"
+                return f"its {what} output differs from the two-pass forward"
+        for name, _ in params:
+            a, b, c = got_grad[name], same_grad[name], want_grad[name]
+            if (a is None) != (c is None):
+                return f"the gradient of {name} is missing in one of the two paths"
+            if a is not None and bad(a, b, c):
+                layer = name.rsplit(".", 1)[0]
+                kind = type(pruner.model.get_submodule(layer)).__name__ \
+                    if not name.startswith("gate ") else "gate"
+                return (f"the gradient of {name} ({kind}: fused dual kernel backward) "
+                        "differs from the two-pass backward")
+        return None
+    except Exception as exc:  # LockstepUnsupported, a kernel that fails, anything the model does
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        with torch.no_grad():
+            for g, v in zip(pruner.gates.values(), saved, strict=True):
+                g.logits.copy_(v)
+        for _, p in params:
+            p.grad = None
+        pruner.model.train(was)

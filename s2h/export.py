@@ -1,4 +1,8 @@
-"""Saving and loading exported (pruned) models without pickle.
+"""Exported (pruned) models: checking one against the hard network, saving and loading it
+without pickle.
+
+:func:`export_difference` measures an export against the hard network it came from (the
+pruners warn with :class:`ExportMismatchWarning` above :data:`EXPORT_TOLERANCE`).
 
 A saved model is a directory with
 
@@ -23,8 +27,54 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .utils import as_tuple
+
 FORMAT = "s2h-exported"
 VERSION = 1
+
+#: the exported model and the hard network must agree to this (fp32, relative to the output's
+#: magnitude when it is above 1)
+EXPORT_TOLERANCE = 1e-5
+
+
+class ExportMismatchWarning(UserWarning):
+    """The exported model's outputs differ from the hard network's on the same inputs."""
+
+
+@torch.no_grad()
+def export_difference(hard_fn: Callable, module: nn.Module, exported: nn.Module,
+                      inputs: torch.Tensor | tuple) -> tuple[float, float]:
+    """``(max |exported(x) - hard_fn(x)|, tolerance)`` on ``inputs`` in fp32, both in eval mode
+    (``module``: the model behind ``hard_fn``; training flags are restored). Outputs that do not
+    even have the same structure or shapes give ``inf``."""
+    inputs = as_tuple(inputs)
+    was, was_e = module.training, exported.training
+    module.eval()
+    exported.eval()
+    dev = inputs[0].device if inputs and isinstance(inputs[0], torch.Tensor) else None
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        with torch.autocast(device_type=dev.type if dev is not None else "cpu", enabled=False):
+            ref = torch.utils._pytree.tree_leaves(hard_fn(inputs))
+            out = torch.utils._pytree.tree_leaves(exported(*inputs))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        module.train(was)
+        exported.train(was_e)
+    if len(ref) != len(out):
+        return float("inf"), EXPORT_TOLERANCE
+    diff, scale = 0.0, 1.0
+    for a, b in zip(ref, out, strict=True):
+        if not isinstance(a, torch.Tensor):
+            continue
+        if not isinstance(b, torch.Tensor) or a.shape != b.shape:
+            return float("inf"), EXPORT_TOLERANCE
+        if a.numel():
+            diff = max(diff, float((a.float() - b.float()).abs().max()))
+            scale = max(scale, float(a.float().abs().max()))
+    return diff, EXPORT_TOLERANCE * scale
+
 
 #: leaf layers that can be described and rebuilt from constructor arguments
 _LEAF_ARGS: dict[type, tuple[str, ...]] = {
@@ -288,7 +338,7 @@ def _read_header(w_path: str) -> dict[str, tuple[tuple[int, ...], str]]:
     try:
         with safe_open(w_path, "pt") as f:
             return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
-                    for k in f.keys()}
+                    for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     except Exception as exc:
         raise ValueError(f"{w_path} is not a readable safetensors file: {exc}") from exc
 

@@ -24,20 +24,16 @@ exactly when PyTorch would for the same layer (``torch.backends.cuda.matmul.allo
 linear, ``torch.backends.cudnn.allow_tf32`` for conv). In the forward the input mask is folded
 into the weight, ``x @ (W * mask).T`` with ``W * mask`` rounded once to the operand dtype (the
 reference rounds ``x * mask`` once instead; both are held to the same error rule), so the
-kernels' K loops read plain operands. Weight gradients are deterministic (split-K partials summed in a fixed order).
+kernels' K loops read plain operands. Weight gradients are deterministic (split-K partials
+summed in a fixed order).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import torch
 import torch.nn.functional as F
+
+from .dispatch import backend_for, kernels, use_triton
 
 __all__ = [
     "backend_for",
@@ -46,98 +42,6 @@ __all__ = [
     "dual_linear",
     "dual_linear_reference",
 ]
-
-_BACKENDS = ("auto", "reference", "triton")
-
-
-def _load_kernels() -> ModuleType:
-    """``s2h.kernels``; from a source checkout that was not installed, the top-level
-    ``kernels/`` folder loaded *under that name* (it must never become a bare ``kernels``)."""
-    try:
-        return importlib.import_module("s2h.kernels")
-    except ModuleNotFoundError as exc:
-        if exc.name != "s2h.kernels":
-            raise
-        src = Path(__file__).resolve().parent.parent / "kernels" / "__init__.py"
-        if not src.is_file():
-            raise
-        spec = importlib.util.spec_from_file_location(
-            "s2h.kernels", src, submodule_search_locations=[str(src.parent)]
-        )
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["s2h.kernels"] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules["s2h.kernels"]
-            raise
-        sys.modules["s2h"].kernels = module  # as the import system would have done
-        return module
-
-
-_kernels = _load_kernels()
-TRITON_AVAILABLE: bool = _kernels.TRITON_AVAILABLE
-
-
-# ------------------------------------------------------------------------------------------
-# Dispatch
-# ------------------------------------------------------------------------------------------
-
-
-def _requested_backend() -> str:
-    name = os.environ.get("S2H_BACKEND", "auto").strip().lower() or "auto"
-    if name not in _BACKENDS:
-        raise ValueError(f"S2H_BACKEND={name!r}: expected one of {', '.join(_BACKENDS)}")
-    return name
-
-
-def _triton_unusable_reason(device: torch.device) -> str | None:
-    """Why the Triton kernels cannot run on tensors of ``device`` (None when they can)."""
-    if not TRITON_AVAILABLE:
-        return f"triton is unavailable ({_kernels.TRITON_IMPORT_ERROR})"
-    if device.type == "cuda":
-        if _kernels.INTERPRET:
-            return "TRITON_INTERPRET=1 is set, which runs kernels on CPU tensors only"
-        return None
-    if device.type == "cpu":
-        if _kernels.INTERPRET:
-            return None
-        return (
-            "the Triton kernels need CUDA tensors; on CPU they run only under Triton's "
-            "interpreter (set TRITON_INTERPRET=1 before importing triton), or use "
-            "S2H_BACKEND=reference / auto"
-        )
-    return f"the Triton kernels do not support device type {device.type!r}"
-
-
-def backend_for(device: torch.device | str) -> str:
-    """The back-end a dual op uses for tensors on ``device`` under the current ``S2H_BACKEND``.
-
-    Returns ``"triton"``, ``"triton-interpreter"`` (Triton kernels run by the CPU interpreter),
-    ``"reference"``, or ``"unavailable: <why>"`` when ``S2H_BACKEND=triton`` cannot be honoured.
-    """
-    device = torch.device(device)
-    requested = _requested_backend()
-    if requested == "reference":
-        return "reference"
-    reason = _triton_unusable_reason(device)
-    if requested == "auto":
-        # auto never picks the interpreter: it is a test vehicle, orders of magnitude slow.
-        return "triton" if device.type == "cuda" and reason is None else "reference"
-    if reason is not None:
-        return f"unavailable: {reason}"
-    return "triton-interpreter" if device.type == "cpu" else "triton"
-
-
-def _use_triton(device: torch.device) -> bool:
-    backend = backend_for(device)
-    if backend.startswith("unavailable"):
-        raise RuntimeError(
-            f"S2H_BACKEND=triton cannot be used for {device} tensors: {backend[13:]}"
-        )
-    return backend != "reference"
-
 
 def _autocast(
     device: torch.device, *tensors: torch.Tensor | None
@@ -282,14 +186,14 @@ def dual_linear(
         "dual_linear", x_soft, x_hard, weight, bias, soft_in_mask, hard_in_mask, in_keep,
         out_keep, weight.shape[1], x_soft.shape[-1], x_hard.shape[-1],
     )  # fmt: skip
-    if not _use_triton(x_soft.device):
+    if not use_triton(x_soft.device):
         return dual_linear_reference(
             x_soft, x_hard, weight, bias, soft_in_mask, hard_in_mask, in_keep, out_keep,
             weight_grad=weight_grad,
         )  # fmt: skip
     x_soft, x_hard, weight, bias = _autocast(x_soft.device, x_soft, x_hard, weight, bias)
     _check_dtypes("dual_linear", x_soft, x_hard, weight, bias)
-    return _kernels.dual_linear_triton(
+    return kernels.dual_linear_triton(
         x_soft, x_hard, weight, bias, soft_in_mask, hard_in_mask, in_keep, out_keep,
         weight_grad=weight_grad,
     )  # fmt: skip
@@ -413,14 +317,14 @@ def dual_conv2d(
         raise ValueError("dual_conv2d: depthwise convolutions need in_keep == out_keep")
     if x_soft.shape[2:] != x_hard.shape[2:]:
         raise ValueError("dual_conv2d: x_soft and x_hard must have the same spatial size")
-    if not _use_triton(x_soft.device):
+    if not use_triton(x_soft.device):
         return dual_conv2d_reference(
             x_soft, x_hard, weight, bias, soft_in_mask, hard_in_mask, in_keep, out_keep,
             stride, padding, dilation, groups, weight_grad=weight_grad,
         )  # fmt: skip
     x_soft, x_hard, weight, bias = _autocast(x_soft.device, x_soft, x_hard, weight, bias)
     _check_dtypes("dual_conv2d", x_soft, x_hard, weight, bias)
-    return _kernels.dual_conv2d_triton(
+    return kernels.dual_conv2d_triton(
         x_soft, x_hard, weight, bias, soft_in_mask, hard_in_mask, in_keep, out_keep,
         stride, padding, dilation, groups, weight_grad=weight_grad,
     )  # fmt: skip

@@ -77,7 +77,8 @@ class ChannelGate(nn.Module):
     ) -> None:
         super().__init__()
         if not 0.0 < init_gap < 1.0:
-            raise ValueError(f"init_gap must be in (0, 1) (a fraction of the divisor), got {init_gap}")
+            raise ValueError(
+                f"init_gap must be in (0, 1) (a fraction of the divisor), got {init_gap}")
         if rounding not in ("nearest", "ceil"):
             raise ValueError(f"rounding must be 'nearest' or 'ceil', got {rounding!r}")
         self.rounding = rounding

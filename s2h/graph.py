@@ -17,7 +17,6 @@ helpers without special cases; the price is one forward pass at construction.
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -26,7 +25,8 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import layers as _layers
+from . import registry as _registry
+from .flops import FlopCounter
 
 aten = torch.ops.aten
 
@@ -55,7 +55,6 @@ _NO_TENSOR_EFFECT = {"sym_size", "sym_stride", "sym_numel", "sym_storage_offset"
                      "scalar_tensor", "rand", "randn", "rand_like", "randn_like", "new_zeros",
                      "new_ones", "new_empty", "new_full", "_assert_async", "eq", "ne"}
 
-PRUNABLE_TYPES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm)
 #: size attributes of layers that a pruned width changes -> the side of the layer they measure
 _SIZE_ATTRS = {"in_channels": "in", "out_channels": "out", "in_features": "in",
                "out_features": "out", "num_features": "in", "normalized_shape": "in"}
@@ -81,7 +80,7 @@ def _same_shape_restride(src: torch.Tensor, out: torch.Tensor) -> bool:
 
 
 def _is_layer(m: nn.Module) -> bool:
-    return isinstance(m, PRUNABLE_TYPES) or _layers.layer_info(m) is not None
+    return _registry.layer_info(m) is not None
 
 
 class _UnionFind:
@@ -133,7 +132,8 @@ class LayerRecord:
     out_label: int | None = None
     in_shape: tuple = ()
     out_shape: tuple = ()
-    dense_flops: int = 0  # as torch.utils.flop_counter counts it
+    info: _registry.LayerInfo | None = None
+    dense_flops: int = 0  # as torch.utils.flop_counter counted it (every call)
     #: inner groups of the layer by role, e.g. ``{"heads": label}`` of an attention layer
     extra_labels: dict = field(default_factory=dict)
     #: the dense FLOPs split by the groups they scale with: ``[(flops, roles)]``, roles among
@@ -178,34 +178,10 @@ class GraphAnalysis:
     layer_extra_group: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
-def _conv_flops(module: nn.Conv2d, out_shape) -> int:
-    n, cout = out_shape[0], out_shape[1]
-    spatial = math.prod(out_shape[2:])
-    kernel = math.prod(module.weight.shape[1:])  # C_in/groups * kh * kw
-    return 2 * n * cout * spatial * kernel
-
-
-def _linear_flops(module: nn.Linear, in_shape) -> int:
-    rows = math.prod(in_shape[:-1])
-    return 2 * rows * module.in_features * module.out_features
-
-
-def _attention_flops(m: nn.Module, in_shape) -> list[tuple[int, tuple[str, ...]]]:
-    """FLOPs of a timm attention layer as torch.utils.flop_counter counts them, split by the
-    groups they scale with: qkv (in x heads), q@k^T and attn@v (heads), proj (heads x out)."""
-    heads, hd, cin, cout = _layers.attention_dims(m)
-    rows, n = math.prod(in_shape[:-1]), in_shape[-2]
-    batch = math.prod(in_shape[:-2])
-    a = heads * hd
-    return [(2 * rows * cin * 3 * a, ("in", "heads")),
-            (4 * batch * heads * n * n * hd, ("heads",)),
-            (2 * rows * a * cout, ("heads", "out"))]
-
-
 class _Tracer(TorchDispatchMode):
     """Propagates channel labels through ATen ops. ``labels[id(t)]`` = one label or None per dim."""
 
-    def __init__(self, analysis: "_Analyzer") -> None:
+    def __init__(self, analysis: _Analyzer) -> None:
         super().__init__()
         self.a = analysis
 
@@ -249,6 +225,8 @@ class _Analyzer:
         #: code outside the layer's call: a pruned width would change what that code computes
         self.outside_reads: dict[str, list[tuple[str, str, str]]] = {}
         self._internal = 0  # > 0 while the analysis itself (hooks) runs
+        #: torch's FLOP counter over the trace, with each module call's share
+        self.flops = FlopCounter()
 
     # ----------------------------------------------------------------- label helpers
     def get(self, t: torch.Tensor) -> list[int | None]:
@@ -429,7 +407,8 @@ class _Analyzer:
             big_in = [d for d in in_dims if in_shape[d] > 1]
             big_out = [d for d in out_dims if out_shape[d] > 1]
             labs = [src[d] for d in in_dims if src[d] is not None]
-            if len(big_in) == 1 and len(big_out) == 1 and in_shape[big_in[0]] == out_shape[big_out[0]]:
+            if (len(big_in) == 1 and len(big_out) == 1
+                    and in_shape[big_in[0]] == out_shape[big_out[0]]):
                 result[big_out[0]] = src[big_in[0]]
                 for d in in_dims:
                     if d != big_in[0] and src[d] is not None:
@@ -458,7 +437,8 @@ class _Analyzer:
         if not dims:
             dims = list(range(nd))
         dims = [d % nd for d in dims] if nd else []
-        keepdim = bool(kwargs.get("keepdim", args[2] if len(args) > 2 and isinstance(args[2], bool) else False))
+        positional = args[2] if len(args) > 2 and isinstance(args[2], bool) else False
+        keepdim = bool(kwargs.get("keepdim", positional))
         for d in dims:
             if src[d] is not None:
                 self.freeze_label(src[d], f"aten.{name} over the channel dim in {self.where()}")
@@ -533,16 +513,13 @@ class _Analyzer:
         self.set(out, result)
 
     # ----------------------------------------------------------------- module rules
-    def layer_info(self, name: str, m: nn.Module) -> _layers.LayerInfo:
-        info = _layers.layer_info(m)
+    def layer_info(self, name: str, m: nn.Module) -> _registry.LayerInfo:
+        info = _registry.layer_info(m)
         if info is None:  # not a layer at all (cannot happen for modules passed here)
-            info = _layers.LayerInfo("fixed", -1, "not a known layer")
+            info = _registry.LayerInfo("fixed", -1, "not a known layer")
         if name in self.ignore:
-            return _layers.LayerInfo("fixed", info.channel_dim, "in ignore=")
+            return _registry.LayerInfo("fixed", info.channel_dim, "in ignore=")
         return info
-
-    def layer_kind(self, name: str, m: nn.Module) -> str:
-        return self.layer_info(name, m).kind
 
     def on_layer(self, name: str, m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         info = self.layer_info(name, m)
@@ -551,20 +528,10 @@ class _Analyzer:
         rec = self.layers.get(name)
         channel_dim = info.channel_dim
         lab_in = in_lab[channel_dim] if x.dim() else None
-        if kind == "attention":
-            parts = _attention_flops(m, x.shape)
-        elif isinstance(m, nn.Conv2d):
-            roles = ("in",) if kind == "depthwise" else ("in", "out")
-            parts = [(_conv_flops(m, y.shape), roles)]
-        elif isinstance(m, nn.Linear):
-            parts = [(_linear_flops(m, x.shape), ("in", "out"))]
-        else:
-            parts = []
         if rec is None:
-            rec = LayerRecord(name, m, kind, in_shape=tuple(x.shape), out_shape=tuple(y.shape))
+            rec = LayerRecord(name, m, kind, in_shape=tuple(x.shape), out_shape=tuple(y.shape),
+                              info=info)
             self.layers[name] = rec
-        rec.flop_parts = rec.flop_parts + parts  # a module called more than once adds up
-        rec.dense_flops += sum(f for f, _ in parts)
         if kind == "fixed":
             reason = (
                 f"{name} ({type(m).__name__}"
@@ -605,9 +572,9 @@ class _Analyzer:
                 self.out_label_of[name] = olab
             out[channel_dim] = olab
             rec.out_label = olab
-            if kind == "attention" and "heads" not in rec.extra_labels:
-                heads, hd, _, _ = _layers.attention_dims(m)
-                rec.extra_labels["heads"] = self.uf.new(heads * hd)
+            for role, (channels, _) in _registry.handler_for(type(m)).inner_groups(m).items():
+                if role not in rec.extra_labels:
+                    rec.extra_labels[role] = self.uf.new(channels)
             self.set(y, out)
         else:  # depthwise conv, batchnorm, layernorm: output channels = input channels
             if lab_in is None:
@@ -617,7 +584,8 @@ class _Analyzer:
                 rec.in_label = rec.out_label = lab_in if rec.in_label is None else self.uf.union(
                     rec.in_label, lab_in
                 )
-                out = list(in_lab) if kind != "depthwise" else [None, lab_in] + [None] * (y.dim() - 2)
+                out = (list(in_lab) if kind != "depthwise"
+                       else [None, lab_in] + [None] * (y.dim() - 2))
                 self.set(y, out)
         # channels of a group in another dim of the input (moved there by a transpose / view):
         # the layer does not carry them to its output, so they could not be pruned consistently
@@ -640,6 +608,7 @@ class _Analyzer:
         def pre(m, args):
             self._internal += 1
             try:
+                self.flops.enter(m)
                 name = names[m]
                 self.module_stack.append(name or type(m).__name__)
                 if is_layer[m]:
@@ -650,6 +619,7 @@ class _Analyzer:
         def post(m, args, out):
             self._internal += 1
             try:
+                self.flops.exit(m)
                 name = names[m]
                 self.module_stack.pop()
                 if is_layer[m]:
@@ -667,7 +637,7 @@ class _Analyzer:
             hooks.append(m.register_forward_pre_hook(pre))
             hooks.append(m.register_forward_hook(post))
         try:
-            with self._size_reads(names, is_layer), self._tracer():
+            with self._size_reads(names, is_layer), self.flops, self._tracer():
                 out = self.model(*example_inputs)
         finally:
             for h in hooks:
@@ -779,7 +749,7 @@ def analyze(
             g.producers.append(name)
             g.consumers.append(name)
             g.roles[name] = role
-            g.divisor = _layers.head_dim_of(rec.module)
+            g.divisor = _registry.handler_for(type(rec.module)).inner_groups(rec.module)[role][1]
     for name, rec in an.layers.items():
         if rec.kind in ("conv", "linear", "attention") and rec.in_label is not None:
             group_of(rec.in_label, name).consumers.append(name)
@@ -819,16 +789,18 @@ def analyze(
                                  "used elsewhere")
             continue
         g.params.append((pname, dims[0]))
-    # total FLOPs as torch.utils.flop_counter counts them
-    from torch.utils.flop_counter import FlopCounterMode
+    # each layer's FLOPs as torch's counter counted them in the trace, split by the handler
+    # into the parts that scale with its groups
+    for rec in an.layers.values():
+        m = rec.module
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            model(*example_inputs)
-    finally:
-        model.train(was_training)
+        def flops_of(child: str, m: nn.Module = m) -> int:
+            return an.flops.of(m.get_submodule(child) if child else m)
+
+        rec.dense_flops = flops_of("")
+        handler = _registry.handler_for(type(m))
+        if rec.kind != "fixed" and handler is not None:
+            rec.flop_parts = handler.flop_parts(m, rec.info, flops_of)
     for g in groups:
         if g.frozen and g.reasons and g.producers:
             msg = f"group {g.name!r} ({g.channels} channels) is left unpruned: {g.reasons[0]}"
@@ -839,7 +811,7 @@ def analyze(
         layer_in_group=layer_in_group,
         layer_out_group=layer_out_group,
         warnings=an.warnings,
-        total_flops=int(fc.get_total_flops()),
+        total_flops=an.flops.total(),
         layer_extra_group=layer_extra_group,
     )
 

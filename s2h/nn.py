@@ -20,15 +20,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops as _ops
+from . import registry as _registry
 from .gates import ChannelGate
+from .registry import LayerHandler, LayerInfo
+from .runtime import Binding, GateRuntime
 
 __all__ = [
     "ChannelGate",
@@ -37,121 +39,31 @@ __all__ = [
     "MaskedConv2d",
     "MaskedLayerNorm",
     "MaskedLinear",
+    "gather_kept",
+    "gather_kept_weight",
 ]
 
-MODES = ("dense", "soft", "hard")
+
+def gather_kept(x: torch.Tensor, keep: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """``x.index_select(dim, keep)`` through the channel ops (differentiable); ``None`` keeps
+    every channel and costs nothing."""
+    return x if keep is None else _ops.gather_channels(x, keep, dim)
 
 
-@dataclass
-class GateState:
-    """Per-step tensors of one gate, computed once and shared by every layer of the group.
-
-    soft_mask: ``(C,)`` float32, relaxed mask in channel order (differentiable).
-    keep: ``(k,)`` int64, kept channels (ascending), on the layers' device.
-    hard_mask: ``(k,)`` float32, straight-through mask (ones; gradient to the gate).
-    """
-
-    soft_mask: torch.Tensor
-    keep: torch.Tensor
-    hard_mask: torch.Tensor
+def gather_kept_weight(w: torch.Tensor, out_keep: torch.Tensor | None,
+                       in_keep: torch.Tensor | None) -> torch.Tensor:
+    """``w[out_keep][:, in_keep]`` for a ``(C_out, C_in, ...)`` weight; ``None`` keeps all."""
+    if out_keep is None:
+        return gather_kept(w, in_keep, 1)
+    if in_keep is None:
+        return gather_kept(w, out_keep, 0)
+    return _ops.gather_weight(w, out_keep, in_keep)
 
 
-class GateRuntime:
-    """Shared switch for every masked layer of one pruned model: the mode and the gate states."""
-
-    def __init__(self) -> None:
-        self.mode = "dense"
-        self.states: dict[int, GateState] = {}
-        self._frozen_widths: dict[int, int] | None = None
-        #: per-channel parameters outside the masked layers (ConvNeXt's layer-scale ``gamma``, a
-        #: ``LayerScale``): ``(owner module, attribute, dim, gate)``. In hard mode the owner sees
-        #: the kept slice (see :meth:`_install_param_slices`).
-        self.param_slices: list[tuple[nn.Module, str, int, ChannelGate]] = []
-        self._installed = False
-
-    def prepare(self, gates, device: torch.device | None = None) -> None:
-        """Compute every gate's soft mask, kept set and STE mask for the coming forward(s)."""
-        self.states = {}
-        for gate in gates:
-            soft = gate.soft_mask()
-            keep = gate.keep_index()
-            if device is not None:
-                soft, keep = soft.to(device), keep.to(device)
-            self.states[id(gate)] = GateState(soft, keep, gate.hard_mask(soft, keep))
-
-    def state(self, gate: ChannelGate) -> GateState:
-        try:
-            return self.states[id(gate)]
-        except KeyError:
-            raise RuntimeError(
-                f"gate {gate.name!r} has no prepared state: call pruner.dual_forward(), or run "
-                "the model inside `with pruner.mode('soft'|'hard'):`"
-            ) from None
-
-    @contextlib.contextmanager
-    def use(self, mode: str):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        prev, self.mode = self.mode, mode
-        self._sync_param_slices()
-        try:
-            yield
-        finally:
-            self.mode = prev
-            self._sync_param_slices()
-
-    def _sync_param_slices(self) -> None:
-        """Show the owners of per-channel parameters their kept slice while in hard mode.
-
-        The slice ``p.index_select(dim, keep)`` is put in the owner's instance ``__dict__``, which
-        Python's attribute lookup consults before ``nn.Module.__getattr__`` (where parameters
-        live): the module's own forward then reads the compact tensor, gradients flow back to
-        the full parameter, and ``state_dict`` / ``parameters()`` never see it. Leaving hard
-        mode removes it, so nothing of s2h stays on the model (nor on a deep copy of it).
-        """
-        want = self.mode == "hard" and bool(self.param_slices)
-        if want == self._installed and not want:
-            return
-        for owner, attr, _dim, _gate in self.param_slices:
-            owner.__dict__.pop(attr, None)
-        self._installed = False
-        if want:
-            for owner, attr, dim, gate in self.param_slices:
-                param = owner._parameters[attr]
-                keep = self.state(gate).keep
-                owner.__dict__[attr] = param.index_select(dim, keep.to(param.device))
-            self._installed = True
-
-
-class _Binding:
-    """What a masked layer knows about its gates (kept outside ``_modules``: no new state keys)."""
-
-    __slots__ = ("runtime", "in_gate", "out_gate", "name", "extra")
-
-    def __init__(self, runtime, in_gate, out_gate, name, extra=None):
-        self.runtime = runtime
-        self.in_gate = in_gate
-        self.out_gate = out_gate
-        self.name = name
-        self.extra = dict(extra or {})  # role -> gate, e.g. {"heads": gate} of an attention
-
-
-def _gather(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
-    from . import _dispatch
-
-    return _dispatch.gather_channels(x, index, dim)
-
-
-def _gather_weight(w: torch.Tensor, out_index, in_index) -> torch.Tensor:
-    from . import _dispatch
-
-    return _dispatch.gather_weight(w, out_index, in_index)
-
-
-class _MaskedMixin:
+class MaskedLayer:
     """Common gate plumbing of the masked layers."""
 
-    _s2h: _Binding | None = None
+    _s2h: Binding | None = None
 
     def attach_gates(
         self,
@@ -166,13 +78,10 @@ class _MaskedMixin:
 
         Gates are *not* registered as submodules, so ``state_dict`` keys stay the parent's.
         """
-        object.__setattr__(self, "_s2h", _Binding(runtime, in_gate, out_gate, name, extra))
+        object.__setattr__(self, "_s2h", Binding(runtime, in_gate, out_gate, name, extra))
 
     def extra_gate(self, role: str) -> ChannelGate | None:
         return None if self._s2h is None else self._s2h.extra.get(role)
-
-    def detach_gates(self) -> None:
-        object.__setattr__(self, "_s2h", None)
 
     @property
     def in_gate(self) -> ChannelGate | None:
@@ -185,12 +94,19 @@ class _MaskedMixin:
     def _mode(self) -> str:
         return "dense" if self._s2h is None else self._s2h.runtime.mode
 
-    def kept_weight_bias(self, in_keep, out_keep):
+    def _hard_keep(self) -> torch.Tensor | None:
+        """The kept channels of a norm layer's group in hard mode; None in any other case (the
+        layer then computes its parent's forward)."""
+        gate = self.out_gate
+        if gate is None or self._mode() != "hard":
+            return None
+        return self._s2h.runtime.state(gate).keep
+
+    def kept_weight_bias(self, in_keep: torch.Tensor | None, out_keep: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``W[out_keep][:, in_keep]`` and ``bias[out_keep]`` (``None`` keeps every channel)."""
-        weight = _gather_weight(self.weight, out_keep, in_keep)
-        bias = self.bias
-        if bias is not None and out_keep is not None:
-            bias = _gather(bias, out_keep, 0)
+        weight = gather_kept_weight(self.weight, out_keep, in_keep)
+        bias = None if self.bias is None else gather_kept(self.bias, out_keep, 0)
         return weight, bias
 
     def _check_width(self, x: torch.Tensor, dim: int, expected: int, what: str) -> None:
@@ -224,7 +140,7 @@ def _channel_view(mask: torch.Tensor, ndim: int, dim: int, dtype: torch.dtype) -
     return mask.to(dtype).view(shape)
 
 
-class MaskedConv2d(_MaskedMixin, nn.Conv2d):
+class MaskedConv2d(MaskedLayer, nn.Conv2d):
     """``nn.Conv2d`` whose input channels are masked (soft) or gathered (hard).
 
     Input ``x``: ``(N, C_in, H, W)`` (any memory format); output ``(N, C_out, H', W')``.
@@ -235,6 +151,29 @@ class MaskedConv2d(_MaskedMixin, nn.Conv2d):
     @property
     def is_depthwise(self) -> bool:
         return self.groups > 1 and self.groups == self.in_channels == self.out_channels
+
+    @torch.no_grad()
+    def s2h_export(self, in_keep: torch.Tensor | None, out_keep: torch.Tensor | None,
+                   extra: dict) -> nn.Conv2d:
+        """A plain ``nn.Conv2d`` with the kept channels only (a depthwise conv: ``in_keep``)."""
+        dev, dt = self.weight.device, self.weight.dtype
+        if self.is_depthwise:
+            k = self.in_channels if in_keep is None else in_keep.numel()
+            new = nn.Conv2d(k, k, self.kernel_size, self.stride, self.padding, self.dilation, k,
+                            self.bias is not None, self.padding_mode, device=dev, dtype=dt)
+            w = gather_kept(self.weight, in_keep, 0)
+            b = None if self.bias is None else gather_kept(self.bias, in_keep, 0)
+        else:
+            cin = self.in_channels if in_keep is None else in_keep.numel()
+            cout = self.out_channels if out_keep is None else out_keep.numel()
+            new = nn.Conv2d(cin, cout, self.kernel_size, self.stride, self.padding, self.dilation,
+                            self.groups, self.bias is not None, self.padding_mode, device=dev,
+                            dtype=dt)
+            w, b = self.kept_weight_bias(in_keep, out_keep)
+        new.weight.copy_(w)
+        if b is not None:
+            new.bias.copy_(b)
+        return new
 
     def _conv(self, x, weight, bias, groups):
         if self.padding_mode != "zeros":
@@ -262,16 +201,17 @@ class MaskedConv2d(_MaskedMixin, nn.Conv2d):
             if in_state is None:
                 return super().forward(x)
             keep = in_state.keep
-            weight = _gather(self.weight, keep, 0)
-            bias = None if self.bias is None else _gather(self.bias, keep, 0)
+            weight = gather_kept(self.weight, keep, 0)
+            bias = None if self.bias is None else gather_kept(self.bias, keep, 0)
             return self._conv(x, weight, bias, keep.numel())
         weight, bias = self.kept_weight_bias(
-            None if in_state is None else in_state.keep, None if out_state is None else out_state.keep
+            None if in_state is None else in_state.keep,
+            None if out_state is None else out_state.keep,
         )
         return self._conv(x, weight, bias, self.groups)
 
 
-class MaskedLinear(_MaskedMixin, nn.Linear):
+class MaskedLinear(MaskedLayer, nn.Linear):
     """``nn.Linear`` whose input features (last dim) are masked (soft) or gathered (hard).
 
     Input ``x``: ``(..., in_features)``; output ``(..., out_features)``.
@@ -293,12 +233,27 @@ class MaskedLinear(_MaskedMixin, nn.Linear):
             self._check_width(x, -1, in_state.keep.numel(), "input")
             x = x * in_state.hard_mask.to(x.dtype)
         weight, bias = self.kept_weight_bias(
-            None if in_state is None else in_state.keep, None if out_state is None else out_state.keep
+            None if in_state is None else in_state.keep,
+            None if out_state is None else out_state.keep,
         )
         return F.linear(x, weight, bias)
 
+    @torch.no_grad()
+    def s2h_export(self, in_keep: torch.Tensor | None, out_keep: torch.Tensor | None,
+                   extra: dict) -> nn.Linear:
+        """A plain ``nn.Linear`` with the kept features only."""
+        cin = self.in_features if in_keep is None else in_keep.numel()
+        cout = self.out_features if out_keep is None else out_keep.numel()
+        new = nn.Linear(cin, cout, self.bias is not None, device=self.weight.device,
+                        dtype=self.weight.dtype)
+        w, b = self.kept_weight_bias(in_keep, out_keep)
+        new.weight.copy_(w)
+        if b is not None:
+            new.bias.copy_(b)
+        return new
 
-class MaskedBatchNorm2d(_MaskedMixin, nn.BatchNorm2d):
+
+class MaskedBatchNorm2d(MaskedLayer, nn.BatchNorm2d):
     """``nn.BatchNorm2d`` that, in hard mode, normalises only the kept channels of its group.
 
     The hard network has its own running statistics (buffers ``hard_running_mean``,
@@ -313,18 +268,41 @@ class MaskedBatchNorm2d(_MaskedMixin, nn.BatchNorm2d):
         self.register_buffer("hard_running_var", self.running_var.detach().clone())
         self.register_buffer("hard_num_batches_tracked", self.num_batches_tracked.detach().clone())
 
+    @torch.no_grad()
+    def s2h_export(self, in_keep: torch.Tensor | None, out_keep: torch.Tensor | None,
+                   extra: dict) -> nn.BatchNorm2d:
+        """A plain ``nn.BatchNorm2d`` of the kept channels, with the hard network's running
+        statistics (METHOD §5)."""
+        keep = out_keep
+        k = self.num_features if keep is None else keep.numel()
+        ref = self.running_mean if self.running_mean is not None else self.weight
+        new = nn.BatchNorm2d(k, self.eps, self.momentum, self.affine, self.track_running_stats,
+                             device=ref.device if ref is not None else None,
+                             dtype=ref.dtype if ref is not None else None)
+
+        def sl(t: torch.Tensor) -> torch.Tensor:
+            return t if keep is None else t.index_select(0, keep)
+
+        if self.affine:
+            new.weight.copy_(sl(self.weight))
+            new.bias.copy_(sl(self.bias))
+        if self.track_running_stats:
+            use_hard = keep is not None and hasattr(self, "hard_running_mean")
+            new.running_mean.copy_(sl(self.hard_running_mean if use_hard else self.running_mean))
+            new.running_var.copy_(sl(self.hard_running_var if use_hard else self.running_var))
+            new.num_batches_tracked.copy_(
+                self.hard_num_batches_tracked if use_hard else self.num_batches_tracked)
+        return new
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mode = self._mode()
-        gate = self._s2h.out_gate if self._s2h is not None else None
-        if mode != "hard" or gate is None:
-            return super().forward(x)
-        return self._hard_bn(x, self._s2h.runtime.state(gate).keep)
+        keep = self._hard_keep()
+        return super().forward(x) if keep is None else self._hard_bn(x, keep)
 
     def _hard_bn(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Batch norm of the kept channels ``keep`` (``(k,)``) of ``x`` ``(N, k, H, W)``."""
         self._check_width(x, 1, keep.numel(), "input")
-        weight = None if self.weight is None else _gather(self.weight, keep, 0)
-        bias = None if self.bias is None else _gather(self.bias, keep, 0)
+        weight = None if self.weight is None else gather_kept(self.weight, keep, 0)
+        bias = None if self.bias is None else gather_kept(self.bias, keep, 0)
         if not self.track_running_stats:
             return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
         if self.training:
@@ -345,34 +323,61 @@ class MaskedBatchNorm2d(_MaskedMixin, nn.BatchNorm2d):
         return F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)
 
 
-class MaskedLayerNorm(_MaskedMixin, nn.LayerNorm):
+class MaskedLayerNorm(MaskedLayer, nn.LayerNorm):
     """``nn.LayerNorm`` over the last dim; in hard mode it normalises over the kept channels.
 
     Note: in soft mode the statistics run over all ``C`` channels while the exported layer uses
     the kept ones; the soft network is a proxy here (exact for BatchNorm, not for LayerNorm).
     """
 
+    @torch.no_grad()
+    def s2h_export(self, in_keep: torch.Tensor | None, out_keep: torch.Tensor | None,
+                   extra: dict) -> nn.LayerNorm:
+        """A plain ``nn.LayerNorm`` over the kept channels."""
+        keep = out_keep
+        k = self.normalized_shape[0] if keep is None else keep.numel()
+        has_bias = self.bias is not None
+        ref = self.weight
+        new = nn.LayerNorm(k, self.eps, self.elementwise_affine, bias=has_bias,
+                           device=ref.device if ref is not None else None,
+                           dtype=ref.dtype if ref is not None else None)
+        if self.elementwise_affine:
+            new.weight.copy_(gather_kept(self.weight, keep, 0).detach())
+            if has_bias:
+                new.bias.copy_(gather_kept(self.bias, keep, 0).detach())
+        return new
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mode = self._mode()
-        gate = self._s2h.out_gate if self._s2h is not None else None
-        if mode != "hard" or gate is None:
-            return super().forward(x)
-        return self._hard_ln(x, self._s2h.runtime.state(gate).keep)
+        keep = self._hard_keep()
+        return super().forward(x) if keep is None else self._hard_ln(x, keep)
 
     def _hard_ln(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Layer norm over the kept channels: ``x`` ``(..., k)`` -> ``(..., k)``."""
         self._check_width(x, -1, keep.numel(), "input")
-        weight = None if self.weight is None else _gather(self.weight, keep, 0)
-        bias = None if self.bias is None else _gather(self.bias, keep, 0)
+        weight = None if self.weight is None else gather_kept(self.weight, keep, 0)
+        bias = None if self.bias is None else gather_kept(self.bias, keep, 0)
         return F.layer_norm(x, (keep.numel(),), weight, bias, self.eps)
 
 
-#: exact torch class -> masked subclass (the swap is an in-place ``__class__`` change, so the
-#: parameters stay the same objects and any optimizer built before the pruner keeps working)
-MASKED_CLASSES: dict[type, type] = {
-    nn.Conv2d: MaskedConv2d,
-    nn.Linear: MaskedLinear,
-    nn.BatchNorm2d: MaskedBatchNorm2d,
-    nn.LayerNorm: MaskedLayerNorm,
-}
-PLAIN_CLASSES: dict[type, type] = {v: k for k, v in MASKED_CLASSES.items()}
+# ------------------------------------------------------------------ the torch layers' handlers
+def _conv_info(m: nn.Module) -> LayerInfo:
+    if m.groups == 1:
+        return LayerInfo("conv", 1)
+    if m.groups == m.in_channels == m.out_channels:
+        return LayerInfo("depthwise", 1)
+    return LayerInfo("fixed", 1, f"groups={m.groups}")
+
+
+def _layernorm_info(m: nn.Module) -> LayerInfo:
+    if len(m.normalized_shape) == 1:
+        return LayerInfo("layernorm", -1)
+    return LayerInfo("fixed", -1, f"normalized_shape={tuple(m.normalized_shape)}")
+
+
+# the swap is an in-place ``__class__`` change, so the parameters stay the same objects and any
+# optimizer built before the pruner keeps working
+_registry.register(LayerHandler(nn.Conv2d, MaskedConv2d, _conv_info))
+_registry.register(LayerHandler(nn.Linear, MaskedLinear, lambda m: LayerInfo("linear", -1)))
+_registry.register(LayerHandler(nn.BatchNorm2d, MaskedBatchNorm2d,
+                                lambda m: LayerInfo("batchnorm", 1)))
+_registry.register(LayerHandler(nn.LayerNorm, MaskedLayerNorm, _layernorm_info))

@@ -339,7 +339,7 @@ def _check_ranges(op: str, args: Sequence[tuple[str, torch.Tensor, int, int]]) -
     if not live:
         return
     stats = torch.stack([torch.stack(a[1].aminmax()).to(torch.int64) for a in live]).tolist()
-    for (name, _, dim, size), (lo, hi) in zip(live, stats):
+    for (name, _, dim, size), (lo, hi) in zip(live, stats, strict=True):
         if lo < 0:
             raise IndexError(
                 f"{op}: {name} contains a negative entry ({lo}); entries must lie in [0, {size}) "

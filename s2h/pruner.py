@@ -17,7 +17,8 @@ from __future__ import annotations
 import copy
 import numbers
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,188 +26,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import graph as _graph
+from . import losses as _losses
+from . import registry as _registry
+from .export import EXPORT_TOLERANCE, ExportMismatchWarning, detect_builder, export_difference
 from .gates import ChannelGate
-from .nn import (
-    GateRuntime,
-    MaskedBatchNorm2d,
-    MaskedConv2d,
-    MaskedLayerNorm,
-    MaskedLinear,
-    _MaskedMixin,
+from .losses import RESOURCE_MODES, VARIANTS
+from .nn import MaskedBatchNorm2d, MaskedLayer
+from .numerics import (
+    NonFiniteGradientError,
+    NonFiniteLossError,
+    NonFiniteStateError,
+    first_non_finite,
+    optimizer_step,
 )
+from .runtime import GateRuntime
+from .utils import as_tuple, channels_last_inputs, set_submodule, use_channels_last
 
-__all__ = ["ExportMismatchWarning", "NonFiniteGradientError", "NonFiniteLossError",
-           "NonFiniteStateError", "S2HPruner", "export_difference"]
-
-#: the exported model and the hard network must agree to this (fp32, relative to the output's
-#: magnitude when it is above 1)
-EXPORT_TOLERANCE = 1e-5
-
-
-class ExportMismatchWarning(UserWarning):
-    """The exported model's outputs differ from the hard network's on the same inputs."""
-
-
-@torch.no_grad()
-def export_difference(hard_fn: Callable, module: nn.Module, exported: nn.Module, inputs) -> tuple:
-    """``(max |exported(x) - hard_fn(x)|, tolerance)`` on ``inputs`` in fp32, both in eval mode
-    (``module``: the model behind ``hard_fn``; training flags are restored). Outputs that do not
-    even have the same structure or shapes give ``inf``."""
-    inputs = _as_tuple(inputs)
-    was, was_e = module.training, exported.training
-    module.eval()
-    exported.eval()
-    dev = inputs[0].device if inputs and isinstance(inputs[0], torch.Tensor) else None
-    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        with torch.autocast(device_type=dev.type if dev is not None else "cpu", enabled=False):
-            ref = torch.utils._pytree.tree_leaves(hard_fn(inputs))
-            out = torch.utils._pytree.tree_leaves(exported(*inputs))
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-        module.train(was)
-        exported.train(was_e)
-    if len(ref) != len(out):
-        return float("inf"), EXPORT_TOLERANCE
-    diff, scale = 0.0, 1.0
-    for a, b in zip(ref, out):
-        if not isinstance(a, torch.Tensor):
-            continue
-        if not isinstance(b, torch.Tensor) or a.shape != b.shape:
-            return float("inf"), EXPORT_TOLERANCE
-        if a.numel():
-            diff = max(diff, float((a.float() - b.float()).abs().max()))
-            scale = max(scale, float(a.float().abs().max()))
-    return diff, EXPORT_TOLERANCE * scale
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss term of the S2H step is NaN or infinite; nothing was updated."""
-
-    def __init__(self, term: str, value: float) -> None:
-        super().__init__(
-            f"the {term} loss is {value} at this step; no gradient was applied. "
-            "Lower the learning rate(s), use --amp bf16 instead of fp16, or clip gradients; "
-            "resume from the last good checkpoint."
-        )
-        self.term = term
-        self.value = value
-
-
-class NonFiniteGradientError(NonFiniteLossError):
-    """A gradient (or a BatchNorm statistic) of the step is NaN or infinite while every loss
-    term is finite; the optimizer step was not taken."""
-
-    def __init__(self, what: str, value: float) -> None:
-        FloatingPointError.__init__(
-            self,
-            f"{what} is {value} at this step (every loss term is finite); no gradient was "
-            "applied. Lower the learning rate(s), use --amp bf16 instead of fp16, or clip "
-            "gradients; resume from the last good checkpoint.")
-        self.term = what
-        self.value = value
-
-
-class NonFiniteStateError(NonFiniteLossError):
-    """The state about to be saved (weights, BatchNorm statistics, gates) holds NaN/inf."""
-
-    def __init__(self, message: str) -> None:
-        FloatingPointError.__init__(self, message)
-        self.term = "state"
-        self.value = float("nan")
-
-
-def first_non_finite(named_tensors) -> tuple[str, float] | None:
-    """``(name, a non-finite value)`` of the first tensor holding NaN/inf, or None. One device
-    sync for the whole set; the culprit is looked up only when there is one."""
-    named = [(n, t) for n, t in named_tensors if t is not None and t.numel()]
-    floats = [t for _, t in named if t.is_floating_point()]
-    if not floats:
-        return None
-    norms = torch._foreach_norm([t.detach().float() for t in floats], float("inf"))
-    if bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).all()):
-        return None
-    for n, t in named:
-        if t.is_floating_point():
-            bad = t.detach()[~torch.isfinite(t.detach())]
-            if bad.numel():
-                return n, float(bad.flatten()[0])
-    return None
-
-
-def check_gradients(model: nn.Module, optimizer, gate_names: dict | None = None) -> None:
-    """Raise :class:`NonFiniteGradientError` naming the first parameter of ``optimizer`` whose
-    gradient is NaN/inf (names from ``model``, gates from ``gate_names`` ``{id: name}``)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    names.update(gate_names or {})
-    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    bad = first_non_finite((f"the gradient of {names.get(id(p), 'a parameter')!r}", p.grad)
-                           for p in params)
-    if bad is not None:
-        raise NonFiniteGradientError(*bad)
-
-
-VARIANTS = ("s2h", "no_gap", "coupled_gap", "direct_hard")
-RESOURCE_MODES = ("normalized", "quadratic")
-
-
-def optimizer_step(model: nn.Module, optimizer, scaler=None, max_grad_norm=None,
-                   grad_hook=None, names: dict | None = None) -> None:
-    """After the backward passes: ``grad_hook()`` (e.g. data-parallel gradient averaging), clip
-    the model's gradients (unscaled first under a GradScaler), then the (scaled) optimizer step."""
-    if grad_hook is not None:
-        grad_hook()
-    if scaler is None:  # (a GradScaler skips steps with non-finite gradients itself)
-        check_gradients(model, optimizer, names)
-    if max_grad_norm is not None:
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(list(model.parameters()), max_grad_norm)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-
-
-def _as_tuple(inputs) -> tuple:
-    return inputs if isinstance(inputs, tuple) else (inputs,)
-
-
-def use_channels_last(model: nn.Module, device: torch.device | str) -> bool:
-    """Convert a conv model to channels-last when it runs on CUDA; returns whether it did.
-
-    The fused conv kernels (and cuDNN in bf16/fp16) are fast in channels-last (NHWC): their
-    loads are contiguous over channels, which is also where the kept-channel gathers act. On
-    the CPU the layout is left as it is.
-    """
-    if torch.device(device).type != "cuda" or not any(
-        isinstance(m, nn.Conv2d) for m in model.modules()
-    ):
-        return False
-    model.to(memory_format=torch.channels_last)
-    return True
-
-
-def channels_last_inputs(inputs: tuple) -> tuple:
-    """4-D floating tensors of ``inputs`` in channels-last memory format (others unchanged)."""
-    return tuple(
-        t.contiguous(memory_format=torch.channels_last)
-        if isinstance(t, torch.Tensor) and t.dim() == 4 and torch.is_floating_point(t) else t
-        for t in inputs
-    )
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule at ``name`` -- and at every other name of the same module object
-    (``self.c2 = self.c`` registers one module twice: both names must see the replacement)."""
-    old = root.get_submodule(name) if name else root
-    names = [n for n, m in root.named_modules(remove_duplicate=False) if m is old and n] or [name]
-    for n in names:
-        parent_name, _, attr = n.rpartition(".")
-        parent = root.get_submodule(parent_name) if parent_name else root
-        setattr(parent, attr, module)
+__all__ = ["EXPORT_TOLERANCE", "ExportMismatchWarning", "NonFiniteGradientError",
+           "NonFiniteLossError", "NonFiniteStateError", "S2HPruner", "export_difference",
+           "optimizer_step"]
 
 
 class S2HPruner:
@@ -287,7 +125,8 @@ class S2HPruner:
                           "resource_ratio=r", DeprecationWarning, stacklevel=2)
             resource_mode, resource_ratio = "normalized", float(grad_balance)
         if resource_mode not in RESOURCE_MODES:
-            raise ValueError(f"resource_mode must be one of {RESOURCE_MODES}, got {resource_mode!r}")
+            raise ValueError(
+                f"resource_mode must be one of {RESOURCE_MODES}, got {resource_mode!r}")
         if not resource_ratio > 0 or not resource_band > 0:
             raise ValueError(f"resource_ratio and resource_band must be > 0, got "
                              f"{resource_ratio!r}, {resource_band!r}")
@@ -309,10 +148,10 @@ class S2HPruner:
             )
         if not isinstance(divisor, int) or divisor < 1:
             raise ValueError(f"divisor must be a positive integer, got {divisor!r}")
-        if any(isinstance(m, _MaskedMixin) and m._s2h is not None for m in model.modules()):
+        if any(isinstance(m, MaskedLayer) and m._s2h is not None for m in model.modules()):
             raise ValueError("this model already has an S2HPruner attached; build one per model")
         self.model = model
-        self.example_inputs = _as_tuple(example_inputs)
+        self.example_inputs = as_tuple(example_inputs)
         empty = [tuple(t.shape) for t in self.example_inputs
                  if isinstance(t, torch.Tensor) and (t.numel() == 0 or t.dim() and not len(t))]
         if empty or not self.example_inputs:
@@ -326,8 +165,11 @@ class S2HPruner:
         self.ignore = sorted(set(ignore))
         self.rounding = rounding
 
-        self._check_runs()
-        self.analysis = _graph.analyze(model, self.example_inputs, set(self.ignore))
+        try:
+            self.analysis = _graph.analyze(model, self.example_inputs, set(self.ignore))
+        except Exception as exc:
+            _explain_inputs(model, self.example_inputs, exc)
+            raise
         if warn:
             _graph.warn_frozen(self.analysis)
         self.groups = [g for g in self.analysis.groups if g.prunable]
@@ -367,7 +209,10 @@ class S2HPruner:
         self.gates = nn.ModuleDict()
         self._group_gate: dict[int, ChannelGate] = {}
         for g in self.groups:
-            gate = ChannelGate(g.channels, divisor, tau, importance=self._importance(g),
+            # a group whose layers impose a width granularity (attention heads: head_dim) gets
+            # that divisor, whatever the pruner-wide divisor is: whole heads only
+            gate = ChannelGate(g.channels, divisor if g.divisor is None else g.divisor, tau,
+                               importance=self._importance(g),
                                name=g.name, rounding=rounding, init_gap=self.init_gap)
             self.gates[self._key(g.name)] = gate
             self._group_gate[id(g)] = gate
@@ -378,7 +223,7 @@ class S2HPruner:
         self.runtime = GateRuntime()
         self._swap_layers()
         self._build_flops_table()
-        self.builder = _detect_builder(model, self.example_inputs)
+        self.builder = detect_builder(model, self.example_inputs)
         self.step_count = 0
         self.lockstep = self._decide_lockstep(fused)
 
@@ -387,35 +232,21 @@ class S2HPruner:
     def _key(name: str) -> str:
         return name.replace(".", "/") or "<root>"
 
-    def _check_runs(self) -> None:
-        was = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                self.model(*self.example_inputs)
-        except Exception as exc:
-            shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                      for t in self.example_inputs]
-            raise ValueError(
-                f"example_inputs (shapes {shapes}) do not run through {type(self.model).__name__}: "
-                f"{type(exc).__name__}: {exc}. Pass a tensor or tuple that model(*inputs) accepts, "
-                "on the model's device."
-            ) from exc
-        finally:
-            self.model.train(was)
-
     def _importance(self, group: _graph.Group) -> torch.Tensor:
         """Mean over producers of the per-output-channel L1 norm of the producing weights
-        (attention layers score their heads and outputs, see :func:`s2h.layers.producer_scores`)."""
-        from . import layers as _layers
-
+        (each layer kind scores its channels: :attr:`s2h.registry.LayerHandler.importance`)."""
         scores = []
         for name in group.producers + group.depthwise:
             m = self.model.get_submodule(name)
-            scores.append(_layers.producer_scores(m, group.roles.get(name, "out")))
+            handler = _registry.handler_for(type(m))
+            scores.append(handler.importance(m, group.roles.get(name, "out")))
         if not scores:
             return torch.zeros(group.channels)
         return torch.stack(scores).mean(0)
+
+    def gate_of(self, group: _graph.Group) -> ChannelGate:
+        """The gate of a prunable group (one of :attr:`groups`)."""
+        return self._group_gate[id(group)]
 
     def _gate_of_group_index(self, idx: int | None) -> ChannelGate | None:
         if idx is None:
@@ -423,20 +254,8 @@ class S2HPruner:
         return self._group_gate.get(id(self.analysis.groups[idx]))
 
     def _swap_layers(self) -> None:
-        from . import layers as _layers
-
         an = self.analysis
-        # groups whose layers impose a width granularity (attention heads: head_dim) get a gate
-        # with that divisor, whatever the pruner-wide divisor is: whole heads only
-        for g in self.groups:
-            if g.divisor is not None and self._group_gate[id(g)].divisor != g.divisor:
-                old = self._group_gate[id(g)]
-                gate = ChannelGate(g.channels, g.divisor, self.tau, importance=self._importance(g),
-                                   name=g.name, rounding=self.rounding,
-                                   init_gap=self.init_gap).to(old.logits.device)
-                self.gates[self._key(g.name)] = gate
-                self._group_gate[id(g)] = gate
-        self._masked: dict[str, nn.Module] = {}
+        self.masked_layers: dict[str, nn.Module] = {}
         for name, rec in an.layers.items():
             if rec.kind == "fixed":
                 continue
@@ -447,12 +266,12 @@ class S2HPruner:
             if in_gate is None and out_gate is None and not any(extra.values()):
                 continue
             m = rec.module
-            cls = _layers.masked_class(type(m))
+            cls = _registry.masked_class(type(m))
             m.__class__ = cls
             m.attach_gates(self.runtime, in_gate, out_gate, name, extra=extra)
             if isinstance(m, MaskedBatchNorm2d):
                 m.add_hard_stats()
-            self._masked[name] = m
+            self.masked_layers[name] = m
         # per-channel parameters outside the layers (layer-scale gamma): sliced in hard mode
         self._param_slices: list[tuple[str, int, ChannelGate]] = []
         for g in self.groups:
@@ -482,7 +301,7 @@ class S2HPruner:
                 prunable_total += flops
         self.dense_flops = an.total_flops
         self._const_flops = an.total_flops - prunable_total
-        min_ratio = self._ratio(lambda g: float(g.divisor))
+        min_ratio = self.flops_ratio(lambda g: float(g.divisor))
         if self.target_flops < min_ratio:
             warnings.warn(
                 f"target_flops={self.target_flops} is below the smallest reachable ratio "
@@ -500,13 +319,14 @@ class S2HPruner:
         """Every parameter of the model (the gates live outside it)."""
         return iter(list(self.model.parameters()))
 
-    def to(self, *args, **kwargs) -> "S2HPruner":
+    def to(self, *args, **kwargs) -> S2HPruner:
         self.model.to(*args, **kwargs)
         self.gates.to(*args, **kwargs)
         return self
 
     # ------------------------------------------------------------------ widths and FLOPs
-    def _ratio(self, width_of: Callable[[ChannelGate], object], skip=frozenset()):
+    def flops_ratio(self, width_of: Callable[[ChannelGate], Any],
+                    skip: Iterable[str] = frozenset()) -> Any:
         """FLOPs over dense with each gate at ``width_of(gate)``; layers in ``skip`` do not run
         (STP's dropped blocks)."""
         total = self._const_flops
@@ -521,15 +341,11 @@ class S2HPruner:
 
     def hard_flops_ratio(self) -> float:
         """FLOPs of the current hard network over the dense model (as the exported model counts)."""
-        return float(self._ratio(lambda g: float(g.hard_width())))
+        return float(self.flops_ratio(lambda g: float(g.hard_width())))
 
     def soft_flops_ratio(self) -> torch.Tensor:
         """Differentiable FLOPs ratio: value of the hard widths, gradient of the expected widths."""
-        return self._ratio(lambda g: g.hard_width_ste())
-
-    def expected_flops_ratio(self) -> float:
-        with torch.no_grad():
-            return float(self._ratio(lambda g: g.expected_width()))
+        return self.flops_ratio(lambda g: g.hard_width_ste())
 
     def widths(self) -> dict[str, int]:
         """Kept channels per group (keyed by the group's first producing layer)."""
@@ -577,14 +393,16 @@ class S2HPruner:
         if fused is False or fused == "never":
             return False
         if fused == "auto":
-            from . import functional
+            from . import dispatch
 
             dev = self._device()
-            if dev.type != "cuda" or functional.backend_for(dev) != "triton":
+            if dev.type != "cuda" or dispatch.backend_for(dev) != "triton":
                 return False
         elif fused is not True:
             raise ValueError(f"fused must be True, False or 'auto', got {fused!r}")
-        reason = self._validate_lockstep()
+        from . import dual
+
+        reason = dual.validate(self)
         if reason is None:
             return True
         msg = (f"lockstep (fused dual) forward is not usable for {type(self.model).__name__}: "
@@ -594,102 +412,8 @@ class S2HPruner:
         warnings.warn(msg + "; falling back to two passes", stacklevel=3)
         return False
 
-    def _validate_lockstep(self) -> str | None:
-        """Check lockstep against two passes once, at about half width; None if they agree.
-
-        Forward *and* backward: the outputs of both networks and the gradient of every weight
-        and gate logit under a fixed random linear loss. Error rule (as the kernel tests'): the
-        lockstep error against a float64 two-pass reference must be at most twice the error of
-        the same-dtype two-pass path, plus a small floor. Anything raised (a kernel that does
-        not compile, a model that cannot run in lockstep) is the reason, named.
-        """
-        from . import dual
-
-        saved = [g.logits.detach().clone() for g in self.gates.values()]
-        was = self.model.training
-        params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        params += [(f"gate {g.name}", g.logits) for g in self.gates.values()]
-        try:
-            self.set_widths(0.5)
-            self.model.eval()  # no BatchNorm statistics move while checking
-
-            def run(lockstep: bool, dtype: torch.dtype | None = None):
-                inputs = tuple(t.to(dtype) if dtype is not None and torch.is_floating_point(t)
-                               else t for t in self.example_inputs)
-                for _, p in params:
-                    p.grad = None
-                self.runtime.prepare(self.gates.values(), self._device())
-                if lockstep:
-                    s, h = dual.dual_forward(self.model, list(self._masked.values()), inputs)
-                else:
-                    s, h = self._two_pass(inputs)
-                outs = [t for t in torch.utils._pytree.tree_leaves((s, h))
-                        if isinstance(t, torch.Tensor) and torch.is_floating_point(t)]
-                gen = torch.Generator().manual_seed(0)
-                loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64)
-                            .to(o.device)).sum() for o in outs)
-                loss.backward()
-                grads = {n: (None if p.grad is None else p.grad.detach().double().clone())
-                         for n, p in params}
-                for _, p in params:
-                    p.grad = None
-                return [o.detach().double() for o in outs], grads
-
-            got_out, got_grad = run(lockstep=True)
-            same_out, same_grad = run(lockstep=False)
-            # float64 reference: the same modules with float64 copies of every floating
-            # parameter and buffer (the originals are put back untouched afterwards)
-            swapped, seen = [], set()
-            for m in list(self.model.modules()) + list(self.gates.modules()):
-                for table in (m._parameters, m._buffers):
-                    for t in table.values():
-                        if t is not None and torch.is_floating_point(t) and id(t) not in seen:
-                            seen.add(id(t))
-                            swapped.append((t, t.data))
-                            t.data = t.data.double()
-            eps = max(torch.finfo(data.dtype).eps for _, data in swapped)
-            try:
-                want_out, want_grad = run(lockstep=False, dtype=torch.float64)
-            finally:
-                for t, data in swapped:
-                    t.data = data
-
-            def bad(have, same, want) -> bool:
-                if have.shape != want.shape:
-                    return True
-                scale = max(float(want.abs().max()), 1e-6) if want.numel() else 1.0
-                err = float((have - want).abs().max()) if want.numel() else 0.0
-                torch_err = float((same - want).abs().max()) if want.numel() else 0.0
-                return err > 2 * torch_err + 64 * eps * scale
-
-            if len(got_out) != len(want_out):
-                return "the lockstep forward returned a different number of outputs"
-            for i, (a, b, c) in enumerate(zip(got_out, same_out, want_out, strict=True)):
-                if bad(a, b, c):
-                    what = "soft" if i < len(got_out) // 2 else "hard"
-                    return f"its {what} output differs from the two-pass forward"
-            for name, _ in params:
-                a, b, c = got_grad[name], same_grad[name], want_grad[name]
-                if (a is None) != (c is None):
-                    return f"the gradient of {name} is missing in one of the two paths"
-                if a is not None and bad(a, b, c):
-                    layer = name.rsplit(".", 1)[0]
-                    kind = type(self.model.get_submodule(layer)).__name__ \
-                        if not name.startswith("gate ") else "gate"
-                    return (f"the gradient of {name} ({kind}: fused dual kernel backward) "
-                            "differs from the two-pass backward")
-            return None
-        except Exception as exc:  # LockstepUnsupported, a kernel that fails, anything the model does
-            return f"{type(exc).__name__}: {exc}"
-        finally:
-            with torch.no_grad():
-                for g, v in zip(self.gates.values(), saved, strict=True):
-                    g.logits.copy_(v)
-            for _, p in params:
-                p.grad = None
-            self.model.train(was)
-
-    def _two_pass(self, inputs):
+    def two_pass_forward(self, inputs: tuple) -> tuple[Any, Any]:
+        """``(soft_out, hard_out)`` by two passes of the model (soft, then hard)."""
         self.runtime.prepare(self.gates.values(), self._device())
         with self.runtime.use("soft"):
             soft = self.model(*inputs)
@@ -706,11 +430,11 @@ class S2HPruner:
             from . import dual
 
             self.runtime.prepare(self.gates.values(), self._device())
-            return dual.dual_forward(self.model, list(self._masked.values()), inputs)
-        return self._two_pass(inputs)
+            return dual.dual_forward(self.model, list(self.masked_layers.values()), inputs)
+        return self.two_pass_forward(inputs)
 
     def _inputs(self, inputs) -> tuple:
-        inputs = _as_tuple(inputs)
+        inputs = as_tuple(inputs)
         return channels_last_inputs(inputs) if self.channels_last else inputs
 
     def hard_forward(self, inputs):
@@ -724,108 +448,24 @@ class S2HPruner:
             return self.model(*inputs)
 
     # ------------------------------------------------------------------ losses and the step
-    def losses(self, soft_out, hard_out, targets, loss_fn=None) -> dict[str, torch.Tensor]:
-        """The four terms of METHOD §4 (see the table there for what each may reach).
+    def losses(self, soft_out: torch.Tensor, hard_out: torch.Tensor, targets: torch.Tensor,
+               loss_fn: Callable | None = None) -> dict[str, torch.Tensor]:
+        """The four terms of METHOD §4 with this pruner's settings (:func:`s2h.losses.loss_terms`;
+        the freeze phase has no resource term)."""
+        return _losses.loss_terms(soft_out, hard_out, targets, self.soft_flops_ratio(),
+                                  target=self.target_flops, alpha=self.alpha, lam=self.lam,
+                                  variant=self.variant, resource=not self.arch_frozen,
+                                  loss_fn=loss_fn)
 
-        soft_out, hard_out: ``(B, num_classes)`` logits (any float dtype); targets: ``(B,)``.
-        For the ablation variants the gap terms change (and ``direct_hard`` puts the task loss
-        on the hard output); a term that does not exist in a variant is a zero constant.
-        """
-        s = soft_out.float()
-        h = hard_out.float()
-        zero = torch.zeros((), device=h.device)
-        ratio = self.soft_flops_ratio()
-        resource = self.lam * (ratio - self.target_flops) ** 2
-        if self.arch_frozen:  # the freeze phase has no resource term
-            resource = zero
-        task = loss_fn or F.cross_entropy
-        if self.variant == "direct_hard":
-            return {"perf": task(h, targets), "gap_weights": zero, "gap_gates": zero,
-                    "resource": resource, "flops_ratio": ratio}
-        perf = task(s, targets)
-        log_ps = F.log_softmax(s, dim=-1)
-        log_ph = F.log_softmax(h, dim=-1)
-        ps = log_ps.exp()
-        if self.variant == "no_gap":
-            gap_weights = gap_gates = zero
-        elif self.variant == "coupled_gap":  # KL(p_s || p_h), gradients to both networks
-            gap_weights = self.alpha * (ps * (log_ps - log_ph)).sum(-1).mean()
-            gap_gates = zero
-        else:
-            # KL(p_s || p_h) = sum p_s (log p_s - log p_h), batch mean, decoupled (METHOD §4)
-            gap_weights = self.alpha * (ps.detach() * (log_ps.detach() - log_ph)).sum(-1).mean()
-            gap_gates = self.alpha * (ps * (log_ps - log_ph.detach())).sum(-1).mean()
-        return {"perf": perf, "gap_weights": gap_weights, "gap_gates": gap_gates,
-                "resource": resource, "flops_ratio": ratio}
-
-    def backward(self, terms: dict[str, torch.Tensor], scaler=None, grad_hook=None) -> None:
-        """Accumulate the gradients of the four terms with the routing of METHOD §4.
-
-        ``gap_gates`` is back-propagated with ``inputs=`` the gate logits only: autograd then
-        computes activation gradients through the soft path and no weight gradient at all. The
-        performance and weight-side gap terms share one ordinary backward (weights and gates).
-        The resource term: ``resource_mode="quadratic"`` adds it to that backward; the default
-        ``"normalized"`` adds its gate gradient afterwards, rescaled per gate against the gate
-        gradients the other terms left (:meth:`_add_normalized_resource_grad`).
-        ``grad_hook()`` (data-parallel averaging), if given, runs after the backward passes and
-        before that rescaling, so that it is measured against the averaged gradients (the FLOPs
-        gradient is the same on every process).
-        """
-
-        def scaled(t):
-            return scaler.scale(t) if scaler is not None else t
-
-        gates = [g for g in self.gate_parameters() if g.requires_grad]  # none when frozen
-        normalized = self.resource_mode == "normalized" and terms["flops_ratio"].requires_grad
-        res_grads = None
-        if normalized:
-            res_grads = torch.autograd.grad(terms["flops_ratio"], gates, allow_unused=True,
-                                            retain_graph=True)
-            before = [None if g.grad is None else g.grad.detach().clone() for g in gates]
-        if terms["gap_gates"].requires_grad and gates:
-            torch.autograd.backward(scaled(terms["gap_gates"]), inputs=gates, retain_graph=True)
-        main = terms["perf"] + terms["gap_weights"]
-        if not normalized:
-            main = main + terms["resource"]
-        if main.requires_grad:
-            scaled(main).backward()
-        if grad_hook is not None:
-            grad_hook()
-        if normalized:
-            self._add_normalized_resource_grad(float(terms["flops_ratio"].detach()), gates,
-                                               res_grads, before, scaler)
-
-    @torch.no_grad()
-    def resource_scale(self, ratio: float) -> float:
-        """The fade factor ``min((r - T)^2 / band^2, 1)`` of the normalised resource gradient."""
-        return min((ratio - self.target_flops) ** 2 / self.resource_band ** 2, 1.0)
-
-    @torch.no_grad()
-    def _add_normalized_resource_grad(self, ratio, gates, res_grads, before, scaler) -> None:
-        """Per gate: ``grad += sign(r - T) * ratio * fade * ‖other‖ * ∂r/∂u / ‖∂r/∂u‖`` where
-        ``other`` is what the other terms accumulated into the gate's gradient in this step."""
-        diff = ratio - self.target_flops
-        fade = self.resource_scale(ratio)
-        if fade == 0.0:
-            return
-        sign = 1.0 if diff > 0 else -1.0
-        for g, r, b in zip(gates, res_grads, before):
-            if r is None:
-                continue
-            rn = r.norm()
-            if float(rn) == 0.0:
-                continue
-            other = g.grad if g.grad is not None else torch.zeros_like(g)
-            if b is not None:
-                other = other - b
-            on = other.norm()
-            if float(on) > 0.0:
-                add = r * (sign * self.resource_ratio * fade * on / rn)
-            else:  # nothing to compare with: the plain quadratic gradient
-                add = r * (2.0 * self.lam * diff)
-                if scaler is not None:
-                    add = scaler.scale(add)
-            g.grad = add if g.grad is None else g.grad + add
+    def backward(self, terms: dict[str, torch.Tensor], scaler: torch.amp.GradScaler | None = None,
+                 grad_hook: Callable[[], None] | None = None) -> None:
+        """Accumulate the gradients of the four terms with the routing of METHOD §4
+        (:func:`s2h.losses.routed_backward`) into the weights and the trainable gate logits."""
+        _losses.routed_backward(
+            terms, [g for g in self.gate_parameters() if g.requires_grad],
+            resource_mode=self.resource_mode, target=self.target_flops,
+            resource_ratio=self.resource_ratio, band=self.resource_band, lam=self.lam,
+            scaler=scaler, grad_hook=grad_hook)
 
     def warmup_step(self, inputs, targets, optimizer, *, loss_fn=None, scaler=None,
                     max_grad_norm: float | None = None,
@@ -942,14 +582,14 @@ class S2HPruner:
         [old, new]}}``."""
         target = self.target_flops if target is None else float(target)
         gates = [self._group_gate[id(g)] for g in self.groups]
-        names = {id(gate): g.name for g, gate in zip(self.groups, gates)}
+        names = {id(gate): g.name for g, gate in zip(self.groups, gates, strict=True)}
         width = {id(g): g.hard_width() for g in gates}
         mass = {}
         for g in gates:
             mass[id(g)] = float(g.probs()[width[id(g)] // g.divisor - 1])
 
         def ratio():
-            return float(self._ratio(lambda g: float(width[id(g)])))
+            return float(self.flops_ratio(lambda g: float(width[id(g)])))
 
         before = r = ratio()
         old = dict(width)
@@ -989,7 +629,7 @@ class S2HPruner:
 
         ``batches``: an iterable of inputs or ``(inputs, targets)``. Returns batches used.
         """
-        bns = [m for m in self._masked.values() if isinstance(m, MaskedBatchNorm2d)
+        bns = [m for m in self.masked_layers.values() if isinstance(m, MaskedBatchNorm2d)
                and m.track_running_stats and m.out_gate is not None]
         saved = {}
         for m in bns:
@@ -1007,7 +647,7 @@ class S2HPruner:
                     if n >= max_batches:
                         break
                     x = batch[0] if isinstance(batch, (list, tuple)) else batch
-                    self.model(*_as_tuple(x.to(self._device())))
+                    self.model(*as_tuple(x.to(self._device())))
                     n += 1
         finally:
             for m, mom in saved.items():
@@ -1047,11 +687,11 @@ class S2HPruner:
     def _export(self) -> nn.Module:
         keep = {id(g): g.keep_index() for g in self.gates.values()}
         exported = copy.deepcopy(self.model)  # masked layers drop their gates when copied
-        for name, m in self._masked.items():
+        for name, m in self.masked_layers.items():
             in_keep = keep[id(m.in_gate)] if m.in_gate is not None else None
             out_keep = keep[id(m.out_gate)] if m.out_gate is not None else None
             extra = {r: keep[id(g)] for r, g in m._s2h.extra.items() if g is not None}
-            _set_submodule(exported, name, _plain_layer(m, in_keep, out_keep, extra))
+            set_submodule(exported, name, m.s2h_export(in_keep, out_keep, extra).train(m.training))
         for pname, dim, gate in getattr(self, "_param_slices", []):  # layer-scale gamma & co.
             owner_name, _, attr = pname.rpartition(".")
             owner = exported.get_submodule(owner_name)
@@ -1059,11 +699,11 @@ class S2HPruner:
             owner._parameters[attr] = nn.Parameter(
                 old.detach().index_select(dim, keep[id(gate)].to(old.device)).clone(),
                 requires_grad=old.requires_grad)
-        leftovers = [n for n, m in exported.named_modules() if isinstance(m, _MaskedMixin)]
+        leftovers = [n for n, m in exported.named_modules() if isinstance(m, MaskedLayer)]
         if leftovers:  # layers swapped but not recorded: turn them back into their parents
             for n in leftovers:
                 mod = exported.get_submodule(n)
-                _set_submodule(exported, n, _plain_layer(mod, None, None))
+                set_submodule(exported, n, mod.s2h_export(None, None, {}).train(mod.training))
         if self.builder is not None:
             exported.s2h_builder = copy.deepcopy(self.builder)
         return exported.eval()
@@ -1093,7 +733,8 @@ class S2HPruner:
 
     def load_state_dict(self, state: dict) -> None:
         if not isinstance(state, dict) or state.get("format") != "s2h-pruner":
-            raise ValueError("not an s2h pruner state (expected the dict of S2HPruner.state_dict())")
+            raise ValueError(
+                "not an s2h pruner state (expected the dict of S2HPruner.state_dict())")
         mine = {g.name: g.channels for g in self.groups}
         if state["groups"] != mine:
             missing = sorted(set(mine) ^ set(state["groups"]))
@@ -1148,84 +789,22 @@ class S2HPruner:
         return "\n".join(lines)
 
 
-def _plain_layer(m: nn.Module, in_keep, out_keep, extra=None) -> nn.Module:
-    """A plain torch layer equal to masked layer ``m`` restricted to the kept channels.
-
-    Masked versions of other libraries' layers (timm's) export themselves as a smaller instance
-    of their own class (``s2h_export``); ``extra`` holds the kept index of their inner groups.
-    """
-    from ._dispatch import gather_channels
-
-    if hasattr(m, "s2h_export"):
-        return m.s2h_export(in_keep, out_keep, dict(extra or {})).train(m.training)
-    dev, dt = m.weight.device if getattr(m, "weight", None) is not None else None, None
-    if isinstance(m, MaskedConv2d):
-        dt = m.weight.dtype
-        if m.is_depthwise:
-            k = m.in_channels if in_keep is None else in_keep.numel()
-            new = nn.Conv2d(k, k, m.kernel_size, m.stride, m.padding, m.dilation, k,
-                            m.bias is not None, m.padding_mode, device=dev, dtype=dt)
-            w = m.weight if in_keep is None else gather_channels(m.weight, in_keep, 0)
-            b = m.bias if (m.bias is None or in_keep is None) else gather_channels(m.bias, in_keep, 0)
-        else:
-            cin = m.in_channels if in_keep is None else in_keep.numel()
-            cout = m.out_channels if out_keep is None else out_keep.numel()
-            new = nn.Conv2d(cin, cout, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
-                            m.bias is not None, m.padding_mode, device=dev, dtype=dt)
-            w, b = m.kept_weight_bias(in_keep, out_keep)
-        new.weight.copy_(w)
-        if b is not None:
-            new.bias.copy_(b)
-        return new.train(m.training)
-    if isinstance(m, MaskedLinear):
-        dt = m.weight.dtype
-        cin = m.in_features if in_keep is None else in_keep.numel()
-        cout = m.out_features if out_keep is None else out_keep.numel()
-        new = nn.Linear(cin, cout, m.bias is not None, device=dev, dtype=dt)
-        w, b = m.kept_weight_bias(in_keep, out_keep)
-        new.weight.copy_(w)
-        if b is not None:
-            new.bias.copy_(b)
-        return new.train(m.training)
-    if isinstance(m, MaskedBatchNorm2d):
-        keep = out_keep
-        k = m.num_features if keep is None else keep.numel()
-        ref = m.running_mean if m.running_mean is not None else m.weight
-        new = nn.BatchNorm2d(k, m.eps, m.momentum, m.affine, m.track_running_stats,
-                             device=ref.device if ref is not None else None,
-                             dtype=ref.dtype if ref is not None else None)
-
-        def sl(t):
-            return t if keep is None else t.index_select(0, keep)
-
-        if m.affine:
-            new.weight.copy_(sl(m.weight))
-            new.bias.copy_(sl(m.bias))
-        if m.track_running_stats:
-            use_hard = keep is not None and hasattr(m, "hard_running_mean")
-            new.running_mean.copy_(sl(m.hard_running_mean if use_hard else m.running_mean))
-            new.running_var.copy_(sl(m.hard_running_var if use_hard else m.running_var))
-            new.num_batches_tracked.copy_(
-                m.hard_num_batches_tracked if use_hard else m.num_batches_tracked
-            )
-        return new.train(m.training)
-    if isinstance(m, MaskedLayerNorm):
-        keep = out_keep
-        k = m.normalized_shape[0] if keep is None else keep.numel()
-        has_bias = m.bias is not None
-        ref = m.weight if m.weight is not None else None
-        new = nn.LayerNorm(k, m.eps, m.elementwise_affine, bias=has_bias,
-                           device=ref.device if ref is not None else None,
-                           dtype=ref.dtype if ref is not None else None)
-        if m.elementwise_affine:
-            new.weight.copy_(m.weight if keep is None else m.weight.index_select(0, keep))
-            if has_bias:
-                new.bias.copy_(m.bias if keep is None else m.bias.index_select(0, keep))
-        return new.train(m.training)
-    raise TypeError(f"cannot export layer of type {type(m).__name__}")
-
-
-def _detect_builder(model: nn.Module, example_inputs: tuple) -> dict | None:
-    from .export import detect_builder
-
-    return detect_builder(model, example_inputs)
+def _explain_inputs(model: nn.Module, example_inputs: tuple, exc: Exception) -> None:
+    """Raise a ``ValueError`` naming the inputs when ``model(*example_inputs)`` itself fails
+    (the analysis' run raised ``exc``); return when the model runs on them (then ``exc`` came
+    from the analysis and is the error to show)."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    except Exception as plain_exc:
+        shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                  for t in example_inputs]
+        raise ValueError(
+            f"example_inputs (shapes {shapes}) do not run through {type(model).__name__}: "
+            f"{type(plain_exc).__name__}: {plain_exc}. Pass a tensor or tuple that "
+            "model(*inputs) accepts, on the model's device."
+        ) from plain_exc
+    finally:
+        model.train(was)

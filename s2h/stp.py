@@ -33,7 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .pruner import NonFiniteLossError, S2HPruner, _as_tuple, _set_submodule, optimizer_step
+from .numerics import NonFiniteLossError, optimizer_step
+from .pruner import S2HPruner
+from .utils import as_tuple, set_submodule
 
 __all__ = ["Arch", "STPPruner"]
 
@@ -90,7 +92,7 @@ class STPPruner:
         self.kd_weight = float(kd_weight)
         self.expand_prob = float(expand_prob)
         self.rng = random.Random(seed)
-        self._gate_of = {g.name: self.core._group_gate[id(g)] for g in self.core.groups}
+        self._gate_of = {g.name: self.core.gate_of(g) for g in self.core.groups}
         self.divisors = {name: gate.divisor for name, gate in self._gate_of.items()}
         self.full = Arch(tuple((g.name, g.channels) for g in self.core.groups))
         self.blocks = self._find_blocks(self.core.example_inputs) if depth else {}
@@ -149,7 +151,7 @@ class STPPruner:
         an = self.core.analysis
         width = {id(self._gate_of[g]): w for g, w in arch.widths}
         dropped_layers = {n for b in arch.dropped for n in self._block_layers[b]}
-        ratio = self.core._ratio(lambda gate: width[id(gate)], skip=dropped_layers)
+        ratio = self.core.flops_ratio(lambda gate: width[id(gate)], skip=dropped_layers)
         # fixed (unprunable) layers are in the pruner's constant term; inside a dropped block
         # they do not run either
         fixed = sum(an.layers[n].dense_flops for n in dropped_layers
@@ -179,7 +181,7 @@ class STPPruner:
 
     def _sample_between(self, lo: Arch, hi: Arch) -> Arch:
         widths = []
-        for (g, a), (_, b) in zip(lo.widths, hi.widths):
+        for (g, a), (_, b) in zip(lo.widths, hi.widths, strict=True):
             d = self.divisors[g]
             widths.append((g, self.rng.randrange(a // d, b // d + 1) * d))
         dropped = frozenset(b for b in lo.dropped - hi.dropped if self.rng.random() < 0.5)
@@ -210,12 +212,12 @@ class STPPruner:
 
     def hard_forward(self, inputs):
         """The base sub-network (what :meth:`export` returns)."""
-        return self._run(self.base, _as_tuple(inputs))
+        return self._run(self.base, as_tuple(inputs))
 
     def soft_forward(self, inputs):
         """The full network (the teacher)."""
         with self.core.runtime.use("dense"):
-            return self.model(*_as_tuple(inputs))
+            return self.model(*as_tuple(inputs))
 
     # ------------------------------------------------------------------ training
     def weight_parameters(self):
@@ -270,7 +272,7 @@ class STPPruner:
                    max_grad_norm: float | None = None, grad_hook=None) -> dict[str, float]:
         """Full network on the labels + the sampled sub-network(s) by KL to its detached
         output, one optimizer step; then the exploration bookkeeping."""
-        inputs = _as_tuple(inputs)
+        inputs = as_tuple(inputs)
         self.model.train()
         optimizer.zero_grad(set_to_none=True)
         full = self.soft_forward(inputs)
@@ -339,7 +341,7 @@ class STPPruner:
         self._set(Arch(self.base.widths))
         exported = self.core.export()
         for b in sorted(self.base.dropped):
-            _set_submodule(exported, b, nn.Identity())
+            set_submodule(exported, b, nn.Identity())
         return exported
 
     def state_dict(self) -> dict:

@@ -1,6 +1,6 @@
 """Masked versions of timm's layer classes, and how to export them as smaller timm layers.
 
-Imported by :mod:`s2h.layers` only when timm is already imported. Each supported class gets a
+Imported by :mod:`s2h.registry` only once timm itself is imported. Each supported class gets a
 masked subclass (switched in place by ``__class__``, like the torch layers of :mod:`s2h.nn`)
 with the soft / hard paths of METHOD §3, and an ``s2h_export(in_keep, out_keep, extra)`` that
 returns a *plain instance of the same timm class* with the kept channels only, so an exported
@@ -27,15 +27,16 @@ from timm.layers import Linear as TimmLinear
 from timm.layers.attention import Attention
 from torch import nn
 
-from . import layers as _layers
+from . import registry as _registry
 from .nn import (
     MaskedBatchNorm2d,
+    MaskedLayer,
     MaskedLayerNorm,
     MaskedLinear,
-    _gather,
-    _gather_weight,
-    _MaskedMixin,
+    gather_kept,
+    gather_kept_weight,
 )
+from .registry import LayerHandler, LayerInfo
 
 try:
     from timm.models.swin_transformer import WindowAttention
@@ -114,11 +115,10 @@ class MaskedBatchNormAct2d(MaskedBatchNorm2d, BatchNormAct2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self._s2h.out_gate if self._s2h is not None else None
-        if self._mode() != "hard" or gate is None:
+        keep = self._hard_keep()
+        if keep is None:
             return BatchNormAct2d.forward(self, x)
-        y = self._hard_bn(x, self._s2h.runtime.state(gate).keep)
-        return self.act(self.drop(y))
+        return self.act(self.drop(self._hard_bn(x, keep)))
 
     @torch.no_grad()
     def s2h_export(self, in_keep, out_keep, extra) -> nn.Module:
@@ -158,7 +158,7 @@ class MaskedTimmLinear(MaskedLinear, TimmLinear):
 class _MaskedLNExport:
     @torch.no_grad()
     def s2h_export(self, in_keep, out_keep, extra) -> nn.Module:
-        new = _plain_copy(self, PLAIN_OF[type(self)])
+        new = _plain_copy(self, _registry.plain_class(type(self)))
         if out_keep is not None:
             new.normalized_shape = (out_keep.numel(),)
             _set_param(new, "weight", _sel(self.weight, out_keep))
@@ -174,10 +174,9 @@ class MaskedLayerNorm2d(_MaskedLNExport, MaskedLayerNorm, LayerNorm2d):
     """timm ``LayerNorm2d``: layer norm over the channels of ``(N, C, H, W)`` (dim 1)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self._s2h.out_gate if self._s2h is not None else None
-        if self._mode() != "hard" or gate is None:
+        keep = self._hard_keep()
+        if keep is None:
             return LayerNorm2d.forward(self, x)
-        keep = self._s2h.runtime.state(gate).keep
         return self._hard_ln(x.permute(0, 2, 3, 1), keep).permute(0, 3, 1, 2)
 
 
@@ -191,7 +190,7 @@ def attention_dims(m: nn.Module) -> tuple[int, int, int, int]:
     return heads, attn_dim // heads, m.qkv.in_features, m.proj.out_features
 
 
-class _MaskedAttentionBase(_MaskedMixin):
+class _MaskedAttentionBase(MaskedLayer):
     """Soft / hard paths shared by the attention modules (input ``(B, N, C)``, output
     ``(B, N, C_out)``).
 
@@ -233,12 +232,12 @@ class _MaskedAttentionBase(_MaskedMixin):
         rows = None
         if head_keep is not None:
             rows = torch.cat([head_keep + i * attn_dim for i in range(3)])
-        w_qkv = _gather_weight(w_qkv, rows, in_keep)
-        if b_qkv is not None and rows is not None:
-            b_qkv = _gather(b_qkv, rows, 0)
-        w_proj = _gather_weight(w_proj, out_keep, head_keep)
-        if b_proj is not None and out_keep is not None:
-            b_proj = _gather(b_proj, out_keep, 0)
+        w_qkv = gather_kept_weight(w_qkv, rows, in_keep)
+        if b_qkv is not None:
+            b_qkv = gather_kept(b_qkv, rows, 0)
+        w_proj = gather_kept_weight(w_proj, out_keep, head_keep)
+        if b_proj is not None:
+            b_proj = gather_kept(b_proj, out_keep, 0)
         return x, w_qkv, b_qkv, w_proj, b_proj, n_heads, head_mul, head_index
 
     def _finish(self, x, w_proj, b_proj, head_mul):
@@ -349,64 +348,51 @@ if WindowAttention is not None:
             return new
 
 
-# ---------------------------------------------------------------------------- registry
-
-MASKED_OF: dict[type, type] = {
-    BatchNormAct2d: MaskedBatchNormAct2d,
-    TimmLinear: MaskedTimmLinear,
-    LayerNorm: MaskedTimmLayerNorm,
-    LayerNorm2d: MaskedLayerNorm2d,
-    Attention: MaskedAttention,
-}
-if WindowAttention is not None:
-    MASKED_OF[WindowAttention] = MaskedWindowAttention
-PLAIN_OF: dict[type, type] = {v: k for k, v in MASKED_OF.items()}
-ATTENTION_TYPES = tuple(t for t in (Attention, WindowAttention) if t is not None)
+# ---------------------------------------------------------------------------- handlers
 
 
-def layer_info(m: nn.Module, t: type):
-    """:class:`s2h.layers.LayerInfo` for a timm class (``t`` = its plain class), else None."""
-    Info = _layers.LayerInfo
-    if t is BatchNormAct2d:
-        bad = [n for n in ("drop", "act") if not _elementwise(getattr(m, n))]
-        if bad:
-            return Info("fixed", 1, f"its {bad[0]} ({type(getattr(m, bad[0])).__name__}) is not "
-                                    "a known elementwise module")
-        return Info("batchnorm", 1)
-    if t is TimmLinear:
-        return Info("linear", -1)
-    if t is LayerNorm:
-        if len(m.normalized_shape) == 1:
-            return Info("layernorm", -1)
-        return Info("fixed", -1, f"normalized_shape={tuple(m.normalized_shape)}")
-    if t is LayerNorm2d:
-        return Info("layernorm", 1)
-    if t is Attention:
-        if getattr(m, "gate", None) is not None:
-            return Info("fixed", -1, "gated attention is not supported")
-        if not isinstance(getattr(m, "norm", nn.Identity()), nn.Identity):
-            return Info("fixed", -1, "scale_norm over the heads is not supported")
-        if type(m.qkv) is not nn.Linear or type(m.proj) is not nn.Linear:
-            return Info("fixed", -1, "qkv/proj are not plain nn.Linear")
-        return Info("attention", -1)
-    if WindowAttention is not None and t is WindowAttention:
-        if type(m.qkv) is not nn.Linear or type(m.proj) is not nn.Linear:
-            return Info("fixed", -1, "qkv/proj are not plain nn.Linear")
-        return Info("attention", -1)
-    if isinstance(m, ATTENTION_TYPES):  # a subclass with its own forward
-        return Info("fixed", -1, "a subclass of a timm attention module s2h does not know")
-    return None
+def _batchnorm_act_info(m: nn.Module) -> LayerInfo:
+    bad = [n for n in ("drop", "act") if not _elementwise(getattr(m, n))]
+    if bad:
+        return LayerInfo("fixed", 1, f"its {bad[0]} ({type(getattr(m, bad[0])).__name__}) is "
+                                     "not a known elementwise module")
+    return LayerInfo("batchnorm", 1)
 
 
-def producer_scores(m: nn.Module, role: str) -> torch.Tensor | None:
-    """Importance of the channels an attention layer produces, or None for other layers.
+def _layernorm_info(m: nn.Module) -> LayerInfo:
+    if len(m.normalized_shape) == 1:
+        return LayerInfo("layernorm", -1)
+    return LayerInfo("fixed", -1, f"normalized_shape={tuple(m.normalized_shape)}")
 
-    ``heads``: per head, the mean over its channels of the L1 norms of its q, k, v rows plus
+
+def _attention_info(m: nn.Module) -> LayerInfo:
+    if getattr(m, "gate", None) is not None:
+        return LayerInfo("fixed", -1, "gated attention is not supported")
+    if not isinstance(getattr(m, "norm", nn.Identity()), nn.Identity):
+        return LayerInfo("fixed", -1, "scale_norm over the heads is not supported")
+    if type(m.qkv) is not nn.Linear or type(m.proj) is not nn.Linear:
+        return LayerInfo("fixed", -1, "qkv/proj are not plain nn.Linear")
+    return LayerInfo("attention", -1)
+
+
+def _window_attention_info(m: nn.Module) -> LayerInfo:
+    if type(m.qkv) is not nn.Linear or type(m.proj) is not nn.Linear:
+        return LayerInfo("fixed", -1, "qkv/proj are not plain nn.Linear")
+    return LayerInfo("attention", -1)
+
+
+def _attention_flops(m: nn.Module, info: LayerInfo, flops_of) -> list[tuple[int, tuple[str, ...]]]:
+    """The counted FLOPs of an attention layer split by the groups they scale with: qkv (in x
+    heads), proj (heads x out) and the rest -- q@k^T and attn@v -- (heads)."""
+    qkv, proj = flops_of("qkv"), flops_of("proj")
+    return [(qkv, ("in", "heads")), (flops_of("") - qkv - proj, ("heads",)),
+            (proj, ("heads", "out"))]
+
+
+def _attention_importance(m: nn.Module, role: str) -> torch.Tensor:
+    """``heads``: per head, the mean over its channels of the L1 norms of its q, k, v rows plus
     its proj input columns, repeated ``head_dim`` times (equal scores keep heads whole);
-    ``out``: the L1 norms of the proj rows.
-    """
-    if not isinstance(m, ATTENTION_TYPES):
-        return None
+    ``out``: the L1 norms of the proj rows."""
     if role == "out":
         return m.proj.weight.detach().float().abs().sum(1).cpu()
     heads, hd, _, _ = attention_dims(m)
@@ -414,3 +400,24 @@ def producer_scores(m: nn.Module, role: str) -> torch.Tensor | None:
     w = m.qkv.weight.detach().float().abs().sum(1).view(3, a).sum(0)
     w = w + m.proj.weight.detach().float().abs().sum(0)
     return w.view(heads, hd).mean(1).repeat_interleave(hd).cpu()
+
+
+def _attention_heads(m: nn.Module) -> dict[str, tuple[int, int]]:
+    heads, hd, _, _ = attention_dims(m)
+    return {"heads": (heads * hd, hd)}
+
+
+def _attention_handler(plain: type, masked: type, info) -> LayerHandler:
+    return LayerHandler(plain, masked, info, flop_parts=_attention_flops,
+                        importance=_attention_importance, inner_groups=_attention_heads)
+
+
+_registry.register(LayerHandler(BatchNormAct2d, MaskedBatchNormAct2d, _batchnorm_act_info))
+_registry.register(LayerHandler(TimmLinear, MaskedTimmLinear, lambda m: LayerInfo("linear", -1)))
+_registry.register(LayerHandler(LayerNorm, MaskedTimmLayerNorm, _layernorm_info))
+_registry.register(LayerHandler(LayerNorm2d, MaskedLayerNorm2d,
+                                lambda m: LayerInfo("layernorm", 1)))
+_registry.register(_attention_handler(Attention, MaskedAttention, _attention_info))
+if WindowAttention is not None:
+    _registry.register(_attention_handler(WindowAttention, MaskedWindowAttention,
+                                          _window_attention_info))

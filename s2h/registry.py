@@ -1,0 +1,143 @@
+"""The layer handler registry: everything s2h knows about one kind of layer, in one place.
+
+The graph analysis (:mod:`s2h.graph`) treats a *layer* as opaque: it sees the module's input and
+output, never the ops inside. A :class:`LayerHandler` says, for one plain layer class:
+
+* ``info(m)``: whether an instance is prunable and how (:class:`LayerInfo`: kind, channel dim,
+  or why it is kept whole);
+* ``masked``: the masked subclass its instances are switched to (an in-place ``__class__``
+  swap), which computes the soft and hard paths and exports itself (``s2h_export``);
+* ``flop_parts(m, info, flops_of)``: the layer's FLOPs -- as ``torch.utils.flop_counter``
+  counted them during the trace (``flops_of(child)``; ``""`` is the layer itself) -- split by
+  the groups each part scales with (``"in"``, ``"out"`` and the layer's inner roles);
+* ``importance(m, role)``: per-channel importance of the channels it produces in ``role``;
+* ``inner_groups(m)``: groups that live inside the layer (attention heads):
+  ``{role: (channels, width granularity)}``.
+
+Handlers register themselves: the torch layers in :mod:`s2h.nn`, timm's in
+:mod:`s2h.timm_support` (imported here only once timm itself is imported, so s2h does not depend
+on timm). Any other subclass of a registered torch class is a layer of kind ``"fixed"``: its
+forward may do anything, so the groups it touches are kept whole and the warning names it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["LayerHandler", "LayerInfo", "handler_for", "layer_info", "masked_class",
+           "register"]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What the graph analysis needs to know about one layer.
+
+    kind: ``"conv"``, ``"linear"``, ``"attention"`` (input and output are separate groups),
+        ``"depthwise"``, ``"batchnorm"``, ``"layernorm"`` (one group passes through) or
+        ``"fixed"`` (kept whole, ``reason`` says why).
+    channel_dim: where the channels are in the layer's input and output (1 for NCHW layers,
+        -1 for linear / channels-last layers).
+    """
+
+    kind: str
+    channel_dim: int
+    reason: str = ""
+
+
+FlopParts = list[tuple[int, tuple[str, ...]]]
+
+
+def l1_of_rows(m: nn.Module, role: str) -> torch.Tensor:
+    """``(C_out,)`` float32 L1 norms of the producing weight's rows (METHOD §2 item 7)."""
+    return m.weight.detach().float().abs().flatten(1).sum(1).cpu()
+
+
+def own_flops(m: nn.Module, info: LayerInfo, flops_of: Callable[[str], int]) -> FlopParts:
+    """The layer's counted FLOPs, scaling with its input group (and its output group unless it
+    passes its group through, as a depthwise conv does)."""
+    if info.kind in ("batchnorm", "layernorm"):
+        return []
+    roles = ("in",) if info.kind == "depthwise" else ("in", "out")
+    return [(flops_of(""), roles)]
+
+
+@dataclass(frozen=True)
+class LayerHandler:
+    """One layer kind; see the module docstring for what each field answers."""
+
+    plain: type
+    masked: type
+    info: Callable[[nn.Module], LayerInfo]
+    flop_parts: Callable[[nn.Module, LayerInfo, Callable[[str], int]], FlopParts] = own_flops
+    importance: Callable[[nn.Module, str], torch.Tensor] = l1_of_rows
+    inner_groups: Callable[[nn.Module], dict[str, tuple[int, int]]] = field(
+        default=lambda m: {})
+
+
+_HANDLERS: dict[type, LayerHandler] = {}
+_BY_MASKED: dict[type, LayerHandler] = {}
+#: torch classes whose subclasses are layers (opaque) even when s2h cannot prune them
+LAYER_BASES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm)
+
+
+def register(handler: LayerHandler) -> LayerHandler:
+    """Make ``handler.plain`` instances prunable layers (a later registration replaces one for
+    the same class)."""
+    _HANDLERS[handler.plain] = handler
+    _BY_MASKED[handler.masked] = handler
+    return handler
+
+
+def _load_builtin() -> None:
+    """Import the modules whose handlers register themselves (timm's only once timm is)."""
+    importlib.import_module(".nn", __package__)
+    if "timm" in sys.modules:
+        # a timm version whose classes moved: no timm layers
+        with contextlib.suppress(Exception):
+            importlib.import_module(".timm_support", __package__)
+
+
+def handler_for(cls: type) -> LayerHandler | None:
+    """The handler of the plain or masked class ``cls`` (exact class, no subclasses)."""
+    _load_builtin()
+    return _HANDLERS.get(cls) or _BY_MASKED.get(cls)
+
+
+def layer_info(m: nn.Module) -> LayerInfo | None:
+    """The :class:`LayerInfo` of ``m``, or None if ``m`` is not a layer (its ops are traced)."""
+    handler = handler_for(type(m))
+    if handler is not None:
+        return handler.info(m)
+    for base in LAYER_BASES:
+        if isinstance(m, base):
+            dim = 1 if base in (nn.Conv2d, nn.BatchNorm2d) else -1
+            return LayerInfo(
+                "fixed", dim,
+                f"a subclass of nn.{base.__name__} whose forward s2h does not know to be "
+                "channel-wise",
+            )
+    for h in list(_HANDLERS.values()):  # a subclass of another registered layer (timm's)
+        if isinstance(m, h.plain):
+            return LayerInfo("fixed", -1, f"a subclass of {h.plain.__name__} s2h does not know")
+    return None
+
+
+def masked_class(cls: type) -> type:
+    """The masked subclass that ``cls`` instances are switched to (``__class__`` swap)."""
+    handler = handler_for(cls)
+    if handler is None:
+        raise TypeError(f"no masked implementation of {cls.__name__}")
+    return handler.masked
+
+
+def plain_class(cls: type) -> type:
+    """The plain class of a masked class (``cls`` itself for any other class)."""
+    handler = _BY_MASKED.get(cls)
+    return cls if handler is None else handler.plain
