@@ -13,8 +13,8 @@ Dense convolutions (``groups == 1``) are implicit GEMMs, never materialising im2
 
 * forward ``[B*OH*OW, O] = A @ W'`` with rows = output pixels, the reduction walked as
   (filter tap, channel block) so that every A row of a tap is one pixel's channel vector
-  (contiguous for channels-last input); the input mask scales A as it is loaded, the bias is
-  added in the epilogue.
+  (contiguous for channels-last input); the input mask is folded into the tap-major weight
+  copy once per call (as in ``dual_linear``), the bias is added in the epilogue.
 * data gradient ``[B*H*W, C]`` with rows = input pixels: each tap maps an input pixel back to
   the output pixel that read it (rows whose offset is not a multiple of the stride are
   masked off); epilogue: ``dx = g * mask`` and per-row-tile partials of ``g * x`` for the mask
