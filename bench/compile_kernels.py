@@ -10,9 +10,11 @@ registers, spills, shared memory and instruction mix are tabulated.
     python bench/compile_kernels.py           # every autotune config; table to bench/results/
 
 Exits non-zero on any compile error, on shared memory above the target's per-block limit, or on
-a config that spills registers (``--allow-spills`` reports spills without failing): the config
-lists in ``kernels/_common.py`` keep only configs that spill nowhere in this table. Must run
-without ``TRITON_INTERPRET=1``.
+a config that spills registers (``--allow-spills`` reports spills without failing). Each kernel
+autotunes over the candidates its keep-list names (``FWD_KEEP`` / ``DGRAD_KEEP`` /
+``WGRAD_KEEP`` beside the kernel in ``kernels/dual_linear.py``, ``dual_conv2d.py`` and
+``dual_depthwise.py``; the shared GEMM candidates are in ``kernels/_common.py``): a keep-list
+names only configs that spill nowhere in this table. Must run without ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -146,7 +148,8 @@ def compile_case(job: tuple) -> list[dict]:
 def format_table(rows: list[dict]) -> str:
     head = (
         f"{'case':16s} {'keep':>4s} {'kernel':28s} {'arch':5s} {'cfg':>3s} {'regs':>4s} "
-        f"{'spill':>5s} {'smem KB':>7s} {'mma':>4s} {'async':>5s} {'ld16B':>5s} {'ld2B':>4s}  status"
+        f"{'spill':>5s} {'smem KB':>7s} {'mma':>4s} {'async':>5s} {'ld16B':>5s} {'ld2B':>4s}"
+        "  status"
     )
     lines = [head, "-" * len(head)]
     for r in rows:

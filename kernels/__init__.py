@@ -1,10 +1,17 @@
 """Triton kernels of s2h (installed as ``s2h.kernels``): fused dual (soft + hard) layers.
 
-One op per file, each holding its Triton kernels, the ``torch.library`` ops that launch them
-and their autograd formulas:
+One op per file, each holding its Triton kernels (with their autotune keep-lists), the
+``torch.library`` ops that launch them and their FLOP formulas:
 
 * :mod:`.dual_linear` -- ``dual_linear_triton`` (ops ``torch.ops.s2h_kernels.dual_linear*``)
-* :mod:`.dual_conv2d` -- ``dual_conv2d_triton`` (ops ``torch.ops.s2h_kernels.dual_conv2d*``)
+* :mod:`.dual_conv2d` -- ``dual_conv2d_triton`` (ops ``torch.ops.s2h_kernels.dual_conv2d*``):
+  the dense (``groups == 1``) implicit-GEMM kernels and the ops, which launch
+* :mod:`.dual_depthwise` -- the depthwise direct kernels when the convolution is depthwise.
+
+Shared pieces: :mod:`._autograd` (the one autograd formula of both dual ops), :mod:`._common`
+(interpreter detection, the GEMM autotune candidates, op registration, launch and Triton
+helpers), :mod:`._conv_common` (conv geometry, ``is_depthwise``; no triton needed) and
+:mod:`.aot` (compiling every kernel for a GPU target without a GPU).
 
 Importing this package never fails when triton is missing or unusable: ``TRITON_AVAILABLE``
 is then ``False`` and ``TRITON_IMPORT_ERROR`` says why. The public, dispatching face of these

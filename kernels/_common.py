@@ -1,4 +1,5 @@
-"""Pieces shared by the dual kernels: interpreter detection, autotune configs, op registration.
+"""Pieces shared by the dual kernels: interpreter detection, shared autotune candidates, op
+registration, launch helpers and the Triton helpers several kernels call.
 
 Only imported when triton is importable (see ``kernels/__init__.py``).
 """
@@ -40,38 +41,20 @@ def _config(bm: int, bn: int, bk: int, *, warps: int, stages: int) -> triton.Con
     return triton.Config(meta, num_warps=warps, num_stages=stages)
 
 
-# Which candidate configs each kernel autotunes over. A candidate is dropped for a kernel when
-# it spills registers (or would not fit shared memory) on sm_90 or sm_80 in any representative
-# case of ``python bench/compile_kernels.py`` (the table in bench/results/compile_kernels.md);
-# the numbers say which, so the lists change with the kernels, from measurements.
-_GEMM_KEEP = {
-    "linear_fwd": (0, 1, 3, 4, 5),  # 256x128 spills 48 B on sm_80
-    "linear_dgrad": (0, 3, 4, 5),  # 128x256 and 256x128 spill 56-304 B
-    "conv_fwd": (0, 3, 4, 5),  # 128x256 and 256x128 spill 112-240 B
-    "conv_dgrad": (0, 4, 5),  # 128x64 (4 warps) also spills 204 B on sm_80, 3x3 stride 2
-}
-_WGRAD_KEEP = {
-    "linear": (2, 3),  # 64x128 tiles spill 60-360 B on sm_80
-    "conv": (3,),  # every wider tile spills 144-564 B on sm_80
-}
-_DEPTHWISE_KEEP = {
-    "fwd": (0, 1, 2, 3),
-    "dgrad": (2,),  # the others spill 24-48 B
-    "wgrad": (0, 1, 3),  # 64x128 spills 232 B
-}
+# Autotuning. The linear and the dense conv kernels share two candidate lists (below); each
+# kernel's keep-list -- which candidates it autotunes over -- sits beside the kernel, in its
+# file. A candidate is dropped for a kernel when it spills registers (or would not fit shared
+# memory) on sm_90 or sm_80 in any representative case of ``python bench/compile_kernels.py``
+# (the table in bench/results/compile_kernels.md); the numbers say which, so the keep-lists
+# change with the kernels, from measurements. Under the interpreter a kernel tunes over one
+# config (no benchmarking) with large tiles: the interpreter's cost is per operation, not per
+# element, so fewer, bigger tiles keep the CPU tests fast.
 
 
-def gemm_configs(kind: str) -> list[triton.Config]:
-    """Autotune configs for the 2-D tile GEMMs (forward and data gradient) of ``kind``
-    (``linear_fwd``, ``linear_dgrad``, ``conv_fwd``, ``conv_dgrad``).
-
-    ``BLOCK_M`` x ``BLOCK_N`` is the output tile, ``BLOCK_K`` the reduction step. Under the
-    interpreter, a single config (no benchmarking) with large tiles: the interpreter's cost is
-    per operation, not per element, so fewer, bigger tiles keep the CPU tests fast.
-    """
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
-    candidates = [  # BLOCK_M: multiples of PARTIAL_ROWS
+def gemm_candidates() -> list[triton.Config]:
+    """Candidate configs of the 2-D tile GEMMs (forward and data gradient, linear and conv):
+    ``BLOCK_M`` x ``BLOCK_N`` is the output tile, ``BLOCK_K`` the reduction step."""
+    return [  # BLOCK_M: multiples of PARTIAL_ROWS
         _config(128, 128, 64, warps=8, stages=3),
         _config(128, 256, 64, warps=8, stages=3),
         _config(256, 128, 64, warps=8, stages=3),
@@ -79,37 +62,40 @@ def gemm_configs(kind: str) -> list[triton.Config]:
         _config(64, 128, 64, warps=4, stages=4),
         _config(64, 64, 32, warps=4, stages=4),
     ]
-    return [candidates[i] for i in _GEMM_KEEP[kind]]
 
 
-def wgrad_configs(kind: str) -> list[triton.Config]:
-    """Configs for weight-gradient GEMMs (``kind``: ``linear`` or ``conv``): output tile
+def wgrad_candidates() -> list[triton.Config]:
+    """Candidate configs of the weight-gradient GEMMs (linear and conv): output tile
     ``BLOCK_N`` x ``BLOCK_K``, row step ``BLOCK_M``."""
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32})]
     cfg = triton.Config
-    candidates = [
+    return [
         cfg({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
         cfg({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
         cfg({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
         cfg({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     ]
-    return [candidates[i] for i in _WGRAD_KEEP[kind]]
 
 
-def depthwise_configs(kind: str) -> list[triton.Config]:
-    """Configs for the depthwise (direct, non-GEMM) kernels (``kind``: ``fwd``, ``dgrad``,
-    ``wgrad``): ``BLOCK_M`` pixels x ``BLOCK_C`` channels."""
+def pick_configs(
+    candidates: list[triton.Config], keep: tuple[int, ...], interpret: dict[str, int]
+) -> list[triton.Config]:
+    """The configs a kernel autotunes over: ``candidates[i] for i in keep`` (in that order), or
+    under the interpreter the single config ``interpret``."""
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_C": 32})]
-    cfg = triton.Config
-    candidates = [  # BLOCK_M: multiples of PARTIAL_ROWS
-        cfg({"BLOCK_M": 64, "BLOCK_C": 64}, num_warps=4),
-        cfg({"BLOCK_M": 128, "BLOCK_C": 32}, num_warps=4),
-        cfg({"BLOCK_M": 64, "BLOCK_C": 128}, num_warps=4),
-        cfg({"BLOCK_M": 128, "BLOCK_C": 64}, num_warps=8),
-    ]
-    return [candidates[i] for i in _DEPTHWISE_KEEP[kind]]
+        return [triton.Config(interpret)]
+    return [candidates[i] for i in keep]
+
+
+def gemm_configs(keep: tuple[int, ...]) -> list[triton.Config]:
+    """Autotune configs of a 2-D tile GEMM kernel that keeps ``keep`` of :func:`gemm_candidates`."""
+    interpret = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
+    return pick_configs(gemm_candidates(), keep, interpret)
+
+
+def wgrad_configs(keep: tuple[int, ...]) -> list[triton.Config]:
+    """Autotune configs of a weight-gradient kernel that keeps ``keep`` of
+    :func:`wgrad_candidates`."""
+    return pick_configs(wgrad_candidates(), keep, {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32})
 
 
 def mask_columns(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -177,6 +163,23 @@ def num_programs_target(device: torch.device) -> int:
     return 32
 
 
+def row_splits(
+    device: torch.device, rows: int, tiles: int, *, min_rows: int, max_splits: int
+) -> int:
+    """Split factor over rows for a weight-gradient GEMM so the launch fills the device.
+
+    ``tiles`` is the number of output tiles at the typical config; each split keeps at least
+    ``min_rows`` rows (32 under the interpreter) so the fp32 partial buffers stay small
+    relative to the work, and there are at most ``max_splits`` splits. The two bounds are the
+    op's own (the linear op and the conv ops use different ones, see their call sites).
+    """
+    target = num_programs_target(device)
+    if tiles >= target or rows == 0:
+        return 1
+    min_rows = 32 if INTERPRET else min_rows
+    return max(1, min(triton.cdiv(target, max(tiles, 1)), triton.cdiv(rows, min_rows), max_splits))
+
+
 ALIGN_ELEMS: int = 8  # the divisor's default: kept widths are multiples of it
 
 
@@ -196,7 +199,8 @@ def with_align_hint(kernel: Any, args: tuple, kwargs: dict) -> dict:
     names = getattr(kernel, "align_args", None)
     if not names or "ALIGN" in kwargs:
         return kwargs
-    values = {**dict(zip(kernel.arg_names, args)), **kwargs}
+    # positional arguments fill the leading parameters only (the rest come as keywords)
+    values = {**dict(zip(kernel.arg_names, args, strict=False)), **kwargs}
     try:
         ok = all(int(values[n]) % ALIGN_ELEMS == 0 for n in names) and all(
             t.data_ptr() % 16 == 0

@@ -34,7 +34,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from . import _common, dual_conv2d, dual_linear
+from . import _common, dual_conv2d, dual_depthwise, dual_linear
 
 # Per-block shared-memory limits (opt-in maximum, bytes): H100/H200 and A100.
 SMEM_LIMIT = {90: 232448, 80: 166912}
@@ -86,7 +86,7 @@ def capture_launches() -> Iterator[list[Launch]]:
     if _common.INTERPRET:
         raise RuntimeError("capture_launches compiles real kernels: unset TRITON_INTERPRET")
     sink: list[Launch] = []
-    modules = (dual_linear, dual_conv2d)
+    modules = (dual_linear, dual_conv2d, dual_depthwise)  # every module that launches kernels
     saved = [m.launcher for m in modules]
 
     def recorder(kernel: Any) -> _Recorder:

@@ -5,14 +5,16 @@ Math (``W`` is ``[O, C, KH, KW]``, ``i = in_keep``, ``o = out_keep``, NCHW logic
     y_soft = conv2d(x_soft * soft_in_mask[:, None, None], W, b)                  # [B, O, OH, OW]
     y_hard = conv2d(x_hard * hard_in_mask[:, None, None], W[o][:, i], b[o])      # [B, O_h, OH, OW]
 
-Depthwise (``groups == C == O``, ``i == o``): ``y_hard`` uses ``W[o]`` with ``len(o)`` groups.
+Depthwise convolutions (``groups == C == O``, ``i == o``; ``y_hard`` uses ``W[o]`` with
+``len(o)`` groups) run the direct kernels of :mod:`.dual_depthwise`, launched from the op
+bodies here; the ops, their autograd (:mod:`._autograd`) and FLOP formulas cover both.
 
 Dense convolutions (``groups == 1``) are implicit GEMMs, never materialising im2col:
 
 * forward ``[B*OH*OW, O] = A @ W'`` with rows = output pixels, the reduction walked as
   (filter tap, channel block) so that every A row of a tap is one pixel's channel vector
-  (contiguous for channels-last input); the input mask scales A as it is loaded, the bias is
-  added in the epilogue.
+  (contiguous for channels-last input); the input mask is folded into the tap-major weight
+  copy once per call (as in ``dual_linear``), the bias is added in the epilogue.
 * data gradient ``[B*H*W, C]`` with rows = input pixels: each tap maps an input pixel back to
   the output pixel that read it (rows whose offset is not a multiple of the stride are
   masked off); epilogue: ``dx = g * mask`` and per-row-tile partials of ``g * x`` for the mask
@@ -21,9 +23,6 @@ Dense convolutions (``groups == 1``) are implicit GEMMs, never materialising im2
   ``SPLIT`` row chunks into fp32 partial buffers (deterministic, autotune-safe); the input
   mask scales the finished tile (it is constant along the reduction), and the bias gradient
   rides along in the tiles of the first tap and channel block.
-
-Depthwise convolutions are not GEMMs (one channel in, one out): direct kernels over
-``pixels x channels`` tiles, the hard path reading ``W`` and ``b`` through ``out_keep``.
 
 Every launch covers the soft problem's tiles first, then the hard problem's. As for the
 linear op, the dense hard path reads a gathered, tap-major copy of ``W[o][:, i]`` (see
@@ -35,6 +34,9 @@ made tap-major (``[O, KH, KW, C]`` contiguous) once per call unless it already i
 # torch.library infers op schemas from typing.Optional (the GPU host's torch 2.11 included);
 # keep it rather than `X | None`.
 # ruff: noqa: UP045
+# The kernels name sizes as the math does (B, C, H, W, O: batch, channels, height, width,
+# output channels), hence E741 off for this file.
+# ruff: noqa: E741
 from typing import Optional
 
 import torch
@@ -42,24 +44,32 @@ import triton
 import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
+from ._autograd import register_dual_autograd
 from ._common import (
-    INTERPRET,
     PARTIAL_ROWS,
     PARTIAL_ROWS_C,
-    depthwise_configs,
     dot_precision,
     gemm_configs,
     grouped_tile_coords,
     launcher,
     mask_columns,
-    needed_input_grads,
-    num_programs_target,
     register_op,
+    row_splits,
     store_partial_column_sums,
     tune_key,
     upcast_dot,
     wgrad_configs,
 )
+from ._conv_common import (
+    CONV_MAX_SPLITS,
+    CONV_SPLIT_MIN_ROWS,
+    conv_params,
+    is_depthwise,
+    new_like,
+    out_size,
+    strides4,
+)
+from .dual_depthwise import depthwise_dgrad, depthwise_fwd, depthwise_wgrad
 
 # --------------------------------------------------------------------------------------------
 # Dense (groups == 1) implicit-GEMM kernels
@@ -125,9 +135,12 @@ def _conv_fwd_tile(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.autotune(
-    configs=gemm_configs("conv_fwd"), key=["TUNE_KEY"]
-)
+# Autotune keep-lists: which of _common's candidates each kernel tunes over (see the note there
+# on how they are measured with bench/compile_kernels.py).
+FWD_KEEP = (0, 3, 4, 5)  # of gemm_candidates(): 128x256 and 256x128 spill 112-240 B
+
+
+@triton.autotune(configs=gemm_configs(FWD_KEEP), key=["TUNE_KEY"])
 @triton.jit(do_not_specialize=["TUNE_KEY"])
 def _dual_conv_fwd_kernel(
     xs_ptr, xh_ptr, w_ptr, wh_ptr, b_ptr, out_keep_ptr, ys_ptr, yh_ptr,
@@ -261,9 +274,12 @@ def _conv_dgrad_tile(
         )  # fmt: skip
 
 
-@triton.autotune(
-    configs=gemm_configs("conv_dgrad"), key=["TUNE_KEY"]
-)
+# of gemm_candidates(): the wide tiles spill, and 128x64 (4 warps) spills 204 B on sm_80 for a
+# 3x3 stride-2 conv
+DGRAD_KEEP = (0, 4, 5)
+
+
+@triton.autotune(configs=gemm_configs(DGRAD_KEEP), key=["TUNE_KEY"])
 @triton.jit(do_not_specialize=["TUNE_KEY"])
 def _dual_conv_dgrad_kernel(
     dys_ptr, dyh_ptr, w_ptr, wh_ptr, xs_ptr, xh_ptr, ms_ptr, mh_ptr,
@@ -413,10 +429,10 @@ def _conv_wgrad_tile(
             tl.store(db_part_ptr + split * O + offs_o, bias_acc, mask=o_ok)
 
 
-@triton.autotune(
-    configs=wgrad_configs("conv"),
-    key=["TUNE_KEY"],
-)
+WGRAD_KEEP = (3,)  # of wgrad_candidates(): every wider tile spills 144-564 B on sm_80
+
+
+@triton.autotune(configs=wgrad_configs(WGRAD_KEEP), key=["TUNE_KEY"])
 @triton.jit(do_not_specialize=["TUNE_KEY"])
 def _dual_conv_wgrad_kernel(
     dys_ptr, dyh_ptr, xs_ptr, xh_ptr, ms_ptr, mh_ptr,
@@ -476,310 +492,13 @@ _dual_conv_wgrad_kernel.align_args = (  # sizes and strides ALIGN asserts are mu
 
 
 # --------------------------------------------------------------------------------------------
-# Depthwise (groups == C == O) direct kernels
-# --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _dw_fwd_tile(
-    tile, x_ptr, mask_ptr, w_ptr, chan_ptr, b_ptr, y_ptr,
-    B, C, H, W, OH, OW,
-    sxb, sxc, sxh, sxw, swc, swr, sws, syb, syc, syh, syw,
-    conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
-    KH: tl.constexpr, KW: tl.constexpr, GATHER: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    """``BLOCK_M`` output pixels x ``BLOCK_C`` channels; ``chan`` maps channels to rows of
-    ``w``/``b`` when ``GATHER`` (the hard path)."""
-    M = B * OH * OW
-    num_c = tl.cdiv(C, BLOCK_C)
-    pid_m = tile // num_c
-    pid_c = tile % num_c
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_ok = offs_m < M
-    c_ok = offs_c < C
-    if GATHER:
-        w_row = tl.load(chan_ptr + offs_c, mask=c_ok, other=0)
-    else:
-        w_row = offs_c
-    ow = offs_m % OW
-    oh = (offs_m // OW) % OH
-    bb = (offs_m // (OW * OH)).to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    for r in range(KH):
-        ih = oh * conv_sh - pad_h + r * dil_h
-        h_ok = m_ok & (ih >= 0) & (ih < H)
-        for s in range(KW):
-            iw = ow * conv_sw - pad_w + s * dil_w
-            row_ok = h_ok & (iw >= 0) & (iw < W)
-            x_rows = bb * sxb + ih * sxh + iw * sxw
-            xv = tl.load(
-                x_ptr + x_rows[:, None] + offs_c[None, :] * sxc,
-                mask=row_ok[:, None] & c_ok[None, :], other=0.0,
-            )  # fmt: skip
-            wv = tl.load(w_ptr + w_row * swc + r * swr + s * sws, mask=c_ok, other=0.0)
-            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
-    # The mask is per channel and each output channel reads one input channel: scaling the
-    # sum once is the same as scaling every input (in exact arithmetic; here, more exact).
-    gate = tl.load(mask_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
-    acc = acc * gate[None, :]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + w_row, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    y_rows = bb * syb + oh * syh + ow * syw
-    tl.store(
-        y_ptr + y_rows[:, None] + offs_c[None, :] * syc,
-        acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :],
-    )  # fmt: skip
-
-
-@triton.autotune(configs=depthwise_configs("fwd"), key=["TUNE_KEY"])
-@triton.jit(do_not_specialize=["TUNE_KEY"])
-def _dual_dw_fwd_kernel(
-    xs_ptr, xh_ptr, w_ptr, keep_ptr, b_ptr, ms_ptr, mh_ptr, ys_ptr, yh_ptr,
-    B_s, B_h, C, C_h, H, W, OH, OW,
-    s_xs_b, s_xs_c, s_xs_h, s_xs_w, s_xh_b, s_xh_c, s_xh_h, s_xh_w, s_w_c, s_w_r, s_w_s,
-    s_ys_b, s_ys_c, s_ys_h, s_ys_w, s_yh_b, s_yh_c, s_yh_h, s_yh_w,
-    conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
-    TUNE_KEY,
-    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    pid = tl.program_id(0)
-    soft_tiles = tl.cdiv(B_s * OH * OW, BLOCK_M) * tl.cdiv(C, BLOCK_C)
-    if pid < soft_tiles:
-        _dw_fwd_tile(
-            pid, xs_ptr, ms_ptr, w_ptr, keep_ptr, b_ptr, ys_ptr, B_s, C, H, W, OH, OW,
-            s_xs_b, s_xs_c, s_xs_h, s_xs_w, s_w_c, s_w_r, s_w_s,
-            s_ys_b, s_ys_c, s_ys_h, s_ys_w, conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
-            KH, KW, False, HAS_BIAS, BLOCK_M, BLOCK_C,
-        )  # fmt: skip
-    else:
-        _dw_fwd_tile(
-            pid - soft_tiles, xh_ptr, mh_ptr, w_ptr, keep_ptr, b_ptr, yh_ptr,
-            B_h, C_h, H, W, OH, OW,
-            s_xh_b, s_xh_c, s_xh_h, s_xh_w, s_w_c, s_w_r, s_w_s,
-            s_yh_b, s_yh_c, s_yh_h, s_yh_w, conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
-            KH, KW, True, HAS_BIAS, BLOCK_M, BLOCK_C,
-        )  # fmt: skip
-
-
-@triton.jit
-def _dw_dgrad_tile(
-    tile, dy_ptr, w_ptr, chan_ptr, x_ptr, mask_ptr, dx_ptr, dmask_part_ptr,
-    B, C, H, W, OH, OW,
-    sdyb, sdyc, sdyh, sdyw, swc, swr, sws, sxb, sxc, sxh, sxw, sdxb, sdxc, sdxh, sdxw,
-    conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
-    KH: tl.constexpr, KW: tl.constexpr, GATHER: tl.constexpr,
-    NEED_DX: tl.constexpr, NEED_DMASK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    """``BLOCK_M`` input pixels x ``BLOCK_C`` channels of ``g``, then ``dx`` and mask partials."""
-    M = B * H * W
-    num_c = tl.cdiv(C, BLOCK_C)
-    pid_m = tile // num_c
-    pid_c = tile % num_c
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_ok = offs_m < M
-    c_ok = offs_c < C
-    if GATHER:
-        w_row = tl.load(chan_ptr + offs_c, mask=c_ok, other=0)
-    else:
-        w_row = offs_c
-    iw = offs_m % W
-    ih = (offs_m // W) % H
-    bb = (offs_m // (W * H)).to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    for r in range(KH):
-        oh_num = ih + pad_h - r * dil_h
-        oh_num_c = tl.where(oh_num >= 0, oh_num, 0)
-        oh = oh_num_c // conv_sh
-        h_ok = m_ok & (oh_num >= 0) & (oh * conv_sh == oh_num_c) & (oh < OH)
-        for s in range(KW):
-            ow_num = iw + pad_w - s * dil_w
-            ow_num_c = tl.where(ow_num >= 0, ow_num, 0)
-            ow = ow_num_c // conv_sw
-            row_ok = h_ok & (ow_num >= 0) & (ow * conv_sw == ow_num_c) & (ow < OW)
-            dy_rows = bb * sdyb + oh * sdyh + ow * sdyw
-            g = tl.load(
-                dy_ptr + dy_rows[:, None] + offs_c[None, :] * sdyc,
-                mask=row_ok[:, None] & c_ok[None, :], other=0.0,
-            )  # fmt: skip
-            wv = tl.load(w_ptr + w_row * swc + r * swr + s * sws, mask=c_ok, other=0.0)
-            acc += g.to(tl.float32) * wv.to(tl.float32)[None, :]
-    ok = m_ok[:, None] & c_ok[None, :]
-    if NEED_DX:
-        gate = tl.load(mask_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
-        dx_rows = bb * sdxb + ih * sdxh + iw * sdxw
-        dx_ptrs = dx_ptr + dx_rows[:, None] + offs_c[None, :] * sdxc
-        tl.store(dx_ptrs, (acc * gate[None, :]).to(dx_ptr.dtype.element_ty), mask=ok)
-    if NEED_DMASK:
-        x_rows = bb * sxb + ih * sxh + iw * sxw
-        x = tl.load(x_ptr + x_rows[:, None] + offs_c[None, :] * sxc, mask=ok, other=0.0)
-        store_partial_column_sums(
-            dmask_part_ptr, acc * x.to(tl.float32), pid_m, M, C, offs_c, c_ok,
-            BLOCK_M, BLOCK_C, PARTIAL_ROWS_C,
-        )  # fmt: skip
-
-
-@triton.autotune(configs=depthwise_configs("dgrad"), key=["TUNE_KEY"])
-@triton.jit(do_not_specialize=["TUNE_KEY"])
-def _dual_dw_dgrad_kernel(
-    dys_ptr, dyh_ptr, w_ptr, keep_ptr, xs_ptr, xh_ptr, ms_ptr, mh_ptr,
-    dxs_ptr, dxh_ptr, dms_part_ptr, dmh_part_ptr,
-    B_s, B_h, C, C_h, H, W, OH, OW,
-    s_dys_b, s_dys_c, s_dys_h, s_dys_w, s_dyh_b, s_dyh_c, s_dyh_h, s_dyh_w,
-    s_w_c, s_w_r, s_w_s,
-    s_xs_b, s_xs_c, s_xs_h, s_xs_w, s_xh_b, s_xh_c, s_xh_h, s_xh_w,
-    s_dxs_b, s_dxs_c, s_dxs_h, s_dxs_w, s_dxh_b, s_dxh_c, s_dxh_h, s_dxh_w,
-    conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
-    TUNE_KEY,
-    KH: tl.constexpr, KW: tl.constexpr,
-    NEED_DX_S: tl.constexpr, NEED_DM_S: tl.constexpr,
-    NEED_DX_H: tl.constexpr, NEED_DM_H: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    pid = tl.program_id(0)
-    soft_tiles = tl.cdiv(B_s * H * W, BLOCK_M) * tl.cdiv(C, BLOCK_C)
-    if pid < soft_tiles:
-        _dw_dgrad_tile(
-            pid, dys_ptr, w_ptr, keep_ptr, xs_ptr, ms_ptr, dxs_ptr, dms_part_ptr,
-            B_s, C, H, W, OH, OW,
-            s_dys_b, s_dys_c, s_dys_h, s_dys_w, s_w_c, s_w_r, s_w_s,
-            s_xs_b, s_xs_c, s_xs_h, s_xs_w, s_dxs_b, s_dxs_c, s_dxs_h, s_dxs_w,
-            conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
-            KH, KW, False, NEED_DX_S, NEED_DM_S, BLOCK_M, BLOCK_C,
-        )  # fmt: skip
-    else:
-        _dw_dgrad_tile(
-            pid - soft_tiles, dyh_ptr, w_ptr, keep_ptr, xh_ptr, mh_ptr, dxh_ptr, dmh_part_ptr,
-            B_h, C_h, H, W, OH, OW,
-            s_dyh_b, s_dyh_c, s_dyh_h, s_dyh_w, s_w_c, s_w_r, s_w_s,
-            s_xh_b, s_xh_c, s_xh_h, s_xh_w, s_dxh_b, s_dxh_c, s_dxh_h, s_dxh_w,
-            conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
-            KH, KW, True, NEED_DX_H, NEED_DM_H, BLOCK_M, BLOCK_C,
-        )  # fmt: skip
-
-
-@triton.jit
-def _dw_wgrad_tile(
-    tile, dy_ptr, x_ptr, mask_ptr, dw_part_ptr, db_part_ptr,
-    B, C, H, W, OH, OW, SPLIT,
-    sdyb, sdyc, sdyh, sdyw, sxb, sxc, sxh, sxw,
-    conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
-    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    """(row split, tap, ``BLOCK_C`` channels) of ``dW``; ``dw_part`` is contiguous
-    ``[SPLIT, KH*KW, C]`` fp32 and ``db_part`` ``[SPLIT, C]`` (channels of this problem)."""
-    M = B * OH * OW
-    taps: tl.constexpr = KH * KW
-    num_c = tl.cdiv(C, BLOCK_C)
-    split = tile // (taps * num_c)
-    rest = tile % (taps * num_c)
-    tap = rest // num_c
-    pid_c = rest % num_c
-    r = tap // KW
-    s = tap % KW
-    rows_per_split = tl.cdiv(tl.cdiv(M, SPLIT), BLOCK_M) * BLOCK_M
-    m_lo = split * rows_per_split
-    m_hi = tl.minimum(M, m_lo + rows_per_split)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < C
-    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    bias_acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    for m0 in range(m_lo, m_hi, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < m_hi
-        ow = offs_m % OW
-        oh = (offs_m // OW) % OH
-        bb = (offs_m // (OW * OH)).to(tl.int64)
-        ih = oh * conv_sh - pad_h + r * dil_h
-        iw = ow * conv_sw - pad_w + s * dil_w
-        x_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        dy_rows = bb * sdyb + oh * sdyh + ow * sdyw
-        g = tl.load(
-            dy_ptr + dy_rows[:, None] + offs_c[None, :] * sdyc,
-            mask=m_ok[:, None] & c_ok[None, :], other=0.0,
-        ).to(tl.float32)  # fmt: skip
-        x_rows = bb * sxb + ih * sxh + iw * sxw
-        xv = tl.load(
-            x_ptr + x_rows[:, None] + offs_c[None, :] * sxc,
-            mask=x_ok[:, None] & c_ok[None, :], other=0.0,
-        ).to(tl.float32)  # fmt: skip
-        acc += g * xv
-        if HAS_BIAS:  # noqa: SIM102 (a constexpr gate, then a runtime test)
-            if tap == 0:
-                bias_acc += g
-    gate = tl.load(mask_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
-    dw = tl.sum(acc, axis=0) * gate
-    tl.store(dw_part_ptr + (split * taps + tap) * C + offs_c, dw, mask=c_ok)
-    if HAS_BIAS:  # noqa: SIM102 (a constexpr gate, then a runtime test)
-        if tap == 0:
-            tl.store(db_part_ptr + split * C + offs_c, tl.sum(bias_acc, axis=0), mask=c_ok)
-
-
-@triton.autotune(
-    configs=depthwise_configs("wgrad"), key=["TUNE_KEY"]
-)
-@triton.jit(do_not_specialize=["TUNE_KEY"])
-def _dual_dw_wgrad_kernel(
-    dys_ptr, dyh_ptr, xs_ptr, xh_ptr, ms_ptr, mh_ptr,
-    dws_part_ptr, dwh_part_ptr, dbs_part_ptr, dbh_part_ptr,
-    B_s, B_h, C, C_h, H, W, OH, OW, SPLIT, soft_on,
-    s_dys_b, s_dys_c, s_dys_h, s_dys_w, s_dyh_b, s_dyh_c, s_dyh_h, s_dyh_w,
-    s_xs_b, s_xs_c, s_xs_h, s_xs_w, s_xh_b, s_xh_c, s_xh_h, s_xh_w,
-    conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
-    TUNE_KEY,
-    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    pid = tl.program_id(0)
-    soft_tiles = SPLIT * (KH * KW) * tl.cdiv(C, BLOCK_C) * soft_on
-    if pid < soft_tiles:
-        _dw_wgrad_tile(
-            pid, dys_ptr, xs_ptr, ms_ptr, dws_part_ptr, dbs_part_ptr, B_s, C, H, W, OH, OW, SPLIT,
-            s_dys_b, s_dys_c, s_dys_h, s_dys_w, s_xs_b, s_xs_c, s_xs_h, s_xs_w,
-            conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w, KH, KW, HAS_BIAS, BLOCK_M, BLOCK_C,
-        )  # fmt: skip
-    else:
-        _dw_wgrad_tile(
-            pid - soft_tiles, dyh_ptr, xh_ptr, mh_ptr, dwh_part_ptr, dbh_part_ptr,
-            B_h, C_h, H, W, OH, OW, SPLIT,
-            s_dyh_b, s_dyh_c, s_dyh_h, s_dyh_w, s_xh_b, s_xh_c, s_xh_h, s_xh_w,
-            conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w, KH, KW, HAS_BIAS, BLOCK_M, BLOCK_C,
-        )  # fmt: skip
-
-
-# --------------------------------------------------------------------------------------------
 # Launchers (the bodies of the registered ops)
 # --------------------------------------------------------------------------------------------
-
-
-def _out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
-    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
-
-
-def _new_like(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """An output in ``x``'s memory format (channels-last in, channels-last out), as cuDNN does.
-    The fake kernels use the same rule so that compiled graphs see the real strides."""
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
-
-
-def _is_depthwise(weight: torch.Tensor, groups: int) -> bool:
-    return groups > 1 and weight.shape[1] == 1 and groups == weight.shape[0]
 
 
 def _tap_major(w: torch.Tensor) -> torch.Tensor:
     """``w`` ([O, C, KH, KW]) laid out so channels are contiguous within a tap (see module doc)."""
     return w.contiguous(memory_format=torch.channels_last)
-
-
-def _strides4(t: torch.Tensor) -> tuple[int, int, int, int]:
-    return tuple(t.stride())  # type: ignore[return-value]
 
 
 def _tap_strides(w: torch.Tensor) -> tuple[int, int, int, int]:
@@ -796,21 +515,6 @@ def _tap_strides(w: torch.Tensor) -> tuple[int, int, int, int]:
     return kh * kw * c, 1, kw * c, c
 
 
-def _conv_params(
-    stride: list[int], padding: list[int], dilation: list[int]
-) -> tuple[int, int, int, int, int, int]:
-    return stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]
-
-
-def _row_splits(device: torch.device, rows: int, tiles: int) -> int:
-    """Split factor over output pixels for the weight gradients (same rule as dual_linear)."""
-    target = num_programs_target(device)
-    if tiles >= target or rows == 0:
-        return 1
-    min_rows = 32 if INTERPRET else 1024
-    return max(1, min(triton.cdiv(target, max(tiles, 1)), triton.cdiv(rows, min_rows), 128))
-
-
 def _fwd_fake(
     x_soft: torch.Tensor, x_hard: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     soft_in_mask: torch.Tensor, hard_in_mask: torch.Tensor, in_keep: torch.Tensor,
@@ -818,10 +522,10 @@ def _fwd_fake(
     groups: int, weight_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     n_out, _, kh, kw = weight.shape
-    oh = _out_size(x_soft.shape[2], kh, stride[0], padding[0], dilation[0])
-    ow = _out_size(x_soft.shape[3], kw, stride[1], padding[1], dilation[1])
-    y_soft = _new_like(x_soft, (x_soft.shape[0], n_out, oh, ow))
-    y_hard = _new_like(x_hard, (x_hard.shape[0], out_keep.shape[0], oh, ow))
+    oh = out_size(x_soft.shape[2], kh, stride[0], padding[0], dilation[0])
+    ow = out_size(x_soft.shape[3], kw, stride[1], padding[1], dilation[1])
+    y_soft = new_like(x_soft, (x_soft.shape[0], n_out, oh, ow))
+    y_hard = new_like(x_hard, (x_hard.shape[0], out_keep.shape[0], oh, ow))
     return y_soft, y_hard
 
 
@@ -843,29 +547,12 @@ def dual_conv2d_op(
     n_out, n_out_h = weight.shape[0], out_keep.shape[0]
     kh, kw = weight.shape[2], weight.shape[3]
     oh, ow = y_soft.shape[2], y_soft.shape[3]
-    geo = _conv_params(stride, padding, dilation)
+    geo = conv_params(stride, padding, dilation)
     ms, mh = soft_in_mask.contiguous(), hard_in_mask.contiguous()
-    b_arg = bias if bias is not None else weight
     if y_soft.numel() + y_hard.numel() == 0:
         return y_soft, y_hard
-    if _is_depthwise(weight, groups):
-
-        def grid_dw(meta: dict) -> tuple[int]:
-            bm, bc = meta["BLOCK_M"], meta["BLOCK_C"]
-            return (
-                triton.cdiv(b_s * oh * ow, bm) * triton.cdiv(c, bc)
-                + triton.cdiv(b_h * oh * ow, bm) * triton.cdiv(c_h, bc),
-            )
-
-        launcher(_dual_dw_fwd_kernel)[grid_dw](
-            x_soft, x_hard, weight, out_keep, b_arg, ms, mh, y_soft, y_hard,
-            b_s, b_h, c, c_h, h, w, oh, ow,
-            *_strides4(x_soft), *_strides4(x_hard),
-            weight.stride(0), weight.stride(2), weight.stride(3),
-            *_strides4(y_soft), *_strides4(y_hard), *geo,
-            KH=kh, KW=kw, HAS_BIAS=bias is not None,
-            TUNE_KEY=tune_key(b_s * oh * ow, b_h * oh * ow, c, c_h, kh * kw),
-        )  # fmt: skip
+    if is_depthwise(weight.shape, groups):
+        depthwise_fwd(x_soft, x_hard, weight, bias, ms, mh, out_keep, y_soft, y_hard, geo)
         return y_soft, y_hard
     # the input masks folded into the tap-major weight copies the kernel reads anyway (rounded
     # once): the implicit-GEMM loop then reads plain operands
@@ -882,10 +569,11 @@ def dual_conv2d_op(
         )
 
     launcher(_dual_conv_fwd_kernel)[grid](
-        x_soft, x_hard, w_soft, w_hard, b_arg, out_keep, y_soft, y_hard,
+        x_soft, x_hard, w_soft, w_hard, bias if bias is not None else weight, out_keep,
+        y_soft, y_hard,
         b_s, b_h, c, h, w, n_out, c_h, n_out_h, oh, ow,
-        *_strides4(x_soft), *_strides4(x_hard), *_tap_strides(w_soft), *_tap_strides(w_hard),
-        *_strides4(y_soft), *_strides4(y_hard), *geo,
+        *strides4(x_soft), *strides4(x_hard), *_tap_strides(w_soft), *_tap_strides(w_hard),
+        *strides4(y_soft), *strides4(y_hard), *geo,
         KH=kh, KW=kw, HAS_BIAS=bias is not None, UPCAST=upcast_dot(weight.dtype),
         PRECISION=dot_precision(weight.dtype, "conv"),
         TUNE_KEY=tune_key(b_s * oh * ow, b_h * oh * ow, c, n_out, c_h, n_out_h, kh * kw),
@@ -902,8 +590,8 @@ def _dgrad_fake(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     soft, hard = grad_soft is not None, grad_hard is not None
     return (
-        _new_like(x_soft, tuple(x_soft.shape)) if soft and need_x_soft else x_soft.new_empty((0,)),
-        _new_like(x_hard, tuple(x_hard.shape)) if hard and need_x_hard else x_soft.new_empty((0,)),
+        new_like(x_soft, tuple(x_soft.shape)) if soft and need_x_soft else x_soft.new_empty((0,)),
+        new_like(x_hard, tuple(x_hard.shape)) if hard and need_x_hard else x_soft.new_empty((0,)),
         torch.empty_like(soft_in_mask) if soft and need_soft_mask else x_soft.new_empty((0,)),
         torch.empty_like(hard_in_mask) if hard and need_hard_mask else x_soft.new_empty((0,)),
     )
@@ -930,36 +618,22 @@ def dual_conv2d_dgrad_op(
     c_h = x_hard.shape[1]
     n_out, n_out_h = weight.shape[0], out_keep.shape[0]
     kh, kw = weight.shape[2], weight.shape[3]
-    oh = _out_size(h, kh, stride[0], padding[0], dilation[0])
-    ow = _out_size(w, kw, stride[1], padding[1], dilation[1])
-    geo = _conv_params(stride, padding, dilation)
+    oh = out_size(h, kh, stride[0], padding[0], dilation[0])
+    ow = out_size(w, kw, stride[1], padding[1], dilation[1])
+    geo = conv_params(stride, padding, dilation)
     dys = grad_soft if do_soft else x_soft
     dyh = grad_hard if do_hard else x_hard
-    dxs = _new_like(x_soft, tuple(x_soft.shape)) if do_soft else x_soft.new_empty((0, 1, 1, 1))
-    dxh = _new_like(x_hard, tuple(x_hard.shape)) if do_hard else x_hard.new_empty((0, 1, 1, 1))
+    dxs = new_like(x_soft, tuple(x_soft.shape)) if do_soft else x_soft.new_empty((0, 1, 1, 1))
+    dxh = new_like(x_hard, tuple(x_hard.shape)) if do_hard else x_hard.new_empty((0, 1, 1, 1))
     f32 = {"dtype": torch.float32, "device": x_soft.device}
     dms_part = torch.empty((triton.cdiv(b_s * h * w, PARTIAL_ROWS), c), **f32)
     dmh_part = torch.empty((triton.cdiv(b_h * h * w, PARTIAL_ROWS), c_h), **f32)
     ms, mh = soft_in_mask.contiguous(), hard_in_mask.contiguous()
     if do_soft or do_hard:
-        if _is_depthwise(weight, groups):
-
-            def grid_dw(meta: dict) -> tuple[int]:
-                bm, bc = meta["BLOCK_M"], meta["BLOCK_C"]
-                return (
-                    triton.cdiv(b_s * h * w, bm) * triton.cdiv(c, bc)
-                    + triton.cdiv(b_h * h * w, bm) * triton.cdiv(c_h, bc),
-                )
-
-            launcher(_dual_dw_dgrad_kernel)[grid_dw](
+        if is_depthwise(weight.shape, groups):
+            depthwise_dgrad(
                 dys, dyh, weight, out_keep, x_soft, x_hard, ms, mh, dxs, dxh, dms_part, dmh_part,
-                b_s, b_h, c, c_h, h, w, oh, ow,
-                *_strides4(dys), *_strides4(dyh),
-                weight.stride(0), weight.stride(2), weight.stride(3),
-                *_strides4(x_soft), *_strides4(x_hard), *_strides4(dxs), *_strides4(dxh), *geo,
-                KH=kh, KW=kw, NEED_DX_S=need_x_soft, NEED_DM_S=need_soft_mask,
-                NEED_DX_H=need_x_hard, NEED_DM_H=need_hard_mask,
-                TUNE_KEY=tune_key(b_s * h * w, b_h * h * w, c, c_h, kh * kw),
+                b_s, b_h, oh, ow, geo, need_x_soft, need_x_hard, need_soft_mask, need_hard_mask,
             )  # fmt: skip
         else:
             w_soft = _tap_major(weight)
@@ -979,8 +653,8 @@ def dual_conv2d_dgrad_op(
             launcher(_dual_conv_dgrad_kernel)[grid](
                 dys, dyh, w_soft, w_hard, x_soft, x_hard, ms, mh, dxs, dxh, dms_part, dmh_part,
                 b_s, b_h, c, h, w, n_out, c_h, n_out_h, oh, ow,
-                *_strides4(dys), *_strides4(dyh), *_tap_strides(w_soft), *_tap_strides(w_hard),
-                *_strides4(x_soft), *_strides4(x_hard), *_strides4(dxs), *_strides4(dxh), *geo,
+                *strides4(dys), *strides4(dyh), *_tap_strides(w_soft), *_tap_strides(w_hard),
+                *strides4(x_soft), *strides4(x_hard), *strides4(dxs), *strides4(dxh), *geo,
                 KH=kh, KW=kw, NEED_DX_S=need_x_soft, NEED_DM_S=need_soft_mask,
                 NEED_DX_H=need_x_hard, NEED_DM_H=need_hard_mask,
                 UPCAST=upcast_dot(weight.dtype), PRECISION=dot_precision(weight.dtype, "conv"),
@@ -996,6 +670,63 @@ def dual_conv2d_dgrad_op(
         if do_hard and need_hard_mask
         else x_soft.new_empty((0,)),
     )
+
+
+def _dense_wgrad(
+    dys: torch.Tensor, dyh: torch.Tensor, x_soft: torch.Tensor, x_hard: torch.Tensor,
+    ms: torch.Tensor, mh: torch.Tensor, weight: torch.Tensor, in_keep: torch.Tensor,
+    out_keep: torch.Tensor, do_soft: bool, do_hard: bool, b_s: int, b_h: int, oh: int, ow: int,
+    geo: tuple[int, int, int, int, int, int], need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The dense (groups == 1) weight gradient, fp32 ``[O, C, KH, KW]`` with both paths summed,
+    and the per-split fp32 bias-gradient partials of the soft and hard paths (the depthwise
+    counterpart is ``dual_depthwise.depthwise_wgrad``)."""
+    _, c, h, w = x_soft.shape
+    c_h = x_hard.shape[1]
+    n_out, n_out_h = weight.shape[0], out_keep.shape[0]
+    kh, kw = weight.shape[2], weight.shape[3]
+    taps = kh * kw
+    f32 = {"dtype": torch.float32, "device": x_soft.device}
+    tiles = taps * (
+        (triton.cdiv(n_out, 128) * triton.cdiv(c, 128) if do_soft else 0)
+        + (triton.cdiv(n_out_h, 128) * triton.cdiv(c_h, 128) if do_hard else 0)
+    )
+    split = row_splits(
+        x_soft.device, max(b_s, b_h) * oh * ow, tiles,
+        min_rows=CONV_SPLIT_MIN_ROWS, max_splits=CONV_MAX_SPLITS,
+    )  # fmt: skip
+    dws_part = torch.empty((split, n_out, taps, c) if do_soft else (0,), **f32)
+    dwh_part = torch.empty((split, n_out_h, taps, c_h) if do_hard else (0,), **f32)
+    dbs_part = torch.empty((split, n_out) if do_soft and need_bias else (0,), **f32)
+    dbh_part = torch.empty((split, n_out_h) if do_hard and need_bias else (0,), **f32)
+    if do_soft or do_hard:
+
+        def grid(meta: dict) -> tuple[int]:
+            bn, bk = meta["BLOCK_N"], meta["BLOCK_K"]
+            soft = triton.cdiv(n_out, bn) * triton.cdiv(c, bk) if do_soft else 0
+            hard = triton.cdiv(n_out_h, bn) * triton.cdiv(c_h, bk) if do_hard else 0
+            return (split * taps * (soft + hard),)
+
+        launcher(_dual_conv_wgrad_kernel)[grid](
+            dys, dyh, x_soft, x_hard, ms, mh, dws_part, dwh_part, dbs_part, dbh_part,
+            b_s, b_h, c, h, w, n_out, c_h, n_out_h, oh, ow, split, int(do_soft),
+            *strides4(dys), *strides4(dyh), *strides4(x_soft), *strides4(x_hard), *geo,
+            KH=kh, KW=kw, HAS_BIAS=need_bias, UPCAST=upcast_dot(weight.dtype),
+            PRECISION=dot_precision(weight.dtype, "conv"),
+            TUNE_KEY=tune_key(
+                b_s * oh * ow, b_h * oh * ow, c, n_out, c_h, n_out_h, kh * kw, split
+            ),
+        )  # fmt: skip
+    # [split, O, taps, C] -> [O, C, KH, KW]
+    if do_soft:
+        dw = dws_part.sum(0).reshape(n_out, kh, kw, c).permute(0, 3, 1, 2)
+    else:
+        dw = torch.zeros(weight.shape, **f32)
+    if do_hard:
+        hard = dwh_part.sum(0).reshape(n_out_h, kh, kw, c_h).permute(0, 3, 1, 2)
+        # Unique kept indices: a deterministic gather-add-scatter into the kept block.
+        dw = dw.index_put((out_keep[:, None], in_keep[None, :]), hard, accumulate=True)
+    return dw, dbs_part, dbh_part
 
 
 def _wgrad_fake(
@@ -1022,96 +753,27 @@ def dual_conv2d_wgrad_op(
     ``need_bias``).
     """
     do_soft, do_hard = grad_soft is not None, grad_hard is not None
-    b_s, c, h, w = x_soft.shape
-    b_h, c_h = x_hard.shape[0], x_hard.shape[1]
-    b_s, b_h = (b_s if do_soft else 0), (b_h if do_hard else 0)
-    n_out, n_out_h = weight.shape[0], out_keep.shape[0]
+    b_s, _, h, w = x_soft.shape
+    b_s, b_h = (b_s if do_soft else 0), (x_hard.shape[0] if do_hard else 0)
+    n_out = weight.shape[0]
     kh, kw = weight.shape[2], weight.shape[3]
-    oh = _out_size(h, kh, stride[0], padding[0], dilation[0])
-    ow = _out_size(w, kw, stride[1], padding[1], dilation[1])
-    taps = kh * kw
-    geo = _conv_params(stride, padding, dilation)
+    oh = out_size(h, kh, stride[0], padding[0], dilation[0])
+    ow = out_size(w, kw, stride[1], padding[1], dilation[1])
+    geo = conv_params(stride, padding, dilation)
     dys = grad_soft if do_soft else x_soft
     dyh = grad_hard if do_hard else x_hard
     ms, mh = soft_in_mask.contiguous(), hard_in_mask.contiguous()
     f32 = {"dtype": torch.float32, "device": x_soft.device}
-    rows = max(b_s, b_h) * oh * ow
-    depthwise = _is_depthwise(weight, groups)
-    if depthwise:
-        tiles = taps * (
-            (triton.cdiv(c, 64) if do_soft else 0) + (triton.cdiv(c_h, 64) if do_hard else 0)
-        )
-        split = _row_splits(x_soft.device, rows, tiles)
-        dws_part = torch.empty((split, taps, c) if do_soft else (0,), **f32)
-        dwh_part = torch.empty((split, taps, c_h) if do_hard else (0,), **f32)
-        dbs_part = torch.empty((split, c) if do_soft and need_bias else (0,), **f32)
-        dbh_part = torch.empty((split, c_h) if do_hard and need_bias else (0,), **f32)
-        if do_soft or do_hard:
-
-            def grid_dw(meta: dict) -> tuple[int]:
-                bc = meta["BLOCK_C"]
-                return (
-                    split
-                    * taps
-                    * (
-                        (triton.cdiv(c, bc) if do_soft else 0)
-                        + (triton.cdiv(c_h, bc) if do_hard else 0)
-                    ),
-                )
-
-            launcher(_dual_dw_wgrad_kernel)[grid_dw](
-                dys, dyh, x_soft, x_hard, ms, mh, dws_part, dwh_part, dbs_part, dbh_part,
-                b_s, b_h, c, c_h, h, w, oh, ow, split, int(do_soft),
-                *_strides4(dys), *_strides4(dyh), *_strides4(x_soft), *_strides4(x_hard), *geo,
-                KH=kh, KW=kw, HAS_BIAS=need_bias,
-                TUNE_KEY=tune_key(b_s * oh * ow, b_h * oh * ow, c, c_h, kh * kw, split),
-            )  # fmt: skip
-        # [split, taps, C] -> [C, 1, KH, KW]
-        dw = (
-            dws_part.sum(0).t().reshape(n_out, 1, kh, kw)
-            if do_soft
-            else torch.zeros(weight.shape, **f32)
-        )
-        if do_hard:
-            hard = dwh_part.sum(0).t().reshape(n_out_h, 1, kh, kw)
-            dw = dw.index_put((out_keep,), hard, accumulate=True)
+    if is_depthwise(weight.shape, groups):
+        dw, dbs_part, dbh_part = depthwise_wgrad(
+            dys, dyh, x_soft, x_hard, ms, mh, weight, out_keep,
+            do_soft, do_hard, b_s, b_h, oh, ow, geo, need_bias,
+        )  # fmt: skip
     else:
-        tiles = taps * (
-            (triton.cdiv(n_out, 128) * triton.cdiv(c, 128) if do_soft else 0)
-            + (triton.cdiv(n_out_h, 128) * triton.cdiv(c_h, 128) if do_hard else 0)
-        )
-        split = _row_splits(x_soft.device, rows, tiles)
-        dws_part = torch.empty((split, n_out, taps, c) if do_soft else (0,), **f32)
-        dwh_part = torch.empty((split, n_out_h, taps, c_h) if do_hard else (0,), **f32)
-        dbs_part = torch.empty((split, n_out) if do_soft and need_bias else (0,), **f32)
-        dbh_part = torch.empty((split, n_out_h) if do_hard and need_bias else (0,), **f32)
-        if do_soft or do_hard:
-
-            def grid(meta: dict) -> tuple[int]:
-                bn, bk = meta["BLOCK_N"], meta["BLOCK_K"]
-                soft = triton.cdiv(n_out, bn) * triton.cdiv(c, bk) if do_soft else 0
-                hard = triton.cdiv(n_out_h, bn) * triton.cdiv(c_h, bk) if do_hard else 0
-                return (split * taps * (soft + hard),)
-
-            launcher(_dual_conv_wgrad_kernel)[grid](
-                dys, dyh, x_soft, x_hard, ms, mh, dws_part, dwh_part, dbs_part, dbh_part,
-                b_s, b_h, c, h, w, n_out, c_h, n_out_h, oh, ow, split, int(do_soft),
-                *_strides4(dys), *_strides4(dyh), *_strides4(x_soft), *_strides4(x_hard), *geo,
-                KH=kh, KW=kw, HAS_BIAS=need_bias, UPCAST=upcast_dot(weight.dtype),
-                PRECISION=dot_precision(weight.dtype, "conv"),
-                TUNE_KEY=tune_key(
-                    b_s * oh * ow, b_h * oh * ow, c, n_out, c_h, n_out_h, kh * kw, split
-                ),
-            )  # fmt: skip
-        # [split, O, taps, C] -> [O, C, KH, KW]
-        if do_soft:
-            dw = dws_part.sum(0).reshape(n_out, kh, kw, c).permute(0, 3, 1, 2)
-        else:
-            dw = torch.zeros(weight.shape, **f32)
-        if do_hard:
-            hard = dwh_part.sum(0).reshape(n_out_h, kh, kw, c_h).permute(0, 3, 1, 2)
-            # Unique kept indices: a deterministic gather-add-scatter into the kept block.
-            dw = dw.index_put((out_keep[:, None], in_keep[None, :]), hard, accumulate=True)
+        dw, dbs_part, dbh_part = _dense_wgrad(
+            dys, dyh, x_soft, x_hard, ms, mh, weight, in_keep, out_keep,
+            do_soft, do_hard, b_s, b_h, oh, ow, geo, need_bias,
+        )  # fmt: skip
     db = dbs_part.sum(0) if do_soft and need_bias else torch.zeros((n_out,), **f32)
     if do_hard and need_bias:
         db = db.index_put((out_keep,), dbh_part.sum(0), accumulate=True)
@@ -1129,15 +791,15 @@ def dual_conv2d_wgrad_op(
 def _path_flops(x, weight, n_out, n_in, depthwise, stride, padding, dilation) -> int:
     """FLOPs of one path's convolution: ``x`` the input shape, ``n_out`` / ``n_in`` its widths."""
     kh, kw = weight[2], weight[3]
-    oh = _out_size(x[2], kh, stride[0], padding[0], dilation[0])
-    ow = _out_size(x[3], kw, stride[1], padding[1], dilation[1])
+    oh = out_size(x[2], kh, stride[0], padding[0], dilation[0])
+    ow = out_size(x[3], kw, stride[1], padding[1], dilation[1])
     per_out = (1 if depthwise else n_in) * kh * kw
     return 2 * x[0] * n_out * oh * ow * per_out
 
 
 def _conv_flops(x_soft, x_hard, weight, in_keep, out_keep, stride, padding, dilation, groups,
                 soft: bool, hard: bool) -> int:  # fmt: skip
-    depthwise = groups > 1 and groups == x_soft[1] and weight[1] == 1
+    depthwise = is_depthwise(weight, groups)
     if groups > 1 and not depthwise:
         raise NotImplementedError("dual_conv2d supports groups=1 and depthwise convs only")
     geo = (stride, padding, dilation)
@@ -1177,46 +839,12 @@ def _wgrad_flops(grad_soft, grad_hard, x_soft, x_hard, weight, soft_in_mask, har
 # --------------------------------------------------------------------------------------------
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    (x_soft, x_hard, weight, bias, soft_in_mask, hard_in_mask, in_keep, out_keep,
-     stride, padding, dilation, groups, weight_grad) = inputs  # fmt: skip
-    ctx.save_for_backward(x_soft, x_hard, weight, soft_in_mask, hard_in_mask, in_keep, out_keep)
-    ctx.geometry = (list(stride), list(padding), list(dilation), groups)
-    ctx.has_bias = bias is not None
-    ctx.weight_grad = weight_grad
-    ctx.bias = bias  # a leaf input: needed_input_grads asks whether its gradient is used
-    # Unused outputs (the hard one in the gate-only gap backward) arrive as None: skipped.
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, grad_soft: Optional[torch.Tensor], grad_hard: Optional[torch.Tensor]):
-    x_soft, x_hard, weight, soft_in_mask, hard_in_mask, in_keep, out_keep = ctx.saved_tensors
-    need = needed_input_grads(
-        ctx, (x_soft, x_hard, weight, ctx.bias, soft_in_mask, hard_in_mask)
-    )
-    soft, hard = grad_soft is not None, grad_hard is not None
-    dxs = dxh = dms = dmh = dw = db = None
-    if (soft and (need[0] or need[4])) or (hard and (need[1] or need[5])):
-        dxs, dxh, dms, dmh = torch.ops.s2h_kernels.dual_conv2d_dgrad(
-            grad_soft, grad_hard, x_soft, x_hard, weight, soft_in_mask, hard_in_mask,
-            in_keep, out_keep, *ctx.geometry, need[0], need[1], need[4], need[5],
-        )  # fmt: skip
-        dxs = dxs if soft and need[0] else None
-        dxh = dxh if hard and need[1] else None
-        dms = dms if soft and need[4] else None
-        dmh = dmh if hard and need[5] else None
-    need_bias = ctx.has_bias and need[3]
-    if ctx.weight_grad and (soft or hard) and (need[2] or need_bias):
-        dw, db = torch.ops.s2h_kernels.dual_conv2d_wgrad(
-            grad_soft, grad_hard, x_soft, x_hard, weight, soft_in_mask, hard_in_mask,
-            in_keep, out_keep, *ctx.geometry, need_bias,
-        )  # fmt: skip
-        dw = dw if need[2] else None
-        db = db if need_bias else None
-    return dxs, dxh, dw, db, dms, dmh, None, None, None, None, None, None, None
-
-
-torch.library.register_autograd("s2h_kernels::dual_conv2d", _backward, setup_context=_setup_context)
+register_dual_autograd(
+    "s2h_kernels::dual_conv2d",
+    torch.ops.s2h_kernels.dual_conv2d_dgrad,
+    torch.ops.s2h_kernels.dual_conv2d_wgrad,
+    geometry_args=4,  # stride, padding, dilation, groups
+)
 
 
 def dual_conv2d_triton(

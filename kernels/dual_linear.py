@@ -41,8 +41,8 @@ import triton
 import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
+from ._autograd import register_dual_autograd
 from ._common import (
-    INTERPRET,
     PARTIAL_ROWS,
     PARTIAL_ROWS_C,
     dot_precision,
@@ -50,9 +50,8 @@ from ._common import (
     grouped_tile_coords,
     launcher,
     mask_columns,
-    needed_input_grads,
-    num_programs_target,
     register_op,
+    row_splits,
     store_partial_column_sums,
     tune_key,
     upcast_dot,
@@ -106,7 +105,12 @@ def _fwd_tile(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.autotune(configs=gemm_configs("linear_fwd"), key=["TUNE_KEY"])
+# Autotune keep-lists: which of _common's candidates each kernel tunes over (see the note there
+# on how they are measured with bench/compile_kernels.py).
+FWD_KEEP = (0, 1, 3, 4, 5)  # of gemm_candidates(): 256x128 spills 48 B on sm_80
+
+
+@triton.autotune(configs=gemm_configs(FWD_KEEP), key=["TUNE_KEY"])
 @triton.jit(do_not_specialize=["TUNE_KEY"])
 def _dual_linear_fwd_kernel(
     xs_ptr, xh_ptr, w_ptr, wh_ptr, b_ptr, out_keep_ptr, ys_ptr, yh_ptr,
@@ -199,7 +203,10 @@ def _dgrad_tile(
         )
 
 
-@triton.autotune(configs=gemm_configs("linear_dgrad"), key=["TUNE_KEY"])
+DGRAD_KEEP = (0, 3, 4, 5)  # of gemm_candidates(): 128x256 and 256x128 spill 56-304 B
+
+
+@triton.autotune(configs=gemm_configs(DGRAD_KEEP), key=["TUNE_KEY"])
 @triton.jit(do_not_specialize=["TUNE_KEY"])
 def _dual_linear_dgrad_kernel(
     dys_ptr, dyh_ptr, w_ptr, wh_ptr, xs_ptr, xh_ptr, ms_ptr, mh_ptr,
@@ -306,7 +313,10 @@ def _wgrad_tile(
             tl.store(db_part_ptr + split * N + offs_n, bias_acc, mask=n_ok)
 
 
-@triton.autotune(configs=wgrad_configs("linear"), key=["TUNE_KEY"])
+WGRAD_KEEP = (2, 3)  # of wgrad_candidates(): 64x128 tiles spill 60-360 B on sm_80
+
+
+@triton.autotune(configs=wgrad_configs(WGRAD_KEEP), key=["TUNE_KEY"])
 @triton.jit(do_not_specialize=["TUNE_KEY"])
 def _dual_linear_wgrad_kernel(
     dys_ptr, dyh_ptr, xs_ptr, xh_ptr, ms_ptr, mh_ptr,
@@ -369,17 +379,11 @@ def _rows(t: torch.Tensor, features: int) -> torch.Tensor:
     return t.reshape(-1, features)
 
 
-def _row_splits(device: torch.device, rows: int, tiles: int) -> int:
-    """Split factor over rows for the weight-gradient GEMM so the launch fills the device.
-
-    ``tiles`` is the number of output tiles at 128 x 128 (the typical config); each split
-    keeps at least a few row blocks so the fp32 partial buffers stay small relative to work.
-    """
-    target = num_programs_target(device)
-    if tiles >= target or rows == 0:
-        return 1
-    min_rows = 32 if INTERPRET else 512
-    return max(1, min(triton.cdiv(target, max(tiles, 1)), triton.cdiv(rows, min_rows), 64))
+# Row splits of the weight gradient (_common.row_splits): at least 512 rows per split, at most
+# 64 splits (the conv ops use 1024 / 128: kept per op, as a split factor change would change
+# the fp32 summation order, hence the bits, of the weight gradient).
+SPLIT_MIN_ROWS = 512
+MAX_SPLITS = 64
 
 
 def _fwd_fake(
@@ -551,7 +555,9 @@ def dual_linear_wgrad_op(
     tiles = (triton.cdiv(n_out, 128) * triton.cdiv(n_in, 128) if do_soft else 0) + (
         triton.cdiv(n_out_h, 128) * triton.cdiv(n_in_h, 128) if do_hard else 0
     )
-    split = _row_splits(xs.device, max(m_s, m_h), tiles)
+    split = row_splits(
+        xs.device, max(m_s, m_h), tiles, min_rows=SPLIT_MIN_ROWS, max_splits=MAX_SPLITS
+    )
     f32 = {"dtype": torch.float32, "device": xs.device}
     dws_part = torch.empty((split, n_out, n_in) if do_soft else (0,), **f32)
     dwh_part = torch.empty((split, n_out_h, n_in_h) if do_hard else (0,), **f32)
@@ -630,47 +636,12 @@ def _wgrad_flops(grad_soft, grad_hard, x_soft, x_hard, weight, soft_in_mask, har
 # --------------------------------------------------------------------------------------------
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x_soft, x_hard, weight, bias, soft_in_mask, hard_in_mask, in_keep, out_keep, weight_grad = (
-        inputs
-    )
-    ctx.save_for_backward(x_soft, x_hard, weight, soft_in_mask, hard_in_mask, in_keep, out_keep)
-    ctx.has_bias = bias is not None
-    ctx.weight_grad = weight_grad
-    ctx.bias = bias  # a leaf input: needed_input_grads asks whether its gradient is used
-    # An unused output (e.g. the hard output in the gate-only gap backward) then arrives as
-    # None and its tiles are skipped instead of multiplying zeros.
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, grad_soft: Optional[torch.Tensor], grad_hard: Optional[torch.Tensor]):
-    x_soft, x_hard, weight, soft_in_mask, hard_in_mask, in_keep, out_keep = ctx.saved_tensors
-    need = needed_input_grads(
-        ctx, (x_soft, x_hard, weight, ctx.bias, soft_in_mask, hard_in_mask)
-    )
-    soft, hard = grad_soft is not None, grad_hard is not None
-    dxs = dxh = dms = dmh = dw = db = None
-    if (soft and (need[0] or need[4])) or (hard and (need[1] or need[5])):
-        dxs, dxh, dms, dmh = torch.ops.s2h_kernels.dual_linear_dgrad(
-            grad_soft, grad_hard, x_soft, x_hard, weight, soft_in_mask, hard_in_mask,
-            in_keep, out_keep, need[0], need[1], need[4], need[5],
-        )  # fmt: skip
-        dxs = dxs if soft and need[0] else None
-        dxh = dxh if hard and need[1] else None
-        dms = dms if soft and need[4] else None
-        dmh = dmh if hard and need[5] else None
-    need_bias = ctx.has_bias and need[3]
-    if ctx.weight_grad and (soft or hard) and (need[2] or need_bias):
-        dw, db = torch.ops.s2h_kernels.dual_linear_wgrad(
-            grad_soft, grad_hard, x_soft, x_hard, weight, soft_in_mask, hard_in_mask,
-            in_keep, out_keep, need_bias,
-        )  # fmt: skip
-        dw = dw if need[2] else None
-        db = db if need_bias else None
-    return dxs, dxh, dw, db, dms, dmh, None, None, None
-
-
-torch.library.register_autograd("s2h_kernels::dual_linear", _backward, setup_context=_setup_context)
+register_dual_autograd(
+    "s2h_kernels::dual_linear",
+    torch.ops.s2h_kernels.dual_linear_dgrad,
+    torch.ops.s2h_kernels.dual_linear_wgrad,
+    geometry_args=0,
+)
 
 
 def dual_linear_triton(

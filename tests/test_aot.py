@@ -131,7 +131,9 @@ def test_hard_path_widths_that_are_8_mod_16_load_like_16_aligned_ones():
             for r in ck.compile_case(("vit_b16.fc1", keep, True)):
                 if r["arch"] == "sm_90":
                     assert r["ok"], r
-                    res[f"{r['kernel']}/{keep}"] = [r["loads_16B"], r["loads_2B"], r["async_copies"]]
+                    res[f"{r['kernel']}/{keep}"] = [
+                        r["loads_16B"], r["loads_2B"], r["async_copies"]
+                    ]
         print(json.dumps(res))
         """
     )
@@ -165,3 +167,57 @@ def test_one_by_one_convs_load_weights_vectorised_and_do_not_spill():
         one, three = result[f"{kernel}/r50.conv1x1"], result[f"{kernel}/r50.conv3x3"]
         assert one[:2] == three[:2], (kernel, result)
         assert one[2] == 0, (kernel, result)
+
+
+def test_the_compile_check_sees_every_autotuned_kernel_and_its_configs():
+    """Every autotuned kernel of every module in s2h.kernels is launched by some op and
+    captured by ``aot.capture_launches`` (so ``bench/compile_kernels.py`` compiles it: a kernel
+    in a module the capture does not patch would go unchecked), and each launch carries the
+    GPU configs of that kernel's keep-list; the data-gradient kernels' ``BLOCK_M`` is a
+    multiple of ``PARTIAL_ROWS`` (their mask-gradient partial sums need exactly one writer
+    per buffer row, whatever the config)."""
+    result = _run(
+        """
+        import importlib, json, pkgutil, torch
+        from triton.runtime.autotuner import Autotuner
+        import s2h.kernels as K
+        from s2h.kernels import aot, _common
+        tuners = {}
+        for info in pkgutil.iter_modules(K.__path__):
+            mod = importlib.import_module(f"s2h.kernels.{info.name}")
+            for name, obj in vars(mod).items():
+                if isinstance(obj, Autotuner) and name.startswith("_dual"):
+                    tuners[name] = [c.all_kwargs() for c in obj.configs]
+        ops = torch.ops.s2h_kernels
+        xs, xh = torch.randn(2, 16, 8, 8), torch.randn(2, 8, 8, 8)
+        ms, mh = torch.rand(16), torch.rand(8)
+        ik = torch.arange(0, 16, 2)
+        geo = ([1, 1], [1, 1], [1, 1])
+        with aot.capture_launches() as launches:
+            for w, groups in ((torch.randn(24, 16, 3, 3), 1), (torch.randn(16, 1, 3, 3), 16)):
+                ok = ik if groups > 1 else torch.arange(0, 24, 2)
+                gs = torch.randn(2, w.shape[0], 8, 8)
+                gh = torch.randn(2, ok.numel(), 8, 8)
+                ops.dual_conv2d(xs, xh, w, None, ms, mh, ik, ok, *geo, groups, True)
+                ops.dual_conv2d_dgrad(gs, gh, xs, xh, w, ms, mh, ik, ok, *geo, groups,
+                                      True, True, True, True)
+                ops.dual_conv2d_wgrad(gs, gh, xs, xh, w, ms, mh, ik, ok, *geo, groups, True)
+            x2, xh2, w2 = torch.randn(64, 16), torch.randn(64, 8), torch.randn(24, 16)
+            ok2, g2, gh2 = torch.arange(0, 24, 2), torch.randn(64, 24), torch.randn(64, 12)
+            ops.dual_linear(x2, xh2, w2, None, ms, mh, ik, ok2, True)
+            ops.dual_linear_dgrad(g2, gh2, x2, xh2, w2, ms, mh, ik, ok2, True, True, True, True)
+            ops.dual_linear_wgrad(g2, gh2, x2, xh2, w2, ms, mh, ik, ok2, False)
+        captured = {l.name: [c.all_kwargs() for c in l.configs()] for l in launches}
+        print(json.dumps({"tuners": tuners, "captured": captured,
+                          "rows": _common.PARTIAL_ROWS}))
+        """
+    )
+    tuners, captured = result["tuners"], result["captured"]
+    assert len(tuners) == 9, sorted(tuners)  # fwd, dgrad, wgrad of linear, conv, depthwise
+    assert captured == tuners
+    for name, configs in tuners.items():
+        assert configs, name
+        assert len({json.dumps(c, sort_keys=True) for c in configs}) == len(configs), name
+        if "dgrad" in name:
+            for config in configs:
+                assert config["BLOCK_M"] % result["rows"] == 0, (name, config)

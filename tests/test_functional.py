@@ -52,6 +52,16 @@ def _keep(n: int, frac: float, *, sort: bool = False) -> torch.Tensor:
     return idx.sort().values if sort else idx
 
 
+def hard_mask(n: int) -> torch.Tensor:
+    """A hard input mask the kernels cannot get right by ignoring it: values near 1 (as a
+    straight-through mask carries), every fourth one exactly 0 and every fourth one anywhere
+    in [0, 1); never all ones (``n == 1`` gives one value near, not at, 1)."""
+    m = 1.0 + 0.2 * (torch.rand(n) - 0.5)
+    m[1::4] = 0.0
+    m[2::4] = torch.rand(len(range(2, n, 4)))
+    return m
+
+
 def linear_case(
     lead_soft: tuple[int, ...], lead_hard: tuple[int, ...], n_in: int, n_out: int,
     keep: tuple[float, float], dtype: torch.dtype, bias: bool = True,
@@ -63,7 +73,7 @@ def linear_case(
         "weight": torch.randn(n_out, n_in) / math.sqrt(n_in),
         "bias": torch.randn(n_out) if bias else None,
         "soft_in_mask": torch.rand(n_in),
-        "hard_in_mask": torch.ones(in_keep.numel()),
+        "hard_in_mask": hard_mask(in_keep.numel()),
         "in_keep": in_keep,
         "out_keep": out_keep,
         "dtype": dtype,
@@ -83,7 +93,7 @@ def conv_case(
         "weight": torch.randn(c_out, c_w, k, k) / math.sqrt(c_w * k * k),
         "bias": torch.randn(c_out) if bias else None,
         "soft_in_mask": torch.rand(c_in),
-        "hard_in_mask": torch.ones(in_keep.numel()),
+        "hard_in_mask": hard_mask(in_keep.numel()),
         "in_keep": in_keep,
         "out_keep": out_keep,
         "dtype": dtype,
@@ -122,7 +132,7 @@ def run(fn: Callable, args: dict, grads: tuple[torch.Tensor, torch.Tensor], **kw
     loss = (y_soft * grads[0].to(y_soft.dtype)).sum() + (y_hard * grads[1].to(y_hard.dtype)).sum()
     got = torch.autograd.grad(loss, leaves)
     out = {"y_soft": y_soft, "y_hard": y_hard}
-    out.update(zip([n for n in NAMES if args[n] is not None], got))
+    out.update(zip([n for n in NAMES if args[n] is not None], got, strict=True))
     return out
 
 
@@ -415,7 +425,7 @@ def test_compile_no_graph_break(monkeypatch: pytest.MonkeyPatch, backend: str) -
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     got = torch.autograd.grad(compiled(*leaves), leaves)
     want = torch.autograd.grad(step(*leaves), leaves)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
     torch._dynamo.reset()
 
@@ -541,7 +551,7 @@ def test_int32_indices(reference_backend: None) -> None:
     a = materialise(case, torch.float32)
     y64 = sf.dual_linear(*(a[n] for n in NAMES), a["in_keep"], a["out_keep"])
     y32 = sf.dual_linear(*(a[n] for n in NAMES), a["in_keep"].int(), a["out_keep"].int())
-    for u, v in zip(y64, y32):
+    for u, v in zip(y64, y32, strict=True):
         torch.testing.assert_close(u, v)
 
 
@@ -611,10 +621,10 @@ def test_autotune_runs_once_per_width_bucket(triton_backend: None, monkeypatch) 
     w = torch.randn(24, 80)
     tunings = []
     for k_in in (40, 48, 56, 64, 72):
-        xh = torch.randn(6, k_in)
-        ys, yh = sf.dual_linear(x, xh, w, None, torch.rand(80), torch.ones(k_in),
+        xh, mh = torch.randn(6, k_in), hard_mask(k_in)
+        ys, yh = sf.dual_linear(x, xh, w, None, torch.rand(80), mh,
                                 torch.arange(k_in), torch.arange(16))
-        assert torch.allclose(yh, xh @ w[:16, :k_in].t(), atol=1e-4)  # still computes right
+        assert torch.allclose(yh, (xh * mh) @ w[:16, :k_in].t(), atol=1e-4)  # still right
         tunings.append(len(benched) // len(configs))
     assert tunings == [1, 1, 1, 1, 2]
 
