@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import types
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.utils._pytree as pytree
+from torch import nn
 
 from .nn import MaskedConv2d, MaskedLayer, MaskedLinear
 
@@ -176,7 +179,7 @@ def _patched_forward(m):
 
 
 @contextlib.contextmanager
-def lockstep(masked_modules):
+def lockstep(masked_modules: Iterable[nn.Module]) -> AbstractContextManager[None]:
     """Within the context, masked layers accept DualTensors (instance-level forward patch)."""
     patched = []
     try:
@@ -189,7 +192,8 @@ def lockstep(masked_modules):
             del m.forward
 
 
-def dual_forward(model, masked_modules, inputs: tuple):
+def dual_forward(model: nn.Module, masked_modules: Iterable[nn.Module], inputs: tuple
+                 ) -> tuple[Any, Any]:
     """``(soft_out, hard_out)`` of ``model(*inputs)`` in one lockstep pass."""
     dual_inputs = tuple(DualTensor(t, t) if isinstance(t, torch.Tensor) else t for t in inputs)
     with lockstep(masked_modules):

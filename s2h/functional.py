@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import backend_for, kernels, use_triton
+from .kernels._conv_common import is_depthwise  # needs no triton
 
 __all__ = [
     "backend_for",
@@ -216,10 +217,6 @@ def _pair(name: str, value: int | tuple[int, ...] | list[int]) -> tuple[int, int
     raise ValueError(f"dual_conv2d: {name} must be an int or a pair of ints, got {value!r}")
 
 
-def _is_depthwise(weight: torch.Tensor, groups: int) -> bool:
-    return groups > 1 and weight.shape[1] == 1 and groups == weight.shape[0]
-
-
 def dual_conv2d_reference(
     x_soft: torch.Tensor,
     x_hard: torch.Tensor,
@@ -245,7 +242,7 @@ def dual_conv2d_reference(
     y_soft = F.conv2d(x_soft * ms, weight, bias, stride, padding, dilation, groups)
     b_hard = bias.index_select(0, out_keep) if bias is not None else None
     mh = hard_in_mask.to(x_hard.dtype)[:, None, None]
-    if _is_depthwise(weight, groups):
+    if is_depthwise(weight.shape, groups):
         w_hard = weight.index_select(0, out_keep)
         hard_groups = out_keep.numel()
     else:
@@ -302,7 +299,7 @@ def dual_conv2d(
         _pair("padding", padding),
         _pair("dilation", dilation),
     )
-    depthwise = _is_depthwise(weight, groups)
+    depthwise = is_depthwise(weight.shape, groups)
     if groups != 1 and not depthwise:
         raise ValueError(
             f"dual_conv2d: groups={groups} with weight {tuple(weight.shape)} is neither a dense "

@@ -18,6 +18,7 @@ import copy
 import numbers
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -40,7 +41,7 @@ from .numerics import (
     optimizer_step,
 )
 from .runtime import GateRuntime
-from .utils import as_tuple, channels_last_inputs, set_submodule, use_channels_last
+from .utils import Inputs, as_tuple, channels_last_inputs, set_submodule, use_channels_last
 
 __all__ = ["EXPORT_TOLERANCE", "ExportMismatchWarning", "NonFiniteGradientError",
            "NonFiniteLossError", "NonFiniteStateError", "S2HPruner", "export_difference",
@@ -99,14 +100,14 @@ class S2HPruner:
     def __init__(
         self,
         model: nn.Module,
-        example_inputs,
+        example_inputs: Inputs,
         target_flops: float,
         *,
         divisor: int = 8,
         tau: float = 1.0,
         alpha: float = 1.0,
         lam: float = 4.0,
-        ignore=(),
+        ignore: Iterable[str] = (),
         warn: bool = True,
         rounding: str = "nearest",
         variant: str = "s2h",
@@ -319,7 +320,7 @@ class S2HPruner:
         """Every parameter of the model (the gates live outside it)."""
         return iter(list(self.model.parameters()))
 
-    def to(self, *args, **kwargs) -> S2HPruner:
+    def to(self, *args: Any, **kwargs: Any) -> S2HPruner:
         self.model.to(*args, **kwargs)
         self.gates.to(*args, **kwargs)
         return self
@@ -378,7 +379,7 @@ class S2HPruner:
             self._group_gate[id(g)].set_width(max(1, round(hi * g.channels)))
 
     # ------------------------------------------------------------------ forward
-    def mode(self, mode: str):
+    def mode(self, mode: str) -> AbstractContextManager[None]:
         """Context manager: run ``self.model`` as the ``"soft"``, ``"hard"`` or ``"dense"`` net.
 
         Gate states are (re)computed on entry, with gradients enabled if autograd is.
@@ -421,7 +422,7 @@ class S2HPruner:
             hard = self.model(*inputs)
         return soft, hard
 
-    def dual_forward(self, inputs):
+    def dual_forward(self, inputs: Inputs) -> tuple[Any, Any]:
         """``(soft_out, hard_out)``: the full-width relaxed network and the kept-channel one.
 
         In lockstep mode (``fused``) one pass computes both, through the fused dual ops."""
@@ -437,12 +438,12 @@ class S2HPruner:
         inputs = as_tuple(inputs)
         return channels_last_inputs(inputs) if self.channels_last else inputs
 
-    def hard_forward(self, inputs):
+    def hard_forward(self, inputs: Inputs) -> Any:
         inputs = self._inputs(inputs)
         with self.mode("hard"):
             return self.model(*inputs)
 
-    def soft_forward(self, inputs):
+    def soft_forward(self, inputs: Inputs) -> Any:
         inputs = self._inputs(inputs)
         with self.mode("soft"):
             return self.model(*inputs)
@@ -467,7 +468,9 @@ class S2HPruner:
             resource_ratio=self.resource_ratio, band=self.resource_band, lam=self.lam,
             scaler=scaler, grad_hook=grad_hook)
 
-    def warmup_step(self, inputs, targets, optimizer, *, loss_fn=None, scaler=None,
+    def warmup_step(self, inputs: Inputs, targets: torch.Tensor,
+                    optimizer: torch.optim.Optimizer, *, loss_fn: Callable | None = None,
+                    scaler: torch.amp.GradScaler | None = None,
                     max_grad_norm: float | None = None,
                     grad_hook: Callable[[], None] | None = None) -> dict[str, float]:
         """One weight warm-up step (METHOD §4, phases): the dense network on the task loss, no
@@ -492,7 +495,9 @@ class S2HPruner:
             m["hard_flops_ratio"] = self.hard_flops_ratio()
         return m
 
-    def train_step(self, inputs, targets, optimizer, *, loss_fn=None, scaler=None,
+    def train_step(self, inputs: Inputs, targets: torch.Tensor,
+                   optimizer: torch.optim.Optimizer, *, loss_fn: Callable | None = None,
+                   scaler: torch.amp.GradScaler | None = None,
                    max_grad_norm: float | None = None,
                    grad_hook: Callable[[], None] | None = None) -> dict[str, float]:
         """One full S2H step (METHOD §4): dual forward, the gate-only backward of the mask-side
@@ -624,7 +629,7 @@ class S2HPruner:
 
     # ------------------------------------------------------------------ BatchNorm
     @torch.no_grad()
-    def recalibrate_bn(self, batches, max_batches: int = 50) -> int:
+    def recalibrate_bn(self, batches: Iterable, max_batches: int = 50) -> int:
         """Re-estimate the hard network's BatchNorm statistics on training batches.
 
         ``batches``: an iterable of inputs or ``(inputs, targets)``. Returns batches used.

@@ -26,7 +26,7 @@ import contextlib
 import importlib
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -68,6 +68,11 @@ def own_flops(m: nn.Module, info: LayerInfo, flops_of: Callable[[str], int]) -> 
     return [(flops_of(""), roles)]
 
 
+def no_inner_groups(m: nn.Module) -> dict[str, tuple[int, int]]:
+    """A layer without groups of its own (every kind but attention)."""
+    return {}
+
+
 @dataclass(frozen=True)
 class LayerHandler:
     """One layer kind; see the module docstring for what each field answers."""
@@ -77,8 +82,7 @@ class LayerHandler:
     info: Callable[[nn.Module], LayerInfo]
     flop_parts: Callable[[nn.Module, LayerInfo, Callable[[str], int]], FlopParts] = own_flops
     importance: Callable[[nn.Module, str], torch.Tensor] = l1_of_rows
-    inner_groups: Callable[[nn.Module], dict[str, tuple[int, int]]] = field(
-        default=lambda m: {})
+    inner_groups: Callable[[nn.Module], dict[str, tuple[int, int]]] = no_inner_groups
 
 
 _HANDLERS: dict[type, LayerHandler] = {}

@@ -27,7 +27,9 @@ masked BatchNorms, recalibrated with :meth:`STPPruner.recalibrate_bn`), so the e
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +37,7 @@ from torch import nn
 
 from .numerics import NonFiniteLossError, optimizer_step
 from .pruner import S2HPruner
-from .utils import as_tuple, set_submodule
+from .utils import Inputs, as_tuple, set_submodule
 
 __all__ = ["Arch", "STPPruner"]
 
@@ -76,10 +78,11 @@ class STPPruner:
             METHOD §8); they never conflict (one change per group or block).
     """
 
-    def __init__(self, model: nn.Module, example_inputs, target_flops: float, *,
-                 divisor: int = 8, ignore=(), trials: int = 2, kd_weight: float = 1.0,
-                 expand_prob: float = 0.5, depth: bool = True, seed: int = 0,
-                 width_step: int = 1, commits_per_round: int = 1, warn: bool = True) -> None:
+    def __init__(self, model: nn.Module, example_inputs: Inputs, target_flops: float, *,
+                 divisor: int = 8, ignore: Iterable[str] = (), trials: int = 2,
+                 kd_weight: float = 1.0, expand_prob: float = 0.5, depth: bool = True,
+                 seed: int = 0, width_step: int = 1, commits_per_round: int = 1,
+                 warn: bool = True) -> None:
         if trials < 1 or width_step < 1 or commits_per_round < 1:
             raise ValueError("trials, width_step and commits_per_round must be >= 1")
         self.width_step = int(width_step)
@@ -210,20 +213,20 @@ class STPPruner:
         finally:
             self._set(Arch(arch.widths))  # blocks back in place (the full network needs them)
 
-    def hard_forward(self, inputs):
+    def hard_forward(self, inputs: Inputs) -> Any:
         """The base sub-network (what :meth:`export` returns)."""
         return self._run(self.base, as_tuple(inputs))
 
-    def soft_forward(self, inputs):
+    def soft_forward(self, inputs: Inputs) -> Any:
         """The full network (the teacher)."""
         with self.core.runtime.use("dense"):
             return self.model(*as_tuple(inputs))
 
     # ------------------------------------------------------------------ training
-    def weight_parameters(self):
+    def weight_parameters(self) -> Iterator[nn.Parameter]:
         return self.core.weight_parameters()
 
-    def gate_parameters(self):
+    def gate_parameters(self) -> Iterator[nn.Parameter]:
         return iter(())  # STP learns no gates: the architecture is searched, not relaxed
 
     def _next_candidate(self) -> Arch:
@@ -268,8 +271,11 @@ class STPPruner:
         log_s = F.log_softmax(student.float(), dim=-1)
         return (teacher_probs * (teacher_probs.clamp_min(1e-12).log() - log_s)).sum(-1).mean()
 
-    def train_step(self, inputs, targets, optimizer, *, loss_fn=None, scaler=None,
-                   max_grad_norm: float | None = None, grad_hook=None) -> dict[str, float]:
+    def train_step(self, inputs: Inputs, targets: torch.Tensor,
+                   optimizer: torch.optim.Optimizer, *, loss_fn: Callable | None = None,
+                   scaler: torch.amp.GradScaler | None = None,
+                   max_grad_norm: float | None = None,
+                   grad_hook: Callable[[], None] | None = None) -> dict[str, float]:
         """Full network on the labels + the sampled sub-network(s) by KL to its detached
         output, one optimizer step; then the exploration bookkeeping."""
         inputs = as_tuple(inputs)
@@ -320,14 +326,14 @@ class STPPruner:
         return self.core.dense_flops
 
     @property
-    def groups(self):
+    def groups(self) -> list:
         return self.core.groups
 
     @property
-    def gates(self):
+    def gates(self) -> nn.ModuleDict:
         return self.core.gates
 
-    def recalibrate_bn(self, batches, max_batches: int = 50) -> int:
+    def recalibrate_bn(self, batches: Iterable, max_batches: int = 50) -> int:
         """Re-estimate the base sub-network's BatchNorm statistics on training batches."""
         self._set(self.base)
         try:

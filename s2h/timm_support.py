@@ -121,7 +121,8 @@ class MaskedBatchNormAct2d(MaskedBatchNorm2d, BatchNormAct2d):
         return self.act(self.drop(self._hard_bn(x, keep)))
 
     @torch.no_grad()
-    def s2h_export(self, in_keep, out_keep, extra) -> nn.Module:
+    def s2h_export(self, in_keep: torch.Tensor | None, out_keep: torch.Tensor | None,
+                   extra: dict[str, torch.Tensor]) -> nn.Module:
         new = _plain_copy(self, BatchNormAct2d)
         keep = out_keep
         use_hard = keep is not None and hasattr(self, "hard_running_mean")
@@ -146,7 +147,8 @@ class MaskedTimmLinear(MaskedLinear, TimmLinear):
     """timm ``Linear`` (``F.linear`` with the AMP cast workaround) with masked input features."""
 
     @torch.no_grad()
-    def s2h_export(self, in_keep, out_keep, extra) -> nn.Module:
+    def s2h_export(self, in_keep: torch.Tensor | None, out_keep: torch.Tensor | None,
+                   extra: dict[str, torch.Tensor]) -> nn.Module:
         new = _plain_copy(self, TimmLinear)
         w = _sel(_sel(self.weight, out_keep, 0), in_keep, 1)
         _set_param(new, "weight", w)
@@ -157,7 +159,8 @@ class MaskedTimmLinear(MaskedLinear, TimmLinear):
 
 class _MaskedLNExport:
     @torch.no_grad()
-    def s2h_export(self, in_keep, out_keep, extra) -> nn.Module:
+    def s2h_export(self, in_keep: torch.Tensor | None, out_keep: torch.Tensor | None,
+                   extra: dict[str, torch.Tensor]) -> nn.Module:
         new = _plain_copy(self, _registry.plain_class(type(self)))
         if out_keep is not None:
             new.normalized_shape = (out_keep.numel(),)
@@ -283,7 +286,8 @@ class MaskedAttention(_MaskedAttentionBase, Attention):
         return self._finish(x, w_proj, b_proj, head_mul)
 
     @torch.no_grad()
-    def s2h_export(self, in_keep, out_keep, extra) -> nn.Module:
+    def s2h_export(self, in_keep: torch.Tensor | None, out_keep: torch.Tensor | None,
+                   extra: dict[str, torch.Tensor]) -> nn.Module:
         new = _plain_copy(self, Attention)
         head_keep = extra.get("heads")
         hd = self.head_dim
@@ -332,7 +336,8 @@ if WindowAttention is not None:
             return self._finish(x, w_proj, b_proj, head_mul)
 
         @torch.no_grad()
-        def s2h_export(self, in_keep, out_keep, extra) -> nn.Module:
+        def s2h_export(self, in_keep: torch.Tensor | None, out_keep: torch.Tensor | None,
+                   extra: dict[str, torch.Tensor]) -> nn.Module:
             new = _plain_copy(self, WindowAttention)
             n_heads, hd, _, _ = attention_dims(self)
             head_keep = extra.get("heads")

@@ -7,10 +7,13 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["as_tuple", "channels_last_inputs", "set_submodule", "use_channels_last"]
+#: positional inputs of a model: one tensor, or a tuple of them (and other arguments)
+Inputs = Any
+
+__all__ = ["Inputs", "as_tuple", "channels_last_inputs", "set_submodule", "use_channels_last"]
 
 
-def as_tuple(inputs: Any) -> tuple:
+def as_tuple(inputs: Inputs) -> tuple:
     """``inputs`` as a tuple of positional arguments (a single tensor becomes a 1-tuple)."""
     return inputs if isinstance(inputs, tuple) else (inputs,)
 

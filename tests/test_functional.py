@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from s2h import functional as sf
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-KERNELS = sf._kernels
+KERNELS = sf.kernels
 KERNELS_RUNNABLE = KERNELS.TRITON_AVAILABLE and (DEVICE.type == "cuda" or KERNELS.INTERPRET)
 needs_kernels = pytest.mark.skipif(
     not KERNELS_RUNNABLE, reason="Triton kernels cannot run here (no triton / no interpreter)"
