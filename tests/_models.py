@@ -4,12 +4,17 @@ import torch
 from torch import nn
 
 
-def plain_cnn(in_chans=3, num_classes=10):
+def plain_cnn(in_chans: int = 3, num_classes: int = 10,
+              widths: tuple[int, int, int] = (16, 32, 32)) -> nn.Sequential:
+    """conv-BN-ReLU x3 (the second with stride 2), pool, linear. Its prunable groups are the
+    outputs of the convs "0", "3" and "6"; ``widths`` builds the plain network a pruned one
+    is equivalent to (the tests' FLOP references)."""
+    a, b, c = widths
     return nn.Sequential(
-        nn.Conv2d(in_chans, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes),
+        nn.Conv2d(in_chans, a, 3, padding=1), nn.BatchNorm2d(a), nn.ReLU(),
+        nn.Conv2d(a, b, 3, padding=1, stride=2), nn.BatchNorm2d(b), nn.ReLU(),
+        nn.Conv2d(b, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes),
     )
 
 

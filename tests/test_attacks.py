@@ -220,8 +220,8 @@ def _saved_mlp(tmp_path, name="m"):
 
 def _edit_arch(d, fn):
     path = os.path.join(d, "architecture.json")
-    arch = json.load(open(path))
-    arch = fn(arch)
+    with open(path) as f:
+        arch = fn(json.load(f))
     with open(path, "w") as f:
         json.dump(arch, f)
 

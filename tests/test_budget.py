@@ -5,16 +5,16 @@ model (before pruning) and on the exported one, never with the pruner's table.""
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 
 import pytest
 import torch
+from _models import plain_cnn
 from torch.utils.flop_counter import FlopCounterMode
 
 import s2h
 from s2h import models
-
-from _models import plain_cnn
 
 
 def _flops(model, x) -> int:
@@ -86,9 +86,9 @@ def test_projection_narrows_the_least_certain_group_first():
     the other is untouched; the ratio ends at or below the target."""
     torch.manual_seed(0)
     pruner = s2h.S2HPruner(plain_cnn(), torch.randn(2, 3, 16, 16), 0.9, divisor=4)
-    gates = {g.name: pruner._group_gate[id(g)] for g in pruner.groups}
+    gates = dict(pruner.gates.items())  # plain_cnn's gate keys are its group names
     with torch.no_grad():
-        for name, gate in gates.items():  # all at full width, sharply ...
+        for gate in gates.values():  # all at full width, sharply ...
             gate.set_width(gate.channels)
         uncertain = "3"
         u = gates[uncertain].logits  # ... but group "3" only just: 60% mass on its width
@@ -133,11 +133,11 @@ def test_no_width_change_before_a_signal_and_a_gradual_descent():
         widths.append(pruner.widths())
     assert ratios[0] == ratios[1] == 1.0
     assert widths[1] == widths[0] == pruner.group_channels()
-    steps = [b - a for a, b in zip(ratios, ratios[1:])]
+    steps = [b - a for a, b in itertools.pairwise(ratios)]
     assert max(steps) <= 0.02, ratios  # never up (beyond noise)
     assert ratios[-1] < 0.95, ratios  # but it does move
     n = len(widths[0])
-    for a, b in zip(widths, widths[1:]):
+    for a, b in itertools.pairwise(widths):
         changed = [k for k in a if a[k] != b[k]]
         assert len(changed) <= n // 3, (a, b)
         assert all(abs(a[k] - b[k]) == 8 for k in changed), (a, b)
@@ -170,9 +170,10 @@ def test_freeze_phase_keeps_gates_and_trains_the_hard_network():
     m = pruner.train_step(x, y, opt)
     assert m["resource"] == 0.0  # no resource term
     assert all(g.grad is None for g in pruner.gate_parameters())  # no gate gradient at all
-    assert all(torch.equal(a, b) for a, b in zip(logits, pruner.gate_parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(logits, pruner.gate_parameters(), strict=True))
     assert pruner.widths() == widths
-    assert any(not torch.equal(a, b) for a, b in zip(before, pruner.weight_parameters()))
+    assert any(not torch.equal(a, b)
+               for a, b in zip(before, pruner.weight_parameters(), strict=True))
     # the frozen state and the projection travel with the pruner state
     state = pruner.state_dict()
     model2, example2 = _resnet20()

@@ -5,12 +5,11 @@ import os
 
 import pytest
 import torch
+from _models import DepthwiseNet, plain_cnn
 from torch import nn
 
 import s2h
 from s2h import models
-
-from _models import DepthwiseNet, plain_cnn
 
 
 def _pruned(model, x, seed=0):
@@ -28,7 +27,8 @@ def test_round_trip_is_exact(tmp_path, case):
     if case == "sequential":
         model, x = plain_cnn(), torch.randn(3, 3, 16, 16)
     elif case == "s2h.models":
-        model, x = models.create_model("resnet20", num_classes=10, in_chans=1), torch.randn(3, 1, 28, 28)
+        model = models.create_model("resnet20", num_classes=10, in_chans=1)
+        x = torch.randn(3, 1, 28, 28)
     else:
         timm = pytest.importorskip("timm")
         model, x = timm.create_model("resnet18", num_classes=7), torch.randn(3, 3, 32, 32)
@@ -37,7 +37,8 @@ def test_round_trip_is_exact(tmp_path, case):
         ref = exported(x)
     d = s2h.save_exported(exported, str(tmp_path / "m"))
     assert sorted(os.listdir(d)) == ["architecture.json", "model.safetensors"]
-    arch = json.load(open(os.path.join(d, "architecture.json")))
+    with open(os.path.join(d, "architecture.json")) as f:
+        arch = json.load(f)
     assert arch["format"] == "s2h-exported"
     loaded = s2h.load_exported(d)
     # no s2h machinery (the architecture's own classes may come from s2h.models, like timm's)
@@ -65,9 +66,12 @@ def test_loading_refuses_types_outside_the_allow_list(tmp_path):
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     d = s2h.save_exported(model, str(tmp_path / "m"))
     path = os.path.join(d, "architecture.json")
-    arch = json.load(open(path))
-    arch["builder"]["tree"]["children"][1][1] = {"type": "os.system", "args": {"command": "echo hi"}}
-    json.dump(arch, open(path, "w"))
+    with open(path) as f:
+        arch = json.load(f)
+    arch["builder"]["tree"]["children"][1][1] = {"type": "os.system",
+                                                 "args": {"command": "echo hi"}}
+    with open(path, "w") as f:
+        json.dump(arch, f)
     with pytest.raises(ValueError, match="not allowed: 'os.system'"):
         s2h.load_exported(d)
 

@@ -8,7 +8,8 @@ import torch
 from s2h.gates import ChannelGate, effective_divisor
 
 
-@pytest.mark.parametrize("c,d,expected", [(64, 8, 8), (24, 16, 12), (10, 8, 5), (7, 8, 7), (13, 4, 1)])
+@pytest.mark.parametrize("c,d,expected",
+                         [(64, 8, 8), (24, 16, 12), (10, 8, 5), (7, 8, 7), (13, 4, 1)])
 def test_divisor_is_lowered_until_it_divides(c, d, expected):
     assert effective_divisor(c, d) == expected
     assert ChannelGate(c, d).divisor == expected

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import torch.fx
+import torch.nn.functional as F
 
 from s2h.models import create_model, list_models, rebuild_model
 
@@ -35,22 +36,79 @@ def test_list_models():
     assert set(SMALL_CONFIGS) == set(names)
 
 
+def _bn(h: torch.Tensor, m: torch.nn.BatchNorm2d) -> torch.Tensor:
+    return F.batch_norm(h, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+
+
+def _reference_forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The architectures as the papers describe them (module docstring of s2h.models), in
+    torch.nn.functional with the model's weights; BatchNorm in eval mode."""
+    kind = type(model).__name__
+    if kind == "MLP":
+        h = x.flatten(1)
+        for lin in model.hidden[::2]:
+            h = torch.relu(F.linear(h, lin.weight, lin.bias))
+        return F.linear(h, model.fc.weight, model.fc.bias)
+    if kind == "SmallCNN":  # conv3x3-BN-ReLU, stride 2 after the first, pool, linear
+        h = x
+        for i in range(0, len(model.features), 3):
+            conv, bn = model.features[i], model.features[i + 1]
+            h = torch.relu(_bn(F.conv2d(h, conv.weight, None, 1 if i == 0 else 2, 1), bn))
+        return F.linear(h.mean((2, 3)), model.fc.weight, model.fc.bias)
+    stages = (model.layer1, model.layer2, model.layer3)
+    if kind == "CifarResNet":  # He et al.: post-activation blocks, option-B projections
+        h = torch.relu(_bn(F.conv2d(x, model.conv1.weight, None, 1, 1), model.bn1))
+        for s, stage in enumerate(stages):
+            for i, b in enumerate(stage):
+                stride = 2 if s > 0 and i == 0 else 1
+                out = torch.relu(_bn(F.conv2d(h, b.conv1.weight, None, stride, 1), b.bn1))
+                out = _bn(F.conv2d(out, b.conv2.weight, None, 1, 1), b.bn2)
+                if b.conv1.weight.shape[:2] == b.conv1.weight.shape[1::-1] and stride == 1:
+                    short = h
+                else:
+                    short = _bn(F.conv2d(h, b.shortcut[0].weight, None, stride), b.shortcut[1])
+                h = torch.relu(out + short)
+        return F.linear(h.mean((2, 3)), model.fc.weight, model.fc.bias)
+    assert kind == "WideResNet", kind  # Zagoruyko & Komodakis: pre-activation blocks
+    h = F.conv2d(x, model.conv1.weight, None, 1, 1)
+    for s, stage in enumerate(stages):
+        for i, b in enumerate(stage):
+            stride = 2 if s > 0 and i == 0 else 1
+            act = torch.relu(_bn(h, b.bn1))
+            out = F.conv2d(act, b.conv1.weight, None, stride, 1)
+            out = F.conv2d(torch.relu(_bn(out, b.bn2)), b.conv2.weight, None, 1, 1)
+            same = b.conv1.weight.shape[0] == b.conv1.weight.shape[1] and stride == 1
+            h = out + (h if same else F.conv2d(act, b.shortcut.weight, None, stride))
+    h = torch.relu(_bn(h, model.bn))
+    return F.linear(h.mean((2, 3)), model.fc.weight, model.fc.bias)
+
+
 @pytest.mark.parametrize("name", sorted(SMALL_CONFIGS))
 @pytest.mark.parametrize(("in_chans", "size"), [(3, 32), (1, 28)])
-def test_forward_shapes(name, in_chans, size):
+def test_forward_matches_the_papers_architecture(name, in_chans, size):
     kwargs = dict(SMALL_CONFIGS[name], num_classes=7, in_chans=in_chans)
     if name == "mlp":
         kwargs["image_size"] = size
-    # wrn28_10 (36.5M parameters) runs on the meta device: shapes only, no compute; its
-    # real-valued forward is the same code as the small ``wide_resnet`` configuration.
-    device = "meta" if name == "wrn28_10" else "cpu"
-    with torch.device(device):
-        model = create_model(name, **kwargs).eval()
-        with torch.no_grad():
-            out = model(torch.randn(2, in_chans, size, size))
+    x = torch.randn(2, in_chans, size, size)
+    if name == "wrn28_10":
+        # 36.5M parameters: built on the meta device, shapes only; its forward is the code of
+        # the small ``wide_resnet`` configuration checked against the reference here
+        with torch.device("meta"), torch.no_grad():
+            out = create_model(name, **kwargs).eval()(x.to("meta"))
+        assert out.shape == (2, 7) and out.dtype == torch.float32
+        return
+    model = create_model(name, **kwargs).eval()
+    with torch.no_grad():  # BatchNorm statistics and affine terms away from the identity
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.2)
+        out = model(x)
+        ref = _reference_forward(model, x)
     assert out.shape == (2, 7) and out.dtype == torch.float32
-    if device == "cpu":
-        assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

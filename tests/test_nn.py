@@ -66,7 +66,8 @@ def test_depthwise_hard_uses_kept_groups():
     x = torch.randn(2, 8, 5, 5, dtype=torch.double)
     with rt.use("hard"):
         yh = m(x[:, keep])
-    ref = F.conv2d(x[:, keep], m.weight.detach()[keep], m.bias.detach()[keep], 1, 1, 1, keep.numel())
+    ref = F.conv2d(x[:, keep], m.weight.detach()[keep], m.bias.detach()[keep], 1, 1, 1,
+                   keep.numel())
     assert torch.allclose(yh, ref)
 
 
@@ -83,9 +84,17 @@ def test_linear_soft_hard_and_gate_gradient():
     with rt.use("hard"):
         yh = m(x[..., ik])
     assert torch.allclose(yh, F.linear(x[..., ik], m.weight[ok][:, ik], m.bias[ok]))
-    # the straight-through hard mask carries the gradient to the gate logits
-    (g,) = torch.autograd.grad(yh.sum(), gi.logits)
-    assert g.abs().sum() > 0
+    # the straight-through hard mask carries the gradient to the gate logits: METHOD §2.6,
+    # m_ste = w + (m - w).detach() on the kept inputs (w the relaxed mask, m the 0/1 mask)
+    r = torch.randn_like(yh)
+    (g,) = torch.autograd.grad((yh * r).sum(), gi.logits)
+    w = gi.soft_mask().double()
+    hard = torch.zeros_like(w).index_fill_(0, ik, 1.0)
+    m_ste = w + (hard - w).detach()
+    ref = F.linear(x[..., ik] * m_ste[ik], m.weight.detach()[ok][:, ik], m.bias.detach()[ok])
+    (g_ref,) = torch.autograd.grad((ref * r).sum(), gi.logits)
+    assert torch.allclose(g.double(), g_ref.double(), rtol=1e-6, atol=1e-9)
+    assert g_ref.abs().sum() > 0
 
 
 def test_hard_mode_rejects_full_width_input_with_a_clear_error():

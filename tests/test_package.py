@@ -10,8 +10,8 @@ def _run(code, cwd):
 
 
 def test_kernels_ship_inside_s2h_and_no_bare_kernels_package(tmp_path):
-    r = _run("import s2h.kernels, os; print(os.path.basename(os.path.dirname(s2h.kernels.__file__)))",
-             tmp_path)
+    r = _run("import s2h.kernels, os; "
+             "print(os.path.basename(os.path.dirname(s2h.kernels.__file__)))", tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "kernels"
     r = _run("import kernels", tmp_path)

@@ -1,17 +1,16 @@
 """The S2H step (METHOD §4): gradient routing of every term, FLOPs, BatchNorm, export, resume."""
 
 import copy
-import io
 
 import pytest
 import torch
+import torch.nn.functional as F
+from _models import DepthwiseNet, mlp, plain_cnn
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import s2h
 from s2h.nn import MaskedBatchNorm2d
-
-from _models import DepthwiseNet, mlp, plain_cnn
 
 
 def _randomise_gates(pruner, scale=1.5, seed=0):
@@ -31,7 +30,57 @@ def _cnn_pruner(target=0.5, **kw):
 
 def _grads(term, params):
     gs = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)]
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params, strict=True)]
+
+
+# ------------------------------------------------------- references independent of the pruner
+GROUPS = ("0", "3", "6")  # plain_cnn's prunable groups: the outputs of its three convs
+
+
+def _plain_flops(widths: tuple[int, ...] = (16, 32, 32)) -> int:
+    """FlopCounterMode's count of a plain ``plain_cnn`` with these widths (batch 2, 16x16)."""
+    with torch.device("meta"), FlopCounterMode(display=False) as fc:
+        plain_cnn(widths=tuple(widths))(torch.empty(2, 3, 16, 16))
+    return fc.get_total_flops()
+
+
+def _reference_ratio(pruner: s2h.S2HPruner) -> torch.Tensor:
+    """The hard network's FLOPs ratio, counted by FlopCounterMode on the plain network of the
+    kept widths, with the straight-through gradient ``sum_i dr/dw_i * dE_i/du_i`` (METHOD §4).
+    The count is linear in each width on its own, so ``dr/dw_i`` is exactly the count of the
+    network one channel wider in group i minus the count at ``w``."""
+    dense = _plain_flops()
+    widths = [pruner.widths()[k] for k in GROUPS]
+    base = _plain_flops(widths)
+    r = torch.tensor(base / dense, dtype=torch.float64)
+    for i, k in enumerate(GROUPS):
+        wider = list(widths)
+        wider[i] += 1
+        e = pruner.gates[k].expected_width().double()
+        r = r + (_plain_flops(wider) - base) / dense * (e - e.detach())
+    return r
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per sample, batch mean, written out."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+def _reference_terms(soft: torch.Tensor, hard: torch.Tensor, y: torch.Tensor, ratio,
+                     *, target: float, lam: float, alpha: float,
+                     variant: str = "s2h") -> dict[str, torch.Tensor]:
+    """METHOD §4's terms by hand: cross-entropy, KL(p_s || p_h) in float64 with the decoupled
+    detaches of each variant, lam * (r - T)^2."""
+    ls, lh = torch.log_softmax(soft.double(), -1), torch.log_softmax(hard.double(), -1)
+    zero = torch.zeros((), dtype=torch.float64)
+    terms = {"perf": F.cross_entropy(soft, y), "gap_weights": zero, "gap_gates": zero,
+             "resource": lam * (ratio - target) ** 2}
+    if variant == "s2h":
+        terms["gap_weights"] = alpha * _kl(ls.detach(), lh)
+        terms["gap_gates"] = alpha * _kl(ls, lh.detach())
+    elif variant == "coupled_gap":
+        terms["gap_weights"] = alpha * _kl(ls, lh)
+    return terms
 
 
 def _routed(pruner, x, y, only):
@@ -70,13 +119,13 @@ def test_gradient_routing_of_every_term():
     # fixed its gradient equals that of KL(p_s.detach() || softmax(hard))
     ps = torch.softmax(soft.detach(), -1)
     ref = (ps * (ps.log() - torch.log_softmax(hard, -1))).sum(-1).mean()
-    for a, b in zip(_grads(t["gap_weights"], weights), _grads(ref, weights)):
+    for a, b in zip(_grads(t["gap_weights"], weights), _grads(ref, weights), strict=True):
         assert torch.allclose(a, b, atol=1e-6)
     # and gap_gates reaches the gates only through the soft path: hard output held fixed
     ph = torch.log_softmax(hard.detach(), -1)
     ls = torch.log_softmax(soft, -1)
     ref = (ls.exp() * (ls - ph)).sum(-1).mean()
-    for a, b in zip(_grads(t["gap_gates"], gates), _grads(ref, gates)):
+    for a, b in zip(_grads(t["gap_gates"], gates), _grads(ref, gates), strict=True):
         assert torch.allclose(a, b, atol=1e-6)
 
 
@@ -92,24 +141,41 @@ class _Capture(torch.optim.Optimizer):
                      for g in self.param_groups for p in g["params"]]
 
 
-def test_train_step_applies_exactly_the_routed_gradients():
-    model, pruner = _cnn_pruner(resource_mode="quadratic")
+def _expected_step(pruner: s2h.S2HPruner, x: torch.Tensor, y: torch.Tensor, *, target: float,
+                   lam: float, alpha: float) -> tuple[list[torch.Tensor], dict]:
+    """The gradients METHOD §4 routes to (weights, gates), from the hand-written terms: one
+    backward of perf + gap_weights + resource to everything, gap_gates to the gates only."""
     weights, gates = list(pruner.weight_parameters()), list(pruner.gate_parameters())
-    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
     soft, hard = pruner.dual_forward(x)
-    t = pruner.losses(soft, hard, y)
+    t = _reference_terms(soft, hard, y, _reference_ratio(pruner), target=target, lam=lam,
+                         alpha=alpha)
     main = _grads(t["perf"] + t["gap_weights"] + t["resource"], weights + gates)
     mask_side = _grads(t["gap_gates"], gates)
-    expected = main[: len(weights)] + [a + b for a, b in zip(main[len(weights):], mask_side)]
+    gate_grads = [a + b for a, b in zip(main[len(weights):], mask_side, strict=True)]
+    return main[: len(weights)] + gate_grads, {k: float(v.detach()) for k, v in t.items()}
+
+
+def test_train_step_applies_exactly_the_routed_gradients():
+    model, pruner = _cnn_pruner(resource_mode="quadratic", lam=3.0, alpha=0.7)
+    weights, gates = list(pruner.weight_parameters()), list(pruner.gate_parameters())
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    expected, terms = _expected_step(pruner, x, y, target=0.5, lam=3.0, alpha=0.7)
+    assert abs(terms["resource"]) > 1e-3 and terms["gap_gates"] > 1e-4  # neither is vacuous
+    ratio = _plain_flops([pruner.widths()[k] for k in GROUPS]) / _plain_flops()
 
     opt = _Capture([{"params": weights}, {"params": gates}])
     metrics = pruner.train_step(x, y, opt)
-    for got, exp in zip(opt.seen, expected):
+    assert len(opt.seen) == len(expected)
+    for got, exp in zip(opt.seen, expected, strict=True):
         got = torch.zeros_like(exp) if got is None else got
         assert torch.allclose(got, exp, atol=1e-6, rtol=1e-5)
-    for k in ("perf", "gap_weights", "gap_gates", "resource", "hard_flops_ratio", "soft_acc",
-              "hard_acc", "agreement", "loss"):
-        assert isinstance(metrics[k], float)
+    for k in ("perf", "gap_weights", "gap_gates", "resource"):
+        assert metrics[k] == pytest.approx(terms[k], rel=1e-5, abs=1e-7), k
+    assert metrics["hard_flops_ratio"] == pytest.approx(ratio, rel=1e-9)
+    assert metrics["loss"] == pytest.approx(
+        terms["perf"] + terms["gap_weights"] + terms["resource"], rel=1e-5)
+    for k in ("soft_acc", "hard_acc", "agreement"):
+        assert 0.0 <= metrics[k] <= 1.0
 
 
 def test_hard_path_costs_kept_channels_only_and_gate_backward_skips_weight_grads():
@@ -121,9 +187,8 @@ def test_hard_path_costs_kept_channels_only_and_gate_backward_skips_weight_grads
     pruner.set_widths(0.35)
     _ = pruner.dual_forward(x)  # warm
     pruner.runtime.prepare(pruner.gates.values())
-    with FlopCounterMode(display=False) as fc:
-        with pruner.runtime.use("hard"):
-            model(x)
+    with FlopCounterMode(display=False) as fc, pruner.runtime.use("hard"):
+        model(x)
     hard_fwd = fc.get_total_flops()
     assert hard_fwd == pytest.approx(pruner.hard_flops_ratio() * pruner.dense_flops, rel=1e-6)
 
@@ -153,6 +218,7 @@ def _export_case(name):
 @pytest.mark.parametrize("name", ["cnn", "mlp", "depthwise", "resnet18", "resnet50"])
 def test_export_is_plain_exact_and_counts_the_same_flops(name):
     model, x = _export_case(name)
+    dense_shapes = {k: v.shape for k, v in model.named_parameters()}
     pruner = s2h.S2HPruner(model, x[:2], 0.4, divisor=4)
     _randomise_gates(pruner, scale=2.0, seed=3)
     opt = torch.optim.SGD(pruner.weight_parameters(), lr=0.01)
@@ -174,8 +240,13 @@ def test_export_is_plain_exact_and_counts_the_same_flops(name):
         exported(x[:2])
     assert fc.get_total_flops() / pruner.dense_flops == pytest.approx(
         pruner.hard_flops_ratio(), rel=0.01)
-    # the original model is still the full-size masked model
-    assert isinstance(model, nn.Module) and pruner.hard_flops_ratio() < 1.0
+    # the original model is left full-size and pruning goes on: every parameter keeps its
+    # shape, the exported copy is smaller, and the hard network is unchanged
+    assert {k: v.shape for k, v in model.named_parameters()} == dense_shapes
+    assert (sum(p.numel() for p in exported.parameters())
+            < sum(p.numel() for p in model.parameters()))
+    with torch.no_grad():
+        assert torch.equal(pruner.hard_forward(x), hard)
 
 
 def test_export_uses_the_hard_networks_batchnorm_statistics():
@@ -194,20 +265,19 @@ def test_export_uses_the_hard_networks_batchnorm_statistics():
 
 def test_soft_flops_ratio_is_differentiable_with_the_hard_value():
     model, pruner = _cnn_pruner()
+    assert pruner.dense_flops == _plain_flops()
+    assert any(w < c for w, c in zip(pruner.widths().values(),
+                                     pruner.group_channels().values(), strict=True))
     r = pruner.soft_flops_ratio()
-    assert float(r) == pytest.approx(pruner.hard_flops_ratio(), rel=1e-6)
-    gates = list(pruner.gates.values())
-    got = torch.autograd.grad(r, [g.logits for g in gates])
-    # reference: d ratio / d width at the hard widths (widths as free leaves), chained with
-    # d E / d u of each gate (straight-through: forward hard width, backward expected width)
-    widths = torch.tensor([float(g.hard_width()) for g in gates], requires_grad=True)
-    index = {id(g): i for i, g in enumerate(gates)}
-    ratio = pruner._ratio(lambda g: widths[index[id(g)]])
-    (dr_dw,) = torch.autograd.grad(ratio, widths)
-    for i, g in enumerate(gates):
-        (de_du,) = torch.autograd.grad(g.expected_width(), g.logits)
-        assert torch.allclose(got[i], dr_dw[i] * de_du, atol=1e-7)
-    assert any(float(t.abs().sum()) > 0 for t in got)
+    ref = _reference_ratio(pruner)  # FlopCounterMode on the plain network of the kept widths
+    assert float(r) == pytest.approx(float(ref), rel=1e-6)
+    assert pruner.hard_flops_ratio() == pytest.approx(float(ref), rel=1e-6)
+    logits = [pruner.gates[k].logits for k in GROUPS]
+    got = torch.autograd.grad(r, logits)
+    want = torch.autograd.grad(ref, logits)
+    for a, b in zip(got, want, strict=True):
+        assert torch.allclose(a.double(), b.double(), atol=1e-7, rtol=1e-5)
+    assert all(float(t.abs().sum()) > 0 for t in got)
 
 
 def test_state_dict_resume_restores_the_same_hard_network(tmp_path):
@@ -251,13 +321,29 @@ def test_training_moves_the_hard_network_toward_the_target():
 
 
 def test_train_step_under_bf16_autocast():
-    model, pruner = _cnn_pruner()
-    opt = torch.optim.SGD([{"params": pruner.weight_parameters()},
-                           {"params": pruner.gate_parameters()}], lr=0.01)
+    """Under bf16 autocast the step applies the routed gradients of the hand-written terms on
+    the bf16 forward, and these are the fp32 step's up to bf16 rounding."""
+    model, pruner = _cnn_pruner(resource_mode="quadratic")
+    weights, gates = list(pruner.weight_parameters()), list(pruner.gate_parameters())
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    kw = {"target": 0.5, "lam": 4.0, "alpha": 1.0}
+    fp32, terms32 = _expected_step(pruner, x, y, **kw)
+    opt = _Capture([{"params": weights}, {"params": gates}])
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16, terms = _expected_step(pruner, x, y, **kw)
         m = pruner.train_step(x, y, opt)
-    assert all(v == v for v in m.values())  # no NaN
+    for got, exp in zip(opt.seen, bf16, strict=True):
+        assert got is not None and got.dtype == torch.float32
+        assert torch.allclose(got, exp, atol=1e-6, rtol=1e-5)
+    for k in ("perf", "gap_weights", "gap_gates", "resource"):
+        assert m[k] == pytest.approx(terms[k], rel=1e-5, abs=1e-7), k
+        assert m[k] == pytest.approx(terms32[k], rel=0.01), k
+    # the convolutions did run in bf16: the weight gradients are not the fp32 ones; the gate
+    # gradients stay within 1% of them
+    nw = len(weights)
+    assert not any(torch.equal(a, b) for a, b in zip(bf16[:nw], fp32[:nw], strict=True))
+    for a, b in zip(opt.seen[nw:], fp32[nw:], strict=True):
+        assert float((a - b).norm()) <= 0.01 * float(b.norm())
 
 
 # ---------------------------------------------------------------------- bad input
@@ -268,7 +354,8 @@ def test_target_flops_out_of_range(target):
 
 
 def test_example_inputs_that_do_not_run():
-    with pytest.raises(ValueError, match=r"example_inputs \(shapes \[\(2, 5, 8, 8\)\]\) do not run"):
+    with pytest.raises(ValueError,
+                       match=r"example_inputs \(shapes \[\(2, 5, 8, 8\)\]\) do not run"):
         s2h.S2HPruner(plain_cnn(), torch.randn(2, 5, 8, 8), 0.5)
 
 
@@ -318,14 +405,15 @@ def test_recalibrate_bn_sets_hard_stats_from_batches():
     keep = pruner.gates["0"].keep_index()
     # cumulative average of the batch means of the hard network's first conv output
     conv = model[0]
-    means = []
     with torch.no_grad():
-        for b in batches:
-            means.append(nn.functional.conv2d(b, conv.weight[keep], conv.bias[keep], padding=1)
-                         .mean((0, 2, 3)))
+        hs = [F.conv2d(b, conv.weight[keep], conv.bias[keep], padding=1) for b in batches]
+    means = [h.mean((0, 2, 3)) for h in hs]
     assert torch.allclose(bn.hard_running_mean[keep], torch.stack(means).mean(0), atol=1e-5)
-    buf = io.BytesIO()
-    torch.save(pruner.state_dict(), buf)
+    # the export carries the recalibrated statistics (mean and unbiased variance, averaged)
+    exported = pruner.export()
+    variances = [h.var((0, 2, 3)) for h in hs]
+    assert torch.allclose(exported[1].running_mean, torch.stack(means).mean(0), atol=1e-5)
+    assert torch.allclose(exported[1].running_var, torch.stack(variances).mean(0), rtol=1e-4)
 
 
 @pytest.mark.parametrize("variant", ["no_gap", "coupled_gap", "direct_hard"])
@@ -336,26 +424,22 @@ def test_ablation_variants_route_their_terms(variant):
                            resource_mode="quadratic")
     _randomise_gates(pruner)
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
-    opt = _Capture([{"params": list(pruner.weight_parameters())},
-                    {"params": list(pruner.gate_parameters())}])
-    m = pruner.train_step(x, y, opt)
-    assert m["gap_gates"] == 0.0
     weights, gates = list(pruner.weight_parameters()), list(pruner.gate_parameters())
+    # the reference: the variant's terms by hand (direct_hard: the labels on the hard network)
     if variant == "direct_hard":
-        hard = pruner.hard_forward(x)
-        expected = _grads(nn.functional.cross_entropy(hard, y)
-                          + pruner.lam * (pruner.soft_flops_ratio() - 0.5) ** 2, weights + gates)
+        soft = hard = pruner.hard_forward(x)
     else:
         soft, hard = pruner.dual_forward(x)
-        t = pruner.losses(soft, hard, y)
-        if variant == "no_gap":
-            assert float(t["gap_weights"]) == 0.0
-        else:
-            ps, lps, lph = (torch.softmax(soft, -1), torch.log_softmax(soft, -1),
-                            torch.log_softmax(hard, -1))
-            assert torch.allclose(t["gap_weights"], (ps * (lps - lph)).sum(-1).mean())
-        expected = _grads(t["perf"] + t["gap_weights"] + t["resource"], weights + gates)
-    for got, exp in zip(opt.seen, expected):
+    t = _reference_terms(soft, hard, y, _reference_ratio(pruner), target=0.5, lam=4.0,
+                         alpha=1.0, variant=variant)
+    expected = _grads(t["perf"] + t["gap_weights"] + t["resource"], weights + gates)
+    opt = _Capture([{"params": weights}, {"params": gates}])
+    m = pruner.train_step(x, y, opt)
+    assert m["gap_gates"] == 0.0
+    for k in ("perf", "gap_weights", "resource"):
+        assert m[k] == pytest.approx(float(t[k]), rel=1e-5, abs=1e-7), k
+    assert (m["gap_weights"] > 1e-4) == (variant == "coupled_gap")
+    for got, exp in zip(opt.seen, expected, strict=True):
         got = torch.zeros_like(exp) if got is None else got
         assert torch.allclose(got, exp, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="variant must be one of"):
@@ -388,7 +472,8 @@ def test_normalized_resource_gradient_matches_the_formula(offset):
     sign = 1.0 if r > target else -1.0
     opt = _Capture([{"params": weights}, {"params": gates}])
     pruner.train_step(x, y, opt)
-    for i, (got, perf, gw) in enumerate(zip(opt.seen[:nw], g_perf[:nw], g_gapw[:nw])):
+    seen = zip(opt.seen[:nw], g_perf[:nw], g_gapw[:nw], strict=True)
+    for i, (got, perf, gw) in enumerate(seen):
         assert torch.allclose(got, perf + gw, atol=1e-6), f"weight {i}"  # no resource term
     moved = 0
     for j, got in enumerate(opt.seen[nw:]):
@@ -425,7 +510,7 @@ def test_normalized_resource_falls_back_to_the_quadratic_gradient_without_other_
     terms = {k: (v * 0.0 if k in ("perf", "gap_weights", "gap_gates") else v)
              for k, v in t.items()}
     pruner.backward(terms)
-    for g, d in zip(gates, dr):
+    for g, d in zip(gates, dr, strict=True):
         assert torch.allclose(g.grad.double(), 2 * pruner.lam * (r - 0.3) * d.double(),
                               atol=1e-7, rtol=1e-5)
     assert any(float(g.grad.abs().sum()) > 0 for g in gates)

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -56,6 +57,7 @@ def test_commit_takes_the_lowest_kd_candidate():
     assert p.commits[-1]["kd"] == pytest.approx(0.25)
 
 
+@pytest.mark.slow  # trains until the exploration commits
 def test_exploration_commits_until_the_target_is_met():
     model, p, x = _pruner(target=0.6, trials=1, expand_prob=0.5)
     y = torch.randint(0, 5, (8,))
@@ -124,14 +126,39 @@ def test_depth_removal_is_exact():
     _check_export(model, p, x)
 
 
+def _tiny_resnet_forward(model: TinyResNet, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """TinyResNet in plain torch.nn.functional (BatchNorm on batch statistics, as in training),
+    with its residual stream (the stem's group) cut to the channels ``keep``."""
+    every = slice(None)
+
+    def bn(h, m, k):
+        return F.batch_norm(h, None, None, m.weight[k], m.bias[k], True, 0.0, m.eps)
+
+    h = torch.relu(bn(F.conv2d(x, model.stem[0].weight[keep], padding=1), model.stem[1], keep))
+    for b in model.stage:
+        t = torch.relu(bn(F.conv2d(h, b.conv1.weight[:, keep], padding=1), b.bn1, every))
+        h = torch.relu(h + bn(F.conv2d(t, b.conv2.weight[keep], padding=1), b.bn2, keep))
+    p0, p2 = model.plain[0], model.plain[2]
+    h = F.conv2d(torch.relu(F.conv2d(h, p0.weight[:, keep], p0.bias)), p2.weight, p2.bias)
+    return F.linear(h.mean((2, 3)), model.fc.weight, model.fc.bias)
+
+
 def test_train_step_is_full_on_labels_plus_kd_of_the_subnetwork():
     model, p, x = _pruner(expand_prob=0.0, trials=1)
     y = torch.randint(0, 5, (8,))
-    arch = p._next_candidate()
-    full = p.soft_forward(x)
-    sub = p._run(arch, (x,))
-    t = torch.softmax(full.detach(), -1)
-    loss = nn.functional.cross_entropy(full, y) + (t * (t.log() - torch.log_softmax(sub, -1))).sum(-1).mean()
+    # the first candidate tried: the residual stream (stem.0's group) one divisor step narrower,
+    # keeping its 12 most important channels: the mean over its producers (the stem and every
+    # block's conv2) of the L1 norms of their output channels (METHOD §2)
+    assert p.candidates(p.full)[0] == ("width", "stem.0")
+    assert p.apply(p.full, ("width", "stem.0")).width("stem.0") == 12
+    producers = [model.stem[0]] + [b.conv2 for b in model.stage]
+    score = torch.stack([m.weight.detach().abs().sum((1, 2, 3)) for m in producers]).mean(0)
+    keep = torch.sort(torch.topk(score, 12).indices).values
+    full = _tiny_resnet_forward(model, x, torch.arange(16))
+    sub = _tiny_resnet_forward(model, x, keep)
+    log_t = torch.log_softmax(full.detach().double(), -1)
+    kd = (log_t.exp() * (log_t - torch.log_softmax(sub.double(), -1))).sum(-1).mean()
+    loss = F.cross_entropy(full, y) + kd
     params = list(p.weight_parameters())
     expected = torch.autograd.grad(loss, params, allow_unused=True)
 
@@ -145,12 +172,14 @@ def test_train_step_is_full_on_labels_plus_kd_of_the_subnetwork():
 
     opt = Capture(params)
     m = p.train_step(x, y, opt)
-    for got, exp in zip(opt.seen, expected):
+    for got, exp in zip(opt.seen, expected, strict=True):
         if exp is None:
             assert got is None or float(got.abs().sum()) == 0
         else:
             assert torch.allclose(got, exp, atol=1e-6)
-    assert m["kd"] > 0 and m["exploring"] == 1.0
+    assert m["perf"] == pytest.approx(float(F.cross_entropy(full, y)), rel=1e-6)
+    assert m["kd"] == pytest.approx(float(kd), rel=1e-4) and m["kd"] > 0
+    assert m["exploring"] == 1.0
 
 
 def test_state_dict_round_trip():
@@ -166,7 +195,7 @@ def test_state_dict_round_trip():
 def test_faster_exploration_options():
     _, p, _ = _pruner(width_step=2, commits_per_round=2)
     p._round = [("width", "stem.0"), ("depth", "stage.1"), ("width", "plain.0")]
-    p._scores = {c: [s] for c, s in zip(p._round, (0.3, 0.1, 0.2))}
+    p._scores = {c: [s] for c, s in zip(p._round, (0.3, 0.1, 0.2), strict=True)}
     assert p.commit() == ("depth", "stage.1")
     assert p.base.dropped == {"stage.1"} and p.base.width("plain.0") == 8  # 16 - 2*4
     assert p.base.width("stem.0") == 16
@@ -174,8 +203,11 @@ def test_faster_exploration_options():
         _pruner(trials=0)
 
 
+@pytest.mark.slow  # a whole (short) CLI training run: about a minute on the CPU
 def test_cli_prune_method_stp_and_export(tmp_path, capsys):
+    import s2h
     from s2h.cli import main
+    from s2h.models import create_model
 
     out = tmp_path / "run"
     args = ["prune", "--method", "stp", "--dataset", "synthetic", "--batch-size", "16",
@@ -186,16 +218,34 @@ def test_cli_prune_method_stp_and_export(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "method stp" in text and "kd" in text and "exported == hard network: True" in text
     assert main(["export", str(out / "checkpoint.pt"), "--out", str(tmp_path / "e")]) == 0
-    import s2h
 
     a = s2h.load_exported(str(out / "exported"))
     b = s2h.load_exported(str(tmp_path / "e"))
+    # 12 steps with one trial per candidate are fewer than one exploration round (12 width
+    # groups + the droppable blocks): nothing is committed, so the exported network is the plain
+    # resnet20 with the checkpoint's trained weights (and BatchNorm statistics recalibrated on
+    # the same training batches by both exports)
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ck["pruner"]["commits"] == [] and ck["pruner"]["dropped"] == []
+    assert ck["pruner"]["base_widths"] == ck["pruner"]["groups"]
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    ref = create_model("resnet20", num_classes=10).eval()
+    params = {k for k, _ in ref.named_parameters()}
+    ref.load_state_dict({k: ck["model"][k] if k in params else sa[k] for k in ref.state_dict()})
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert a(x).shape == b(x).shape == (2, 10)
-    assert sum(p.numel() for p in a.parameters()) == sum(p.numel() for p in b.parameters())
+        assert torch.equal(a(x), b(x))
+        assert torch.allclose(a(x), ref(x), atol=1e-5)
+    flops = []
+    for m in (a, b, ref):
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            m(x)
+        flops.append(fc.get_total_flops())
+    assert flops[0] == flops[1] == flops[2]
 
 
+@pytest.mark.slow  # trains until the exploration commits
 def test_resume_mid_round_continues_the_exploration_exactly(tmp_path):
     """Two pruners on identical models; one is saved mid-round and restored into a third."""
     torch.manual_seed(0)
