@@ -150,21 +150,21 @@ def test_softmax_over_other_dims_stays_prunable():
 def test_export_compares_outputs_with_the_hard_network(monkeypatch):
     """export() runs both on the example inputs: a wrong export is a loud warning, not a
     silent 'True' (here a layer exported with a perturbed bias stands in for any such bug)."""
-    import s2h.pruner as P
+    from s2h.nn import MaskedConv2d
 
     model, pruner, x, _ = _build(WidthRead)
     pruner.set_widths({"b": 8})
     model.eval()
-    orig = P._plain_layer
+    orig = MaskedConv2d.s2h_export
 
     def bad(m, *a, **k):
         new = orig(m, *a, **k)
-        if isinstance(new, nn.Conv2d) and new.out_channels == 8:
+        if new.out_channels == 8:
             with torch.no_grad():
                 new.bias.add_(0.01)
         return new
 
-    monkeypatch.setattr(P, "_plain_layer", bad)
+    monkeypatch.setattr(MaskedConv2d, "s2h_export", bad)
     with pytest.warns(ExportMismatchWarning, match="differs from the hard network"):
         exported = pruner.export()
     diff, tol = export_difference(pruner.hard_forward, model, exported, x)

@@ -10,11 +10,12 @@ import warnings
 
 import pytest
 import torch
-from _models import plain_cnn
 from torch.utils.flop_counter import FlopCounterMode
 
 import s2h
 from s2h import models
+
+from _models import plain_cnn
 
 
 def _flops(model, x) -> int:

@@ -5,11 +5,12 @@ import os
 
 import pytest
 import torch
-from _models import DepthwiseNet, mlp, plain_cnn
 from torch import nn
 
 import s2h
 from s2h.dual import DualTensor, LockstepUnsupported
+
+from _models import DepthwiseNet, mlp, plain_cnn
 
 
 def _assert_grads_close(have: list, want: list, label: str, rel: float) -> None:

@@ -5,11 +5,12 @@ import os
 
 import pytest
 import torch
-from _models import DepthwiseNet, plain_cnn
 from torch import nn
 
 import s2h
 from s2h import models
+
+from _models import DepthwiseNet, plain_cnn
 
 
 def _pruned(model, x, seed=0):

@@ -4,10 +4,11 @@ import warnings
 
 import pytest
 import torch
-from _models import ConcatNet, DepthwiseNet, FlattenNet, GroupedNet, mlp, plain_cnn
 
 import s2h
 from s2h.graph import analyze
+
+from _models import ConcatNet, DepthwiseNet, FlattenNet, GroupedNet, mlp, plain_cnn
 
 
 def _groups(model, x, ignore=()):

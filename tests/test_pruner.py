@@ -5,12 +5,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from _models import DepthwiseNet, mlp, plain_cnn
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import s2h
 from s2h.nn import MaskedBatchNorm2d
+
+from _models import DepthwiseNet, mlp, plain_cnn
 
 
 def _randomise_gates(pruner, scale=1.5, seed=0):
