@@ -136,6 +136,9 @@ class LayerRecord:
     dense_flops: int = 0  # as torch.utils.flop_counter counted it (every call)
     #: inner groups of the layer by role, e.g. ``{"heads": label}`` of an attention layer
     extra_labels: dict = field(default_factory=dict)
+    #: labels of groups in the *row* dims of a linear layer's input (a token-mixing MLP
+    #: applied across tokens carries the embedding channels there): its FLOPs scale with them
+    row_labels: list = field(default_factory=list)
     #: the dense FLOPs split by the groups they scale with: ``[(flops, roles)]``, roles among
     #: ``"in"``, ``"out"`` and the extra roles (a term scales with each role's kept fraction)
     flop_parts: list = field(default_factory=list)
@@ -176,6 +179,9 @@ class GraphAnalysis:
     total_flops: int
     #: layer name -> {role: group index} of its inner groups (attention heads)
     layer_extra_group: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: layer name -> indices of the groups in the row dims of its input (their widths scale the
+    #: layer's FLOPs too, see :attr:`LayerRecord.row_labels`)
+    layer_row_groups: dict[str, list[int]] = field(default_factory=dict)
 
 
 class _Tracer(TorchDispatchMode):
@@ -565,6 +571,8 @@ class _Analyzer:
             for d in range(y.dim() - (2 if kind == "conv" else 1)):
                 if kind == "linear" and d < len(in_lab) - 1:
                     out[d] = in_lab[d]
+                    if in_lab[d] is not None and in_lab[d] not in rec.row_labels:
+                        rec.row_labels.append(in_lab[d])
             if name in self.out_label_of:
                 olab = self.out_label_of[name]
             else:
@@ -767,6 +775,7 @@ def analyze(
         groups.append(g)
     index = {id(g): i for i, g in enumerate(groups)}
     layer_extra_group: dict[str, dict[str, int]] = {}
+    layer_row_groups: dict[str, list[int]] = {}
     for name, rec in an.layers.items():
         if rec.in_label is not None:
             layer_in_group[name] = index[id(roots[an.uf.find(rec.in_label)])]
@@ -774,6 +783,10 @@ def analyze(
             layer_out_group[name] = index[id(roots[an.uf.find(rec.out_label)])]
         for role, lab in rec.extra_labels.items():
             layer_extra_group.setdefault(name, {})[role] = index[id(roots[an.uf.find(lab)])]
+        rows = sorted({index[id(roots[an.uf.find(lab)])] for lab in rec.row_labels
+                       if an.uf.find(lab) in roots})
+        if rows:
+            layer_row_groups[name] = rows
     # per-channel parameters: sliced with their group, or (used elsewhere too) freeze it
     for pname, lab in an.channel_params.items():
         r = an.uf.find(lab)
@@ -813,6 +826,7 @@ def analyze(
         warnings=an.warnings,
         total_flops=an.flops.total(),
         layer_extra_group=layer_extra_group,
+        layer_row_groups=layer_row_groups,
     )
 
 

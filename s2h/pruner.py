@@ -295,9 +295,10 @@ class S2HPruner:
                 continue
             by_role = {"in": an.layer_in_group.get(name), "out": an.layer_out_group.get(name),
                        **an.layer_extra_group.get(name, {})}
+            rows = tuple(self._gate_of_group_index(i) for i in an.layer_row_groups.get(name, []))
             for flops, roles in rec.flop_parts:
-                gates = tuple(g for g in (self._gate_of_group_index(by_role.get(r))
-                                          for r in roles) if g is not None)
+                gates = tuple(g for g in (*(self._gate_of_group_index(by_role.get(r))
+                                            for r in roles), *rows) if g is not None)
                 self._flop_terms.append((name, flops, gates))
                 prunable_total += flops
         self.dense_flops = an.total_flops
