@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from s2h import functional as sf
+from s2h import functional as sf  # noqa: E402 (after the sys.path line above)
 
 # (C_in, C_out, H=W of the input, kernel, stride) -- ResNet-50 bottleneck convs on CIFAR
 # (stride-1 stem, so the stages run at 32, 16, 8, 4 pixels).
@@ -229,7 +229,7 @@ def _max_diff(a: Callable, b: Callable, p: Problem) -> float:
     pos = [p.args[n] for n in _ORDER] + [p.args["in_keep"], p.args["out_keep"]]
     with torch.no_grad():
         ya, yb = a(*pos, **p.kwargs), b(*pos, **p.kwargs)
-    return max((u.float() - v.float()).abs().max().item() for u, v in zip(ya, yb))
+    return max((u.float() - v.float()).abs().max().item() for u, v in zip(ya, yb, strict=True))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -332,7 +332,7 @@ def run(args) -> dict:
         "command": ("python bench/fashion_mnist.py " + " ".join(sys.argv[1:])).strip(),
         "seeds": args.seeds, "steps": steps, "batch_size": args.batch_size,
         "targets": args.targets, "split": args.split,
-        "eval": ("validation: the last %d training images" % args.holdout
+        "eval": (f"validation: the last {args.holdout} training images"
                  if args.split == "val" else "the 10k test images")
                 + ("" if args.eval_batches is None else f", {args.eval_batches} batches"),
         "device": str(device), "cpu": platform.processor() or platform.machine(),

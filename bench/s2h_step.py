@@ -108,7 +108,9 @@ def run_case(name, img, batch, keep, dtype, device, reps):
     def nxt():
         it["i"] = (it["i"] + 1) % 4
         x = xs[it["i"]]
-        return (x.to(memory_format=torch.channels_last) if device.type == "cuda" else x), ys[it["i"]]
+        if device.type == "cuda":
+            x = x.to(memory_format=torch.channels_last)
+        return x, ys[it["i"]]
 
     torch.manual_seed(0)
     dense = _model(name, img, device)
@@ -124,7 +126,7 @@ def run_case(name, img, batch, keep, dtype, device, reps):
 
     dense_ms = _timer(device, dense_step, reps)
     dense_peak = _peak(device, dense_step)
-    del dense, opt
+    dense = opt = None  # free the memory before the pruned runs (dense_step is done)
     out = {}
     for fused in ("auto", False):
         torch.manual_seed(0)
@@ -134,14 +136,14 @@ def run_case(name, img, batch, keep, dtype, device, reps):
         sopt = torch.optim.SGD([{"params": pruner.weight_parameters()},
                                 {"params": pruner.gate_parameters()}], lr=0.0, momentum=0.9)
 
-        def step():
+        def step(pruner=pruner, sopt=sopt):
             x, y = nxt()
             with amp:
                 pruner.train_step(x, y, sopt)
 
         out[fused] = (_timer(device, step, reps), _peak(device, step), pruner.hard_flops_ratio(),
                       pruner.lockstep)
-        del model, pruner, sopt
+        del model, pruner, sopt, step
     (ms, peak, p, lockstep), (ref_ms, _, _, _) = out["auto"], out[False]
     return {"bench": "s2h_step", "case": f"{name}@{img}", "device": _device_name(device),
             "commit": _commit(), "torch": torch.__version__, "triton": _triton(),

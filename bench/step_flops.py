@@ -98,7 +98,8 @@ def main(argv=None) -> int:
                      "torch": torch.__version__})
     print(f"\nS2H step FLOPs vs dense training step: {args.model}, {args.image_size}x"
           f"{args.image_size}, batch {args.batch} (torch.utils.flop_counter)")
-    print(f"{'path':>10s}{'hard FLOPs p':>13s}{'dense GFLOP':>13s}{'S2H GFLOP':>12s}{'S2H/dense':>11s}"
+    print(f"{'path':>10s}{'hard FLOPs p':>13s}{'dense GFLOP':>13s}{'S2H GFLOP':>12s}"
+          f"{'S2H/dense':>11s}"
           f"{'floor (4+3p)/3':>16s}{'/ floor':>9s}{'<=1.1x floor':>14s}")
     for r in rows:
         print(f"{r['path']:>10s}{r['keep']:13.3f}{r['dense_step_gflops']:13.2f}{r['s2h_step_gflops']:12.2f}"

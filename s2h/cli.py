@@ -170,9 +170,16 @@ def cmd_export(args) -> int:
 
     from .data import build_loaders, dataset_info
     from .export import save_exported
-    from .trainer import (RECALIBRATION_BATCHES, PruneConfig, build_model, build_pruner,
-                          freeze_for_export, load_checkpoint, recalibrate_for_export,
-                          seed_everything)
+    from .trainer import (
+        RECALIBRATION_BATCHES,
+        PruneConfig,
+        build_model,
+        build_pruner,
+        freeze_for_export,
+        load_checkpoint,
+        recalibrate_for_export,
+        seed_everything,
+    )
 
     try:
         ckpt = load_checkpoint(args.checkpoint)
@@ -217,14 +224,30 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _bench_dir() -> str | None:
+    """The folder of the bench/ scripts: $S2H_BENCH_DIR, else the source checkout this package
+    runs from, else ./bench (the scripts are not part of the installed package)."""
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for folder in (os.environ.get("S2H_BENCH_DIR"), os.path.join(package_root, "bench"),
+                   os.path.join(os.getcwd(), "bench")):
+        if folder and os.path.isdir(folder):
+            return folder
+    return None
+
+
 def cmd_bench(args) -> int:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = os.path.join(root, "bench", args.name.replace("-", "_") + ".py")
+    folder = _bench_dir()
+    if folder is None:
+        print("error: no bench/ folder found: the benchmark scripts are in the source "
+              "repository (its bench/ folder), not in the installed package. Run `s2h bench "
+              f"{args.name}` from a checkout of the repository, or set S2H_BENCH_DIR to its "
+              "bench/ folder.", file=sys.stderr)
+        return 2
+    script = os.path.join(folder, args.name.replace("-", "_") + ".py")
     if not os.path.isfile(script):
-        avail = sorted(f[:-3] for f in os.listdir(os.path.join(root, "bench"))
-                       if f.endswith(".py")) if os.path.isdir(os.path.join(root, "bench")) else []
-        print(f"error: no benchmark {args.name!r} (bench/ scripts live in the source tree; "
-              f"available: {avail})", file=sys.stderr)
+        avail = sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".py"))
+        print(f"error: no benchmark {args.name!r} in {folder} (available: "
+              f"{', '.join(avail) or 'none'})", file=sys.stderr)
         return 2
     return subprocess.call([sys.executable, script, *args.rest])
 
@@ -256,7 +279,8 @@ def main(argv=None) -> int:
                         "on the run's training batches (no data needed; not the run's "
                         "exported/)")
     p.set_defaults(func=cmd_export)
-    p = sub.add_parser("bench", help="run a benchmark script of bench/ (source checkout)")
+    p = sub.add_parser("bench", help="run a benchmark script of the repository's bench/ "
+                                      "(a source checkout, or $S2H_BENCH_DIR)")
     p.add_argument("name", help="e.g. step_flops, gather, dual_forward")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)

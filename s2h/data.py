@@ -44,6 +44,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset, pil_loader
+from torchvision.transforms.v2 import functional as TF
 
 __all__ = [
     "DATASETS",
@@ -96,7 +98,6 @@ FASHION_MNIST_CLASSES = (
 )  # fmt: skip
 
 _SYNTHETIC_SIZES = {"train": 2048, "test": 512}
-_IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff")
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -158,15 +159,19 @@ def dataset_info(name: str, data_dir: str | Path | None = None) -> DatasetInfo:
         raise ValueError(
             "dataset 'imagefolder' needs data_dir (the folder holding train/ and val/)"
         )
-    root = Path(data_dir)
-    classes = _imagefolder_classes(root)
-    first = _find_image_files(root / "train" / classes[0])[0]
-    native = _native_small_size(first)
-    return DatasetInfo(3, len(classes), native or 224, None, key, _IMAGENET_MEAN, _IMAGENET_STD)
+    files = _train_class_files(Path(data_dir))
+    native = _native_small_size(next(iter(files.values()))[0])
+    return DatasetInfo(3, len(files), native or 224, None, key, _IMAGENET_MEAN, _IMAGENET_STD)
 
 
 # --------------------------------------------------------------------------------------------
-# Seeds and augmentation (plain torch)
+# Seeds and augmentation
+#
+# The random parameters (crop offsets, flips, RandomResizedCrop boxes) are drawn here from the
+# per-sample generator of the EpochSampler, not by torchvision's random transforms: those draw
+# from the global generator (and RandomResizedCrop in another order), so the batches would
+# depend on the number of workers and differ from the runs already recorded. The pixel work
+# itself is torchvision's (crop with zero padding, flip, antialiased resize).
 # --------------------------------------------------------------------------------------------
 
 
@@ -191,23 +196,12 @@ def random_crop_flip(
     time. ``image``: float ``(C, H, W)``; returns a new float ``(C, H, W)`` tensor."""
     _, height, width = image.shape
     if padding > 0:
-        padded = F.pad(image, (padding, padding, padding, padding))
         offsets = torch.randint(0, 2 * padding + 1, (2,), generator=generator).tolist()
-        top, left = int(offsets[0]), int(offsets[1])
-        image = padded[:, top : top + height, left : left + width]
+        # a window of the zero-padded image: torchvision's crop pads what lies outside
+        image = TF.crop(image, offsets[0] - padding, offsets[1] - padding, height, width)
     if float(torch.rand((), generator=generator)) < 0.5:
-        image = image.flip(-1)
+        image = TF.hflip(image)
     return image
-
-
-def _resize_tensor(image: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear (antialiased) resize of a float ``(C, H, W)`` tensor to ``(C, size, size)``."""
-    if image.shape[-1] == size and image.shape[-2] == size:
-        return image
-    out = F.interpolate(
-        image[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True
-    )
-    return out[0]
 
 
 def _subset_indices(total: int, num_samples: int | None) -> torch.Tensor | None:
@@ -275,7 +269,8 @@ class TensorImageDataset(Dataset):
         image = image.float().div(255.0) if image.dtype == torch.uint8 else image.float()
         if self.augment:
             image = random_crop_flip(image, self.padding, generator)
-        image = _resize_tensor(image, self.image_size)
+        if image.shape[-2:] != (self.image_size, self.image_size):  # bilinear, antialiased
+            image = TF.resize(image, [self.image_size] * 2, antialias=True)
         return (image - self.mean) / self.std, int(self.targets[position])
 
 
@@ -344,6 +339,9 @@ class SyntheticDataset(TensorImageDataset):
 
 
 # ---- idx (Fashion-MNIST) -------------------------------------------------------------------
+# Not torchvision's reader (datasets.mnist.read_sn3_pascalvincent_tensor): it opens
+# uncompressed files only (the Debian package installs .gz), checks the header with assert
+# statements (gone under python -O) and does not name the file or what is wrong in it.
 
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -584,29 +582,31 @@ def _load_cifar100(directory: Path, split: str) -> tuple[torch.Tensor, torch.Ten
 # --------------------------------------------------------------------------------------------
 
 
-def _find_image_files(folder: Path) -> list[Path]:
-    """Image files anywhere under ``folder``, sorted (Tiny ImageNet nests them in images/)."""
-    return sorted(
-        p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_EXTENSIONS and p.is_file()
-    )
+def _class_files(folder: Path, names: Sequence[str]) -> dict[str, list[Path]]:
+    """The image files anywhere under ``folder/<name>/`` of each name (Tiny ImageNet nests them
+    in images/), found by torchvision's ``make_dataset`` (its extensions, sorted walk)."""
+    found: dict[str, list[Path]] = {name: [] for name in names}
+    if names:
+        index = {name: k for k, name in enumerate(names)}
+        for path, k in make_dataset(str(folder), index, IMG_EXTENSIONS, allow_empty=True):
+            found[names[k]].append(Path(path))
+    return found
 
 
-def _has_image(folder: Path) -> bool:
-    """Whether ``folder`` holds an image anywhere below it (stops at the first one)."""
-    return any(p.suffix.lower() in _IMAGE_EXTENSIONS and p.is_file() for p in folder.rglob("*"))
-
-
-def _imagefolder_classes(root: Path) -> list[str]:
+def _train_class_files(root: Path) -> dict[str, list[Path]]:
+    """``{class: image files}`` of ``root/train``, classes sorted, folders without images left
+    out."""
     train = root / "train"
     if not train.is_dir():
         raise DatasetNotFoundError(
             f"image folder not found: {train} does not exist (expected {root}/train/<class>/"
             f"*.JPEG and {root}/val/...); pass --data-dir pointing to the dataset root"
         )
-    classes = sorted(d.name for d in train.iterdir() if d.is_dir() and _has_image(d))
-    if not classes:
+    names = sorted(d.name for d in train.iterdir() if d.is_dir())
+    files = {name: paths for name, paths in _class_files(train, names).items() if paths}
+    if not files:
         raise DatasetNotFoundError(f"image folder {train} has no class folder holding images")
-    return classes
+    return files
 
 
 def _native_small_size(path: Path) -> int | None:
@@ -619,14 +619,11 @@ def _native_small_size(path: Path) -> int | None:
 
 
 def _scan_imagefolder(root: Path, split: str) -> tuple[list[tuple[Path, int]], list[str]]:
-    classes = _imagefolder_classes(root)
+    train_files = _train_class_files(root)
+    classes = list(train_files)
     class_to_idx = {name: k for k, name in enumerate(classes)}
     if split == "train":
-        samples = [
-            (p, class_to_idx[name])
-            for name in classes
-            for p in _find_image_files(root / "train" / name)
-        ]
+        samples = [(p, class_to_idx[name]) for name, paths in train_files.items() for p in paths]
         return samples, classes
     val = root / "val"
     annotations = val / "val_annotations.txt"
@@ -653,13 +650,13 @@ def _scan_imagefolder(root: Path, split: str) -> tuple[list[tuple[Path, int]], l
                 f"(expected {val}/<class>/* or {val}/images + {annotations.name})"
             )
         samples = []
-        for class_dir in sorted(d for d in folder.iterdir() if d.is_dir()):
-            files = _find_image_files(class_dir)
-            if files and class_dir.name not in class_to_idx:
+        names = sorted(d.name for d in folder.iterdir() if d.is_dir())
+        for name, files in _class_files(folder, names).items():
+            if files and name not in class_to_idx:
                 raise DatasetFormatError(
-                    f"{class_dir}: class {class_dir.name!r} has no folder in {root / 'train'}"
+                    f"{folder / name}: class {name!r} has no folder in {root / 'train'}"
                 )
-            samples.extend((p, class_to_idx[class_dir.name]) for p in files)
+            samples.extend((p, class_to_idx[name]) for p in files)
         val = folder
     if not samples:
         raise DatasetNotFoundError(f"image folder {val} holds no images")
@@ -674,7 +671,11 @@ class ImageFolderDataset(Dataset):
     shorter side to ``round(image_size / crop_ratio)``, then center crop ``image_size``.
     Items: ``(float32 (3, image_size, image_size), int)``, ImageNet mean/std normalised.
     ``image_size`` defaults to the native side of small square images (Tiny ImageNet: 64, no
-    crop margin at test) and to 224 (crop ratio 0.875) otherwise.
+    crop margin at test) and to 224 (crop ratio 0.875) otherwise. Files are found and decoded
+    by torchvision (``make_dataset``, ``pil_loader``); the resizing is PIL's own: the random
+    box is resized in one call (``resize(box=...)``, filtering with the pixels around the box)
+    and the test side is rounded, where torchvision's ``resized_crop`` (crop, then resize) and
+    ``resize`` (truncates the side) give other pixels than the runs already recorded.
     """
 
     def __init__(
@@ -754,8 +755,7 @@ class ImageFolderDataset(Dataset):
         size = self.image_size
         bilinear = Image.Resampling.BILINEAR
         try:
-            with Image.open(path) as raw:
-                image = raw.convert("RGB")
+            image = pil_loader(str(path))
         except OSError as exc:
             raise DatasetFormatError(f"{path}: cannot decode image ({exc})") from exc
         width, height = image.size
@@ -917,7 +917,7 @@ class EpochSampler(Sampler):
             order = torch.cat([order, order[: total - n]])
         sample_seeds = torch.randint(0, 2**62, (total,), generator=generator)
         mine = slice(self.rank, total, self.world_size)
-        pairs = list(zip(order[mine].tolist(), sample_seeds[mine].tolist()))
+        pairs = list(zip(order[mine].tolist(), sample_seeds[mine].tolist(), strict=True))
         yield from pairs[skip:]
 
 

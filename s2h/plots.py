@@ -144,7 +144,7 @@ def plot_run(metrics_path: str, out_dir: str, summary: dict | None = None) -> li
         pos = range(len(names))
         ax.bar(pos, [full.get(k, final[k]) for k in names], color="0.85", label="full width")
         ax.bar(pos, [final[k] for k in names], color="C0", label="kept")
-        for x, k in zip(pos, names):
+        for x, k in zip(pos, names, strict=True):
             ax.text(x, final[k], str(final[k]), ha="center", va="bottom", fontsize=7.5)
         ax.set_xticks(list(pos))
         ax.set_xticklabels([_short(k) for k in names], rotation=60, ha="right", fontsize=8)

@@ -15,6 +15,7 @@ SMALL = ["--dataset", "synthetic", "--model", "resnet20", "--batch-size", "16",
          "--steps-per-epoch", "3", "--eval-batches", "2", "--no-progress", "--target-flops", "0.5"]
 
 
+@pytest.mark.slow
 def test_prune_end_to_end_writes_everything(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["prune", *SMALL, "--epochs", "2", "--out", str(out)]) == 0
@@ -38,6 +39,7 @@ def test_prune_end_to_end_writes_everything(tmp_path, capsys):
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+@pytest.mark.slow
 def test_resume_continues_to_the_same_result(tmp_path, capsys, monkeypatch):
     from s2h import trainer
 
@@ -96,6 +98,29 @@ def test_info_and_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "s2h", "info"], capture_output=True, text=True,
                          check=True).stdout
     assert "torch:" in out and "channel_ops" in out
+
+
+def test_bench_runs_a_script_or_says_where_the_scripts_are(tmp_path, monkeypatch, capsys):
+    from s2h import cli
+
+    # as installed: no bench/ next to the package nor in the working directory
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "site-packages" / "s2h" / "cli.py"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("S2H_BENCH_DIR", raising=False)
+    assert main(["bench", "gather"]) == 2
+    err = capsys.readouterr().err
+    assert "source repository" in err and "S2H_BENCH_DIR" in err
+    bench = tmp_path / "b"
+    bench.mkdir()
+    (bench / "echo_args.py").write_text(
+        "import pathlib, sys\npathlib.Path(sys.argv[1]).write_text(' '.join(sys.argv[2:]))\n")
+    monkeypatch.setenv("S2H_BENCH_DIR", str(bench))
+    out = tmp_path / "args.txt"
+    assert main(["bench", "echo-args", str(out), "--x", "1"]) == 0
+    assert out.read_text() == "--x 1"  # the script ran, with the arguments after its name
+    assert main(["bench", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert str(bench) in err and "echo_args" in err
 
 
 def _gz_idx(path, array):

@@ -86,7 +86,7 @@ def _write_image_folder(root: Path, tiny_val: bool = False, size=(40, 30)) -> di
 
     rng = np.random.default_rng(2)
     classes = ["n01", "n02", "n03"]
-    for k, name in enumerate(classes):
+    for name in classes:
         folder = root / "train" / name / "images"  # nested, as in Tiny ImageNet
         folder.mkdir(parents=True)
         for i in range(3):
@@ -427,7 +427,7 @@ def test_loaders_reproducible_with_seed(tmp_path):
     assert (info.in_chans, info.num_classes, info.image_size) == (1, 10, 28)
     assert len(tr1) == 8 and len(te1) == 2
     a, b, c = _first_batches(tr1), _first_batches(tr2), _first_batches(tr3)
-    for (xa, ya), (xb, yb) in zip(a, b):
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     assert not torch.equal(a[0][1], c[0][1]) or not torch.equal(a[0][0], c[0][0])
     assert a[0][0].shape == (8, 1, 28, 28) and a[0][1].dtype == torch.int64
@@ -444,7 +444,7 @@ def test_loaders_same_data_with_workers(tmp_path):
     _write_fashion_mnist(tmp_path, n_train=32, n_test=8)
     tr0, _, _ = build_loaders("fashion-mnist", tmp_path, 8, workers=0, seed=1)
     tr2, te2, _ = build_loaders("fashion-mnist", tmp_path, 8, workers=2, seed=1)
-    for (x0, y0), (x2, y2) in zip(_first_batches(tr0, 4), _first_batches(tr2, 4)):
+    for (x0, y0), (x2, y2) in zip(_first_batches(tr0, 4), _first_batches(tr2, 4), strict=True):
         assert torch.equal(x0, x2) and torch.equal(y0, y2)
     assert sum(len(y) for _, y in te2) == 8
 
@@ -482,7 +482,7 @@ def test_sampler_skip_resumes_mid_epoch_with_the_same_samples():
     train.sampler.set_epoch(2, skip=3 * 8)
     rest = [y for _, y in train]
     assert len(rest) == len(batches) - 3
-    assert all(torch.equal(a, b) for a, b in zip(batches[3:], rest))
+    assert all(torch.equal(a, b) for a, b in zip(batches[3:], rest, strict=True))
 
 
 def test_holdout_carves_a_validation_split_from_the_training_set():

@@ -30,6 +30,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process(tmp_path, capsys):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     assert main([*ARGS, "--out", str(single)]) == 0
@@ -81,7 +82,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, capsys):
         moved.append(not torch.allclose(v["logits"], init - init.mean(), atol=1e-3))
     assert any(moved)
     ra = [json.loads(x) for x in (single / "metrics.jsonl").read_text().splitlines()]
-    for x, y in zip(ra, rows):
+    for x, y in zip(ra, rows, strict=True):
         if x["kind"] == "epoch":
             assert x["test_soft_acc"] == y["test_soft_acc"]
             assert x["test_hard_acc"] == y["test_hard_acc"]

@@ -16,11 +16,10 @@ import time
 import numpy as np
 import pytest
 import torch
+from _runs import same_state
 
 from s2h import trainer
 from s2h.cli import main
-
-from _runs import same_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -33,6 +32,7 @@ def _rows(run) -> list[dict]:
     return trainer.read_metrics(str(run / "metrics.jsonl"))
 
 
+@pytest.mark.slow
 def test_sigint_mid_first_epoch_saves_resumes_and_plots_a_running_job(tmp_path, capsys):
     """A real SIGINT to a training process in the middle of its first epoch (no checkpoint
     exists yet): it finishes the step, saves a checkpoint, exits 130 with the resume command
@@ -88,7 +88,7 @@ def test_sigint_mid_first_epoch_saves_resumes_and_plots_a_running_job(tmp_path, 
     same_state(a, b)
     ra, rb = _rows(full), _rows(run)
     assert [(r["kind"], r["step"]) for r in ra] == [(r["kind"], r["step"]) for r in rb]
-    for x, y in zip(ra, rb):
+    for x, y in zip(ra, rb, strict=True):
         if x["kind"] == "step":
             assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
         else:
@@ -101,6 +101,7 @@ def _tensors(d):
     return load_file(os.path.join(d, "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_export_command_equals_the_runs_exported(tmp_path, capsys):
     """`s2h export CHECKPOINT` recalibrates BatchNorm on the run's batches: every tensor and the
     outputs equal the run's exported/; with --no-recalibrate they differ (and it says so)."""
@@ -161,6 +162,7 @@ def test_unknown_model_suggests_close_names(tmp_path, capsys):
     assert "did you mean 'resnet20'" in err
 
 
+@pytest.mark.slow
 def test_progress_bar_shows_the_epoch_lines_flops(tmp_path, capsys, monkeypatch):
     """The bar's last hard-FLOPs value is the number the epoch line prints."""
     bars = []
@@ -211,7 +213,8 @@ def test_help_shows_defaults_and_the_readme_synopsis_agrees(capsys):
     p = argparse.ArgumentParser()
     _add_prune_args(p)
     dest = {a.option_strings[0]: a.default for a in p._actions if a.option_strings}
-    readme = open(os.path.join(ROOT, "README.md")).read()
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
     block = readme.split("## Command line", 1)[1].split("```", 2)[1]
     block = block.split("\ntorchrun", 1)[0]  # the `s2h prune` synopsis only
     assert block.lstrip().startswith("s2h prune")
@@ -282,6 +285,7 @@ def test_widths_plot_is_a_heatmap_showing_every_groups_final_width(tmp_path, gro
         assert hits >= 10 * (groups // len(fracs)), (frac, hits)
 
 
+@pytest.mark.slow
 def test_resume_drops_rows_logged_after_the_checkpoint(tmp_path, monkeypatch, capsys):
     """Rows are flushed as they are logged, so a killed run leaves rows past its checkpoint
     (and maybe a torn last line): --resume drops them and logs those steps again, once."""
@@ -307,6 +311,6 @@ def test_resume_drops_rows_logged_after_the_checkpoint(tmp_path, monkeypatch, ca
     assert main(["prune", *args, "--out", str(run), "--resume"]) == 0
     ra, rb = _rows(full), _rows(run)
     assert [(r["kind"], r["step"]) for r in ra] == [(r["kind"], r["step"]) for r in rb]
-    for x, y in zip(ra, rb):
+    for x, y in zip(ra, rb, strict=True):
         if x["kind"] == "step":
             assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
