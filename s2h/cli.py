@@ -128,8 +128,8 @@ def _config(args):
     )
 
 
-def cmd_prune(args) -> int:
-    from .pruner import NonFiniteLossError
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .numerics import NonFiniteLossError
     from .trainer import run_prune
 
     cfg = _config(args)
@@ -163,7 +163,7 @@ def cmd_prune(args) -> int:
     return 0
 
 
-def cmd_export(args) -> int:
+def cmd_export(args: argparse.Namespace) -> int:
     """Rebuild the pruner from a checkpoint and write the exported model, with the same
     BatchNorm recalibration (same batches) as the run's own ``exported/``."""
     import torch
@@ -235,7 +235,7 @@ def _bench_dir() -> str | None:
     return None
 
 
-def cmd_bench(args) -> int:
+def cmd_bench(args: argparse.Namespace) -> int:
     folder = _bench_dir()
     if folder is None:
         print("error: no bench/ folder found: the benchmark scripts are in the source "
@@ -252,7 +252,7 @@ def cmd_bench(args) -> int:
     return subprocess.call([sys.executable, script, *args.rest])
 
 
-def cmd_info(args) -> int:
+def cmd_info(args: argparse.Namespace) -> int:
     from .info import collect, format_info
 
     info = collect()
@@ -260,7 +260,7 @@ def cmd_info(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="s2h", description="Soft-to-Hard structured pruning",
                                      formatter_class=_HelpFormatter)

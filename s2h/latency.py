@@ -27,7 +27,7 @@ _timer = time.perf_counter  # replaced by tests (a mocked clock)
 class Latency(dict):
     """``{model name: median ms}`` plus ``spread`` (same keys), ``limit`` and ``noisy``."""
 
-    def __init__(self, ms: dict[str, float], spread: dict[str, float], limit: float):
+    def __init__(self, ms: dict[str, float], spread: dict[str, float], limit: float) -> None:
         super().__init__(ms)
         self.spread = dict(spread)
         self.limit = float(limit)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from .pruner import VARIANTS
+from .losses import VARIANTS
 
 
 @dataclass

@@ -47,18 +47,13 @@ from .checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from .export import save_exported
+from .export import export_difference, save_exported
+from .flops import count_flops
+from .numerics import NonFiniteLossError, NonFiniteStateError, first_non_finite, optimizer_step
 from .prune_config import PruneConfig, phase_steps, resume_changes, validate_config
-from .pruner import (
-    NonFiniteLossError,
-    NonFiniteStateError,
-    S2HPruner,
-    export_difference,
-    first_non_finite,
-    optimizer_step,
-    use_channels_last,
-)
+from .pruner import S2HPruner
 from .report import format_table, log, read_metrics, tensorboard_writer, write_plots
+from .utils import use_channels_last
 
 __all__ = [
     "RECALIBRATION_BATCHES",
@@ -165,18 +160,6 @@ def compare_latency(models: dict[str, nn.Module], shape: tuple[int, ...],
 
     x = torch.randn(*shape, device=device)
     return time_side_by_side(models, x, rounds, warmup=warmup)
-
-
-def count_flops(model: nn.Module, example: torch.Tensor) -> int:
-    """FLOPs of one eval-mode forward of ``model`` on ``example`` (FlopCounterMode)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    was = model.training
-    model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        model(example)
-    model.train(was)
-    return int(fc.get_total_flops())
 
 
 def _lr_lambda(total_steps: int, warmup: int) -> Callable[[int], float]:

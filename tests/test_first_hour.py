@@ -16,10 +16,11 @@ import time
 import numpy as np
 import pytest
 import torch
-from _runs import same_state
 
 from s2h import trainer
 from s2h.cli import main
+
+from _runs import same_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}

@@ -14,10 +14,11 @@ import time
 import numpy as np
 import pytest
 import torch
-from _runs import keep_checkpoints, same_state
 
 from s2h import trainer
 from s2h.cli import main
+
+from _runs import keep_checkpoints, same_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dataset", "synthetic", "--model", "small_cnn", "--batch-size", "16",
