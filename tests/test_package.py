@@ -24,7 +24,15 @@ def test_extension_reports_its_build(tmp_path):
     import json
 
     info = json.loads(r.stdout)
-    assert info["s2h"] == "0.1.0"
+    # one version string: s2h.__version__, read by pyproject (package metadata) and setup.py
+    # (the extension's S2H_VERSION)
+    from importlib.metadata import version
+
+    assert info["s2h"] == version("s2h")
+    from s2h import ops
+
+    if ops.build_info()["loaded"]:
+        assert ops.build_info()["version"] == version("s2h")
     assert "channel_ops" in info and "dual_kernels" in info
 
 
