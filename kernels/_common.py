@@ -1,5 +1,6 @@
 """Pieces shared by the dual kernels: interpreter detection, shared autotune candidates, op
-registration, launch helpers and the Triton helpers several kernels call.
+registration and launch helpers (the ``@triton.jit`` helpers several kernels call are in
+:mod:`._tiles`).
 
 Only imported when triton is importable (see ``kernels/__init__.py``).
 """
@@ -275,33 +276,3 @@ def needed_input_grads(ctx: Any, inputs: tuple) -> tuple[bool, ...]:
 def empty_grad(like: torch.Tensor) -> torch.Tensor:
     """Placeholder for a gradient that was not requested (op schemas cannot return None)."""
     return like.new_empty((0,))
-
-
-@triton.jit
-def grouped_tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    """Map a linear tile id to (pid_m, pid_n), ``GROUP_M`` row tiles at a time (L2 reuse of B)."""
-    num_in_group = GROUP_M * num_pid_n
-    group_id = tile // num_in_group
-    first_m = group_id * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (tile % num_in_group) % group_size
-    pid_n = (tile % num_in_group) // group_size
-    return pid_m, pid_n
-
-
-@triton.jit
-def store_partial_column_sums(
-    part_ptr, values, pid_m, M, n_cols, offs_col, col_ok,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
-):  # fmt: skip
-    """Store the column sums of ``values`` (``[BLOCK_M, BLOCK_N]`` fp32, row tile ``pid_m``)
-    per group of ``ROWS`` rows into ``part`` (contiguous ``[cdiv(M, ROWS), n_cols]`` fp32).
-
-    Rows of ``values`` past ``M`` must be zero. Summing them later over the first axis gives
-    the full column sums, deterministically and independently of ``BLOCK_M``.
-    """
-    GROUPS: tl.constexpr = BLOCK_M // ROWS
-    sums = tl.sum(tl.reshape(values, (GROUPS, ROWS, BLOCK_N)), axis=1)
-    rows = pid_m * GROUPS + tl.arange(0, GROUPS)
-    ok = (rows < tl.cdiv(M, ROWS))[:, None] & col_ok[None, :]
-    tl.store(part_ptr + rows[:, None] * n_cols + offs_col[None, :], sums, mask=ok)
