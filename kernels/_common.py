@@ -7,6 +7,7 @@ Only imported when triton is importable (see ``kernels/__init__.py``).
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -276,3 +277,70 @@ def needed_input_grads(ctx: Any, inputs: tuple) -> tuple[bool, ...]:
 def empty_grad(like: torch.Tensor) -> torch.Tensor:
     """Placeholder for a gradient that was not requested (op schemas cannot return None)."""
     return like.new_empty((0,))
+
+
+# --------------------------------------------------------------------------------------------
+# Host-side pieces of the grouped (soft then hard) launches, shared by the op bodies
+# --------------------------------------------------------------------------------------------
+
+
+def dual_grid(
+    m_s: int, n_s: int, m_h: int, n_h: int, n_block: str = "BLOCK_N"
+) -> Callable[[dict], tuple[int]]:
+    """Grid of a grouped 2-D tile launch: the ``BLOCK_M x n_block`` tiles of the soft
+    ``m_s x n_s`` output, then those of the hard ``m_h x n_h`` one."""
+
+    def grid(meta: dict) -> tuple[int]:
+        bm, bn = meta["BLOCK_M"], meta[n_block]
+        soft = triton.cdiv(m_s, bm) * triton.cdiv(n_s, bn)
+        return (soft + triton.cdiv(m_h, bm) * triton.cdiv(n_h, bn),)
+
+    return grid
+
+
+def split_grid(
+    split: int, taps: int, soft: tuple[int, ...] | None, hard: tuple[int, ...] | None,
+    blocks: tuple[str, ...],
+) -> Callable[[dict], tuple[int]]:  # fmt: skip
+    """Grid of a grouped weight-gradient launch: ``split`` row splits x ``taps`` filter taps x
+    the tiles of the soft output (sizes ``soft``, tiled by the ``blocks`` meta-parameters),
+    plus those of the hard one; a path that is skipped is ``None``."""
+
+    def tiles(sizes: tuple[int, ...] | None, meta: dict) -> int:
+        if sizes is None:
+            return 0
+        return math.prod(triton.cdiv(n, meta[b]) for n, b in zip(sizes, blocks, strict=True))
+
+    def grid(meta: dict) -> tuple[int]:
+        return (split * taps * (tiles(soft, meta) + tiles(hard, meta)),)
+
+    return grid
+
+
+def wgrad_partials(
+    split: int, device: torch.device, *shapes: tuple[int, ...] | None
+) -> tuple[torch.Tensor, ...]:
+    """The fp32 per-split partial buffers of a weight-gradient launch, ``[split, *shape]`` per
+    shape (weight and bias gradients of the soft and hard paths), or an empty buffer where the
+    shape is ``None`` (a path that is skipped, a bias gradient not needed)."""
+    f32 = {"dtype": torch.float32, "device": device}
+    return tuple(torch.empty((split, *s) if s is not None else (0,), **f32) for s in shapes)
+
+
+def reduce_bias(
+    dbs_part: torch.Tensor, dbh_part: torch.Tensor, out_keep: torch.Tensor, n_out: int,
+    do_soft: bool, do_hard: bool,
+) -> torch.Tensor:  # fmt: skip
+    """The fp32 bias gradient ``[n_out]`` from the per-split partials of both paths (the hard
+    one scattered into the kept output channels; unique indices, so deterministic)."""
+    db = dbs_part.sum(0) if do_soft else torch.zeros((n_out,), dtype=torch.float32,
+                                                     device=dbs_part.device)
+    if do_hard:
+        db = db.index_put((out_keep,), dbh_part.sum(0), accumulate=True)
+    return db
+
+
+def wgrad_fake(weight: torch.Tensor, need_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The outputs of a weight-gradient op as its fake kernel returns them."""
+    db = weight.new_empty((weight.shape[0],)) if need_bias else weight.new_empty((0,))
+    return torch.empty_like(weight, memory_format=torch.contiguous_format), db

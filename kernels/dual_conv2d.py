@@ -48,14 +48,19 @@ from ._autograd import register_dual_autograd
 from ._common import (
     PARTIAL_ROWS,
     dot_precision,
+    dual_grid,
     gemm_configs,
     launcher,
     mask_columns,
+    reduce_bias,
     register_op,
     row_splits,
+    split_grid,
     tune_key,
     upcast_dot,
     wgrad_configs,
+    wgrad_fake,
+    wgrad_partials,
 )
 from ._conv_common import (
     CONV_MAX_SPLITS,
@@ -515,14 +520,7 @@ def dual_conv2d_op(
     w_hard = _tap_major(
         mask_columns(weight.index_select(0, out_keep).index_select(1, in_keep), mh)
     )
-
-    def grid(meta: dict) -> tuple[int]:
-        bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
-        return (
-            triton.cdiv(b_s * oh * ow, bm) * triton.cdiv(n_out, bn)
-            + triton.cdiv(b_h * oh * ow, bm) * triton.cdiv(n_out_h, bn),
-        )
-
+    grid = dual_grid(b_s * oh * ow, n_out, b_h * oh * ow, n_out_h)
     launcher(_dual_conv_fwd_kernel)[grid](
         x_soft, x_hard, w_soft, w_hard, bias if bias is not None else weight, out_keep,
         y_soft, y_hard,
@@ -597,14 +595,7 @@ def dual_conv2d_dgrad_op(
                 if do_hard
                 else w_soft
             )
-
-            def grid(meta: dict) -> tuple[int]:
-                bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
-                return (
-                    triton.cdiv(b_s * h * w, bm) * triton.cdiv(c, bn)
-                    + triton.cdiv(b_h * h * w, bm) * triton.cdiv(c_h, bn),
-                )
-
+            grid = dual_grid(b_s * h * w, c, b_h * h * w, c_h)
             launcher(_dual_conv_dgrad_kernel)[grid](
                 dys, dyh, w_soft, w_hard, x_soft, x_hard, ms, mh, dxs, dxh, dms_part, dmh_part,
                 b_s, b_h, c, h, w, n_out, c_h, n_out_h, oh, ow,
@@ -650,18 +641,15 @@ def _dense_wgrad(
         x_soft.device, max(b_s, b_h) * oh * ow, tiles,
         min_rows=CONV_SPLIT_MIN_ROWS, max_splits=CONV_MAX_SPLITS,
     )  # fmt: skip
-    dws_part = torch.empty((split, n_out, taps, c) if do_soft else (0,), **f32)
-    dwh_part = torch.empty((split, n_out_h, taps, c_h) if do_hard else (0,), **f32)
-    dbs_part = torch.empty((split, n_out) if do_soft and need_bias else (0,), **f32)
-    dbh_part = torch.empty((split, n_out_h) if do_hard and need_bias else (0,), **f32)
+    dws_part, dwh_part, dbs_part, dbh_part = wgrad_partials(
+        split, x_soft.device,
+        (n_out, taps, c) if do_soft else None, (n_out_h, taps, c_h) if do_hard else None,
+        (n_out,) if do_soft and need_bias else None, (n_out_h,) if do_hard and need_bias else None,
+    )  # fmt: skip
     if do_soft or do_hard:
-
-        def grid(meta: dict) -> tuple[int]:
-            bn, bk = meta["BLOCK_N"], meta["BLOCK_K"]
-            soft = triton.cdiv(n_out, bn) * triton.cdiv(c, bk) if do_soft else 0
-            hard = triton.cdiv(n_out_h, bn) * triton.cdiv(c_h, bk) if do_hard else 0
-            return (split * taps * (soft + hard),)
-
+        soft = (n_out, c) if do_soft else None
+        hard = (n_out_h, c_h) if do_hard else None
+        grid = split_grid(split, taps, soft, hard, ("BLOCK_N", "BLOCK_K"))
         launcher(_dual_conv_wgrad_kernel)[grid](
             dys, dyh, x_soft, x_hard, ms, mh, dws_part, dwh_part, dbs_part, dbh_part,
             b_s, b_h, c, h, w, n_out, c_h, n_out_h, oh, ow, split, int(do_soft),
@@ -690,8 +678,7 @@ def _wgrad_fake(
     hard_in_mask: torch.Tensor, in_keep: torch.Tensor, out_keep: torch.Tensor,
     stride: list[int], padding: list[int], dilation: list[int], groups: int, need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    db = weight.new_empty((weight.shape[0],)) if need_bias else weight.new_empty((0,))
-    return torch.empty_like(weight, memory_format=torch.contiguous_format), db
+    return wgrad_fake(weight, need_bias)
 
 
 @register_op("s2h_kernels::dual_conv2d_wgrad", fake=_wgrad_fake)
@@ -718,7 +705,6 @@ def dual_conv2d_wgrad_op(
     dys = grad_soft if do_soft else x_soft
     dyh = grad_hard if do_hard else x_hard
     ms, mh = soft_in_mask.contiguous(), hard_in_mask.contiguous()
-    f32 = {"dtype": torch.float32, "device": x_soft.device}
     if is_depthwise(weight.shape, groups):
         dw, dbs_part, dbh_part = depthwise_wgrad(
             dys, dyh, x_soft, x_hard, ms, mh, weight, out_keep,
@@ -729,11 +715,10 @@ def dual_conv2d_wgrad_op(
             dys, dyh, x_soft, x_hard, ms, mh, weight, in_keep, out_keep,
             do_soft, do_hard, b_s, b_h, oh, ow, geo, need_bias,
         )  # fmt: skip
-    db = dbs_part.sum(0) if do_soft and need_bias else torch.zeros((n_out,), **f32)
-    if do_hard and need_bias:
-        db = db.index_put((out_keep,), dbh_part.sum(0), accumulate=True)
     dw = dw.to(weight.dtype).contiguous()
-    return dw, (db.to(weight.dtype) if need_bias else weight.new_empty((0,)))
+    if not need_bias:
+        return dw, weight.new_empty((0,))
+    return dw, reduce_bias(dbs_part, dbh_part, out_keep, n_out, do_soft, do_hard).to(weight.dtype)
 
 
 # --------------------------------------------------------------------------------------------

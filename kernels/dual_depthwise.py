@@ -16,7 +16,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import launcher, pick_configs, row_splits, tune_key
+from ._common import (
+    dual_grid,
+    launcher,
+    pick_configs,
+    row_splits,
+    split_grid,
+    tune_key,
+    wgrad_partials,
+)
 from ._conv_common import CONV_MAX_SPLITS, CONV_SPLIT_MIN_ROWS, strides4
 from ._tiles import (
     block_offsets,
@@ -330,14 +338,7 @@ def depthwise_fwd(
     b_h, c_h = x_hard.shape[0], x_hard.shape[1]
     kh, kw = weight.shape[2], weight.shape[3]
     oh, ow = y_soft.shape[2], y_soft.shape[3]
-
-    def grid(meta: dict) -> tuple[int]:
-        bm, bc = meta["BLOCK_M"], meta["BLOCK_C"]
-        return (
-            triton.cdiv(b_s * oh * ow, bm) * triton.cdiv(c, bc)
-            + triton.cdiv(b_h * oh * ow, bm) * triton.cdiv(c_h, bc),
-        )
-
+    grid = dual_grid(b_s * oh * ow, c, b_h * oh * ow, c_h, "BLOCK_C")
     launcher(_dual_dw_fwd_kernel)[grid](
         x_soft, x_hard, weight, out_keep, bias if bias is not None else weight, ms, mh,
         y_soft, y_hard,
@@ -363,14 +364,7 @@ def depthwise_dgrad(
     _, c, h, w = x_soft.shape
     c_h = x_hard.shape[1]
     kh, kw = weight.shape[2], weight.shape[3]
-
-    def grid(meta: dict) -> tuple[int]:
-        bm, bc = meta["BLOCK_M"], meta["BLOCK_C"]
-        return (
-            triton.cdiv(b_s * h * w, bm) * triton.cdiv(c, bc)
-            + triton.cdiv(b_h * h * w, bm) * triton.cdiv(c_h, bc),
-        )
-
+    grid = dual_grid(b_s * h * w, c, b_h * h * w, c_h, "BLOCK_C")
     launcher(_dual_dw_dgrad_kernel)[grid](
         dys, dyh, weight, out_keep, x_soft, x_hard, ms, mh, dxs, dxh, dms_part, dmh_part,
         b_s, b_h, c, c_h, h, w, oh, ow,
@@ -405,18 +399,15 @@ def depthwise_wgrad(
         x_soft.device, max(b_s, b_h) * oh * ow, tiles,
         min_rows=CONV_SPLIT_MIN_ROWS, max_splits=CONV_MAX_SPLITS,
     )  # fmt: skip
-    dws_part = torch.empty((split, taps, c) if do_soft else (0,), **f32)
-    dwh_part = torch.empty((split, taps, c_h) if do_hard else (0,), **f32)
-    dbs_part = torch.empty((split, c) if do_soft and need_bias else (0,), **f32)
-    dbh_part = torch.empty((split, c_h) if do_hard and need_bias else (0,), **f32)
+    dws_part, dwh_part, dbs_part, dbh_part = wgrad_partials(
+        split, x_soft.device,
+        (taps, c) if do_soft else None, (taps, c_h) if do_hard else None,
+        (c,) if do_soft and need_bias else None, (c_h,) if do_hard and need_bias else None,
+    )  # fmt: skip
     if do_soft or do_hard:
-
-        def grid(meta: dict) -> tuple[int]:
-            bc = meta["BLOCK_C"]
-            soft = triton.cdiv(c, bc) if do_soft else 0
-            hard = triton.cdiv(c_h, bc) if do_hard else 0
-            return (split * taps * (soft + hard),)
-
+        soft = (c,) if do_soft else None
+        hard = (c_h,) if do_hard else None
+        grid = split_grid(split, taps, soft, hard, ("BLOCK_C",))
         launcher(_dual_dw_wgrad_kernel)[grid](
             dys, dyh, x_soft, x_hard, ms, mh, dws_part, dwh_part, dbs_part, dbh_part,
             b_s, b_h, c, c_h, h, w, oh, ow, split, int(do_soft),

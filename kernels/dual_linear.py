@@ -45,14 +45,19 @@ from ._autograd import register_dual_autograd
 from ._common import (
     PARTIAL_ROWS,
     dot_precision,
+    dual_grid,
     gemm_configs,
     launcher,
     mask_columns,
+    reduce_bias,
     register_op,
     row_splits,
+    split_grid,
     tune_key,
     upcast_dot,
     wgrad_configs,
+    wgrad_fake,
+    wgrad_partials,
 )
 from ._tiles import (
     add_bias,
@@ -381,15 +386,7 @@ def dual_linear_op(
     yh = torch.empty((xh.shape[0], n_out_h), dtype=x_hard.dtype, device=x_hard.device)
     m_s, m_h = xs.shape[0], xh.shape[0]
     if m_s * n_out + m_h * n_out_h > 0:
-
-        def grid(meta: dict) -> tuple[int]:
-            bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
-            return (
-                triton.cdiv(m_s, bm) * triton.cdiv(n_out, bn)
-                + triton.cdiv(m_h, bm) * triton.cdiv(n_out_h, bn),
-            )
-
-        launcher(_dual_linear_fwd_kernel)[grid](
+        launcher(_dual_linear_fwd_kernel)[dual_grid(m_s, n_out, m_h, n_out_h)](
             xs, xh, w_soft, w_hard, bias if bias is not None else weight, out_keep, ys, yh,
             m_s, m_h, n_out, n_in, n_out_h, n_in_h,
             xs.stride(0), xs.stride(1), xh.stride(0), xh.stride(1),
@@ -456,15 +453,7 @@ def dual_linear_dgrad_op(
         (triton.cdiv(m_h, PARTIAL_ROWS), n_in_h), dtype=torch.float32, device=xs.device
     )
     if m_s * n_in + m_h * n_in_h > 0:
-
-        def grid(meta: dict) -> tuple[int]:
-            bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
-            return (
-                triton.cdiv(m_s, bm) * triton.cdiv(n_in, bn)
-                + triton.cdiv(m_h, bm) * triton.cdiv(n_in_h, bn),
-            )
-
-        launcher(_dual_linear_dgrad_kernel)[grid](
+        launcher(_dual_linear_dgrad_kernel)[dual_grid(m_s, n_in, m_h, n_in_h)](
             dys, dyh, weight, w_hard, xs, xh, soft_in_mask.contiguous(), hard_in_mask.contiguous(),
             dxs, dxh, dms_part, dmh_part,
             m_s, m_h, n_out, n_in, n_out_h, n_in_h,
@@ -493,8 +482,7 @@ def _wgrad_fake(
     x_hard: torch.Tensor, weight: torch.Tensor, soft_in_mask: torch.Tensor,
     hard_in_mask: torch.Tensor, in_keep: torch.Tensor, out_keep: torch.Tensor, need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    db = weight.new_empty((weight.shape[0],)) if need_bias else weight.new_empty((0,))
-    return torch.empty_like(weight, memory_format=torch.contiguous_format), db
+    return wgrad_fake(weight, need_bias)
 
 
 @register_op("s2h_kernels::dual_linear_wgrad", fake=_wgrad_fake)
@@ -523,19 +511,14 @@ def dual_linear_wgrad_op(
     split = row_splits(
         xs.device, max(m_s, m_h), tiles, min_rows=SPLIT_MIN_ROWS, max_splits=MAX_SPLITS
     )
-    f32 = {"dtype": torch.float32, "device": xs.device}
-    dws_part = torch.empty((split, n_out, n_in) if do_soft else (0,), **f32)
-    dwh_part = torch.empty((split, n_out_h, n_in_h) if do_hard else (0,), **f32)
-    dbs_part = torch.empty((split, n_out) if do_soft and need_bias else (0,), **f32)
-    dbh_part = torch.empty((split, n_out_h) if do_hard and need_bias else (0,), **f32)
+    soft = (n_out, n_in) if do_soft else None
+    hard = (n_out_h, n_in_h) if do_hard else None
+    dws_part, dwh_part, dbs_part, dbh_part = wgrad_partials(
+        split, xs.device, soft, hard,
+        (n_out,) if do_soft and need_bias else None, (n_out_h,) if do_hard and need_bias else None,
+    )  # fmt: skip
     if do_soft or do_hard:
-
-        def grid(meta: dict) -> tuple[int]:
-            bn, bk = meta["BLOCK_N"], meta["BLOCK_K"]
-            soft = triton.cdiv(n_out, bn) * triton.cdiv(n_in, bk) if do_soft else 0
-            hard = triton.cdiv(n_out_h, bn) * triton.cdiv(n_in_h, bk) if do_hard else 0
-            return (split * (soft + hard),)
-
+        grid = split_grid(split, 1, soft, hard, ("BLOCK_N", "BLOCK_K"))
         launcher(_dual_linear_wgrad_kernel)[grid](
             dys, dyh, xs, xh, soft_in_mask.contiguous(), hard_in_mask.contiguous(),
             dws_part, dwh_part, dbs_part, dbh_part,
@@ -546,15 +529,15 @@ def dual_linear_wgrad_op(
             PRECISION=dot_precision(weight.dtype, "matmul"),
             TUNE_KEY=tune_key(m_s, m_h, n_out, n_in, n_out_h, n_in_h, split),
         )  # fmt: skip
-    dw = dws_part.sum(0) if do_soft else torch.zeros((n_out, n_in), **f32)
-    db = dbs_part.sum(0) if do_soft and need_bias else torch.zeros((n_out,), **f32)
+    dw = dws_part.sum(0) if do_soft else weight.new_zeros((n_out, n_in), dtype=torch.float32)
     if do_hard:
         # Scatter the compact hard gradient into the kept block; the kept indices are
         # unique, so the accumulate is a plain, deterministic gather-add-scatter.
         dw = dw.index_put((out_keep[:, None], in_keep[None, :]), dwh_part.sum(0), accumulate=True)
-        if need_bias:
-            db = db.index_put((out_keep,), dbh_part.sum(0), accumulate=True)
-    return dw.to(weight.dtype), db.to(weight.dtype) if need_bias else weight.new_empty((0,))
+    if not need_bias:
+        return dw.to(weight.dtype), weight.new_empty((0,))
+    db = reduce_bias(dbs_part, dbh_part, out_keep, n_out, do_soft, do_hard)
+    return dw.to(weight.dtype), db.to(weight.dtype)
 
 
 # --------------------------------------------------------------------------------------------
