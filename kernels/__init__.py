@@ -9,9 +9,10 @@ One op per file, each holding its Triton kernels (with their autotune keep-lists
 * :mod:`.dual_depthwise` -- the depthwise direct kernels when the convolution is depthwise.
 
 Shared pieces: :mod:`._autograd` (the one autograd formula of both dual ops), :mod:`._common`
-(interpreter detection, the GEMM autotune candidates, op registration, launch and Triton
-helpers), :mod:`._conv_common` (conv geometry, ``is_depthwise``; no triton needed) and
-:mod:`.aot` (compiling every kernel for a GPU target without a GPU).
+(interpreter detection, the GEMM autotune candidates, op registration, launch helpers),
+:mod:`._tiles` (the ``@triton.jit`` tile helpers the kernels share), :mod:`._conv_common`
+(conv geometry, ``is_depthwise``; no triton needed) and :mod:`.aot` (compiling every kernel
+for a GPU target without a GPU).
 
 Importing this package never fails when triton is missing or unusable: ``TRITON_AVAILABLE``
 is then ``False`` and ``TRITON_IMPORT_ERROR`` says why. The public, dispatching face of these

@@ -1,11 +1,13 @@
 """Pieces shared by the dual kernels: interpreter detection, shared autotune candidates, op
-registration, launch helpers and the Triton helpers several kernels call.
+registration and launch helpers (the ``@triton.jit`` helpers several kernels call are in
+:mod:`._tiles`).
 
 Only imported when triton is importable (see ``kernels/__init__.py``).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -277,31 +279,68 @@ def empty_grad(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty((0,))
 
 
-@triton.jit
-def grouped_tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    """Map a linear tile id to (pid_m, pid_n), ``GROUP_M`` row tiles at a time (L2 reuse of B)."""
-    num_in_group = GROUP_M * num_pid_n
-    group_id = tile // num_in_group
-    first_m = group_id * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (tile % num_in_group) % group_size
-    pid_n = (tile % num_in_group) // group_size
-    return pid_m, pid_n
+# --------------------------------------------------------------------------------------------
+# Host-side pieces of the grouped (soft then hard) launches, shared by the op bodies
+# --------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def store_partial_column_sums(
-    part_ptr, values, pid_m, M, n_cols, offs_col, col_ok,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
-):  # fmt: skip
-    """Store the column sums of ``values`` (``[BLOCK_M, BLOCK_N]`` fp32, row tile ``pid_m``)
-    per group of ``ROWS`` rows into ``part`` (contiguous ``[cdiv(M, ROWS), n_cols]`` fp32).
+def dual_grid(
+    m_s: int, n_s: int, m_h: int, n_h: int, n_block: str = "BLOCK_N"
+) -> Callable[[dict], tuple[int]]:
+    """Grid of a grouped 2-D tile launch: the ``BLOCK_M x n_block`` tiles of the soft
+    ``m_s x n_s`` output, then those of the hard ``m_h x n_h`` one."""
 
-    Rows of ``values`` past ``M`` must be zero. Summing them later over the first axis gives
-    the full column sums, deterministically and independently of ``BLOCK_M``.
-    """
-    GROUPS: tl.constexpr = BLOCK_M // ROWS
-    sums = tl.sum(tl.reshape(values, (GROUPS, ROWS, BLOCK_N)), axis=1)
-    rows = pid_m * GROUPS + tl.arange(0, GROUPS)
-    ok = (rows < tl.cdiv(M, ROWS))[:, None] & col_ok[None, :]
-    tl.store(part_ptr + rows[:, None] * n_cols + offs_col[None, :], sums, mask=ok)
+    def grid(meta: dict) -> tuple[int]:
+        bm, bn = meta["BLOCK_M"], meta[n_block]
+        soft = triton.cdiv(m_s, bm) * triton.cdiv(n_s, bn)
+        return (soft + triton.cdiv(m_h, bm) * triton.cdiv(n_h, bn),)
+
+    return grid
+
+
+def split_grid(
+    split: int, taps: int, soft: tuple[int, ...] | None, hard: tuple[int, ...] | None,
+    blocks: tuple[str, ...],
+) -> Callable[[dict], tuple[int]]:  # fmt: skip
+    """Grid of a grouped weight-gradient launch: ``split`` row splits x ``taps`` filter taps x
+    the tiles of the soft output (sizes ``soft``, tiled by the ``blocks`` meta-parameters),
+    plus those of the hard one; a path that is skipped is ``None``."""
+
+    def tiles(sizes: tuple[int, ...] | None, meta: dict) -> int:
+        if sizes is None:
+            return 0
+        return math.prod(triton.cdiv(n, meta[b]) for n, b in zip(sizes, blocks, strict=True))
+
+    def grid(meta: dict) -> tuple[int]:
+        return (split * taps * (tiles(soft, meta) + tiles(hard, meta)),)
+
+    return grid
+
+
+def wgrad_partials(
+    split: int, device: torch.device, *shapes: tuple[int, ...] | None
+) -> tuple[torch.Tensor, ...]:
+    """The fp32 per-split partial buffers of a weight-gradient launch, ``[split, *shape]`` per
+    shape (weight and bias gradients of the soft and hard paths), or an empty buffer where the
+    shape is ``None`` (a path that is skipped, a bias gradient not needed)."""
+    f32 = {"dtype": torch.float32, "device": device}
+    return tuple(torch.empty((split, *s) if s is not None else (0,), **f32) for s in shapes)
+
+
+def reduce_bias(
+    dbs_part: torch.Tensor, dbh_part: torch.Tensor, out_keep: torch.Tensor, n_out: int,
+    do_soft: bool, do_hard: bool,
+) -> torch.Tensor:  # fmt: skip
+    """The fp32 bias gradient ``[n_out]`` from the per-split partials of both paths (the hard
+    one scattered into the kept output channels; unique indices, so deterministic)."""
+    db = dbs_part.sum(0) if do_soft else torch.zeros((n_out,), dtype=torch.float32,
+                                                     device=dbs_part.device)
+    if do_hard:
+        db = db.index_put((out_keep,), dbh_part.sum(0), accumulate=True)
+    return db
+
+
+def wgrad_fake(weight: torch.Tensor, need_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The outputs of a weight-gradient op as its fake kernel returns them."""
+    db = weight.new_empty((weight.shape[0],)) if need_bias else weight.new_empty((0,))
+    return torch.empty_like(weight, memory_format=torch.contiguous_format), db

@@ -47,18 +47,20 @@ from torch.utils.flop_counter import register_flop_formula
 from ._autograd import register_dual_autograd
 from ._common import (
     PARTIAL_ROWS,
-    PARTIAL_ROWS_C,
     dot_precision,
+    dual_grid,
     gemm_configs,
-    grouped_tile_coords,
     launcher,
     mask_columns,
+    reduce_bias,
     register_op,
     row_splits,
-    store_partial_column_sums,
+    split_grid,
     tune_key,
     upcast_dot,
     wgrad_configs,
+    wgrad_fake,
+    wgrad_partials,
 )
 from ._conv_common import (
     CONV_MAX_SPLITS,
@@ -68,6 +70,20 @@ from ._conv_common import (
     new_like,
     out_size,
     strides4,
+)
+from ._tiles import (
+    add_bias,
+    block_offsets,
+    dgrad_epilogue,
+    grouped_tile,
+    mma,
+    pixel_coords,
+    split_rows,
+    tap_input,
+    tap_output,
+    tile_offsets,
+    wgrad_epilogue,
+    wgrad_step,
 )
 from .dual_depthwise import depthwise_dgrad, depthwise_fwd, depthwise_wgrad
 
@@ -89,14 +105,8 @@ def _conv_fwd_tile(
     """One ``BLOCK_M`` output pixels x ``BLOCK_N`` output channels tile; ``w`` has the input
     mask folded in, so the loop is a plain implicit GEMM."""
     M = B * OH * OW
-    pid_m, pid_n = grouped_tile_coords(tile, tl.cdiv(M, BLOCK_M), tl.cdiv(O, BLOCK_N), GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_ok = offs_n < O
-    ow = offs_m % OW
-    oh = (offs_m // OW) % OH
-    bb = offs_m // (OW * OH)
+    _, offs_m, offs_n, m_ok, n_ok = grouped_tile(tile, M, O, BLOCK_M, BLOCK_N, GROUP_M)
+    bb, oh, ow = pixel_coords(offs_m, OH, OW)
     x_img = x_ptr + bb.to(tl.int64) * sxb
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # One flat loop over (tap, channel block) rather than nested loops: Triton pipelines the
@@ -106,11 +116,9 @@ def _conv_fwd_tile(
         tap = it // c_blocks
         r = tap // KW
         s = tap % KW
-        offs_c = (it % c_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
-        c_ok = offs_c < C
-        ih = oh * conv_sh - pad_h + r * dil_h
-        iw = ow * conv_sw - pad_w + s * dil_w
-        row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        offs_c, c_ok = block_offsets((it % c_blocks) * BLOCK_K, C, BLOCK_K)
+        ih, row_ok = tap_input(oh, conv_sh, pad_h, r, dil_h, H, m_ok)
+        iw, row_ok = tap_input(ow, conv_sw, pad_w, s, dil_w, W, row_ok)
         a = tl.load(
             x_img[:, None] + (ih * sxh + iw * sxw)[:, None] + offs_c[None, :] * sxc,
             mask=row_ok[:, None] & c_ok[None, :], other=0.0,
@@ -119,17 +127,8 @@ def _conv_fwd_tile(
             w_ptr + r * swr + s * sws + offs_c[:, None] * swc + offs_n[None, :] * swo,
             mask=c_ok[:, None] & n_ok[None, :], other=0.0,
         )  # fmt: skip
-        if UPCAST:
-            a = a.to(tl.float32)
-            wt = wt.to(tl.float32)
-        acc = tl.dot(a, wt, acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        if BIAS_GATHER:
-            bias_rows = tl.load(bias_index_ptr + offs_n, mask=n_ok, other=0)
-            bias = tl.load(b_ptr + bias_rows, mask=n_ok, other=0.0)
-        else:
-            bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
+        acc = mma(acc, a, wt, UPCAST, PRECISION)
+    acc = add_bias(acc, b_ptr, bias_index_ptr, offs_n, n_ok, HAS_BIAS, BIAS_GATHER)
     y_rows = bb.to(tl.int64) * syb + oh * syh + ow * syw
     y_ptrs = y_ptr + y_rows[:, None] + offs_n[None, :] * syc
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -218,14 +217,8 @@ def _conv_dgrad_tile(
     """One ``BLOCK_M`` input pixels x ``BLOCK_N`` input channels tile of ``g = dL/d(x*mask)``.
     ``dmask_part`` is contiguous ``[*, C]`` fp32, one row per row tile."""
     M = B * H * W
-    pid_m, pid_c = grouped_tile_coords(tile, tl.cdiv(M, BLOCK_M), tl.cdiv(C, BLOCK_N), GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    c_ok = offs_c < C
-    iw = offs_m % W
-    ih = (offs_m // W) % H
-    bb = offs_m // (W * H)
+    pid_m, offs_m, offs_c, m_ok, c_ok = grouped_tile(tile, M, C, BLOCK_M, BLOCK_N, GROUP_M)
+    bb, ih, iw = pixel_coords(offs_m, H, W)
     dy_img = dy_ptr + bb.to(tl.int64) * sdyb
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # Flat loop over (tap, output-channel block): see _conv_fwd_tile.
@@ -234,19 +227,10 @@ def _conv_dgrad_tile(
         tap = it // o_blocks
         r = tap // KW
         s = tap % KW
-        offs_o = (it % o_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
-        o_ok = offs_o < O
-        # The output pixel that read input pixel (ih, iw) through tap (r, s), if any; clamp
-        # before dividing so that no negative operand reaches // (C and numpy round those
-        # differently, and the interpreter is numpy).
-        oh_num = ih + pad_h - r * dil_h
-        ow_num = iw + pad_w - s * dil_w
-        oh_num_c = tl.where(oh_num >= 0, oh_num, 0)
-        ow_num_c = tl.where(ow_num >= 0, ow_num, 0)
-        oh = oh_num_c // conv_sh
-        ow = ow_num_c // conv_sw
-        row_ok = m_ok & (oh_num >= 0) & (oh * conv_sh == oh_num_c) & (oh < OH)
-        row_ok = row_ok & (ow_num >= 0) & (ow * conv_sw == ow_num_c) & (ow < OW)
+        offs_o, o_ok = block_offsets((it % o_blocks) * BLOCK_K, O, BLOCK_K)
+        # the output pixel that read input pixel (ih, iw) through tap (r, s), if any
+        oh, row_ok = tap_output(ih, conv_sh, pad_h, r, dil_h, OH, m_ok)
+        ow, row_ok = tap_output(iw, conv_sw, pad_w, s, dil_w, OW, row_ok)
         a = tl.load(
             dy_img[:, None] + (oh * sdyh + ow * sdyw)[:, None] + offs_o[None, :] * sdyc,
             mask=row_ok[:, None] & o_ok[None, :], other=0.0,
@@ -255,23 +239,14 @@ def _conv_dgrad_tile(
             w_ptr + r * swr + s * sws + offs_o[:, None] * swo + offs_c[None, :] * swc,
             mask=o_ok[:, None] & c_ok[None, :], other=0.0,
         )  # fmt: skip
-        if UPCAST:
-            a = a.to(tl.float32)
-            wt = wt.to(tl.float32)
-        acc = tl.dot(a.to(wt.dtype), wt, acc, input_precision=PRECISION)
-    ok = m_ok[:, None] & c_ok[None, :]
-    if NEED_DX:
-        gate = tl.load(mask_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
-        dx_rows = bb.to(tl.int64) * sdxb + ih * sdxh + iw * sdxw
-        dx_ptrs = dx_ptr + dx_rows[:, None] + offs_c[None, :] * sdxc
-        tl.store(dx_ptrs, (acc * gate[None, :]).to(dx_ptr.dtype.element_ty), mask=ok)
-    if NEED_DMASK:
-        x_rows = bb.to(tl.int64) * sxb + ih * sxh + iw * sxw
-        x = tl.load(x_ptr + x_rows[:, None] + offs_c[None, :] * sxc, mask=ok, other=0.0)
-        store_partial_column_sums(
-            dmask_part_ptr, acc * x.to(tl.float32), pid_m, M, C, offs_c, c_ok,
-            BLOCK_M, BLOCK_N, PARTIAL_ROWS_C,
-        )  # fmt: skip
+        acc = mma(acc, a, wt, UPCAST, PRECISION)
+    dx_rows = bb.to(tl.int64) * sdxb + ih * sdxh + iw * sdxw
+    x_rows = bb.to(tl.int64) * sxb + ih * sxh + iw * sxw
+    dgrad_epilogue(
+        acc, dx_ptr + dx_rows[:, None] + offs_c[None, :] * sdxc,
+        x_ptr + x_rows[:, None] + offs_c[None, :] * sxc, mask_ptr, dmask_part_ptr,
+        pid_m, M, m_ok, C, offs_c, c_ok, NEED_DX, NEED_DMASK, BLOCK_M, BLOCK_N,
+    )  # fmt: skip
 
 
 # of gemm_candidates(): the wide tiles spill, and 128x64 (4 warps) spills 204 B on sm_80 for a
@@ -380,24 +355,16 @@ def _conv_wgrad_tile(
     pid_c = rest % num_c
     r = tap // KW
     s = tap % KW
-    rows_per_split = tl.cdiv(tl.cdiv(M, SPLIT), BLOCK_M) * BLOCK_M
-    m_lo = split * rows_per_split
-    m_hi = tl.minimum(M, m_lo + rows_per_split)
-    offs_o = pid_o * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_c = pid_c * BLOCK_K + tl.arange(0, BLOCK_K)
-    o_ok = offs_o < O
-    c_ok = offs_c < C
+    m_lo, m_hi = split_rows(split, M, SPLIT, BLOCK_M)
+    offs_o, offs_c, o_ok, c_ok = tile_offsets(pid_o, pid_c, O, C, BLOCK_N, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for m0 in range(m_lo, m_hi, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < m_hi
-        ow = offs_m % OW
-        oh = (offs_m // OW) % OH
-        bb = (offs_m // (OW * OH)).to(tl.int64)
-        ih = oh * conv_sh - pad_h + r * dil_h
-        iw = ow * conv_sw - pad_w + s * dil_w
-        x_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        offs_m, m_ok = block_offsets(m0, m_hi, BLOCK_M)
+        bb, oh, ow = pixel_coords(offs_m, OH, OW)
+        bb = bb.to(tl.int64)
+        ih, x_ok = tap_input(oh, conv_sh, pad_h, r, dil_h, H, m_ok)
+        iw, x_ok = tap_input(ow, conv_sw, pad_w, s, dil_w, W, x_ok)
         dy_rows = bb * sdyb + oh * sdyh + ow * sdyw
         # dy loaded already transposed ([BLOCK_N, BLOCK_M]) so the dot needs no permute.
         a = tl.load(
@@ -409,24 +376,17 @@ def _conv_wgrad_tile(
             x_ptr + x_rows[:, None] + offs_c[None, :] * sxc,
             mask=x_ok[:, None] & c_ok[None, :], other=0.0,
         )  # fmt: skip
-        if HAS_BIAS:  # noqa: SIM102 (a constexpr gate, then a runtime test)
-            if (tap == 0) & (pid_c == 0):
-                bias_acc += tl.sum(a.to(tl.float32), axis=1)
-        if UPCAST:
-            a = a.to(tl.float32)
-            xb = xb.to(tl.float32)
-        acc = tl.dot(a.to(xb.dtype), xb, acc, input_precision=PRECISION)
-    # Mask applied once, after the reduction (see _wgrad_tile in dual_linear).
-    gate = tl.load(mask_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
-    acc = acc * gate[None, :]
+        acc, bias_acc = wgrad_step(
+            acc, bias_acc, a, xb, (tap == 0) & (pid_c == 0), HAS_BIAS, UPCAST, PRECISION
+        )
     dw_ptrs = (
         dw_part_ptr + split.to(tl.int64) * O * taps * C
         + offs_o[:, None] * (taps * C) + tap * C + offs_c[None, :]
     )  # fmt: skip
-    tl.store(dw_ptrs, acc, mask=o_ok[:, None] & c_ok[None, :])
-    if HAS_BIAS:  # noqa: SIM102 (a constexpr gate, then a runtime test)
-        if (tap == 0) & (pid_c == 0):
-            tl.store(db_part_ptr + split * O + offs_o, bias_acc, mask=o_ok)
+    wgrad_epilogue(  # the bias gradient rides in the tiles of the first tap and channel block
+        acc, bias_acc, dw_ptrs, db_part_ptr + split * O + offs_o, mask_ptr,
+        offs_o, o_ok, offs_c, c_ok, (tap == 0) & (pid_c == 0), HAS_BIAS,
+    )  # fmt: skip
 
 
 WGRAD_KEEP = (3,)  # of wgrad_candidates(): every wider tile spills 144-564 B on sm_80
@@ -560,14 +520,7 @@ def dual_conv2d_op(
     w_hard = _tap_major(
         mask_columns(weight.index_select(0, out_keep).index_select(1, in_keep), mh)
     )
-
-    def grid(meta: dict) -> tuple[int]:
-        bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
-        return (
-            triton.cdiv(b_s * oh * ow, bm) * triton.cdiv(n_out, bn)
-            + triton.cdiv(b_h * oh * ow, bm) * triton.cdiv(n_out_h, bn),
-        )
-
+    grid = dual_grid(b_s * oh * ow, n_out, b_h * oh * ow, n_out_h)
     launcher(_dual_conv_fwd_kernel)[grid](
         x_soft, x_hard, w_soft, w_hard, bias if bias is not None else weight, out_keep,
         y_soft, y_hard,
@@ -642,14 +595,7 @@ def dual_conv2d_dgrad_op(
                 if do_hard
                 else w_soft
             )
-
-            def grid(meta: dict) -> tuple[int]:
-                bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
-                return (
-                    triton.cdiv(b_s * h * w, bm) * triton.cdiv(c, bn)
-                    + triton.cdiv(b_h * h * w, bm) * triton.cdiv(c_h, bn),
-                )
-
+            grid = dual_grid(b_s * h * w, c, b_h * h * w, c_h)
             launcher(_dual_conv_dgrad_kernel)[grid](
                 dys, dyh, w_soft, w_hard, x_soft, x_hard, ms, mh, dxs, dxh, dms_part, dmh_part,
                 b_s, b_h, c, h, w, n_out, c_h, n_out_h, oh, ow,
@@ -695,18 +641,15 @@ def _dense_wgrad(
         x_soft.device, max(b_s, b_h) * oh * ow, tiles,
         min_rows=CONV_SPLIT_MIN_ROWS, max_splits=CONV_MAX_SPLITS,
     )  # fmt: skip
-    dws_part = torch.empty((split, n_out, taps, c) if do_soft else (0,), **f32)
-    dwh_part = torch.empty((split, n_out_h, taps, c_h) if do_hard else (0,), **f32)
-    dbs_part = torch.empty((split, n_out) if do_soft and need_bias else (0,), **f32)
-    dbh_part = torch.empty((split, n_out_h) if do_hard and need_bias else (0,), **f32)
+    dws_part, dwh_part, dbs_part, dbh_part = wgrad_partials(
+        split, x_soft.device,
+        (n_out, taps, c) if do_soft else None, (n_out_h, taps, c_h) if do_hard else None,
+        (n_out,) if do_soft and need_bias else None, (n_out_h,) if do_hard and need_bias else None,
+    )  # fmt: skip
     if do_soft or do_hard:
-
-        def grid(meta: dict) -> tuple[int]:
-            bn, bk = meta["BLOCK_N"], meta["BLOCK_K"]
-            soft = triton.cdiv(n_out, bn) * triton.cdiv(c, bk) if do_soft else 0
-            hard = triton.cdiv(n_out_h, bn) * triton.cdiv(c_h, bk) if do_hard else 0
-            return (split * taps * (soft + hard),)
-
+        soft = (n_out, c) if do_soft else None
+        hard = (n_out_h, c_h) if do_hard else None
+        grid = split_grid(split, taps, soft, hard, ("BLOCK_N", "BLOCK_K"))
         launcher(_dual_conv_wgrad_kernel)[grid](
             dys, dyh, x_soft, x_hard, ms, mh, dws_part, dwh_part, dbs_part, dbh_part,
             b_s, b_h, c, h, w, n_out, c_h, n_out_h, oh, ow, split, int(do_soft),
@@ -735,8 +678,7 @@ def _wgrad_fake(
     hard_in_mask: torch.Tensor, in_keep: torch.Tensor, out_keep: torch.Tensor,
     stride: list[int], padding: list[int], dilation: list[int], groups: int, need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    db = weight.new_empty((weight.shape[0],)) if need_bias else weight.new_empty((0,))
-    return torch.empty_like(weight, memory_format=torch.contiguous_format), db
+    return wgrad_fake(weight, need_bias)
 
 
 @register_op("s2h_kernels::dual_conv2d_wgrad", fake=_wgrad_fake)
@@ -763,7 +705,6 @@ def dual_conv2d_wgrad_op(
     dys = grad_soft if do_soft else x_soft
     dyh = grad_hard if do_hard else x_hard
     ms, mh = soft_in_mask.contiguous(), hard_in_mask.contiguous()
-    f32 = {"dtype": torch.float32, "device": x_soft.device}
     if is_depthwise(weight.shape, groups):
         dw, dbs_part, dbh_part = depthwise_wgrad(
             dys, dyh, x_soft, x_hard, ms, mh, weight, out_keep,
@@ -774,11 +715,10 @@ def dual_conv2d_wgrad_op(
             dys, dyh, x_soft, x_hard, ms, mh, weight, in_keep, out_keep,
             do_soft, do_hard, b_s, b_h, oh, ow, geo, need_bias,
         )  # fmt: skip
-    db = dbs_part.sum(0) if do_soft and need_bias else torch.zeros((n_out,), **f32)
-    if do_hard and need_bias:
-        db = db.index_put((out_keep,), dbh_part.sum(0), accumulate=True)
     dw = dw.to(weight.dtype).contiguous()
-    return dw, (db.to(weight.dtype) if need_bias else weight.new_empty((0,)))
+    if not need_bias:
+        return dw, weight.new_empty((0,))
+    return dw, reduce_bias(dbs_part, dbh_part, out_keep, n_out, do_soft, do_hard).to(weight.dtype)
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,14 +17,24 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    PARTIAL_ROWS_C,
+    dual_grid,
     launcher,
     pick_configs,
     row_splits,
-    store_partial_column_sums,
+    split_grid,
     tune_key,
+    wgrad_partials,
 )
 from ._conv_common import CONV_MAX_SPLITS, CONV_SPLIT_MIN_ROWS, strides4
+from ._tiles import (
+    block_offsets,
+    dgrad_epilogue,
+    pixel_coords,
+    split_rows,
+    tap_input,
+    tap_output,
+    tile_offsets,
+)
 
 # --------------------------------------------------------------------------------------------
 # Autotune configs: ``BLOCK_M`` pixels x ``BLOCK_C`` channels. Each kernel's keep-list (beside
@@ -54,6 +64,23 @@ def depthwise_configs(keep: tuple[int, ...]) -> list[triton.Config]:
 
 
 @triton.jit
+def _dw_tile(
+    tile, M, C, chan_ptr, GATHER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr
+):  # fmt: skip
+    """Tile ``tile`` (row-major) of ``M`` pixels x ``C`` channels: ``(pid_m, offs_m, offs_c,
+    m_ok, c_ok, w_row)``, ``w_row`` the rows of ``w``/``b`` of those channels (read through
+    ``chan`` when ``GATHER``: the hard path)."""
+    num_c = tl.cdiv(C, BLOCK_C)
+    pid_m = tile // num_c
+    offs_m, offs_c, m_ok, c_ok = tile_offsets(pid_m, tile % num_c, M, C, BLOCK_M, BLOCK_C)
+    if GATHER:  # noqa: SIM108 (a constexpr branch: only one side is compiled)
+        w_row = tl.load(chan_ptr + offs_c, mask=c_ok, other=0)
+    else:
+        w_row = offs_c
+    return pid_m, offs_m, offs_c, m_ok, c_ok, w_row
+
+
+@triton.jit
 def _dw_fwd_tile(
     tile, x_ptr, mask_ptr, w_ptr, chan_ptr, b_ptr, y_ptr,
     B, C, H, W, OH, OW,
@@ -64,28 +91,16 @@ def _dw_fwd_tile(
 ):  # fmt: skip
     """``BLOCK_M`` output pixels x ``BLOCK_C`` channels; ``chan`` maps channels to rows of
     ``w``/``b`` when ``GATHER`` (the hard path)."""
-    M = B * OH * OW
-    num_c = tl.cdiv(C, BLOCK_C)
-    pid_m = tile // num_c
-    pid_c = tile % num_c
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_ok = offs_m < M
-    c_ok = offs_c < C
-    if GATHER:  # noqa: SIM108 (a constexpr branch: only one side is compiled)
-        w_row = tl.load(chan_ptr + offs_c, mask=c_ok, other=0)
-    else:
-        w_row = offs_c
-    ow = offs_m % OW
-    oh = (offs_m // OW) % OH
-    bb = (offs_m // (OW * OH)).to(tl.int64)
+    _, offs_m, offs_c, m_ok, c_ok, w_row = _dw_tile(
+        tile, B * OH * OW, C, chan_ptr, GATHER, BLOCK_M, BLOCK_C
+    )
+    bb, oh, ow = pixel_coords(offs_m, OH, OW)
+    bb = bb.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     for r in range(KH):
-        ih = oh * conv_sh - pad_h + r * dil_h
-        h_ok = m_ok & (ih >= 0) & (ih < H)
+        ih, h_ok = tap_input(oh, conv_sh, pad_h, r, dil_h, H, m_ok)
         for s in range(KW):
-            iw = ow * conv_sw - pad_w + s * dil_w
-            row_ok = h_ok & (iw >= 0) & (iw < W)
+            iw, row_ok = tap_input(ow, conv_sw, pad_w, s, dil_w, W, h_ok)
             x_rows = bb * sxb + ih * sxh + iw * sxw
             xv = tl.load(
                 x_ptr + x_rows[:, None] + offs_c[None, :] * sxc,
@@ -152,31 +167,16 @@ def _dw_dgrad_tile(
 ):  # fmt: skip
     """``BLOCK_M`` input pixels x ``BLOCK_C`` channels of ``g``, then ``dx`` and mask partials."""
     M = B * H * W
-    num_c = tl.cdiv(C, BLOCK_C)
-    pid_m = tile // num_c
-    pid_c = tile % num_c
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_ok = offs_m < M
-    c_ok = offs_c < C
-    if GATHER:  # noqa: SIM108 (a constexpr branch: only one side is compiled)
-        w_row = tl.load(chan_ptr + offs_c, mask=c_ok, other=0)
-    else:
-        w_row = offs_c
-    iw = offs_m % W
-    ih = (offs_m // W) % H
-    bb = (offs_m // (W * H)).to(tl.int64)
+    pid_m, offs_m, offs_c, m_ok, c_ok, w_row = _dw_tile(
+        tile, M, C, chan_ptr, GATHER, BLOCK_M, BLOCK_C
+    )
+    bb, ih, iw = pixel_coords(offs_m, H, W)
+    bb = bb.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     for r in range(KH):
-        oh_num = ih + pad_h - r * dil_h
-        oh_num_c = tl.where(oh_num >= 0, oh_num, 0)
-        oh = oh_num_c // conv_sh
-        h_ok = m_ok & (oh_num >= 0) & (oh * conv_sh == oh_num_c) & (oh < OH)
+        oh, h_ok = tap_output(ih, conv_sh, pad_h, r, dil_h, OH, m_ok)
         for s in range(KW):
-            ow_num = iw + pad_w - s * dil_w
-            ow_num_c = tl.where(ow_num >= 0, ow_num, 0)
-            ow = ow_num_c // conv_sw
-            row_ok = h_ok & (ow_num >= 0) & (ow * conv_sw == ow_num_c) & (ow < OW)
+            ow, row_ok = tap_output(iw, conv_sw, pad_w, s, dil_w, OW, h_ok)
             dy_rows = bb * sdyb + oh * sdyh + ow * sdyw
             g = tl.load(
                 dy_ptr + dy_rows[:, None] + offs_c[None, :] * sdyc,
@@ -184,19 +184,13 @@ def _dw_dgrad_tile(
             )  # fmt: skip
             wv = tl.load(w_ptr + w_row * swc + r * swr + s * sws, mask=c_ok, other=0.0)
             acc += g.to(tl.float32) * wv.to(tl.float32)[None, :]
-    ok = m_ok[:, None] & c_ok[None, :]
-    if NEED_DX:
-        gate = tl.load(mask_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
-        dx_rows = bb * sdxb + ih * sdxh + iw * sdxw
-        dx_ptrs = dx_ptr + dx_rows[:, None] + offs_c[None, :] * sdxc
-        tl.store(dx_ptrs, (acc * gate[None, :]).to(dx_ptr.dtype.element_ty), mask=ok)
-    if NEED_DMASK:
-        x_rows = bb * sxb + ih * sxh + iw * sxw
-        x = tl.load(x_ptr + x_rows[:, None] + offs_c[None, :] * sxc, mask=ok, other=0.0)
-        store_partial_column_sums(
-            dmask_part_ptr, acc * x.to(tl.float32), pid_m, M, C, offs_c, c_ok,
-            BLOCK_M, BLOCK_C, PARTIAL_ROWS_C,
-        )  # fmt: skip
+    dx_rows = bb * sdxb + ih * sdxh + iw * sdxw
+    x_rows = bb * sxb + ih * sxh + iw * sxw
+    dgrad_epilogue(
+        acc, dx_ptr + dx_rows[:, None] + offs_c[None, :] * sdxc,
+        x_ptr + x_rows[:, None] + offs_c[None, :] * sxc, mask_ptr, dmask_part_ptr,
+        pid_m, M, m_ok, C, offs_c, c_ok, NEED_DX, NEED_DMASK, BLOCK_M, BLOCK_C,
+    )  # fmt: skip
 
 
 DGRAD_KEEP = (2,)  # the others spill 24-48 B
@@ -261,22 +255,16 @@ def _dw_wgrad_tile(
     pid_c = rest % num_c
     r = tap // KW
     s = tap % KW
-    rows_per_split = tl.cdiv(tl.cdiv(M, SPLIT), BLOCK_M) * BLOCK_M
-    m_lo = split * rows_per_split
-    m_hi = tl.minimum(M, m_lo + rows_per_split)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < C
+    m_lo, m_hi = split_rows(split, M, SPLIT, BLOCK_M)
+    offs_c, c_ok = block_offsets(pid_c * BLOCK_C, C, BLOCK_C)
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     bias_acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     for m0 in range(m_lo, m_hi, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < m_hi
-        ow = offs_m % OW
-        oh = (offs_m // OW) % OH
-        bb = (offs_m // (OW * OH)).to(tl.int64)
-        ih = oh * conv_sh - pad_h + r * dil_h
-        iw = ow * conv_sw - pad_w + s * dil_w
-        x_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        offs_m, m_ok = block_offsets(m0, m_hi, BLOCK_M)
+        bb, oh, ow = pixel_coords(offs_m, OH, OW)
+        bb = bb.to(tl.int64)
+        ih, x_ok = tap_input(oh, conv_sh, pad_h, r, dil_h, H, m_ok)
+        iw, x_ok = tap_input(ow, conv_sw, pad_w, s, dil_w, W, x_ok)
         dy_rows = bb * sdyb + oh * sdyh + ow * sdyw
         g = tl.load(
             dy_ptr + dy_rows[:, None] + offs_c[None, :] * sdyc,
@@ -350,14 +338,7 @@ def depthwise_fwd(
     b_h, c_h = x_hard.shape[0], x_hard.shape[1]
     kh, kw = weight.shape[2], weight.shape[3]
     oh, ow = y_soft.shape[2], y_soft.shape[3]
-
-    def grid(meta: dict) -> tuple[int]:
-        bm, bc = meta["BLOCK_M"], meta["BLOCK_C"]
-        return (
-            triton.cdiv(b_s * oh * ow, bm) * triton.cdiv(c, bc)
-            + triton.cdiv(b_h * oh * ow, bm) * triton.cdiv(c_h, bc),
-        )
-
+    grid = dual_grid(b_s * oh * ow, c, b_h * oh * ow, c_h, "BLOCK_C")
     launcher(_dual_dw_fwd_kernel)[grid](
         x_soft, x_hard, weight, out_keep, bias if bias is not None else weight, ms, mh,
         y_soft, y_hard,
@@ -383,14 +364,7 @@ def depthwise_dgrad(
     _, c, h, w = x_soft.shape
     c_h = x_hard.shape[1]
     kh, kw = weight.shape[2], weight.shape[3]
-
-    def grid(meta: dict) -> tuple[int]:
-        bm, bc = meta["BLOCK_M"], meta["BLOCK_C"]
-        return (
-            triton.cdiv(b_s * h * w, bm) * triton.cdiv(c, bc)
-            + triton.cdiv(b_h * h * w, bm) * triton.cdiv(c_h, bc),
-        )
-
+    grid = dual_grid(b_s * h * w, c, b_h * h * w, c_h, "BLOCK_C")
     launcher(_dual_dw_dgrad_kernel)[grid](
         dys, dyh, weight, out_keep, x_soft, x_hard, ms, mh, dxs, dxh, dms_part, dmh_part,
         b_s, b_h, c, c_h, h, w, oh, ow,
@@ -425,18 +399,15 @@ def depthwise_wgrad(
         x_soft.device, max(b_s, b_h) * oh * ow, tiles,
         min_rows=CONV_SPLIT_MIN_ROWS, max_splits=CONV_MAX_SPLITS,
     )  # fmt: skip
-    dws_part = torch.empty((split, taps, c) if do_soft else (0,), **f32)
-    dwh_part = torch.empty((split, taps, c_h) if do_hard else (0,), **f32)
-    dbs_part = torch.empty((split, c) if do_soft and need_bias else (0,), **f32)
-    dbh_part = torch.empty((split, c_h) if do_hard and need_bias else (0,), **f32)
+    dws_part, dwh_part, dbs_part, dbh_part = wgrad_partials(
+        split, x_soft.device,
+        (taps, c) if do_soft else None, (taps, c_h) if do_hard else None,
+        (c,) if do_soft and need_bias else None, (c_h,) if do_hard and need_bias else None,
+    )  # fmt: skip
     if do_soft or do_hard:
-
-        def grid(meta: dict) -> tuple[int]:
-            bc = meta["BLOCK_C"]
-            soft = triton.cdiv(c, bc) if do_soft else 0
-            hard = triton.cdiv(c_h, bc) if do_hard else 0
-            return (split * taps * (soft + hard),)
-
+        soft = (c,) if do_soft else None
+        hard = (c_h,) if do_hard else None
+        grid = split_grid(split, taps, soft, hard, ("BLOCK_C",))
         launcher(_dual_dw_wgrad_kernel)[grid](
             dys, dyh, x_soft, x_hard, ms, mh, dws_part, dwh_part, dbs_part, dbh_part,
             b_s, b_h, c, c_h, h, w, oh, ow, split, int(do_soft),

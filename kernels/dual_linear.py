@@ -44,18 +44,31 @@ from torch.utils.flop_counter import register_flop_formula
 from ._autograd import register_dual_autograd
 from ._common import (
     PARTIAL_ROWS,
-    PARTIAL_ROWS_C,
     dot_precision,
+    dual_grid,
     gemm_configs,
-    grouped_tile_coords,
     launcher,
     mask_columns,
+    reduce_bias,
     register_op,
     row_splits,
-    store_partial_column_sums,
+    split_grid,
     tune_key,
     upcast_dot,
     wgrad_configs,
+    wgrad_fake,
+    wgrad_partials,
+)
+from ._tiles import (
+    add_bias,
+    block_offsets,
+    dgrad_epilogue,
+    grouped_tile,
+    mma,
+    split_rows,
+    tile_offsets,
+    wgrad_epilogue,
+    wgrad_step,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -73,34 +86,20 @@ def _fwd_tile(
 ):  # fmt: skip
     """One ``BLOCK_M x BLOCK_N`` tile of ``y = x @ w.T + b``; ``w`` has the input mask folded in
     (``(x * mask) @ w.T == x @ (w * mask).T``), so the K loop is a plain GEMM loop."""
-    pid_m, pid_n = grouped_tile_coords(tile, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
+    _, offs_m, offs_n, m_ok, n_ok = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     w_cols = w_ptr + offs_n[None, :] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
+        offs_k, k_ok = block_offsets(k0, K, BLOCK_K)
         a = tl.load(
             x_rows + offs_k[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0
         )
         b = tl.load(
             w_cols + offs_k[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :], other=0.0
         )
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        if BIAS_GATHER:
-            bias_rows = tl.load(bias_index_ptr + offs_n, mask=n_ok, other=0)
-            bias = tl.load(b_ptr + bias_rows, mask=n_ok, other=0.0)
-        else:
-            bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
+        acc = mma(acc, a, b, UPCAST, PRECISION)
+    acc = add_bias(acc, b_ptr, bias_index_ptr, offs_n, n_ok, HAS_BIAS, BIAS_GATHER)
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -169,16 +168,11 @@ def _dgrad_tile(
     ``N`` output features in ``BLOCK_K`` steps, with the mask-gradient partial in the epilogue.
     ``dx`` is contiguous ``[M, K]``; ``dmask_part`` is contiguous ``[*, K]`` fp32, one row per
     row tile."""
-    pid_m, pid_k = grouped_tile_coords(tile, tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    k_ok = offs_k < K
+    pid_m, offs_m, offs_k, m_ok, k_ok = grouped_tile(tile, M, K, BLOCK_M, BLOCK_N, GROUP_M)
     dy_rows = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_K):
-        offs_n = n0 + tl.arange(0, BLOCK_K)
-        n_ok = offs_n < N
+        offs_n, n_ok = block_offsets(n0, N, BLOCK_K)
         a = tl.load(
             dy_rows + offs_n[None, :] * stride_dyn, mask=m_ok[:, None] & n_ok[None, :], other=0.0
         )
@@ -186,21 +180,13 @@ def _dgrad_tile(
             w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
             mask=n_ok[:, None] & k_ok[None, :], other=0.0,
         )  # fmt: skip
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a.to(b.dtype), b, acc, input_precision=PRECISION)
-    ok = m_ok[:, None] & k_ok[None, :]
-    if NEED_DX:
-        gate = tl.load(mask_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]
-        tl.store(dx_ptrs, (acc * gate[None, :]).to(dx_ptr.dtype.element_ty), mask=ok)
-    if NEED_DMASK:
-        x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
-        x = tl.load(x_ptrs, mask=ok, other=0.0).to(tl.float32)
-        store_partial_column_sums(
-            dmask_part_ptr, acc * x, pid_m, M, K, offs_k, k_ok, BLOCK_M, BLOCK_N, PARTIAL_ROWS_C
-        )
+        acc = mma(acc, a, b, UPCAST, PRECISION)
+    dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    dgrad_epilogue(
+        acc, dx_ptrs, x_ptrs, mask_ptr, dmask_part_ptr, pid_m, M, m_ok, K, offs_k, k_ok,
+        NEED_DX, NEED_DMASK, BLOCK_M, BLOCK_N,
+    )  # fmt: skip
 
 
 DGRAD_KEEP = (0, 3, 4, 5)  # of gemm_candidates(): 128x256 and 256x128 spill 56-304 B
@@ -273,18 +259,12 @@ def _wgrad_tile(
     rest = tile % (num_n * num_k)
     pid_n = rest // num_k
     pid_k = rest % num_k
-    rows_per_split = tl.cdiv(tl.cdiv(M, SPLIT), BLOCK_M) * BLOCK_M
-    m_lo = split * rows_per_split
-    m_hi = tl.minimum(M, m_lo + rows_per_split)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    n_ok = offs_n < N
-    k_ok = offs_k < K
+    m_lo, m_hi = split_rows(split, M, SPLIT, BLOCK_M)
+    offs_n, offs_k, n_ok, k_ok = tile_offsets(pid_n, pid_k, N, K, BLOCK_N, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for m0 in range(m_lo, m_hi, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < m_hi
+        offs_m, m_ok = block_offsets(m0, m_hi, BLOCK_M)
         rows = offs_m.to(tl.int64)
         # dy loaded already transposed ([BLOCK_N, BLOCK_M]) so the dot needs no permute.
         a = tl.load(
@@ -295,22 +275,12 @@ def _wgrad_tile(
             x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
             mask=m_ok[:, None] & k_ok[None, :], other=0.0,
         )  # fmt: skip
-        if HAS_BIAS:  # noqa: SIM102 (a constexpr gate, then a runtime test)
-            if pid_k == 0:
-                bias_acc += tl.sum(a.to(tl.float32), axis=1)
-        if UPCAST:
-            a = a.to(tl.float32)
-            xb = xb.to(tl.float32)
-        acc = tl.dot(a.to(xb.dtype), xb, acc, input_precision=PRECISION)
-    # The mask is constant along the reduction: dy.T @ (x * m) == (dy.T @ x) * m, so it is
-    # applied once here, keeping the loop a plain GEMM (and x * m unrounded).
-    gate = tl.load(mask_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-    acc = acc * gate[None, :]
+        acc, bias_acc = wgrad_step(acc, bias_acc, a, xb, pid_k == 0, HAS_BIAS, UPCAST, PRECISION)
     dw_ptrs = dw_part_ptr + split.to(tl.int64) * N * K + offs_n[:, None] * K + offs_k[None, :]
-    tl.store(dw_ptrs, acc, mask=n_ok[:, None] & k_ok[None, :])
-    if HAS_BIAS:  # noqa: SIM102 (a constexpr gate, then a runtime test)
-        if pid_k == 0:
-            tl.store(db_part_ptr + split * N + offs_n, bias_acc, mask=n_ok)
+    wgrad_epilogue(  # the bias gradient rides in the tiles of the first K block
+        acc, bias_acc, dw_ptrs, db_part_ptr + split * N + offs_n, mask_ptr,
+        offs_n, n_ok, offs_k, k_ok, pid_k == 0, HAS_BIAS,
+    )  # fmt: skip
 
 
 WGRAD_KEEP = (2, 3)  # of wgrad_candidates(): 64x128 tiles spill 60-360 B on sm_80
@@ -416,15 +386,7 @@ def dual_linear_op(
     yh = torch.empty((xh.shape[0], n_out_h), dtype=x_hard.dtype, device=x_hard.device)
     m_s, m_h = xs.shape[0], xh.shape[0]
     if m_s * n_out + m_h * n_out_h > 0:
-
-        def grid(meta: dict) -> tuple[int]:
-            bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
-            return (
-                triton.cdiv(m_s, bm) * triton.cdiv(n_out, bn)
-                + triton.cdiv(m_h, bm) * triton.cdiv(n_out_h, bn),
-            )
-
-        launcher(_dual_linear_fwd_kernel)[grid](
+        launcher(_dual_linear_fwd_kernel)[dual_grid(m_s, n_out, m_h, n_out_h)](
             xs, xh, w_soft, w_hard, bias if bias is not None else weight, out_keep, ys, yh,
             m_s, m_h, n_out, n_in, n_out_h, n_in_h,
             xs.stride(0), xs.stride(1), xh.stride(0), xh.stride(1),
@@ -491,15 +453,7 @@ def dual_linear_dgrad_op(
         (triton.cdiv(m_h, PARTIAL_ROWS), n_in_h), dtype=torch.float32, device=xs.device
     )
     if m_s * n_in + m_h * n_in_h > 0:
-
-        def grid(meta: dict) -> tuple[int]:
-            bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
-            return (
-                triton.cdiv(m_s, bm) * triton.cdiv(n_in, bn)
-                + triton.cdiv(m_h, bm) * triton.cdiv(n_in_h, bn),
-            )
-
-        launcher(_dual_linear_dgrad_kernel)[grid](
+        launcher(_dual_linear_dgrad_kernel)[dual_grid(m_s, n_in, m_h, n_in_h)](
             dys, dyh, weight, w_hard, xs, xh, soft_in_mask.contiguous(), hard_in_mask.contiguous(),
             dxs, dxh, dms_part, dmh_part,
             m_s, m_h, n_out, n_in, n_out_h, n_in_h,
@@ -528,8 +482,7 @@ def _wgrad_fake(
     x_hard: torch.Tensor, weight: torch.Tensor, soft_in_mask: torch.Tensor,
     hard_in_mask: torch.Tensor, in_keep: torch.Tensor, out_keep: torch.Tensor, need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    db = weight.new_empty((weight.shape[0],)) if need_bias else weight.new_empty((0,))
-    return torch.empty_like(weight, memory_format=torch.contiguous_format), db
+    return wgrad_fake(weight, need_bias)
 
 
 @register_op("s2h_kernels::dual_linear_wgrad", fake=_wgrad_fake)
@@ -558,19 +511,14 @@ def dual_linear_wgrad_op(
     split = row_splits(
         xs.device, max(m_s, m_h), tiles, min_rows=SPLIT_MIN_ROWS, max_splits=MAX_SPLITS
     )
-    f32 = {"dtype": torch.float32, "device": xs.device}
-    dws_part = torch.empty((split, n_out, n_in) if do_soft else (0,), **f32)
-    dwh_part = torch.empty((split, n_out_h, n_in_h) if do_hard else (0,), **f32)
-    dbs_part = torch.empty((split, n_out) if do_soft and need_bias else (0,), **f32)
-    dbh_part = torch.empty((split, n_out_h) if do_hard and need_bias else (0,), **f32)
+    soft = (n_out, n_in) if do_soft else None
+    hard = (n_out_h, n_in_h) if do_hard else None
+    dws_part, dwh_part, dbs_part, dbh_part = wgrad_partials(
+        split, xs.device, soft, hard,
+        (n_out,) if do_soft and need_bias else None, (n_out_h,) if do_hard and need_bias else None,
+    )  # fmt: skip
     if do_soft or do_hard:
-
-        def grid(meta: dict) -> tuple[int]:
-            bn, bk = meta["BLOCK_N"], meta["BLOCK_K"]
-            soft = triton.cdiv(n_out, bn) * triton.cdiv(n_in, bk) if do_soft else 0
-            hard = triton.cdiv(n_out_h, bn) * triton.cdiv(n_in_h, bk) if do_hard else 0
-            return (split * (soft + hard),)
-
+        grid = split_grid(split, 1, soft, hard, ("BLOCK_N", "BLOCK_K"))
         launcher(_dual_linear_wgrad_kernel)[grid](
             dys, dyh, xs, xh, soft_in_mask.contiguous(), hard_in_mask.contiguous(),
             dws_part, dwh_part, dbs_part, dbh_part,
@@ -581,15 +529,15 @@ def dual_linear_wgrad_op(
             PRECISION=dot_precision(weight.dtype, "matmul"),
             TUNE_KEY=tune_key(m_s, m_h, n_out, n_in, n_out_h, n_in_h, split),
         )  # fmt: skip
-    dw = dws_part.sum(0) if do_soft else torch.zeros((n_out, n_in), **f32)
-    db = dbs_part.sum(0) if do_soft and need_bias else torch.zeros((n_out,), **f32)
+    dw = dws_part.sum(0) if do_soft else weight.new_zeros((n_out, n_in), dtype=torch.float32)
     if do_hard:
         # Scatter the compact hard gradient into the kept block; the kept indices are
         # unique, so the accumulate is a plain, deterministic gather-add-scatter.
         dw = dw.index_put((out_keep[:, None], in_keep[None, :]), dwh_part.sum(0), accumulate=True)
-        if need_bias:
-            db = db.index_put((out_keep,), dbh_part.sum(0), accumulate=True)
-    return dw.to(weight.dtype), db.to(weight.dtype) if need_bias else weight.new_empty((0,))
+    if not need_bias:
+        return dw.to(weight.dtype), weight.new_empty((0,))
+    db = reduce_bias(dbs_part, dbh_part, out_keep, n_out, do_soft, do_hard)
+    return dw.to(weight.dtype), db.to(weight.dtype)
 
 
 # --------------------------------------------------------------------------------------------
