@@ -285,7 +285,8 @@ def test_merged_dim_used_otherwise(case):
 
 
 def test_lockstep_dual_forward_equals_two_passes():
-    """The fused dual ops read the repeated gate's columns like the masked layer does."""
+    """The fused dual ops read the repeated gate's columns like the masked layer does, and a
+    training step moves the flattened group's gate the same way in both."""
     torch.manual_seed(0)
     a_model, x = VGGish().eval(), torch.randn(4, 3, 2 * HW, 2 * HW)
     b_model = copy.deepcopy(a_model)
@@ -297,9 +298,18 @@ def test_lockstep_dual_forward_equals_two_passes():
         for pa, pb in zip(a.gate_parameters(), b.gate_parameters(), strict=True):
             pa.copy_(torch.randn(pa.shape, generator=g) * 1.5)
             pb.copy_(pa)
+    pb_before = b.gates["conv2"].logits.detach().clone()
     sa, ha = a.dual_forward(x)
     sb, hb = b.dual_forward(x)
     assert torch.allclose(sa, sb, atol=1e-5) and torch.allclose(ha, hb, atol=1e-5)
+    y = torch.randint(0, 5, (x.shape[0],))
+    opts = [torch.optim.SGD([{"params": p.weight_parameters()}, {"params": p.gate_parameters()}],
+                            lr=0.1) for p in (a, b)]
+    ma, mb = a.train_step(x, y, opts[0]), b.train_step(x, y, opts[1])
+    assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-5, abs=1e-6)
+    la, lb = a.gates["conv2"].logits.detach(), b.gates["conv2"].logits.detach()
+    moved = float((lb - pb_before).abs().max())
+    assert moved > 0 and torch.allclose(la, lb, atol=1e-5 * max(1.0, moved))
 
 
 def test_torchvision_vgg11_bn_prunes_every_group_but_the_output():
