@@ -332,3 +332,20 @@ def test_torchvision_vgg11_bn_prunes_every_group_but_the_output():
     assert (exported(x) - _hard(pruner, x)).abs().max() <= 1e-5
     ratio = count_flops(exported, x) / count_flops(dense, x)
     assert pruner.hard_flops_ratio() == pytest.approx(ratio, rel=1e-9, abs=0)
+
+
+def test_flatten_of_a_channels_last_memory_format_is_pruned_exactly():
+    """A channels_last *memory format* does not change the logical NCHW flatten (torch copies
+    before the view): the group is pruned and the export equals the hand-built model."""
+    torch.manual_seed(0)
+    model = VGGish().eval().to(memory_format=torch.channels_last)
+    dense = copy.deepcopy(model)
+    x = torch.randn(2, 3, 2 * HW, 2 * HW).contiguous(memory_format=torch.channels_last)
+    pruner = s2h.S2HPruner(model, x, 0.5, divisor=2)
+    assert pruner.analysis.layer_in_repeat == {"fc1": HW * HW}
+    pruner.set_widths({"conv1": 4, "conv2": 6, "fc1": 10})
+    k1, k2, k3 = _keep(pruner, "conv1"), _keep(pruner, "conv2"), _keep(pruner, "fc1")
+    exported = pruner.export()
+    assert (exported(x) - _hard(pruner, x)).abs().max() <= 1e-5
+    want = _by_hand(dense, k1, k2, k3)(x.double())
+    assert torch.allclose(exported(x).double(), want, atol=1e-5, rtol=0)
