@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import registry as _registry
@@ -142,6 +143,9 @@ class LayerRecord:
     #: the dense FLOPs split by the groups they scale with: ``[(flops, roles)]``, roles among
     #: ``"in"``, ``"out"`` and the extra roles (a term scales with each role's kept fraction)
     flop_parts: list = field(default_factory=list)
+    #: a linear layer fed a flattened ``C x h x w`` map: its input columns are the channels of
+    #: its input group, each repeated ``in_repeat = h * w`` times, channel-major
+    in_repeat: int = 1
 
 
 @dataclass
@@ -182,6 +186,41 @@ class GraphAnalysis:
     #: layer name -> indices of the groups in the row dims of its input (their widths scale the
     #: layer's FLOPs too, see :attr:`LayerRecord.row_labels`)
     layer_row_groups: dict[str, list[int]] = field(default_factory=dict)
+    #: layer name -> how many input columns each channel of its input group owns (> 1 for a
+    #: linear layer fed a flattened ``C x h x w`` map; absent = 1)
+    layer_in_repeat: dict[str, int] = field(default_factory=dict)
+
+
+class _ReshapeCalls(TorchFunctionMode):
+    """Which Python call a reshape comes from. A flatten, or a ``view`` / ``reshape`` that writes
+    the merged width as ``-1``, derives that width from its input, so it follows a pruned width;
+    a width written as a number (``x.view(-1, 512 * 7 * 7)``) may be a constant that the pruned
+    model would not match. At the ATen level both are the same ``view``, hence this record."""
+
+    _FLATTEN = (torch.flatten, torch.Tensor.flatten)
+    _SIZED = (torch.Tensor.view, torch.Tensor.reshape, torch.reshape)
+
+    def __init__(self, analysis: _Analyzer) -> None:
+        super().__init__()
+        self.a = analysis
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._FLATTEN:
+            entry: tuple | None = ("flatten", None)
+        elif func in self._SIZED:
+            sizes = kwargs.get("size", kwargs.get("shape", list(args[1:])))
+            if len(sizes) == 1 and isinstance(sizes[0], (list, tuple, torch.Size)):
+                sizes = sizes[0]
+            ints = all(isinstance(v, int) for v in sizes)
+            entry = ("sized", tuple(sizes) if ints else None)
+        else:
+            return func(*args, **kwargs)
+        self.a.reshape_calls.append(entry)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            self.a.reshape_calls.pop()
 
 
 class _Tracer(TorchDispatchMode):
@@ -233,6 +272,11 @@ class _Analyzer:
         self._internal = 0  # > 0 while the analysis itself (hooks) runs
         #: torch's FLOP counter over the trace, with each module call's share
         self.flops = FlopCounter()
+        #: a label made by a flatten (see :meth:`_repeat_merge`) -> (the channels' label,
+        #: columns per channel)
+        self.repeat_of: dict[int, tuple[int, int]] = {}
+        #: the Python reshape calls being run (innermost last), see :class:`_ReshapeCalls`
+        self.reshape_calls: list[tuple | None] = []
 
     # ----------------------------------------------------------------- label helpers
     def get(self, t: torch.Tensor) -> list[int | None]:
@@ -419,6 +463,9 @@ class _Analyzer:
                 for d in in_dims:
                     if d != big_in[0] and src[d] is not None:
                         self.freeze_label(src[d], f"view in {self.where()}")
+            elif (merged := self._repeat_merge(src, in_shape, in_dims, big_in, big_out,
+                                               out_shape)) is not None:
+                result[big_out[0]] = merged
             else:
                 for lab in labs:
                     self.freeze_label(
@@ -427,6 +474,80 @@ class _Analyzer:
                         f"({tuple(in_shape)} -> {tuple(out_shape)})",
                     )
         self.set(out, result)
+
+    def _repeat_merge(self, src, in_shape, in_dims, big_in, big_out, out_shape) -> int | None:
+        """A reshape merging a labelled channel dim with the unlabelled dims after it into the
+        last dim, the channel dim outermost (the NCHW flatten of ``C x h x w`` before a
+        classifier): a new label for the merged dim, each channel repeated ``h * w`` times,
+        channel-major. Only a linear layer may consume it (see :meth:`_resolve_repeats`).
+        None where the merge is of another kind (the caller freezes it)."""
+        if len(big_out) != 1 or len(big_in) < 2:
+            return None
+        if any(n > 1 for n in in_shape[in_dims[-1] + 1:]) or any(
+                n > 1 for n in out_shape[big_out[0] + 1:]):
+            return None  # not the last dims: a linear layer could not take it as its input
+        lab = src[big_in[0]]
+        if lab is None or any(src[d] is not None for d in in_dims if d != big_in[0]):
+            return None  # the channels not outermost (channels-last flatten), or two groups
+        if any(self.uf.find(m) == self.uf.find(lab) for m in self.repeat_of):
+            return None  # a flatten of a flatten's merged dim
+        call = self.reshape_calls[-1] if self.reshape_calls else None
+        if call is None or call[0] != "flatten" and (
+                call[1] is None or len(call[1]) != len(out_shape) or call[1][big_out[0]] != -1):
+            self.freeze_label(
+                lab, f"a reshape in {self.where()} that merges the channel dim into a width "
+                     f"written as a number ({tuple(in_shape)} -> {tuple(out_shape)}): it would "
+                     "not follow a pruned width; flatten(1) or view(n, -1) would")
+            return None
+        repeat = 1
+        for d in big_in[1:]:
+            repeat *= in_shape[d]
+        merged = self.uf.new(out_shape[big_out[0]])
+        self.repeat_of[merged] = (lab, repeat)
+        return merged
+
+    def _resolve_repeats(self) -> None:
+        """Keep a flatten's channels prunable where its merged dim goes only to the input dim
+        of plain ``nn.Linear`` layers and nowhere else: those layers then consume the channels'
+        group with ``in_repeat`` columns per channel. Anything else (a merged dim that meets
+        other channels, is normalised, reshaped again, read in a row dim, frozen...) freezes
+        the channels' group, as any reshape of the channel dim does."""
+        if not self.repeat_of:
+            return
+        members: dict[int, int] = {}
+        for lab in range(len(self.uf.parent)):
+            r = self.uf.find(lab)
+            members[r] = members.get(r, 0) + 1
+        roots = {self.uf.find(m) for m in self.repeat_of}
+        bad: dict[int, str] = {}
+        for name, rec in self.layers.items():
+            for lab in [rec.out_label, *rec.extra_labels.values(), *rec.row_labels]:
+                if lab is not None and self.uf.find(lab) in roots:
+                    bad.setdefault(self.uf.find(lab), f"{name} reads it outside its input dim")
+            if rec.in_label is not None and self.uf.find(rec.in_label) in roots and not (
+                    rec.kind == "linear" and type(rec.module) is nn.Linear):
+                bad.setdefault(self.uf.find(rec.in_label),
+                               f"{name} ({type(rec.module).__name__}) consumes it")
+        for pname, lab in self.channel_params.items():
+            if self.uf.find(lab) in roots:
+                bad.setdefault(self.uf.find(lab), f"the parameter {pname!r} scales it")
+        for m in self.repeat_of:
+            if members[self.uf.find(m)] > 1:
+                bad.setdefault(self.uf.find(m), "it meets other channels")
+        changed = True
+        while changed:  # a frozen merged dim freezes its channels (and a flatten of those)
+            changed = False
+            for m, (base, _) in self.repeat_of.items():
+                r = self.uf.find(m)
+                if (r in bad or self.uf.frozen[r]) and not self.uf.frozen[self.uf.find(base)]:
+                    why = bad.get(r) or (self.uf.reasons[r] or ["it is kept whole"])[0]
+                    self.uf.freeze(r, why)
+                    self.uf.freeze(base, f"a flatten of these channels: {why}")
+                    changed = True
+        for rec in self.layers.values():
+            m = rec.in_label
+            if m in self.repeat_of and not self.uf.frozen[self.uf.find(m)]:
+                rec.in_label, rec.in_repeat = self.repeat_of[m]
 
     def _reduce(self, func, args, kwargs, outs, name) -> None:
         src_t = args[0]
@@ -645,7 +766,8 @@ class _Analyzer:
             hooks.append(m.register_forward_pre_hook(pre))
             hooks.append(m.register_forward_hook(post))
         try:
-            with self._size_reads(names, is_layer), self.flops, self._tracer():
+            with (self._size_reads(names, is_layer), _ReshapeCalls(self), self.flops,
+                  self._tracer()):
                 out = self.model(*example_inputs)
         finally:
             for h in hooks:
@@ -666,6 +788,7 @@ class _Analyzer:
                 for lab in labs:
                     self.freeze_label(lab, f"{lname} is read outside its own call ({what}, in "
                                            f"{where}): the exported model would differ")
+        self._resolve_repeats()
 
     @contextlib.contextmanager
     def _size_reads(self, names, is_layer):
@@ -776,6 +899,7 @@ def analyze(
     index = {id(g): i for i, g in enumerate(groups)}
     layer_extra_group: dict[str, dict[str, int]] = {}
     layer_row_groups: dict[str, list[int]] = {}
+    layer_in_repeat: dict[str, int] = {}
     for name, rec in an.layers.items():
         if rec.in_label is not None:
             layer_in_group[name] = index[id(roots[an.uf.find(rec.in_label)])]
@@ -787,6 +911,8 @@ def analyze(
                        if an.uf.find(lab) in roots})
         if rows:
             layer_row_groups[name] = rows
+        if rec.in_repeat > 1 and name in layer_in_group:
+            layer_in_repeat[name] = rec.in_repeat
     # per-channel parameters: sliced with their group, or (used elsewhere too) freeze it
     for pname, lab in an.channel_params.items():
         r = an.uf.find(lab)
@@ -827,6 +953,7 @@ def analyze(
         total_flops=an.flops.total(),
         layer_extra_group=layer_extra_group,
         layer_row_groups=layer_row_groups,
+        layer_in_repeat=layer_in_repeat,
     )
 
 

@@ -30,7 +30,7 @@ from . import ops as _ops
 from . import registry as _registry
 from .gates import ChannelGate
 from .registry import LayerHandler, LayerInfo
-from .runtime import Binding, GateRuntime
+from .runtime import Binding, GateRuntime, RepeatedGate
 
 __all__ = [
     "ChannelGate",
@@ -68,13 +68,15 @@ class MaskedLayer:
     def attach_gates(
         self,
         runtime: GateRuntime,
-        in_gate: ChannelGate | None,
+        in_gate: ChannelGate | RepeatedGate | None,
         out_gate: ChannelGate | None,
         name: str = "",
         extra: dict[str, ChannelGate | None] | None = None,
     ) -> None:
         """Bind this layer to the gate of its input channels and the gate of its output channels
         (and, for layers with inner groups such as attention heads, ``extra`` gates by role).
+        A linear layer fed a flattened ``C x h x w`` map gets a :class:`RepeatedGate`: its
+        input columns are the group's channels, each repeated ``h * w`` times.
 
         Gates are *not* registered as submodules, so ``state_dict`` keys stay the parent's.
         """
@@ -84,7 +86,7 @@ class MaskedLayer:
         return None if self._s2h is None else self._s2h.extra.get(role)
 
     @property
-    def in_gate(self) -> ChannelGate | None:
+    def in_gate(self) -> ChannelGate | RepeatedGate | None:
         return None if self._s2h is None else self._s2h.in_gate
 
     @property

@@ -40,7 +40,7 @@ from .numerics import (
     first_non_finite,
     optimizer_step,
 )
-from .runtime import GateRuntime
+from .runtime import GateRuntime, RepeatedGate
 from .utils import Inputs, as_tuple, channels_last_inputs, set_submodule, use_channels_last
 
 __all__ = ["EXPORT_TOLERANCE", "ExportMismatchWarning", "NonFiniteGradientError",
@@ -261,6 +261,9 @@ class S2HPruner:
             if rec.kind == "fixed":
                 continue
             in_gate = self._gate_of_group_index(an.layer_in_group.get(name))
+            repeat = an.layer_in_repeat.get(name, 1)
+            if in_gate is not None and repeat > 1:  # a linear layer fed a flattened C x h x w
+                in_gate = RepeatedGate(in_gate, repeat)
             out_gate = self._gate_of_group_index(an.layer_out_group.get(name))
             extra = {role: self._gate_of_group_index(i)
                      for role, i in an.layer_extra_group.get(name, {}).items()}
@@ -694,7 +697,11 @@ class S2HPruner:
         keep = {id(g): g.keep_index() for g in self.gates.values()}
         exported = copy.deepcopy(self.model)  # masked layers drop their gates when copied
         for name, m in self.masked_layers.items():
-            in_keep = keep[id(m.in_gate)] if m.in_gate is not None else None
+            in_gate = m.in_gate
+            if isinstance(in_gate, RepeatedGate):  # a flatten's columns: h * w per channel
+                in_keep = in_gate.expand_keep(keep[id(in_gate.gate)])
+            else:
+                in_keep = keep[id(in_gate)] if in_gate is not None else None
             out_keep = keep[id(m.out_gate)] if m.out_gate is not None else None
             extra = {r: keep[id(g)] for r, g in m._s2h.extra.items() if g is not None}
             set_submodule(exported, name, m.s2h_export(in_keep, out_keep, extra).train(m.training))

@@ -17,7 +17,7 @@ from torch import nn
 
 from .gates import ChannelGate
 
-__all__ = ["MODES", "Binding", "GateRuntime", "GateState"]
+__all__ = ["MODES", "Binding", "GateRuntime", "GateState", "RepeatedGate"]
 
 MODES = ("dense", "soft", "hard")
 
@@ -34,6 +34,39 @@ class GateState:
     soft_mask: torch.Tensor
     keep: torch.Tensor
     hard_mask: torch.Tensor
+
+
+class RepeatedGate:
+    """A gate seen through a flatten: a layer whose input holds each channel of the gate's group
+    ``repeat`` times, channel-major (a ``C x h x w`` map flattened into a linear layer: channel
+    ``c`` owns the columns ``c * repeat`` to ``c * repeat + repeat - 1``).
+
+    :meth:`GateRuntime.state` gives its state in those columns, so a masked layer bound to it
+    (and the lockstep dual ops) mask and gather columns exactly as they do channels.
+    """
+
+    def __init__(self, gate: ChannelGate, repeat: int) -> None:
+        self.gate = gate
+        self.repeat = int(repeat)
+
+    @property
+    def name(self) -> str:
+        return self.gate.name
+
+    @property
+    def channels(self) -> int:
+        return self.gate.channels * self.repeat
+
+    def expand_keep(self, keep: torch.Tensor) -> torch.Tensor:
+        """The kept columns ``(k * repeat,)`` (ascending) of the kept channels ``keep``."""
+        cols = torch.arange(self.repeat, device=keep.device, dtype=keep.dtype)
+        return (keep[:, None] * self.repeat + cols).flatten()
+
+    def expand(self, state: GateState) -> GateState:
+        """The gate's state (per channel) as the state of the repeated columns."""
+        return GateState(state.soft_mask.repeat_interleave(self.repeat),
+                         self.expand_keep(state.keep),
+                         state.hard_mask.repeat_interleave(self.repeat))
 
 
 class GateRuntime:
@@ -58,7 +91,9 @@ class GateRuntime:
                 soft, keep = soft.to(device), keep.to(device)
             self.states[id(gate)] = GateState(soft, keep, gate.hard_mask(soft, keep))
 
-    def state(self, gate: ChannelGate) -> GateState:
+    def state(self, gate: ChannelGate | RepeatedGate) -> GateState:
+        if isinstance(gate, RepeatedGate):
+            return gate.expand(self.state(gate.gate))
         try:
             return self.states[id(gate)]
         except KeyError:
@@ -107,7 +142,7 @@ class Binding:
 
     __slots__ = ("runtime", "in_gate", "out_gate", "name", "extra")
 
-    def __init__(self, runtime: GateRuntime, in_gate: ChannelGate | None,
+    def __init__(self, runtime: GateRuntime, in_gate: ChannelGate | RepeatedGate | None,
                  out_gate: ChannelGate | None, name: str,
                  extra: dict[str, ChannelGate | None] | None = None) -> None:
         self.runtime = runtime
