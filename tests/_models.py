@@ -77,7 +77,7 @@ class GroupedNet(nn.Module):
 
 
 class FlattenNet(nn.Module):
-    """A classifier on the flattened (C*H*W) features: the reshape mixes channels."""
+    """A classifier on the flattened (C*H*W) features (each channel owns h*w columns)."""
 
     def __init__(self):
         super().__init__()
