@@ -388,10 +388,11 @@ class S2HPruner:
 
         Gate states are (re)computed on entry, with gradients enabled if autograd is.
         """
-        self.runtime.prepare(self.gates.values(), self._device())
+        self.runtime.prepare(self.gates.values(), self.device())
         return self.runtime.use(mode)
 
-    def _device(self) -> torch.device:
+    def device(self) -> torch.device:
+        """The device of the model's parameters (where the gates' states are put)."""
         return next((p.device for p in self.model.parameters()), torch.device("cpu"))
 
     def _decide_lockstep(self, fused) -> bool:
@@ -400,7 +401,7 @@ class S2HPruner:
         if fused == "auto":
             from . import dispatch
 
-            dev = self._device()
+            dev = self.device()
             if dev.type != "cuda" or dispatch.backend_for(dev) != "triton":
                 return False
         elif fused is not True:
@@ -419,7 +420,7 @@ class S2HPruner:
 
     def two_pass_forward(self, inputs: tuple) -> tuple[Any, Any]:
         """``(soft_out, hard_out)`` by two passes of the model (soft, then hard)."""
-        self.runtime.prepare(self.gates.values(), self._device())
+        self.runtime.prepare(self.gates.values(), self.device())
         with self.runtime.use("soft"):
             soft = self.model(*inputs)
         with self.runtime.use("hard"):
@@ -434,7 +435,7 @@ class S2HPruner:
         if self.lockstep:
             from . import dual
 
-            self.runtime.prepare(self.gates.values(), self._device())
+            self.runtime.prepare(self.gates.values(), self.device())
             return dual.dual_forward(self.model, list(self.masked_layers.values()), inputs)
         return self.two_pass_forward(inputs)
 
@@ -656,7 +657,7 @@ class S2HPruner:
                     if n >= max_batches:
                         break
                     x = batch[0] if isinstance(batch, (list, tuple)) else batch
-                    self.model(*as_tuple(x.to(self._device())))
+                    self.model(*as_tuple(x.to(self.device())))
                     n += 1
         finally:
             for m, mom in saved.items():

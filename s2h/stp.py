@@ -195,7 +195,7 @@ class STPPruner:
         with torch.no_grad():
             for g, w in arch.widths:
                 self._gate_of[g].set_width(w)
-            self.core.runtime.prepare(self.core.gates.values(), self.core._device())
+            self.core.runtime.prepare(self.core.gates.values(), self.core.device())
         for b in list(self._patched):
             if b not in arch.dropped:
                 del self._patched.pop(b).forward
