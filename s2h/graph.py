@@ -189,6 +189,9 @@ class GraphAnalysis:
     #: layer name -> how many input columns each channel of its input group owns (> 1 for a
     #: linear layer fed a flattened ``C x h x w`` map; absent = 1)
     layer_in_repeat: dict[str, int] = field(default_factory=dict)
+    #: module name (as ``model.named_modules()`` names it) -> the FLOPs torch's counter counted
+    #: inside its calls in the traced run (children and inline ops included; 0 if it never ran)
+    module_flops: dict[str, int] = field(default_factory=dict)
 
 
 class _ReshapeCalls(TorchFunctionMode):
@@ -954,6 +957,7 @@ def analyze(
         layer_extra_group=layer_extra_group,
         layer_row_groups=layer_row_groups,
         layer_in_repeat=layer_in_repeat,
+        module_flops={n: an.flops.of(m) for n, m in model.named_modules()},
     )
 
 

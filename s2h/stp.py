@@ -14,8 +14,20 @@ export):
 Pruning is *KD-guided exploration*: starting from the full network as the base, every candidate
 (each group one divisor step narrower, each droppable block removed) is tried in turn as the
 sampled sub-network for ``trials`` steps while a running KD loss is kept for it; when all were
-tried, the candidate with the lowest KD loss is committed to the base. This repeats until the
-base meets the FLOPs target; then the base sub-network keeps training to the end. *Subnet
+tried, the candidate with the lowest KD loss is committed to the base (up to
+``commits_per_round`` of them, best first). This repeats until the base meets the FLOPs target;
+then the base sub-network keeps training to the end.
+
+The budget: a round commits only candidates that keep the base above the target ``T``. The last
+round (every candidate would reach ``T``) commits the one candidate that lands closest to ``T``
+from above, provided it stays at or above ``T - floor``; the base is then projected onto the
+budget (:meth:`STPPruner.project_to_budget`: one divisor step of one group at a time, finer
+than a candidate's ``width_step``) if it is still above ``T``. So the exported ratio lands in
+``[T - floor, T]`` whenever one divisor step allows it.
+
+FLOPs of a dropped block: the whole block stops running, so its whole counted FLOPs (layers,
+and the ops written inline in its ``forward``: attention matmuls, ...) leave the count
+(:meth:`STPPruner.ratio`). *Subnet
 mutating expansion* additionally samples, with probability ``expand_prob``, a sub-network
 between the base and the full network each step (a second KD term), to narrow the
 teacher-student gap.
@@ -27,6 +39,7 @@ masked BatchNorms, recalibrated with :meth:`STPPruner.recalibrate_bn`), so the e
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -76,15 +89,20 @@ class STPPruner:
             explore faster on short budgets).
         commits_per_round: how many of the best candidates of a round are committed (1 =
             METHOD §8); they never conflict (one change per group or block).
+        floor: how far below the target the base may land (the last round and the projection
+            never go below ``target - floor`` when a smaller step exists).
     """
 
     def __init__(self, model: nn.Module, example_inputs: Inputs, target_flops: float, *,
                  divisor: int = 8, ignore: Iterable[str] = (), trials: int = 2,
                  kd_weight: float = 1.0, expand_prob: float = 0.5, depth: bool = True,
                  seed: int = 0, width_step: int = 1, commits_per_round: int = 1,
-                 warn: bool = True) -> None:
+                 floor: float = 0.03, warn: bool = True) -> None:
         if trials < 1 or width_step < 1 or commits_per_round < 1:
             raise ValueError("trials, width_step and commits_per_round must be >= 1")
+        if floor < 0:
+            raise ValueError(f"floor must be >= 0, got {floor}")
+        self.floor = float(floor)
         self.width_step = int(width_step)
         self.commits_per_round = int(commits_per_round)
         self.core = S2HPruner(model, example_inputs, target_flops, divisor=divisor,
@@ -101,8 +119,14 @@ class STPPruner:
         self.blocks = self._find_blocks(self.core.example_inputs) if depth else {}
         self._block_layers = {b: [n for n in self.core.analysis.layers if n.startswith(b + ".")]
                               for b in self.blocks}
+        self._block_const = {b: self._const_flops_of(b) for b in self.blocks}
         self.base = self.full
         self.explore_done = self.ratio(self.base) <= self.target_flops
+        #: what the projection onto the budget did when the exploration ended (None before)
+        self.projection: dict | None = None
+        if self.explore_done:
+            self.projection = self._no_projection()
+        self._last_scores: dict[tuple[str, str], float] = {}
         self._round: list[tuple[str, str]] = []
         self._scores: dict[tuple[str, str], list[float]] = {}
         self._cursor = 0
@@ -149,17 +173,36 @@ class STPPruner:
                     blocks[name] = stage_name
         return blocks
 
-    def ratio(self, arch: Arch) -> float:
-        """FLOPs of sub-network ``arch`` over the dense model (as its export counts them)."""
+    def _const_flops_of(self, block: str) -> int:
+        """The FLOPs of ``block`` that the pruner counts as constant: everything counted inside
+        its calls (inline ops, fixed layers, ...) except its layers' width-scaled terms."""
         an = self.core.analysis
+        scaled = 0
+        for n in self._block_layers[block]:
+            rec = an.layers[n]
+            # the terms S2HPruner's FLOPs table scales with the widths (its _build_flops_table)
+            if rec.dense_flops != 0 and rec.kind != "fixed":
+                scaled += sum(f for f, _ in rec.flop_parts)
+        return an.module_flops[block] - scaled
+
+    def _outermost(self, dropped: Iterable[str]) -> list[str]:
+        """The dropped blocks not inside another dropped block (only those count)."""
+        dropped = set(dropped)
+        return sorted(b for b in dropped
+                      if not any(b.startswith(o + ".") for o in dropped if o != b))
+
+    def ratio(self, arch: Arch) -> float:
+        """FLOPs of sub-network ``arch`` over the dense model (as its export counts them).
+
+        The kept layers scale with the widths (:meth:`S2HPruner.flops_ratio`); a dropped block
+        contributes nothing: its layers' width terms are skipped and the rest of what torch's
+        counter counted inside the block (inline attention matmuls, fixed layers, ...) leaves
+        the constant term."""
         width = {id(self._gate_of[g]): w for g, w in arch.widths}
-        dropped_layers = {n for b in arch.dropped for n in self._block_layers[b]}
+        blocks = self._outermost(arch.dropped)
+        dropped_layers = {n for b in blocks for n in self._block_layers[b]}
         ratio = self.core.flops_ratio(lambda gate: width[id(gate)], skip=dropped_layers)
-        # fixed (unprunable) layers are in the pruner's constant term; inside a dropped block
-        # they do not run either
-        fixed = sum(an.layers[n].dense_flops for n in dropped_layers
-                    if an.layers[n].kind == "fixed")
-        return ratio - fixed / self.core.dense_flops
+        return ratio - sum(self._block_const[b] for b in blocks) / self.core.dense_flops
 
     def candidates(self, arch: Arch) -> list[tuple[str, str]]:
         """One-step-smaller neighbours of ``arch``: ("width", group) and ("depth", block)."""
@@ -172,14 +215,18 @@ class STPPruner:
             if arch.width(g.name) > self.divisors[g.name]:
                 out.append(("width", g.name))
         # a stage's first block is never a candidate, so every stage keeps at least one block
-        out.extend(("depth", b) for b in self.blocks if b not in arch.dropped)
+        out.extend(("depth", b) for b in self.blocks if b not in arch.dropped
+                   and not any(b.startswith(o + ".") for o in arch.dropped))
         return out
 
-    def apply(self, arch: Arch, cand: tuple[str, str]) -> Arch:
+    def apply(self, arch: Arch, cand: tuple[str, str], steps: int | None = None) -> Arch:
+        """``arch`` with candidate ``cand``: a width narrowed by ``steps`` divisor steps
+        (default ``width_step``), or a block dropped."""
         kind, name = cand
         if kind == "width":
             d = self.divisors[name]
-            return arch.with_width(name, max(d, arch.width(name) - self.width_step * d))
+            step = self.width_step if steps is None else steps
+            return arch.with_width(name, max(d, arch.width(name) - step * d))
         return arch.with_dropped(name)
 
     def _sample_between(self, lo: Arch, hi: Arch) -> Arch:
@@ -237,7 +284,7 @@ class STPPruner:
             self._scores = {c: [] for c in self._round}
             self._cursor = 0
             if not self._round:
-                self.explore_done = True
+                self._end_exploration()
                 return self.base
         cand = self._round[(self._cursor // self.trials) % len(self._round)]
         return self.apply(self.base, cand)
@@ -251,20 +298,108 @@ class STPPruner:
         if self._cursor >= self.trials * len(self._round):
             self.commit()
 
-    def commit(self) -> tuple[str, str]:
-        """Commit the tried candidate(s) with the lowest mean KD loss to the base architecture
-        (stopping early once the FLOPs target is met). Returns the best one."""
+    def _commit_one(self, cand: tuple[str, str], kd: float) -> None:
+        self.base = self.apply(self.base, cand)
+        self.commits.append({"step": self.step_count, "kind": cand[0], "name": cand[1],
+                             "kd": kd, "ratio": self.ratio(self.base)})
+
+    def commit(self) -> tuple[str, str] | None:
+        """Commit the tried candidates with the lowest mean KD loss to the base architecture,
+        up to ``commits_per_round`` of them, best first, each only if the base stays above the
+        target after it. When none does (the last round), commit the one candidate landing
+        closest to the target from above, at or above ``target - floor``; the exploration ends
+        and the base is projected onto the budget if still above it (``self.projection``).
+        Returns the best-scored candidate."""
         scores = {c: sum(v) / len(v) for c, v in self._scores.items() if v}
         ranked = sorted(scores, key=lambda c: (scores[c], c))
-        for cand in ranked[: self.commits_per_round]:
-            self.base = self.apply(self.base, cand)
-            self.commits.append({"step": self.step_count, "kind": cand[0], "name": cand[1],
-                                 "kd": scores[cand], "ratio": self.ratio(self.base)})
-            if self.ratio(self.base) <= self.target_flops:
-                self.explore_done = True
+        target = self.target_flops
+        committed = 0
+        for cand in ranked:
+            if committed >= self.commits_per_round:
                 break
+            if self.ratio(self.apply(self.base, cand)) > target:
+                self._commit_one(cand, scores[cand])
+                committed += 1
+        if ranked and committed == 0:  # the last round: every candidate reaches the target
+            landing = [(self.ratio(self.apply(self.base, c)), c) for c in ranked]
+            ok = [(r, c) for r, c in landing if r >= target - self.floor]
+            if ok:
+                _, cand = max(ok, key=lambda rc: (rc[0], -scores[rc[1]]))
+                self._commit_one(cand, scores[cand])
+            self._end_exploration()
+        self._last_scores = scores
         self._round, self._scores, self._cursor = [], {}, 0
-        return ranked[0]
+        return ranked[0] if ranked else None
+
+    def _no_projection(self) -> dict:
+        r = self.ratio(self.base)
+        return {"needed": False, "ratio_before": r, "ratio_after": r, "steps": 0,
+                "narrowed": {}, "dropped": [], "at_step": self.step_count}
+
+    def _end_exploration(self, project: bool = True) -> dict:
+        self.explore_done = True
+        self._round, self._scores, self._cursor = [], {}, 0
+        info = self.project_to_budget() if project else self._no_projection()
+        info["at_step"] = self.step_count
+        self.projection = info
+        return info
+
+    @property
+    def arch_frozen(self) -> bool:
+        """Whether the architecture is final (the exploration has ended)."""
+        return self.explore_done
+
+    @torch.no_grad()
+    def freeze_architecture(self, project: bool = True) -> dict:
+        """End the exploration now (e.g. at the end of a training budget too short for it) and,
+        with ``project``, project the base onto the budget. Returns (and keeps in
+        ``self.projection``) what the projection did; an ended exploration's projection is
+        returned as it was."""
+        if self.explore_done and self.projection is not None:
+            return self.projection
+        return self._end_exploration(project)
+
+    @torch.no_grad()
+    def project_to_budget(self, target: float | None = None,
+                          floor: float | None = None) -> dict:
+        """Narrow the base until its FLOPs ratio is at most ``target`` (default: the
+        pruner's), like :meth:`S2HPruner.project_to_budget`: one divisor step of one group at a
+        time (finer than a ``width_step`` candidate), among the steps that keep the ratio at or
+        above ``target - floor`` the one whose candidate scored the lowest KD loss in the last
+        round (then the smallest FLOPs change); when every step goes below, the one that lands
+        highest. Blocks are dropped only when no group can be narrowed any more: a dropped
+        block is a large jump that the KD-guided exploration decides, not the projection.
+
+        Returns ``{"needed", "ratio_before", "ratio_after", "steps", "narrowed": {group:
+        [old, new]}, "dropped": [blocks]}``."""
+        target = self.target_flops if target is None else float(target)
+        floor = self.floor if floor is None else float(floor)
+        arch = self.base
+        before = r = self.ratio(arch)
+        steps = 0
+        while r > target + 1e-9:
+            moves = [c for c in self.candidates(arch) if c[0] == "width"]
+            moves = moves or self.candidates(arch)
+            if not moves:
+                warnings.warn(f"STP project_to_budget: nothing left to narrow and the FLOPs ratio"
+                              f" is still {r:.4f} > {target}", stacklevel=2)
+                break
+            landing = [(self.ratio(self.apply(arch, c, steps=1)), c) for c in moves]
+            ok = [(q, c) for q, c in landing if q >= target - floor]
+            if ok:
+                _, pick = min(ok, key=lambda qc: (self._last_scores.get(qc[1], float("inf")),
+                                                  -qc[0], qc[1]))
+            else:
+                _, pick = max(landing, key=lambda qc: (qc[0], qc[1]))
+            arch = self.apply(arch, pick, steps=1)
+            steps += 1
+            r = self.ratio(arch)
+        old = dict(self.base.widths)
+        narrowed = {g: [old[g], w] for g, w in arch.widths if w != old[g]}
+        dropped = sorted(arch.dropped - self.base.dropped)
+        self.base = arch
+        return {"needed": steps > 0, "ratio_before": before, "ratio_after": r, "steps": steps,
+                "narrowed": narrowed, "dropped": dropped}
 
     @staticmethod
     def _kd(student, teacher_probs):
@@ -360,6 +495,8 @@ class STPPruner:
                 "round": [list(c) for c in self._round],
                 "scores": [[k, n, list(v)] for (k, n), v in self._scores.items()],
                 "cursor": self._cursor, "rng": _rng_state(self.rng),
+                "projection": self.projection,
+                "last_scores": [[k, n, v] for (k, n), v in self._last_scores.items()],
                 "core": self.core.state_dict()}  # the importance orders of the groups
 
     def load_state_dict(self, state: dict) -> None:
@@ -377,6 +514,8 @@ class STPPruner:
         self._round = [tuple(c) for c in state.get("round", [])]
         self._scores = {(k, n): list(v) for k, n, v in state.get("scores", [])}
         self._cursor = int(state.get("cursor", 0))
+        self.projection = state.get("projection", self.projection)
+        self._last_scores = {(k, n): float(v) for k, n, v in state.get("last_scores", [])}
         if state.get("rng") is not None:
             self.rng.setstate(_rng_from_state(state["rng"]))
 
