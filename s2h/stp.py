@@ -364,33 +364,46 @@ class STPPruner:
                           floor: float | None = None) -> dict:
         """Narrow the base until its FLOPs ratio is at most ``target`` (default: the
         pruner's), like :meth:`S2HPruner.project_to_budget`: one divisor step of one group at a
-        time (finer than a ``width_step`` candidate), among the steps that keep the ratio at or
-        above ``target - floor`` the one whose candidate scored the lowest KD loss in the last
-        round (then the smallest FLOPs change); when every step goes below, the one that lands
-        highest. Blocks are dropped only when no group can be narrowed any more: a dropped
-        block is a large jump that the KD-guided exploration decides, not the projection.
+        time (finer than a ``width_step`` candidate). Each step is, in this order of
+        preference: one that lands in ``[target - floor, target]``; one that stays above the
+        target and leaves a step of at most ``floor`` to take next (so the crossing cannot
+        undershoot); any other that stays above; when every step goes below ``target -
+        floor``, the one that lands highest. Among equals, the group whose candidate scored the
+        lowest KD loss in the last round goes first, then the smallest FLOPs change. Blocks are
+        dropped only when no group can be narrowed any more: a dropped block is a large jump
+        that the KD-guided exploration decides, not the projection.
 
         Returns ``{"needed", "ratio_before", "ratio_after", "steps", "narrowed": {group:
         [old, new]}, "dropped": [blocks]}``."""
         target = self.target_flops if target is None else float(target)
         floor = self.floor if floor is None else float(floor)
+        lo = target - floor
         arch = self.base
         before = r = self.ratio(arch)
         steps = 0
+
+        def moves(a: Arch) -> list[tuple[str, str]]:
+            return [c for c in self.candidates(a) if c[0] == "width"] or self.candidates(a)
+
+        def has_fine_step(a: Arch, ra: float) -> bool:
+            return any(ra - self.ratio(self.apply(a, c, steps=1)) <= floor for c in moves(a))
+
         while r > target + 1e-9:
-            moves = [c for c in self.candidates(arch) if c[0] == "width"]
-            moves = moves or self.candidates(arch)
-            if not moves:
+            options = []
+            for c in moves(arch):
+                nxt = self.apply(arch, c, steps=1)
+                q = self.ratio(nxt)
+                if q <= target + 1e-9:
+                    rank = 0 if q >= lo else 3
+                else:
+                    rank = 1 if has_fine_step(nxt, q) else 2
+                kd = self._last_scores.get(c, float("inf")) if rank < 3 else 0.0
+                options.append((rank, kd, -q, c))
+            if not options:
                 warnings.warn(f"STP project_to_budget: nothing left to narrow and the FLOPs ratio"
                               f" is still {r:.4f} > {target}", stacklevel=2)
                 break
-            landing = [(self.ratio(self.apply(arch, c, steps=1)), c) for c in moves]
-            ok = [(q, c) for q, c in landing if q >= target - floor]
-            if ok:
-                _, pick = min(ok, key=lambda qc: (self._last_scores.get(qc[1], float("inf")),
-                                                  -qc[0], qc[1]))
-            else:
-                _, pick = max(landing, key=lambda qc: (qc[0], qc[1]))
+            pick = min(options)[3]
             arch = self.apply(arch, pick, steps=1)
             steps += 1
             r = self.ratio(arch)
