@@ -223,10 +223,10 @@ def test_projection_lands_in_the_window_by_divisor_steps(target):
     assert p.freeze_architecture() is info  # done once
 
 
-def _run_exploration(target, max_steps=300, **kw):
+def _run_exploration(target, max_steps=300, divisor=2, **kw):
     # divisor 2: one divisor step of a group is about 1.5 % of the FLOPs (with 4, about 3 %:
     # more than the window below the target, so a crossing just above it could not land)
-    model, dense, p, x = _resnet(target=target, divisor=2, trials=1, **kw)
+    model, dense, p, x = _resnet(target=target, divisor=divisor, trials=1, **kw)
     y = torch.randint(0, 5, (8,), generator=torch.Generator().manual_seed(1))
     opt = torch.optim.SGD(p.weight_parameters(), lr=0.01)
     steps = 0
@@ -262,3 +262,22 @@ def test_projection_survives_a_state_round_trip():
     q.load_state_dict(p.state_dict())
     assert q.base == p.base and q.explore_done and q.arch_frozen
     assert q.projection == info and q.freeze_architecture() == info
+
+
+@pytest.mark.slow  # a few dozen training steps
+def test_exploration_ends_with_a_reported_projection_when_the_last_round_cannot_land():
+    # coarse candidates (two divisor steps of 4 channels): every candidate of the last round
+    # would go below 0.55 - 0.03, so the round commits none and the projection narrows by
+    # single divisor steps
+    p, dense, x, _ = _run_exploration(0.55, divisor=4, commits_per_round=3, width_step=2)
+    before = {g: w for g, w in p.full.widths}
+    for c in p.commits:
+        if c["kind"] == "width":
+            before[c["name"]] -= 8
+    proj = p.projection
+    r = _exported_ratio(p, dense, x[:2])
+    assert proj["needed"] and proj["ratio_before"] > 0.55 and 0.52 <= r <= 0.55
+    assert proj["narrowed"] == {g: [before[g], w] for g, w in p.widths().items()
+                                if w != before[g]}
+    assert proj["steps"] == sum((a - b) // 4 for a, b in proj["narrowed"].values())
+    assert proj["ratio_after"] == pytest.approx(r, rel=1e-9)
