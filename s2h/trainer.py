@@ -649,9 +649,10 @@ RECALIBRATION_BATCHES = 20
 
 
 def freeze_for_export(cfg: PruneConfig, pruner: Any) -> None:
-    """Every export of an S2H run is of a frozen architecture, projected onto the budget (a
-    run with ``freeze_arch_at=1``, or a checkpoint taken before the freeze, is frozen here)."""
-    if cfg.method == "s2h" and not pruner.arch_frozen:
+    """Every export of a run is of a frozen architecture, projected onto the budget (an S2H run
+    with ``freeze_arch_at=1``, a checkpoint taken before the freeze, or an STP run whose
+    exploration did not reach the target in its steps, is frozen here)."""
+    if not pruner.arch_frozen:
         pruner.freeze_architecture()
 
 

@@ -1,6 +1,7 @@
 """STP (s2h.stp): exploration commits, exact export, exact depth removal, the training step."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -222,27 +223,27 @@ def test_cli_prune_method_stp_and_export(tmp_path, capsys):
     a = s2h.load_exported(str(out / "exported"))
     b = s2h.load_exported(str(tmp_path / "e"))
     # 12 steps with one trial per candidate are fewer than one exploration round (12 width
-    # groups + the droppable blocks): nothing is committed, so the exported network is the plain
-    # resnet20 with the checkpoint's trained weights (and BatchNorm statistics recalibrated on
-    # the same training batches by both exports)
+    # groups + the droppable blocks): the exploration commits nothing, so both exports (the
+    # run's and `s2h export` of its checkpoint) freeze the architecture and project it onto the
+    # budget (issue 13: STP lands on its target like S2H), with the same trained weights and
+    # BatchNorm statistics recalibrated on the same training batches
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ck["pruner"]["commits"] == [] and ck["pruner"]["dropped"] == []
     assert ck["pruner"]["base_widths"] == ck["pruner"]["groups"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["projection"]["needed"] and summary["projection"]["narrowed"]
     sa, sb = a.state_dict(), b.state_dict()
     assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
-    ref = create_model("resnet20", num_classes=10).eval()
-    params = {k for k, _ in ref.named_parameters()}
-    ref.load_state_dict({k: ck["model"][k] if k in params else sa[k] for k in ref.state_dict()})
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(a(x), b(x))
-        assert torch.allclose(a(x), ref(x), atol=1e-5)
     flops = []
-    for m in (a, b, ref):
+    for m in (a, b, create_model("resnet20", num_classes=10).eval()):
         with FlopCounterMode(display=False) as fc, torch.no_grad():
             m(x)
         flops.append(fc.get_total_flops())
-    assert flops[0] == flops[1] == flops[2]
+    assert flops[0] == flops[1]
+    assert 0.9 - 0.03 <= flops[0] / flops[2] <= 0.9 + 0.005  # torch's counter, dense resnet20
 
 
 @pytest.mark.slow  # trains until the exploration commits
