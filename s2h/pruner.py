@@ -207,23 +207,35 @@ class S2HPruner:
         self.groups = [g for g in self.groups if g not in small]
 
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        self.gates = nn.ModuleDict()
-        self._group_gate: dict[int, ChannelGate] = {}
-        for g in self.groups:
-            # a group whose layers impose a width granularity (attention heads: head_dim) gets
-            # that divisor, whatever the pruner-wide divisor is: whole heads only
-            gate = ChannelGate(g.channels, divisor if g.divisor is None else g.divisor, tau,
-                               importance=self._importance(g),
-                               name=g.name, rounding=rounding, init_gap=self.init_gap)
-            self.gates[self._key(g.name)] = gate
-            self._group_gate[id(g)] = gate
-        self.gates.to(device)
         self.channels_last = use_channels_last(model, device)
         if self.channels_last:
             self.example_inputs = channels_last_inputs(self.example_inputs)
-        self.runtime = GateRuntime()
-        self._swap_layers()
-        self._build_flops_table()
+        self._build(device)
+        failing = self._groups_failing_narrower()
+        if failing:  # model code reads these widths (a reshape to a constant): keep them whole
+            self._unswap_layers()
+            for g, err in failing:
+                g.frozen = True
+                g.reasons.append(f"the model fails when it is one step narrower ({err})")
+                if warn:
+                    warnings.warn(
+                        f"group {g.name!r} ({g.channels} channels) is left unpruned: the hard "
+                        f"network fails when it is {g.channels - self.gate_of(g).divisor} wide "
+                        f"({err}); the model's code probably reads this width as a constant "
+                        "(e.g. in a reshape)", stacklevel=2)
+            self.groups = [g for g in self.groups if not g.frozen]
+            if not self.groups:
+                raise ValueError(f"nothing prunable in {type(model).__name__}: every group's "
+                                 "narrowing makes the model fail (see the warnings)")
+            self._build(device)
+        min_ratio = self.flops_ratio(lambda g: float(g.divisor))
+        if self.target_flops < min_ratio:
+            warnings.warn(
+                f"target_flops={self.target_flops} is below the smallest reachable ratio "
+                f"{min_ratio:.3f} (every group at its minimum width, divisor={self.divisor}); "
+                "the hard network will stop there",
+                stacklevel=2,
+            )
         self.builder = detect_builder(model, self.example_inputs)
         self.step_count = 0
         self.lockstep = self._decide_lockstep(fused)
@@ -232,6 +244,71 @@ class S2HPruner:
     @staticmethod
     def _key(name: str) -> str:
         return name.replace(".", "/") or "<root>"
+
+    def _build(self, device: torch.device) -> None:
+        """Gates for :attr:`groups`, the layers swapped to their masked classes, FLOPs table."""
+        self.gates = nn.ModuleDict()
+        self._group_gate: dict[int, ChannelGate] = {}
+        for g in self.groups:
+            # a group whose layers impose a width granularity (attention heads: head_dim) gets
+            # that divisor, whatever the pruner-wide divisor is: whole heads only
+            gate = ChannelGate(g.channels, self.divisor if g.divisor is None else g.divisor,
+                               self.tau, importance=self._importance(g), name=g.name,
+                               rounding=self.rounding, init_gap=self.init_gap)
+            self.gates[self._key(g.name)] = gate
+            self._group_gate[id(g)] = gate
+        self.gates.to(device)
+        self.runtime = GateRuntime()
+        self._swap_layers()
+        self._build_flops_table()
+
+    def _unswap_layers(self) -> None:
+        """Undo :meth:`_swap_layers`: plain classes, no gates, no hard BatchNorm statistics."""
+        for m in self.masked_layers.values():
+            object.__setattr__(m, "_s2h", None)
+            for b in ("hard_running_mean", "hard_running_var", "hard_num_batches_tracked"):
+                m._buffers.pop(b, None)
+            m.__class__ = _registry.plain_class(type(m))
+        self.masked_layers = {}
+
+    @torch.no_grad()
+    def _groups_failing_narrower(self) -> list[tuple[_graph.Group, str]]:
+        """Groups whose narrowing by one divisor step makes the hard network raise (the model's
+        code reads their width as a constant, e.g. a reshape): found here, once, rather than
+        at the first training step that narrows them. One hard forward when none fails;
+        otherwise the groups are narrowed one more at a time to find the culprits."""
+        saved = [g.logits.detach().clone() for g in self.gates.values()]
+        was = self.model.training
+        steppable = [g for g in self.groups if g.channels > self.gate_of(g).divisor]
+
+        def error(narrow: list[_graph.Group]) -> str | None:
+            ids = {id(g) for g in narrow}
+            for g in self.groups:
+                gate = self.gate_of(g)
+                gate.set_width(g.channels - gate.divisor if id(g) in ids else g.channels)
+            try:
+                self.hard_forward(self.example_inputs)
+            except Exception as exc:  # noqa: BLE001 - any failure of the model's own code
+                return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            return None
+
+        self.model.eval()  # no BatchNorm statistics move
+        try:
+            if not steppable or error(steppable) is None:
+                return []
+            ok: list[_graph.Group] = []
+            failing = []
+            for g in steppable:
+                err = error([*ok, g])
+                if err is None:
+                    ok.append(g)
+                else:
+                    failing.append((g, err))
+            return failing
+        finally:
+            for g, v in zip(self.gates.values(), saved, strict=True):
+                g.logits.copy_(v)
+            self.model.train(was)
 
     def _importance(self, group: _graph.Group) -> torch.Tensor:
         """Mean over producers of the per-output-channel L1 norm of the producing weights
@@ -306,14 +383,6 @@ class S2HPruner:
                 prunable_total += flops
         self.dense_flops = an.total_flops
         self._const_flops = an.total_flops - prunable_total
-        min_ratio = self.flops_ratio(lambda g: float(g.divisor))
-        if self.target_flops < min_ratio:
-            warnings.warn(
-                f"target_flops={self.target_flops} is below the smallest reachable ratio "
-                f"{min_ratio:.3f} (every group at its minimum width, divisor={self.divisor}); "
-                "the hard network will stop there",
-                stacklevel=3,
-            )
 
     # ------------------------------------------------------------------ parameters
     def gate_parameters(self) -> Iterator[nn.Parameter]:
