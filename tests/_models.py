@@ -88,3 +88,15 @@ class FlattenNet(nn.Module):
     def forward(self, x):
         x = torch.relu(self.b(torch.relu(self.a(x))))
         return self.fc(x.flatten(1))
+
+
+class ResBlock(nn.Module):
+    """conv-bn-relu-conv-bn plus the identity, then relu: a residual block (STP drops it)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))

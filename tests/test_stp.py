@@ -11,15 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from s2h.stp import Arch, STPPruner
 
-
-class Block(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-
-    def forward(self, x):
-        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+from _models import ResBlock
 
 
 class TinyResNet(nn.Module):
@@ -27,7 +19,7 @@ class TinyResNet(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
                                   nn.ReLU())
-        self.stage = nn.Sequential(*[Block(c) for _ in range(blocks)])
+        self.stage = nn.Sequential(*[ResBlock(c) for _ in range(blocks)])
         self.plain = nn.Sequential(nn.Conv2d(c, c, 1), nn.ReLU(), nn.Conv2d(c, c, 1))
         self.fc = nn.Linear(c, classes)
 

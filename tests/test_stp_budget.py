@@ -13,6 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from s2h.stp import Arch, STPPruner
 
+from _models import ResBlock
+
 
 def _torch_flops(model: nn.Module, x: torch.Tensor) -> int:
     """The reference count: torch's FlopCounterMode on one eval-mode forward."""
@@ -70,16 +72,6 @@ class TinyViT(nn.Module):
         x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
         x = self.embed(x.reshape(b, (h // p) * (w // p), c * p * p))
         return self.head(self.norm(self.blocks(x)).mean(1))
-
-
-class ResBlock(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-
-    def forward(self, x):
-        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
 
 
 class TinyResNet(nn.Module):
