@@ -216,86 +216,80 @@ def validate(pruner: S2HPruner) -> str | None:
     the same-dtype two-pass path, plus a small floor. Anything raised (a kernel that does
     not compile, a model that cannot run in lockstep) is the reason, named.
     """
-    saved = [g.logits.detach().clone() for g in pruner.gates.values()]
-    was = pruner.model.training
     params = [(n, p) for n, p in pruner.model.named_parameters() if p.requires_grad]
     params += [(f"gate {g.name}", g.logits) for g in pruner.gates.values()]
     try:
-        pruner.set_widths(0.5)
-        pruner.model.eval()  # no BatchNorm statistics move while checking
+        with pruner.trial_widths():  # half width, eval mode; logits and mode put back
+            pruner.set_widths(0.5)
 
-        def run(lockstep: bool, dtype: torch.dtype | None = None):
-            inputs = tuple(t.to(dtype) if dtype is not None and torch.is_floating_point(t)
-                           else t for t in pruner.example_inputs)
-            for _, p in params:
-                p.grad = None
-            pruner.runtime.prepare(pruner.gates.values(), pruner.device())
-            if lockstep:
-                s, h = dual_forward(pruner.model, list(pruner.masked_layers.values()), inputs)
-            else:
-                s, h = pruner.two_pass_forward(inputs)
-            outs = [t for t in torch.utils._pytree.tree_leaves((s, h))
-                    if isinstance(t, torch.Tensor) and torch.is_floating_point(t)]
-            gen = torch.Generator().manual_seed(0)
-            loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64)
-                        .to(o.device)).sum() for o in outs)
-            loss.backward()
-            grads = {n: (None if p.grad is None else p.grad.detach().double().clone())
-                     for n, p in params}
-            for _, p in params:
-                p.grad = None
-            return [o.detach().double() for o in outs], grads
+            def run(lockstep: bool, dtype: torch.dtype | None = None):
+                inputs = tuple(t.to(dtype) if dtype is not None and torch.is_floating_point(t)
+                               else t for t in pruner.example_inputs)
+                for _, p in params:
+                    p.grad = None
+                pruner.runtime.prepare(pruner.gates.values(), pruner.device())
+                if lockstep:
+                    s, h = dual_forward(pruner.model, list(pruner.masked_layers.values()), inputs)
+                else:
+                    s, h = pruner.two_pass_forward(inputs)
+                outs = [t for t in torch.utils._pytree.tree_leaves((s, h))
+                        if isinstance(t, torch.Tensor) and torch.is_floating_point(t)]
+                gen = torch.Generator().manual_seed(0)
+                loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64)
+                            .to(o.device)).sum() for o in outs)
+                loss.backward()
+                grads = {n: (None if p.grad is None else p.grad.detach().double().clone())
+                         for n, p in params}
+                for _, p in params:
+                    p.grad = None
+                return [o.detach().double() for o in outs], grads
 
-        got_out, got_grad = run(lockstep=True)
-        same_out, same_grad = run(lockstep=False)
-        # float64 reference: the same modules with float64 copies of every floating
-        # parameter and buffer (the originals are put back untouched afterwards)
-        swapped, seen = [], set()
-        for m in list(pruner.model.modules()) + list(pruner.gates.modules()):
-            for table in (m._parameters, m._buffers):
-                for t in table.values():
-                    if t is not None and torch.is_floating_point(t) and id(t) not in seen:
-                        seen.add(id(t))
-                        swapped.append((t, t.data))
-                        t.data = t.data.double()
-        eps = max(torch.finfo(data.dtype).eps for _, data in swapped)
-        try:
-            want_out, want_grad = run(lockstep=False, dtype=torch.float64)
-        finally:
-            for t, data in swapped:
-                t.data = data
+            got_out, got_grad = run(lockstep=True)
+            same_out, same_grad = run(lockstep=False)
+            # float64 reference: the same modules with float64 copies of every floating
+            # parameter and buffer (the originals are put back untouched afterwards)
+            swapped, seen = [], set()
+            for m in list(pruner.model.modules()) + list(pruner.gates.modules()):
+                for table in (m._parameters, m._buffers):
+                    for t in table.values():
+                        if t is not None and torch.is_floating_point(t) and id(t) not in seen:
+                            seen.add(id(t))
+                            swapped.append((t, t.data))
+                            t.data = t.data.double()
+            eps = max(torch.finfo(data.dtype).eps for _, data in swapped)
+            try:
+                want_out, want_grad = run(lockstep=False, dtype=torch.float64)
+            finally:
+                for t, data in swapped:
+                    t.data = data
 
-        def bad(have, same, want) -> bool:
-            if have.shape != want.shape:
-                return True
-            scale = max(float(want.abs().max()), 1e-6) if want.numel() else 1.0
-            err = float((have - want).abs().max()) if want.numel() else 0.0
-            torch_err = float((same - want).abs().max()) if want.numel() else 0.0
-            return err > 2 * torch_err + 64 * eps * scale
+            def bad(have, same, want) -> bool:
+                if have.shape != want.shape:
+                    return True
+                scale = max(float(want.abs().max()), 1e-6) if want.numel() else 1.0
+                err = float((have - want).abs().max()) if want.numel() else 0.0
+                torch_err = float((same - want).abs().max()) if want.numel() else 0.0
+                return err > 2 * torch_err + 64 * eps * scale
 
-        if len(got_out) != len(want_out):
-            return "the lockstep forward returned a different number of outputs"
-        for i, (a, b, c) in enumerate(zip(got_out, same_out, want_out, strict=True)):
-            if bad(a, b, c):
-                what = "soft" if i < len(got_out) // 2 else "hard"
-                return f"its {what} output differs from the two-pass forward"
-        for name, _ in params:
-            a, b, c = got_grad[name], same_grad[name], want_grad[name]
-            if (a is None) != (c is None):
-                return f"the gradient of {name} is missing in one of the two paths"
-            if a is not None and bad(a, b, c):
-                layer = name.rsplit(".", 1)[0]
-                kind = type(pruner.model.get_submodule(layer)).__name__ \
-                    if not name.startswith("gate ") else "gate"
-                return (f"the gradient of {name} ({kind}: fused dual kernel backward) "
-                        "differs from the two-pass backward")
-        return None
+            if len(got_out) != len(want_out):
+                return "the lockstep forward returned a different number of outputs"
+            for i, (a, b, c) in enumerate(zip(got_out, same_out, want_out, strict=True)):
+                if bad(a, b, c):
+                    what = "soft" if i < len(got_out) // 2 else "hard"
+                    return f"its {what} output differs from the two-pass forward"
+            for name, _ in params:
+                a, b, c = got_grad[name], same_grad[name], want_grad[name]
+                if (a is None) != (c is None):
+                    return f"the gradient of {name} is missing in one of the two paths"
+                if a is not None and bad(a, b, c):
+                    layer = name.rsplit(".", 1)[0]
+                    kind = type(pruner.model.get_submodule(layer)).__name__ \
+                        if not name.startswith("gate ") else "gate"
+                    return (f"the gradient of {name} ({kind}: fused dual kernel backward) "
+                            "differs from the two-pass backward")
+            return None
     except Exception as exc:  # LockstepUnsupported, a kernel that fails, anything the model does
         return f"{type(exc).__name__}: {exc}"
     finally:
-        with torch.no_grad():
-            for g, v in zip(pruner.gates.values(), saved, strict=True):
-                g.logits.copy_(v)
         for _, p in params:
             p.grad = None
-        pruner.model.train(was)

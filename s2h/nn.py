@@ -82,6 +82,11 @@ class MaskedLayer:
         """
         object.__setattr__(self, "_s2h", Binding(runtime, in_gate, out_gate, name, extra))
 
+    def release(self) -> None:
+        """Undo the pruner's swap: no gates, and the plain class again (the registry's)."""
+        object.__setattr__(self, "_s2h", None)
+        self.__class__ = _registry.plain_class(type(self))
+
     def extra_gate(self, role: str) -> ChannelGate | None:
         return None if self._s2h is None else self._s2h.extra.get(role)
 
@@ -263,12 +268,21 @@ class MaskedBatchNorm2d(MaskedLayer, nn.BatchNorm2d):
     the current ones; only the kept entries are updated by a hard training forward.
     """
 
+    #: the hard network's running statistics, copies of these buffers
+    HARD_STATS = {"hard_running_mean": "running_mean", "hard_running_var": "running_var",
+                  "hard_num_batches_tracked": "num_batches_tracked"}
+
     def add_hard_stats(self) -> None:
         if not self.track_running_stats or hasattr(self, "hard_running_mean"):
             return
-        self.register_buffer("hard_running_mean", self.running_mean.detach().clone())
-        self.register_buffer("hard_running_var", self.running_var.detach().clone())
-        self.register_buffer("hard_num_batches_tracked", self.num_batches_tracked.detach().clone())
+        for hard, own in self.HARD_STATS.items():
+            self.register_buffer(hard, getattr(self, own).detach().clone())
+
+    def release(self) -> None:
+        """As :meth:`MaskedLayer.release`, and the hard running statistics are dropped."""
+        for hard in self.HARD_STATS:
+            self._buffers.pop(hard, None)
+        super().release()
 
     @torch.no_grad()
     def s2h_export(self, in_keep: torch.Tensor | None, out_keep: torch.Tensor | None,

@@ -14,6 +14,7 @@ Typical use::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import numbers
 import warnings
@@ -265,11 +266,23 @@ class S2HPruner:
     def _unswap_layers(self) -> None:
         """Undo :meth:`_swap_layers`: plain classes, no gates, no hard BatchNorm statistics."""
         for m in self.masked_layers.values():
-            object.__setattr__(m, "_s2h", None)
-            for b in ("hard_running_mean", "hard_running_var", "hard_num_batches_tracked"):
-                m._buffers.pop(b, None)
-            m.__class__ = _registry.plain_class(type(m))
+            m.release()
         self.masked_layers = {}
+
+    @contextlib.contextmanager
+    def trial_widths(self) -> Iterator[None]:
+        """Context manager for trying other widths: the model in eval mode (no BatchNorm
+        statistic moves), and the gate logits and the model's mode put back on exit."""
+        saved = [g.logits.detach().clone() for g in self.gates.values()]
+        was = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for g, v in zip(self.gates.values(), saved, strict=True):
+                    g.logits.copy_(v)
+            self.model.train(was)
 
     @torch.no_grad()
     def _groups_failing_narrower(self) -> list[tuple[_graph.Group, str]]:
@@ -277,8 +290,6 @@ class S2HPruner:
         code reads their width as a constant, e.g. a reshape): found here, once, rather than
         at the first training step that narrows them. One hard forward when none fails;
         otherwise the groups are narrowed one more at a time to find the culprits."""
-        saved = [g.logits.detach().clone() for g in self.gates.values()]
-        was = self.model.training
         steppable = [g for g in self.groups if g.channels > self.gate_of(g).divisor]
 
         def error(narrow: list[_graph.Group]) -> str | None:
@@ -292,8 +303,7 @@ class S2HPruner:
                 return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             return None
 
-        self.model.eval()  # no BatchNorm statistics move
-        try:
+        with self.trial_widths():
             if not steppable or error(steppable) is None:
                 return []
             ok: list[_graph.Group] = []
@@ -305,10 +315,6 @@ class S2HPruner:
                 else:
                     failing.append((g, err))
             return failing
-        finally:
-            for g, v in zip(self.gates.values(), saved, strict=True):
-                g.logits.copy_(v)
-            self.model.train(was)
 
     def _importance(self, group: _graph.Group) -> torch.Tensor:
         """Mean over producers of the per-output-channel L1 norm of the producing weights
