@@ -269,7 +269,7 @@ def run_seed(args, seed: int, device) -> list[dict]:
                 continue
             out = os.path.join(args.work, f"seed{seed}", f"{variant}-{target:g}")
             cfg = _cfg(args, seed, target_flops=target, variant=variant, epochs=epochs,
-                       steps_per_epoch=spe, out=out)
+                       steps_per_epoch=spe, out=out, **args.s2h_set)
             t0 = time.time()
             summary = T.run_prune(cfg)
             last = summary["last_epoch"]
@@ -331,6 +331,7 @@ def run(args) -> dict:
         "date": datetime.date.today().isoformat(),
         "command": ("python bench/fashion_mnist.py " + " ".join(sys.argv[1:])).strip(),
         "seeds": args.seeds, "steps": steps, "batch_size": args.batch_size,
+        "s2h_set": args.s2h_set,
         "targets": args.targets, "split": args.split,
         "eval": (f"validation: the last {args.holdout} training images"
                  if args.split == "val" else "the 10k test images")
@@ -418,6 +419,20 @@ def write_readme(path: str, table: str) -> bool:
     return True
 
 
+def _settings(parser: argparse.ArgumentParser, items: list[str]) -> dict:
+    """``["gate_lr=0.1", ...]`` -> ``{"gate_lr": 0.1}``, typed like PruneConfig's defaults."""
+    defaults = T.PruneConfig()
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not hasattr(defaults, key):
+            parser.error(f"--s2h-set {item!r}: expected KEY=VALUE with KEY a PruneConfig field")
+        kind = type(getattr(defaults, key))
+        out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else (
+            kind(value) if kind in (int, float, str) else float(value))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=300,
@@ -433,6 +448,9 @@ def main(argv=None) -> int:
     p.add_argument("--split", choices=["test", "val"], default="test",
                    help="val: evaluate on --holdout training images held out of training")
     p.add_argument("--holdout", type=int, default=5000)
+    p.add_argument("--s2h-set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="PruneConfig settings of the S2H rows (s2h and its ablations), e.g. "
+                        "gate_lr=0.1: choose them with --split val, never on the test set")
     p.add_argument("--tp-reg", type=float, default=5e-4,
                    help="Torch-Pruning Group-SL: group-norm regularisation strength")
     p.add_argument("--tag", default="", help="suffix of the results files, e.g. '-stp'")
@@ -451,8 +469,11 @@ def main(argv=None) -> int:
                    help="README to update between the fashion-mnist markers ('' to skip; "
                         "never with --split val)")
     args = p.parse_args(argv)
+    args.s2h_set = _settings(p, args.s2h_set)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    # every row with float32 denormals flushed, as `s2h prune` runs on the CPU
+    torch.set_flush_denormal(True)
     res = run(args)
     os.makedirs(args.results, exist_ok=True)
     stem = os.path.join(args.results, f"fashion_mnist-{res['date']}{args.tag}")

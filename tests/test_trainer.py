@@ -312,3 +312,25 @@ def test_importance_from_init_keeps_the_starting_order(tmp_path, monkeypatch):
     assert main(["prune", *args, "--out", str(tmp_path / "warm")]) == 0
     warm = {k: v["order"] for k, v in saved[4]["pruner"]["gates"].items()}
     assert any(not torch.equal(init[k], warm[k]) for k in init)  # the default re-ranks
+
+
+def test_cpu_runs_flush_denormals_while_training_and_restore_after(tmp_path, monkeypatch):
+    """A CPU run computes with float32 denormals flushed to zero (sharp gates otherwise drive
+    the backward into denormals, measured 2x slower per step) and leaves the switch as it was.
+    The reference: 1e-39 is a float32 denormal, which the CPU keeps unless flushing."""
+    from s2h.pruner import S2HPruner
+
+    tiny = torch.tensor([1e-39], dtype=torch.float32)
+    assert (tiny * 1.0).item() != 0.0  # denormals survive outside a run
+    seen = []
+    orig = S2HPruner.train_step
+
+    def spy(self, *a, **k):
+        seen.append((tiny * 1.0).item())
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(S2HPruner, "train_step", spy)
+    assert main(["prune", *TINY, "--epochs", "1", "--steps-per-epoch", "2", "--no-plots",
+                 "--out", str(tmp_path / "run")]) == 0
+    assert seen == [0.0, 0.0]  # flushed during every step
+    assert (tiny * 1.0).item() != 0.0  # and restored afterwards
