@@ -21,8 +21,9 @@ output, never the ops inside. A :class:`LayerHandler` says, for one plain layer 
 Handlers register themselves: the torch layers in :mod:`s2h.nn` and
 :mod:`s2h.torch_attention` (``nn.MultiheadAttention``), timm's in
 :mod:`s2h.timm_support` (imported here only once timm itself is imported, so s2h does not depend
-on timm). Any other subclass of a registered torch class is a layer of kind ``"fixed"``: its
-forward may do anything, so the groups it touches are kept whole and the warning names it.
+on timm), torchvision's Swin attention in :mod:`s2h.torchvision_support` (likewise). Any other
+subclass of a registered torch class is a layer of kind ``"fixed"``: its forward may do anything,
+so the groups it touches are kept whole and the warning names it.
 """
 
 from __future__ import annotations
@@ -131,13 +132,17 @@ def register(handler: LayerHandler) -> LayerHandler:
 
 
 def _load_builtin() -> None:
-    """Import the modules whose handlers register themselves (timm's only once timm is)."""
+    """Import the modules whose handlers register themselves (timm's only once timm is,
+    torchvision's only once torchvision is)."""
     importlib.import_module(".nn", __package__)
     importlib.import_module(".torch_attention", __package__)
     if "timm" in sys.modules:
         # a timm version whose classes moved: no timm layers
         with contextlib.suppress(Exception):
             importlib.import_module(".timm_support", __package__)
+    if "torchvision" in sys.modules:  # Swin's window attention (likewise only once imported)
+        with contextlib.suppress(Exception):
+            importlib.import_module(".torchvision_support", __package__)
 
 
 def handler_for(cls: type) -> LayerHandler | None:

@@ -378,3 +378,47 @@ def test_language_model_prunes_heads_and_mlp(tied):
     assert (exported.head.weight is exported.emb.weight) == tied
     assert torch.equal(exported.head.weight, model.head.weight)
     assert exported.head.weight.shape == (50, 32)
+
+
+# ----------------------------------------------------------------------- torchvision Swin
+
+
+def test_torchvision_swin_window_attention_heads():
+    """Swin v1's ShiftedWindowAttention by heads (shifted windows, padding): full width equals
+    torchvision's own forward; pruned equals the dense module with the dropped heads' proj
+    columns zeroed; export == hard; FLOPs == counter."""
+    tv = pytest.importorskip("torchvision")
+    from s2h.torchvision_support import PrunedShiftedWindowAttention
+
+    torch.manual_seed(0)
+    model = tv.models.SwinTransformer(patch_size=[4, 4], embed_dim=32, depths=[2, 2],
+                                      num_heads=[2, 4], window_size=[4, 4], num_classes=10)
+    dense = copy.deepcopy(model).eval()
+    x = torch.randn(2, 3, 36, 36)  # 9 x 9 tokens: padded to 12 x 12, shifted by 2
+    pruner, _ = _prune(model, x)
+    groups = {g.name: g for g in pruner.groups}
+    assert groups["features.1.0.attn.heads"].divisor == 16
+    assert groups["features.3.1.attn.heads"].channels == 64
+    assert "features.1.1.mlp.0" in groups
+    model.eval()
+    pruner.set_widths({g.name: g.channels for g in pruner.groups})
+    with torch.no_grad():
+        ref = dense(x)
+        for mode in ("soft", "hard"):
+            with pruner.mode(mode):
+                assert torch.allclose(model(x), ref, rtol=1e-5, atol=1e-5)
+    pruner.set_widths({"features.1.1.attn.heads": 16, "features.3.0.attn.heads": 32})
+    zeroed = copy.deepcopy(dense)
+    with torch.no_grad():
+        for blk, name, width in ((zeroed.features[1][1], "features/1/1/attn/heads", 32),
+                                 (zeroed.features[3][0], "features/3/0/attn/heads", 64)):
+            dropped = torch.ones(width, dtype=torch.bool)
+            dropped[pruner.gates[name].keep_index()] = False
+            blk.attn.proj.weight[:, dropped] = 0
+        with pruner.mode("hard"):
+            assert torch.allclose(model(x), zeroed(x), rtol=1e-5, atol=1e-5)
+    exported = _check_exact(pruner, model, x, dense)
+    a = exported.features[3][0].attn
+    assert type(a) is PrunedShiftedWindowAttention
+    assert (a.num_heads, a.head_dim) == (2, 16) and a.relative_position_bias_table.shape[1] == 2
+    assert type(exported.features[1][0].attn) is tv.models.swin_transformer.ShiftedWindowAttention
