@@ -362,7 +362,9 @@ class MaskedMultiheadAttention(MaskedLayer, nn.MultiheadAttention):
 # ---------------------------------------------------------------------------- the handler
 
 #: token counts ``(query, key, value)`` of each call the graph analysis saw, per layer, for
-#: :func:`_mha_flops` (read once, right after the analysis's run)
+#: :func:`_mha_flops` (read once, right after the analysis's run). Known gap: a layer passed in
+#: ``ignore=`` is recorded but never read, so a second analysis of the same model would count
+#: its calls twice; a ``flop_parts`` that received the layer's recorded calls would remove this.
 _CALLS: weakref.WeakKeyDictionary[nn.Module, list[tuple[int, int, int]]] = \
     weakref.WeakKeyDictionary()
 
