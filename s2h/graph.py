@@ -729,6 +729,29 @@ class _Analyzer:
                                        f"it?)")
         self._seen_calls.add(name)
 
+    def on_more_inputs(self, name: str, call: _registry.LayerCall) -> None:
+        """A layer's inputs besides ``call.x`` (an attention's key and value): ``call.same``
+        join the layer's input group, ``call.whole`` are kept whole."""
+        rec = self.layers[name]
+        dim = rec.info.channel_dim
+        for t in call.whole:
+            self.freeze_tensor(t, f"{name} needs this input at full width")
+        for t in call.same:
+            if t is call.x:
+                continue
+            lab = self.get(t)
+            own = lab[dim] if t.dim() else None
+            for d, other in enumerate(lab):
+                if other is not None and d != dim % t.dim():
+                    self.freeze_label(other, f"{name} receives these channels in dim {d}, not "
+                                             "in its channel dim")
+            if rec.kind == "fixed" or rec.in_label is None or own is None:
+                reason = f"{name} is called on inputs of different groups"
+                self.freeze_label(own, reason)
+                self.freeze_label(rec.in_label, reason)
+            else:
+                rec.in_label = self.uf.union(rec.in_label, own)
+
     # ----------------------------------------------------------------- run
     def run(self, example_inputs) -> None:
         self._seen_calls: set[str] = set()
@@ -757,9 +780,10 @@ class _Analyzer:
                 if is_layer[m]:
                     self.opaque_depth -= 1
                     if self.opaque_depth == 0:
-                        x = args[0] if args else None
-                        if isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor):
-                            self.on_layer(name, m, x, out)
+                        call = _registry.layer_call(m, args, out)
+                        if call is not None:
+                            self.on_layer(name, m, call.x, call.y)
+                            self.on_more_inputs(name, call)
                         else:
                             self.freeze_inputs(args, {}, f"{name} called with non-tensor arguments")
             finally:

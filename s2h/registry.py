@@ -12,12 +12,18 @@ output, never the ops inside. A :class:`LayerHandler` says, for one plain layer 
   the groups each part scales with (``"in"``, ``"out"`` and the layer's inner roles);
 * ``importance(m, role)``: per-channel importance of the channels it produces in ``role``;
 * ``inner_groups(m)``: groups that live inside the layer (attention heads):
-  ``{role: (channels, width granularity)}``.
+  ``{role: (channels, width granularity)}``;
+* ``call(m, args, out)``: which tensors of one call are the layer's input and output
+  (:class:`LayerCall`); by default the first positional argument and the output, for layers
+  such as ``nn.MultiheadAttention`` the query (with the key and value) and the first element
+  of the output tuple.
 
-Handlers register themselves: the torch layers in :mod:`s2h.nn`, timm's in
+Handlers register themselves: the torch layers in :mod:`s2h.nn` and
+:mod:`s2h.torch_attention` (``nn.MultiheadAttention``), timm's in
 :mod:`s2h.timm_support` (imported here only once timm itself is imported, so s2h does not depend
-on timm). Any other subclass of a registered torch class is a layer of kind ``"fixed"``: its
-forward may do anything, so the groups it touches are kept whole and the warning names it.
+on timm), torchvision's Swin attention in :mod:`s2h.torchvision_support` (likewise). Any other
+subclass of a registered torch class is a layer of kind ``"fixed"``: its forward may do anything,
+so the groups it touches are kept whole and the warning names it.
 """
 
 from __future__ import annotations
@@ -31,8 +37,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["LayerHandler", "LayerInfo", "handler_for", "layer_info", "masked_class",
-           "register"]
+__all__ = ["LayerCall", "LayerHandler", "LayerInfo", "handler_for", "layer_call", "layer_info",
+           "masked_class", "register"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,31 @@ def no_inner_groups(m: nn.Module) -> dict[str, tuple[int, int]]:
 
 
 @dataclass(frozen=True)
+class LayerCall:
+    """The tensors of one call of a layer that the graph analysis follows.
+
+    x: the input whose channels are the layer's ``"in"`` group; y: the output.
+    same: more inputs whose channels must be the same group as ``x`` (the key and value of an
+        attention whose q, k and v projections share their input columns).
+    whole: inputs the layer needs at full width (their groups are kept whole).
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    same: tuple[torch.Tensor, ...] = ()
+    whole: tuple[torch.Tensor, ...] = ()
+
+
+def first_arg_call(m: nn.Module, args: tuple, out: object) -> LayerCall | None:
+    """The default :class:`LayerCall`: the first positional argument and a tensor output
+    (None when the call is not of that form: the analysis then keeps its inputs whole)."""
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor):
+        return LayerCall(x, out)
+    return None
+
+
+@dataclass(frozen=True)
 class LayerHandler:
     """One layer kind; see the module docstring for what each field answers."""
 
@@ -83,6 +114,7 @@ class LayerHandler:
     flop_parts: Callable[[nn.Module, LayerInfo, Callable[[str], int]], FlopParts] = own_flops
     importance: Callable[[nn.Module, str], torch.Tensor] = l1_of_rows
     inner_groups: Callable[[nn.Module], dict[str, tuple[int, int]]] = no_inner_groups
+    call: Callable[[nn.Module, tuple, object], LayerCall | None] = first_arg_call
 
 
 _HANDLERS: dict[type, LayerHandler] = {}
@@ -100,12 +132,17 @@ def register(handler: LayerHandler) -> LayerHandler:
 
 
 def _load_builtin() -> None:
-    """Import the modules whose handlers register themselves (timm's only once timm is)."""
+    """Import the modules whose handlers register themselves (timm's only once timm is,
+    torchvision's only once torchvision is)."""
     importlib.import_module(".nn", __package__)
+    importlib.import_module(".torch_attention", __package__)
     if "timm" in sys.modules:
         # a timm version whose classes moved: no timm layers
         with contextlib.suppress(Exception):
             importlib.import_module(".timm_support", __package__)
+    if "torchvision" in sys.modules:  # Swin's window attention (likewise only once imported)
+        with contextlib.suppress(Exception):
+            importlib.import_module(".torchvision_support", __package__)
 
 
 def handler_for(cls: type) -> LayerHandler | None:
@@ -131,6 +168,13 @@ def layer_info(m: nn.Module) -> LayerInfo | None:
         if isinstance(m, h.plain):
             return LayerInfo("fixed", -1, f"a subclass of {h.plain.__name__} s2h does not know")
     return None
+
+
+def layer_call(m: nn.Module, args: tuple, out: object) -> LayerCall | None:
+    """The :class:`LayerCall` of one call of the layer ``m`` (positional ``args``, output
+    ``out``), as its handler reads it; None if the call has no tensor input and output."""
+    handler = handler_for(type(m))
+    return (first_arg_call if handler is None else handler.call)(m, args, out)
 
 
 def masked_class(cls: type) -> type:
