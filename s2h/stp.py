@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import all_reduce_sum
 from .numerics import NonFiniteLossError, optimizer_step
 from .pruner import S2HPruner
 from .utils import Inputs, as_tuple, set_submodule
@@ -289,11 +290,18 @@ class STPPruner:
         cand = self._round[(self._cursor // self.trials) % len(self._round)]
         return self.apply(self.base, cand)
 
-    def _record(self, kd: float) -> None:
+    def _record(self, kd_sum: torch.Tensor, count: int) -> None:
+        """Record the tried candidate's KD loss of this step: ``kd_sum`` over ``count`` samples,
+        summed over the processes of a data-parallel run first (:func:`all_reduce_sum`), so
+        every rank records the global batch's mean and commits the same architecture."""
         if self.explore_done or not self._round:
             return
+        stats = torch.stack([kd_sum.detach().double().reshape(()),
+                             torch.tensor(float(count), dtype=torch.float64,
+                                          device=kd_sum.device)])
+        total, n = all_reduce_sum(stats).tolist()
         cand = self._round[(self._cursor // self.trials) % len(self._round)]
-        self._scores[cand].append(kd)
+        self._scores[cand].append(total / n)
         self._cursor += 1
         if self._cursor >= self.trials * len(self._round):
             self.commit()
@@ -447,7 +455,8 @@ class STPPruner:
         (scaler.scale(loss) if scaler is not None else loss).backward()
         optimizer_step(self.model, optimizer, scaler, max_grad_norm, grad_hook)
         self.step_count += 1
-        self._record(float(kd.detach()))
+        n = sub.numel() // sub.shape[-1]  # the samples (and positions) the KD loss averages
+        self._record(kd.detach() * n, n)
         with torch.no_grad():
             out = {"loss": float(loss), "perf": float(perf), "kd": float(kd),
                    "sub_flops_ratio": self.ratio(sub_arch),
