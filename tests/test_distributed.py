@@ -131,7 +131,8 @@ class _ResMLP(torch.nn.Module):
         return self.head(self.stage(self.stem(x)))
 
 
-def _stp_worker(rank: int, world: int, port: int, out: str, steps: int = 16) -> None:
+def _stp_worker(rank: int, world: int, port: int, out: str, scoring: str = "probe",
+                steps: int = 16) -> None:
     """STP on the global batch of 16 split over ``world`` processes (gloo), gradients averaged
     as the trainer does; writes what decides the architecture to ``out``."""
     import torch.distributed as dist
@@ -150,7 +151,9 @@ def _stp_worker(rank: int, world: int, port: int, out: str, steps: int = 16) -> 
     x, y = torch.randn(16, 12, generator=g), torch.randint(0, 5, (16,), generator=g)
     n = 16 // world
     xl, yl = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
-    p = STPPruner(model, x[:2], 0.3, divisor=4, trials=1, expand_prob=0.5, warn=False)
+    # probe scoring: probe_size is per process; the 16 samples in all, as in one process
+    p = STPPruner(model, x[:2], 0.3, divisor=4, trials=1, expand_prob=0.5, scoring=scoring,
+                  probe_size=n, warn=False)
     params = list(p.weight_parameters())
     opt = torch.optim.SGD(params, lr=0.05)
     for _ in range(steps):
@@ -163,25 +166,26 @@ def _stp_worker(rank: int, world: int, port: int, out: str, steps: int = 16) -> 
         dist.destroy_process_group()
 
 
-def test_stp_two_gloo_processes_commit_what_one_process_commits(tmp_path):
+@pytest.mark.parametrize("scoring", ["probe", "trial"])
+def test_stp_two_gloo_processes_commit_what_one_process_commits(tmp_path, scoring):
     """Every rank commits the same architecture, the one-process run's on the same global
     batch; the per-candidate KD losses (all-reduced over the ranks) match it to float rounding."""
-    _stp_worker(0, 1, 0, str(tmp_path / "single.json"))
+    _stp_worker(0, 1, 0, str(tmp_path / "single.json"), scoring)
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [ROOT, os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")]),
         "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen(
         [sys.executable, "-c", "import sys, test_distributed as t; "
-         "t._stp_worker(int(sys.argv[1]), 2, int(sys.argv[2]), sys.argv[3])",
-         str(r), str(port), str(tmp_path / f"rank{r}.json")], cwd=ROOT, env=env,
+         "t._stp_worker(int(sys.argv[1]), 2, int(sys.argv[2]), sys.argv[3], sys.argv[4])",
+         str(r), str(port), str(tmp_path / f"rank{r}.json"), scoring], cwd=ROOT, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
     for proc in procs:
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, out[-3000:]
     one = json.loads((tmp_path / "single.json").read_text())
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert len(one["commits"]) >= 2  # the exploration did decide something (6 candidates a round)
+    assert len(one["commits"]) >= 2  # the exploration did decide something
     for got in ranks:
         assert got["widths"] == one["widths"] and got["dropped"] == one["dropped"]
         assert [(c["kind"], c["name"]) for c in got["commits"]] == \
