@@ -118,3 +118,29 @@ def average_gradients(params: Iterable[torch.Tensor], info: DistInfo,
         bucket.append(g)
         size += g.numel() * g.element_size()
     flush()
+
+
+def default_world_size() -> int:
+    """Processes in the default process group (1 when none is initialised)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+@torch.no_grad()
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """``values`` summed over the ranks of the default process group (a new float64 tensor on
+    ``values``'s device; ``values`` itself when there is no group of more than one process).
+
+    For statistics that decide something every rank must decide alike (STP's per-candidate KD
+    losses): float64 on the wire; the collective hands every rank the same reduced values."""
+    if default_world_size() <= 1:
+        return values
+    device = values.device
+    wire = values.detach().to(torch.float64)
+    if dist.get_backend() == "nccl":
+        wire = wire.to(torch.device("cuda", torch.cuda.current_device()))
+    else:
+        wire = wire.cpu()
+    dist.all_reduce(wire)
+    return wire.to(device)

@@ -12,11 +12,32 @@ export):
   dependency group (the residual stream) — so the identity is exactly "the block removed".
 
 Pruning is *KD-guided exploration*: starting from the full network as the base, every candidate
-(each group one divisor step narrower, each droppable block removed) is tried in turn as the
-sampled sub-network for ``trials`` steps while a running KD loss is kept for it; when all were
-tried, the candidate with the lowest KD loss is committed to the base (up to
-``commits_per_round`` of them, best first). This repeats until the base meets the FLOPs target;
-then the base sub-network keeps training to the end.
+(each group one divisor step narrower, each droppable block removed) gets a KD loss against the
+full network, averaged over ``trials`` steps; the candidate with the lowest is committed to the
+base (up to ``commits_per_round`` of them, best first). This repeats until the base meets the
+FLOPs target; then the base sub-network keeps training to the end.
+
+How a round scores its candidates (``scoring``), issue 13 item 4:
+
+* ``"probe"`` (default): at each of the round's ``trials`` training steps, before the training
+  pass, every candidate runs one no-grad forward on the first ``probe_size`` samples of the
+  step's batch, and its KD loss against the full network's output on the same samples is
+  recorded. All candidates see the same weights, the same samples, the same dropout draws and
+  BatchNorm on the probe's batch statistics (the running statistics are restored): a paired
+  comparison. The trained sub-network goes round-robin over the candidates (each is still
+  stimulated in turn). Cost of a round: ``trials`` training steps + ``trials * (1 + n)``
+  no-grad forwards on ``probe_size`` samples for ``n`` candidates, i.e. per candidate
+  ``trials`` forwards, at most ``trials * probe_size / (3 * batch)`` of a training step in
+  FLOPs (a step runs at least the full network forward and backward), whatever the model.
+* ``"trial"`` (the first implementation): each candidate is the trained sub-network for
+  ``trials`` steps and scored by its training KD loss; a round lasts ``trials * n`` steps
+  (98 on ResNet-50 with its 49 candidates), the candidates are scored on different batches
+  and weights.
+
+In a data-parallel run the KD sums and sample counts are all-reduced before they are recorded
+(:func:`s2h.distributed.all_reduce_sum`), and the candidate order, the sampling generator and
+the dropout seeds of the probe are the same on every rank: every rank commits the same
+architecture. ``probe_size`` counts per process.
 
 The budget: a round commits only candidates that keep the base above the target ``T``. The last
 round (every candidate would reach ``T``) commits the one candidate that lands closest to ``T``
@@ -48,6 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import all_reduce_sum
 from .numerics import NonFiniteLossError, optimizer_step
 from .pruner import S2HPruner
 from .utils import Inputs, as_tuple, set_submodule
@@ -81,7 +103,18 @@ class STPPruner:
     network).
 
     Args:
-        trials: training steps each candidate is tried for before a commit decision.
+        trials: training steps an exploration round lasts per candidate (``scoring="trial"``)
+            or in all (``scoring="probe"``): how many KD losses each candidate's score averages.
+        scoring: how a round scores its candidates. ``"probe"`` (default): at each of the
+            round's ``trials`` steps, every candidate runs one no-grad forward on the first
+            ``probe_size`` samples of the step's batch, against the full network's output on
+            the same samples, with the same weights, the same BatchNorm batch statistics
+            semantics (running statistics left untouched) and the same dropout draws; the
+            trained sub-network goes round-robin over the candidates. A round costs ``trials``
+            training steps plus ``trials * (1 + candidates)`` probe forwards, whatever the
+            model. ``"trial"``: each candidate is the trained sub-network for ``trials`` steps
+            and scored by its training KD loss (a round lasts ``trials * candidates`` steps).
+        probe_size: samples per process of the probe batch (``scoring="probe"``).
         kd_weight: weight of the KL terms of the sub-network(s).
         expand_prob: probability of also sampling a sub-network between base and full.
         depth: also explore dropping residual blocks.
@@ -97,9 +130,14 @@ class STPPruner:
                  divisor: int = 8, ignore: Iterable[str] = (), trials: int = 2,
                  kd_weight: float = 1.0, expand_prob: float = 0.5, depth: bool = True,
                  seed: int = 0, width_step: int = 1, commits_per_round: int = 1,
-                 floor: float = 0.03, warn: bool = True) -> None:
-        if trials < 1 or width_step < 1 or commits_per_round < 1:
-            raise ValueError("trials, width_step and commits_per_round must be >= 1")
+                 floor: float = 0.03, scoring: str = "probe", probe_size: int = 32,
+                 warn: bool = True) -> None:
+        if trials < 1 or width_step < 1 or commits_per_round < 1 or probe_size < 1:
+            raise ValueError("trials, width_step, commits_per_round and probe_size must be >= 1")
+        if scoring not in ("probe", "trial"):
+            raise ValueError(f"scoring must be 'probe' or 'trial', got {scoring!r}")
+        self.scoring = scoring
+        self.probe_size = int(probe_size)
         if floor < 0:
             raise ValueError(f"floor must be >= 0, got {floor}")
         self.floor = float(floor)
@@ -130,6 +168,7 @@ class STPPruner:
         self._round: list[tuple[str, str]] = []
         self._scores: dict[tuple[str, str], list[float]] = {}
         self._cursor = 0
+        self._trained = 0  # exploring steps so far: the round-robin of the trained candidate
         self.step_count = 0
         self.commits: list[dict] = []
         self._patched: dict[str, nn.Module] = {}
@@ -276,24 +315,82 @@ class STPPruner:
     def gate_parameters(self) -> Iterator[nn.Parameter]:
         return iter(())  # STP learns no gates: the architecture is searched, not relaxed
 
-    def _next_candidate(self) -> Arch:
+    def _ensure_round(self) -> bool:
+        """Start a round if none is running; False when the exploration is over."""
         if self.explore_done:
-            return self.base
+            return False
         if not self._round:
             self._round = self.candidates(self.base)
             self._scores = {c: [] for c in self._round}
             self._cursor = 0
             if not self._round:
                 self._end_exploration()
-                return self.base
-        cand = self._round[(self._cursor // self.trials) % len(self._round)]
-        return self.apply(self.base, cand)
+                return False
+        return True
 
-    def _record(self, kd: float) -> None:
+    def _next_candidate(self) -> Arch:
+        """The sub-network this step trains: the base while not exploring, else a candidate
+        of the round (the one under trial, or round-robin with probe scoring)."""
+        if not self._ensure_round():
+            return self.base
+        i = self._trained if self.scoring == "probe" else self._cursor // self.trials
+        return self.apply(self.base, self._round[i % len(self._round)])
+
+    @torch.no_grad()
+    def _score_round(self, inputs: tuple) -> None:
+        """Probe scoring: the KD loss of every candidate of the round on the first
+        ``probe_size`` samples of ``inputs``, from one no-grad forward each, against the full
+        network's output on them; all-reduced over the processes (sums and counts).
+
+        Train mode as in the training step (BatchNorm on the probe's batch statistics), but
+        every buffer (running statistics) is restored afterwards and every forward draws the
+        same random numbers (dropout), so the candidates are compared on equal terms."""
+        probe = tuple(t[:self.probe_size] if isinstance(t, torch.Tensor) and t.dim() else t
+                      for t in inputs)
+        saved = [(b, b.clone()) for b in self.model.buffers()]
+        dev = self.core.device()
+        devices = [dev.index if dev.index is not None else torch.cuda.current_device()] \
+            if dev.type == "cuda" else []
+        seed = self.step_count
+        sums = []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                full = self.soft_forward(probe)
+                teacher = torch.softmax(full.float(), dim=-1)
+                n = full.numel() // full.shape[-1]
+                for cand in self._round:
+                    torch.manual_seed(seed)
+                    sub = self._run(self.apply(self.base, cand), probe)
+                    sums.append(self._kd(sub, teacher).double() * n)
+        finally:
+            for b, v in saved:
+                b.copy_(v)
+        stats = all_reduce_sum(torch.stack(
+            [*sums, torch.tensor(float(n), dtype=torch.float64, device=sums[0].device)]))
+        values = stats.tolist()
+        for cand, total in zip(self._round, values[:-1], strict=True):
+            self._scores[cand].append(total / values[-1])
+
+    def _record(self, kd_sum: torch.Tensor, count: int) -> None:
+        """The bookkeeping of an exploring step. Trial scoring records the tried candidate's
+        KD loss of this step: ``kd_sum`` over ``count`` samples, summed over the processes of a
+        data-parallel run first (:func:`all_reduce_sum`), so every rank records the global
+        batch's mean and commits the same architecture. Commits when the round is over."""
         if self.explore_done or not self._round:
             return
+        self._trained += 1
+        if self.scoring == "probe":
+            self._cursor += 1
+            if self._cursor >= self.trials:
+                self.commit()
+            return
+        stats = torch.stack([kd_sum.detach().double().reshape(()),
+                             torch.tensor(float(count), dtype=torch.float64,
+                                          device=kd_sum.device)])
+        total, n = all_reduce_sum(stats).tolist()
         cand = self._round[(self._cursor // self.trials) % len(self._round)]
-        self._scores[cand].append(kd)
+        self._scores[cand].append(total / n)
         self._cursor += 1
         if self._cursor >= self.trials * len(self._round):
             self.commit()
@@ -428,6 +525,8 @@ class STPPruner:
         output, one optimizer step; then the exploration bookkeeping."""
         inputs = as_tuple(inputs)
         self.model.train()
+        if self.scoring == "probe" and self._ensure_round():
+            self._score_round(inputs)
         optimizer.zero_grad(set_to_none=True)
         full = self.soft_forward(inputs)
         perf = (loss_fn or F.cross_entropy)(full.float(), targets)
@@ -447,7 +546,8 @@ class STPPruner:
         (scaler.scale(loss) if scaler is not None else loss).backward()
         optimizer_step(self.model, optimizer, scaler, max_grad_norm, grad_hook)
         self.step_count += 1
-        self._record(float(kd.detach()))
+        n = sub.numel() // sub.shape[-1]  # the samples (and positions) the KD loss averages
+        self._record(kd.detach() * n, n)
         with torch.no_grad():
             out = {"loss": float(loss), "perf": float(perf), "kd": float(kd),
                    "sub_flops_ratio": self.ratio(sub_arch),
@@ -508,6 +608,7 @@ class STPPruner:
                 "round": [list(c) for c in self._round],
                 "scores": [[k, n, list(v)] for (k, n), v in self._scores.items()],
                 "cursor": self._cursor, "rng": _rng_state(self.rng),
+                "scoring": self.scoring, "trained": self._trained,
                 "projection": self.projection,
                 "last_scores": [[k, n, v] for (k, n), v in self._last_scores.items()],
                 "core": self.core.state_dict()}  # the importance orders of the groups
@@ -527,6 +628,7 @@ class STPPruner:
         self._round = [tuple(c) for c in state.get("round", [])]
         self._scores = {(k, n): list(v) for k, n, v in state.get("scores", [])}
         self._cursor = int(state.get("cursor", 0))
+        self._trained = int(state.get("trained", 0))
         self.projection = state.get("projection", self.projection)
         self._last_scores = {(k, n): float(v) for k, n, v in state.get("last_scores", [])}
         if state.get("rng") is not None:

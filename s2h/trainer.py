@@ -422,10 +422,6 @@ def _set_up(cfg: PruneConfig, device: torch.device, dist_info: _dist.DistInfo) -
     init_state = copy.deepcopy(model.state_dict())
     size = info.image_size
     example = torch.randn(2, info.in_chans, size, size, device=device)
-    if cfg.method == "stp" and dist_info.enabled:
-        raise ValueError("--method stp does not run under torchrun yet: its exploration "
-                         "statistics (per-candidate KD losses) are not all-reduced across "
-                         "processes, so ranks could commit different architectures")
     pruner = build_pruner(cfg, model, example, warn=dist_info.is_main)
     if dist_info.is_main:
         log(f"s2h prune: {cfg.model} on {cfg.dataset} ({info.num_classes} classes, "

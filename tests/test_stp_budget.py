@@ -273,3 +273,68 @@ def test_exploration_ends_with_a_reported_projection_when_the_last_round_cannot_
                                 if w != before[g]}
     assert proj["steps"] == sum((a - b) // 4 for a, b in proj["narrowed"].values())
     assert proj["ratio_after"] == pytest.approx(r, rel=1e-9)
+
+
+# --------------------------------------------------------------------------- item 4
+def _count_passes(model: nn.Module) -> dict:
+    """Forward passes of the whole model (with/without grad, samples seen) and backwards."""
+    counts = {"grad": 0, "no_grad": 0, "probe_samples": 0, "backward": 0}
+
+    def fwd(mod, args, out):
+        counts["grad" if torch.is_grad_enabled() else "no_grad"] += 1
+        if not torch.is_grad_enabled():
+            counts["probe_samples"] = max(counts["probe_samples"], args[0].shape[0])
+        if out.requires_grad:
+            out.register_hook(lambda g: counts.__setitem__("backward", counts["backward"] + 1))
+
+    model.register_forward_hook(fwd)
+    return counts
+
+
+@pytest.mark.parametrize("blocks", [3, 6])
+@pytest.mark.parametrize("trials", [1, 2])
+def test_a_round_costs_trials_steps_and_trials_probe_forwards_per_candidate(blocks, trials):
+    """Probe scoring (issue 13 item 4): a round lasts ``trials`` training steps whatever the
+    number of candidates, and costs, per candidate, ``trials`` no-grad forwards on at most
+    ``probe_size`` samples (plus one of the full network per step). Counted by hooks on the
+    model, on two depths (6 and 12 candidates)."""
+    torch.manual_seed(0)
+    model = TinyResNet(c=8, blocks=blocks)
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
+    p = STPPruner(model, x[:2], 0.3, divisor=4, trials=trials, probe_size=3, warn=False)
+    n = len(p.candidates(p.base))
+    assert n == 1 + blocks + (blocks - 1)  # the residual stream, each inner group, the drops
+    counts = _count_passes(model)
+    opt = torch.optim.SGD(p.weight_parameters(), lr=0.01)
+    for _ in range(trials):
+        assert not p.commits
+        p.train_step(x, y, opt)
+    assert len(p.commits) == 1  # the round ended after `trials` steps, whatever n
+    # training steps: the full network and one sub-network (no expansion from the full base)
+    assert counts["grad"] == 2 * trials and counts["backward"] == 2 * trials
+    assert counts["no_grad"] == trials * (1 + n)  # the full network + each candidate, per step
+    assert counts["probe_samples"] == 3
+
+
+def test_probe_scores_are_the_candidates_kd_on_the_probe_batch_and_leave_bn_untouched():
+    torch.manual_seed(0)
+    model = TinyResNet(c=8, blocks=3)
+    dense = copy.deepcopy(model)
+    x = torch.randn(8, 3, 8, 8)
+    p = STPPruner(model, x[:2], 0.3, divisor=4, probe_size=5, warn=False)
+    p.model.train()
+    assert p._ensure_round() and ("depth", "stage.1") in p._round
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    p._score_round((x,))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # running stats restored
+    # reference: plain copies in train mode (batch statistics of the 5 probe samples), float64
+    ref = copy.deepcopy(dense).double().train()
+    ref.stage[1] = nn.Identity()
+    teacher = copy.deepcopy(dense).double().train()
+    with torch.no_grad():
+        log_t = torch.log_softmax(teacher(x[:5].double()), -1)
+        kd = (log_t.exp() * (log_t - torch.log_softmax(ref(x[:5].double()), -1))).sum(-1).mean()
+    got = p._scores[("depth", "stage.1")]
+    assert len(got) == 1 and got[0] == pytest.approx(float(kd), rel=1e-4, abs=1e-7)
+    assert all(len(v) == 1 and v[0] > 0 for v in p._scores.values())
