@@ -72,11 +72,18 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="s2h (Soft-to-Hard, default) or stp (stimulative-training pruning over "
                         "width and depth)")
     p.add_argument("--stp-trials", type=int, default=d.stp_trials,
-                   help="STP: steps each candidate is tried before a commit")
+                   help="STP: training steps per exploration round (with --stp-scoring trial: "
+                        "steps each candidate is trained before a commit)")
     p.add_argument("--stp-width-step", type=int, default=d.stp_width_step,
                    help="STP: divisor steps a width candidate narrows by")
     p.add_argument("--stp-commits-per-round", type=int, default=d.stp_commits_per_round,
                    help="STP: best candidates committed per exploration round")
+    p.add_argument("--stp-scoring", default=d.stp_scoring, choices=["probe", "trial"],
+                   help="STP: probe scores every candidate by no-grad forwards on the first "
+                        "--stp-probe-size samples of the round's batches; trial trains each "
+                        "candidate in turn (a round then lasts trials x candidates steps)")
+    p.add_argument("--stp-probe-size", type=int, default=d.stp_probe_size,
+                   help="STP: samples per batch the candidates are scored on (probe scoring)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay,
                    help="AdamW weight decay of the weights (gates: none)")
     p.add_argument("--alpha", type=float, default=d.alpha, help="gap (distillation) weight")
@@ -118,7 +125,8 @@ def _config(args):
         importance_from=args.importance_from, freeze_arch_at=args.freeze_arch_at,
         max_grad_norm=args.max_grad_norm or None, variant=args.variant,
         method=args.method, stp_trials=args.stp_trials, stp_width_step=args.stp_width_step,
-        stp_commits_per_round=args.stp_commits_per_round,
+        stp_commits_per_round=args.stp_commits_per_round, stp_scoring=args.stp_scoring,
+        stp_probe_size=args.stp_probe_size,
         ckpt_every=args.ckpt_every, tensorboard=args.tensorboard, plots=not args.no_plots,
         log_every=args.log_every,
         amp=args.amp, device=args.device, out=args.out, resume=args.resume, seed=args.seed,

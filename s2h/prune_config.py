@@ -37,9 +37,11 @@ class PruneConfig:
     holdout: int = 0  # > 0: evaluate on that many held-out training images instead of the test set
     variant: str = "s2h"  # s2h | no_gap | coupled_gap | direct_hard (S2HPruner's ablations)
     method: str = "s2h"  # s2h | stp (STPPruner, METHOD §8)
-    stp_trials: int = 2  # STP: steps each candidate is tried before a commit
+    stp_trials: int = 2  # STP: training steps per exploration round (probe scoring)
     stp_width_step: int = 1  # STP: divisor steps a width candidate narrows by
     stp_commits_per_round: int = 1  # STP: best candidates committed per exploration round
+    stp_scoring: str = "probe"  # STP: probe (no-grad forwards on the round's batches) | trial
+    stp_probe_size: int = 32  # STP: samples of each batch the candidates are scored on
     ckpt_every: int | None = None  # also checkpoint every N steps (mid-epoch)
     max_grad_norm: float | None = 5.0
     amp: str = "none"  # none | bf16 | fp16

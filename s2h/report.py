@@ -112,7 +112,8 @@ def format_table(summary: dict) -> str:
         lines.append(budget)
     sps = summary.get("seconds_per_step") or {}
     if sps.get("s2h") is not None:
-        lines.append(f"time per training step: S2H {sps['s2h']:.2f} s"
+        method = "STP" if summary.get("method") == "stp" else "S2H"
+        lines.append(f"time per training step: {method} {sps['s2h']:.2f} s"
                      + (f", dense {sps['dense']:.2f} s" if sps.get("dense") is not None else "")
                      + f" ({summary.get('steps')} steps each; --epochs and --steps-per-epoch "
                        "set the budget)")

@@ -186,7 +186,8 @@ def build_pruner(cfg: PruneConfig, model: nn.Module, example: torch.Tensor,
 
         return STPPruner(model, (example,), cfg.target_flops, divisor=cfg.divisor,
                          trials=cfg.stp_trials, width_step=cfg.stp_width_step,
-                         commits_per_round=cfg.stp_commits_per_round, seed=cfg.seed, warn=warn)
+                         commits_per_round=cfg.stp_commits_per_round, scoring=cfg.stp_scoring,
+                         probe_size=cfg.stp_probe_size, seed=cfg.seed, warn=warn)
     if cfg.method != "s2h":
         raise ValueError(f"method must be 's2h' or 'stp', got {cfg.method!r}")
     return S2HPruner(model, (example,), cfg.target_flops, divisor=cfg.divisor, tau=cfg.tau,
@@ -756,6 +757,7 @@ def _summary(run: _Run, rows: dict, checks: dict, n_recal: int, noisy: dict,
     epochs = [r for r in read_metrics(run.metrics_path) if r.get("kind") == "epoch"]
     return {
         "config": asdict(cfg),
+        "method": cfg.method,
         "variant": cfg.variant,
         "hard_flops_ratio": pruner.hard_flops_ratio(),
         "exported_flops_ratio": rows["exported"]["flops"] / rows["dense"]["flops"],
