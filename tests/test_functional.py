@@ -360,6 +360,43 @@ def test_stride2_dgrad_runs_only_the_taps_that_reach_each_pixel(
         torch.testing.assert_close(dm, (gx * x).sum((0, 2, 3)), atol=1e-4, rtol=1e-4)
 
 
+@needs_kernels
+def test_depthwise_kernels_take_the_alignment_hint(
+    triton_backend: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A channels-last depthwise conv of 24 channels, 8 kept (multiples of the divisor 8, not
+    of 16), with channels-last upstream gradients: the forward, data- and weight-gradient
+    depthwise kernels are launched with ``ALIGN=8`` (so the compiled kernels may assume
+    16-byte aligned rows), and outputs and every gradient still match the float64 reference."""
+    from s2h.kernels import _common
+
+    aligns: dict[str, int | None] = {}
+    orig = _common.with_align_hint
+
+    def spy(kernel, args, kwargs):
+        out = orig(kernel, args, kwargs)
+        aligns[kernel.fn.__name__] = out.get("ALIGN")
+        return out
+
+    monkeypatch.setattr(_common, "with_align_hint", spy)
+    case = conv_case(2, 24, 24, (7, 6), 3, (0.34, 0.34), torch.float32, depthwise=True)
+    assert case["in_keep"].numel() == 8
+    kw = {"stride": 1, "padding": 1, "dilation": 1, "groups": 24}
+    cl = torch.channels_last
+    g_s, g_h = (g.contiguous(memory_format=cl) for g in upstream(case, sf.dual_conv2d_reference,
+                                                                  **kw))
+    exact = run(sf.dual_conv2d_reference, materialise(case, torch.float64), (g_s, g_h), **kw)
+    got = run(sf.dual_conv2d, materialise(case, torch.float32, channels_last=True), (g_s, g_h),
+              **kw)  # fmt: skip
+    assert aligns == {
+        "_dual_dw_fwd_kernel": 8, "_dual_dw_dgrad_kernel": 8, "_dual_dw_wgrad_kernel": 8
+    }  # fmt: skip
+    for name, want in exact.items():
+        scale = max(want.abs().max().item(), 1e-3)
+        err = (got[name].double() - want).abs().max().item()
+        assert err <= 1e-4 * scale, f"{name}: max error {err:.3g}"
+
+
 # ------------------------------------------------------------------------------------------
 # Gradient modes
 # ------------------------------------------------------------------------------------------
