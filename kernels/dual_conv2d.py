@@ -497,6 +497,12 @@ def _tap_major(w: torch.Tensor) -> torch.Tensor:
     return w.contiguous(memory_format=torch.channels_last)
 
 
+def _gather_hard(w: torch.Tensor, in_keep: torch.Tensor, out_keep: torch.Tensor) -> torch.Tensor:
+    """The hard path's weight ``w[out_keep][:, in_keep]``, tap-major (built once per forward
+    and saved for the data gradient)."""
+    return _tap_major(w.index_select(0, out_keep).index_select(1, in_keep))
+
+
 def _tap_strides(w: torch.Tensor) -> tuple[int, int, int, int]:
     """Strides of a :func:`_tap_major` weight as its layout defines them, size-1 dims included.
 
@@ -532,13 +538,17 @@ def _fwd_fake(
     soft_in_mask: torch.Tensor, hard_in_mask: torch.Tensor, in_keep: torch.Tensor,
     out_keep: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int],
     groups: int, weight_grad: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     n_out, _, kh, kw = weight.shape
     oh = out_size(x_soft.shape[2], kh, stride[0], padding[0], dilation[0])
     ow = out_size(x_soft.shape[3], kw, stride[1], padding[1], dilation[1])
     y_soft = new_like(x_soft, (x_soft.shape[0], n_out, oh, ow))
     y_hard = new_like(x_hard, (x_hard.shape[0], out_keep.shape[0], oh, ow))
-    return y_soft, y_hard
+    if is_depthwise(weight.shape, groups):  # the hard path reads W through out_keep
+        return y_soft, y_hard, weight.new_empty((0,))
+    # as _gather_hard makes it (a contiguous gather made tap-major: same strides)
+    hard_weight = _tap_major(weight.new_empty((out_keep.shape[0], in_keep.shape[0], kh, kw)))
+    return y_soft, y_hard, hard_weight
 
 
 @register_op("s2h_kernels::dual_conv2d", fake=_fwd_fake)
@@ -547,10 +557,16 @@ def dual_conv2d_op(
     soft_in_mask: torch.Tensor, hard_in_mask: torch.Tensor, in_keep: torch.Tensor,
     out_keep: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int],
     groups: int, weight_grad: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Forward of the dual conv2d (one launch). Arguments as ``s2h.functional.dual_conv2d``
-    (``stride``/``padding``/``dilation`` as 2-lists); ``weight_grad`` only matters to autograd."""
-    y_soft, y_hard = _fwd_fake(
+    (``stride``/``padding``/``dilation`` as 2-lists); ``weight_grad`` only matters to autograd.
+
+    Returns ``(y_soft, y_hard, hard_weight)``: ``hard_weight`` is the gathered, tap-major,
+    unmasked ``W[out_keep][:, in_keep]`` the forward builds anyway (empty for a depthwise
+    conv, whose hard path reads ``W`` through ``out_keep``), which autograd saves for the data
+    gradient so that the backward does not gather it again.
+    """
+    y_soft, y_hard, _ = _fwd_fake(
         x_soft, x_hard, weight, bias, soft_in_mask, hard_in_mask, in_keep, out_keep,
         stride, padding, dilation, groups,
     )  # fmt: skip
@@ -561,17 +577,17 @@ def dual_conv2d_op(
     oh, ow = y_soft.shape[2], y_soft.shape[3]
     geo = conv_params(stride, padding, dilation)
     ms, mh = soft_in_mask.contiguous(), hard_in_mask.contiguous()
-    if y_soft.numel() + y_hard.numel() == 0:
-        return y_soft, y_hard
     if is_depthwise(weight.shape, groups):
-        depthwise_fwd(x_soft, x_hard, weight, bias, ms, mh, out_keep, y_soft, y_hard, geo)
-        return y_soft, y_hard
+        if y_soft.numel() + y_hard.numel() > 0:
+            depthwise_fwd(x_soft, x_hard, weight, bias, ms, mh, out_keep, y_soft, y_hard, geo)
+        return y_soft, y_hard, weight.new_empty((0,))
+    hard_weight = _gather_hard(weight, in_keep, out_keep)
+    if y_soft.numel() + y_hard.numel() == 0:
+        return y_soft, y_hard, hard_weight
     # the input masks folded into the tap-major weight copies the kernel reads anyway (rounded
     # once): the implicit-GEMM loop then reads plain operands
     w_soft = _tap_major(mask_columns(weight, ms))
-    w_hard = _tap_major(
-        mask_columns(weight.index_select(0, out_keep).index_select(1, in_keep), mh)
-    )
+    w_hard = _tap_major(mask_columns(hard_weight, mh))
     grid = dual_grid(b_s * oh * ow, n_out, b_h * oh * ow, n_out_h)
     launcher(_dual_conv_fwd_kernel)[grid](
         x_soft, x_hard, w_soft, w_hard, bias if bias is not None else weight, out_keep,
@@ -583,7 +599,7 @@ def dual_conv2d_op(
         PRECISION=dot_precision(weight.dtype, "conv"),
         TUNE_KEY=tune_key(b_s * oh * ow, b_h * oh * ow, c, n_out, c_h, n_out_h, kh * kw),
     )  # fmt: skip
-    return y_soft, y_hard
+    return y_soft, y_hard, hard_weight
 
 
 def _dgrad_fake(
@@ -592,6 +608,7 @@ def _dgrad_fake(
     hard_in_mask: torch.Tensor, in_keep: torch.Tensor, out_keep: torch.Tensor,
     stride: list[int], padding: list[int], dilation: list[int], groups: int,
     need_x_soft: bool, need_x_hard: bool, need_soft_mask: bool, need_hard_mask: bool,
+    hard_weight: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     soft, hard = grad_soft is not None, grad_hard is not None
     return (
@@ -609,11 +626,14 @@ def dual_conv2d_dgrad_op(
     hard_in_mask: torch.Tensor, in_keep: torch.Tensor, out_keep: torch.Tensor,
     stride: list[int], padding: list[int], dilation: list[int], groups: int,
     need_x_soft: bool, need_x_hard: bool, need_soft_mask: bool, need_hard_mask: bool,
+    hard_weight: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Activation and mask gradients of both paths in one launch.
 
     Returns ``(dx_soft, dx_hard, d_soft_mask, d_hard_mask)``; an output that was not asked
     for, or whose path has no incoming gradient (``None``), is an empty tensor.
+    ``hard_weight``: the forward's gathered tap-major ``W[out_keep][:, in_keep]`` (gathered
+    here when ``None`` or empty).
     """
     do_soft = grad_soft is not None and (need_x_soft or need_soft_mask)
     do_hard = grad_hard is not None and (need_x_hard or need_hard_mask)
@@ -649,11 +669,12 @@ def dual_conv2d_dgrad_op(
             )  # fmt: skip
         else:
             w_soft = _tap_major(weight)
-            w_hard = (
-                _tap_major(weight.index_select(0, out_keep).index_select(1, in_keep))
-                if do_hard
-                else w_soft
-            )
+            if not do_hard:
+                w_hard = w_soft
+            elif hard_weight is not None and hard_weight.numel() > 0:
+                w_hard = _tap_major(hard_weight)  # the forward's (already tap-major)
+            else:
+                w_hard = _gather_hard(weight, in_keep, out_keep)
             grid = dual_grid(rows_s, c, rows_h, c_h, phases=phases)
             launcher(_dual_conv_dgrad_kernel)[grid](
                 dys, dyh, w_soft, w_hard, x_soft, x_hard, ms, mh, dxs, dxh, dms_part, dmh_part,
@@ -819,7 +840,8 @@ def _fwd_flops(x_soft, x_hard, weight, bias, soft_in_mask, hard_in_mask, in_keep
 @register_flop_formula(torch.ops.s2h_kernels.dual_conv2d_dgrad)
 def _dgrad_flops(grad_soft, grad_hard, x_soft, x_hard, weight, soft_in_mask, hard_in_mask,
                  in_keep, out_keep, stride, padding, dilation, groups, need_x_soft, need_x_hard,
-                 need_soft_mask, need_hard_mask, *, out_shape=None, **kwargs) -> int:  # fmt: skip
+                 need_soft_mask, need_hard_mask, hard_weight=None, *, out_shape=None,
+                 **kwargs) -> int:  # fmt: skip
     soft = grad_soft is not None and (need_x_soft or need_soft_mask)
     hard = grad_hard is not None and (need_x_hard or need_hard_mask)
     return _conv_flops(x_soft, x_hard, weight, in_keep, out_keep, stride, padding, dilation,
@@ -855,7 +877,8 @@ def dual_conv2d_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The fused dual conv2d through the registered op (arguments checked by the caller;
     ``groups`` is 1 or depthwise)."""
-    return torch.ops.s2h_kernels.dual_conv2d(
+    y_soft, y_hard, _ = torch.ops.s2h_kernels.dual_conv2d(
         x_soft, x_hard, weight, bias, soft_in_mask, hard_in_mask, in_keep, out_keep,
         list(stride), list(padding), list(dilation), groups, weight_grad,
     )  # fmt: skip
+    return y_soft, y_hard

@@ -397,6 +397,43 @@ def test_depthwise_kernels_take_the_alignment_hint(
         assert err <= 1e-4 * scale, f"{name}: max error {err:.3g}"
 
 
+@needs_kernels
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_hard_weight_is_gathered_once_per_forward_and_backward(
+    triton_backend: None, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """The hard path's weight ``W[out_keep][:, in_keep]`` is gathered by the forward (two
+    ``index_select`` calls) and saved for the data gradient, which used to gather it again:
+    a forward + backward now runs the two gathers of the forward only, and the hard path's
+    gradients still equal the reference's."""
+    if kind == "linear":
+        fn, ref = sf.dual_linear, sf.dual_linear_reference
+        case, kw = linear_case((2, 20), (2, 20), 36, 30, (0.5, 0.5), torch.float32), {}
+    else:
+        fn, ref = sf.dual_conv2d, sf.dual_conv2d_reference
+        case, kw, _ = _conv_args(CONV_CASES["3x3_stride2_cl_nobias"], torch.float32)
+    got, want = materialise(case, torch.float32), materialise(case, torch.float32)
+    gathered: list[tuple[int, ...]] = []
+    orig = torch.Tensor.index_select
+
+    def counting(self, *args, **kwargs):
+        gathered.append(tuple(self.shape))
+        return orig(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "index_select", counting)
+    y_s, y_h = fn(*(got[n] for n in NAMES), got["in_keep"], got["out_keep"], **kw)
+    in_forward = list(gathered)
+    (y_s.square().sum() + y_h.square().sum()).backward()
+    monkeypatch.undo()
+    w = tuple(got["weight"].shape)
+    assert in_forward == [w, (got["out_keep"].numel(), *w[1:])]
+    assert gathered == in_forward  # none in the backward
+    r_s, r_h = ref(*(want[n] for n in NAMES), want["in_keep"], want["out_keep"], **kw)
+    (r_s.square().sum() + r_h.square().sum()).backward()
+    for name in ("x_hard", "hard_in_mask", "weight"):
+        torch.testing.assert_close(got[name].grad, want[name].grad, atol=1e-4, rtol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------
 # Gradient modes
 # ------------------------------------------------------------------------------------------
