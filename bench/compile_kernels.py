@@ -95,7 +95,7 @@ def capture_case(case: str, keep: float) -> list:
             ik = _keep_index(c, k_in, gen)
             ok = ik if depthwise else _keep_index(o, k_out, gen)
             geo = ([stride, stride], [k // 2, k // 2], [1, 1], groups)
-            ys, yh = ops.dual_conv2d(xs, xh, w, b, ms, mh, ik, ok, *geo, True)
+            ys, yh, _ = ops.dual_conv2d(xs, xh, w, b, ms, mh, ik, ok, *geo, True)
             gs = torch.randn(ys.shape, dtype=DTYPE).to(memory_format=cl)
             gh = torch.randn(yh.shape, dtype=DTYPE).to(memory_format=cl)
             ops.dual_conv2d_dgrad(gs, gh, xs, xh, w, ms, mh, ik, ok, *geo, True, True, True, True)

@@ -12,6 +12,14 @@ lockstep step through the fused dual kernels (FLOP formulas registered for
 ``torch.ops.s2h_kernels.*``), which needs CUDA or, on a CPU, Triton's interpreter::
 
     TRITON_INTERPRET=1 python bench/step_flops.py --path both --model resnet18 --image-size 32
+
+``--dgrad-mmas`` instead counts the tensor-core work the conv data-gradient kernel *executes*
+(every ``tl.dot`` the interpreter runs, ``2 * M * K * N`` FLOPs each, tile padding and masked
+rows included) for ResNet-50's 3x3 stride-2 conv (128 -> 128 channels, 32x32 input, keep
+0.35), against the op's counted (useful) FLOPs: a kernel that runs every tap on every pixel of
+a stride-2 conv executes about 4x the useful work::
+
+    TRITON_INTERPRET=1 python bench/step_flops.py --dgrad-mmas [--batch 1]
 """
 
 from __future__ import annotations
@@ -71,6 +79,50 @@ def count_s2h_step(name, x, y, ratio, fused: bool = False) -> tuple[int, float, 
     return fc.get_total_flops(), pruner.hard_flops_ratio(), pruner.dense_flops
 
 
+def count_dgrad_mmas(batch: int, c: int = 128, h: int = 32, k: int = 3, stride: int = 2,
+                     keep: float = 0.35) -> dict:
+    """Dots the fused conv data-gradient op executes under Triton's interpreter, and the op's
+    counted FLOPs (its registered formula, as FlopCounterMode sees it), for a ``c -> c``
+    ``k x k`` conv of stride ``stride``, channels-last bf16, kept width ``keep`` (multiple of 8)."""
+    from triton.runtime import interpreter
+
+    if not s2h.functional.kernels.INTERPRET:
+        raise SystemExit("--dgrad-mmas counts interpreted dots: set TRITON_INTERPRET=1")
+    dots: list[tuple[int, int, int]] = []
+    orig = interpreter.InterpreterBuilder.create_dot
+
+    def counting(self, a, b, d, *rest):
+        dots.append((a.data.shape[0], a.data.shape[1], b.data.shape[1]))
+        return orig(self, a, b, d, *rest)
+
+    gen = torch.Generator().manual_seed(0)
+    kept = max(8, round(c * keep / 8) * 8)
+    cl, bf = torch.channels_last, torch.bfloat16
+    xs = torch.randn(batch, c, h, h, dtype=bf).to(memory_format=cl)
+    xh = torch.randn(batch, kept, h, h, dtype=bf).to(memory_format=cl)
+    w = torch.randn(c, c, k, k, dtype=bf)
+    ms, mh = torch.rand(c), torch.rand(kept)
+    ik = torch.randperm(c, generator=gen)[:kept].sort().values
+    ok = torch.randperm(c, generator=gen)[:kept].sort().values
+    oh = (h + 2 * (k // 2) - k) // stride + 1
+    gs = torch.randn(batch, c, oh, oh, dtype=bf).to(memory_format=cl)
+    gh = torch.randn(batch, kept, oh, oh, dtype=bf).to(memory_format=cl)
+    args = (gs, gh, xs, xh, w, ms, mh, ik, ok, [stride, stride], [k // 2, k // 2], [1, 1], 1,
+            True, True, True, True)
+    interpreter.InterpreterBuilder.create_dot = counting
+    try:
+        with FlopCounterMode(display=False) as fc:
+            torch.ops.s2h_kernels.dual_conv2d_dgrad(*args)
+    finally:
+        interpreter.InterpreterBuilder.create_dot = orig
+    executed = sum(2 * m * kk * n for m, kk, n in dots)
+    useful = fc.get_total_flops()
+    return {"bench": "dgrad_mmas", "case": f"r50.conv{k}x{k}_s{stride}", "batch": batch,
+            "kept": kept, "dots": len(dots), "executed_mma_gflops": executed / 1e9,
+            "counted_gflops": useful / 1e9, "executed_over_counted": executed / useful,
+            "commit": _commit()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet50")
@@ -80,7 +132,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="append JSON rows to this file")
     ap.add_argument("--path", default="reference", choices=["reference", "fused", "both"],
                     help="count the two-pass PyTorch step, the fused lockstep step, or both")
+    ap.add_argument("--dgrad-mmas", action="store_true",
+                    help="count the dots the conv dgrad kernel executes (interpreter) instead")
     args = ap.parse_args(argv)
+    if args.dgrad_mmas:
+        row = count_dgrad_mmas(args.batch)
+        print(json.dumps(row))
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        return 0
     x = torch.randn(args.batch, 3, args.image_size, args.image_size)
     y = torch.randint(0, 1000, (args.batch,))
     dense = count_dense_step(args.model, x, y)

@@ -1,14 +1,16 @@
 """The autograd of a dual op, shared by ``dual_linear`` and ``dual_conv2d``.
 
 Both forward ops have the schema ``(x_soft, x_hard, weight, bias, soft_in_mask, hard_in_mask,
-in_keep, out_keep, *geometry, weight_grad)`` (``geometry`` is empty for the linear op and
-``stride, padding, dilation, groups`` for the conv op), and both backward passes are one
+in_keep, out_keep, *geometry, weight_grad) -> (y_soft, y_hard, hard_weight)`` (``geometry``
+is empty for the linear op and ``stride, padding, dilation, groups`` for the conv op;
+``hard_weight`` is the gathered hard-path weight the forward builds, saved here for the data
+gradient, which would otherwise gather it again), and both backward passes are one
 data-gradient op (activation and mask gradients of both paths) and one weight-gradient op
 (weight and bias), each called with ``geometry`` after ``out_keep``:
 
 * ``dgrad(grad_soft, grad_hard, x_soft, x_hard, weight, soft_in_mask, hard_in_mask, in_keep,
-  out_keep, *geometry, need_x_soft, need_x_hard, need_soft_mask, need_hard_mask)`` returns
-  ``(dx_soft, dx_hard, d_soft_mask, d_hard_mask)``;
+  out_keep, *geometry, need_x_soft, need_x_hard, need_soft_mask, need_hard_mask,
+  hard_weight)`` returns ``(dx_soft, dx_hard, d_soft_mask, d_hard_mask)``;
 * ``wgrad(grad_soft, grad_hard, x_soft, x_hard, weight, soft_in_mask, hard_in_mask, in_keep,
   out_keep, *geometry, need_bias)`` returns ``(d_weight, d_bias)``.
 """
@@ -38,8 +40,13 @@ def register_dual_autograd(
         x_soft, x_hard, weight, bias, soft_in_mask, hard_in_mask, in_keep, out_keep = inputs[
             :_LEADING
         ]
+        # The gathered hard weight costs (kept fraction)^2 of the weight's memory until the
+        # backward (a few % of the activations it keeps anyway); re-gathering it would re-read
+        # the weight and write the copy again in every backward.
+        hard_weight = output[2]
+        ctx.mark_non_differentiable(hard_weight)
         ctx.save_for_backward(
-            x_soft, x_hard, weight, soft_in_mask, hard_in_mask, in_keep, out_keep
+            x_soft, x_hard, weight, soft_in_mask, hard_in_mask, in_keep, out_keep, hard_weight
         )
         ctx.geometry = tuple(
             list(g) if isinstance(g, (list, tuple)) else g for g in inputs[_LEADING:-1]
@@ -52,9 +59,12 @@ def register_dual_autograd(
         ctx.set_materialize_grads(False)
 
     def backward(
-        ctx: Any, grad_soft: torch.Tensor | None, grad_hard: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, ...]:
-        x_soft, x_hard, weight, soft_in_mask, hard_in_mask, in_keep, out_keep = ctx.saved_tensors
+        ctx: Any, grad_soft: torch.Tensor | None, grad_hard: torch.Tensor | None,
+        _grad_hard_weight: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, ...]:  # fmt: skip
+        x_soft, x_hard, weight, soft_in_mask, hard_in_mask, in_keep, out_keep, hard_weight = (
+            ctx.saved_tensors
+        )
         need = needed_input_grads(
             ctx, (x_soft, x_hard, weight, ctx.bias, soft_in_mask, hard_in_mask)
         )
@@ -64,6 +74,7 @@ def register_dual_autograd(
             dxs, dxh, dms, dmh = dgrad(
                 grad_soft, grad_hard, x_soft, x_hard, weight, soft_in_mask, hard_in_mask,
                 in_keep, out_keep, *ctx.geometry, need[0], need[1], need[4], need[5],
+                hard_weight,
             )  # fmt: skip
             dxs = dxs if soft and need[0] else None
             dxh = dxh if hard and need[1] else None

@@ -285,15 +285,17 @@ def empty_grad(like: torch.Tensor) -> torch.Tensor:
 
 
 def dual_grid(
-    m_s: int, n_s: int, m_h: int, n_h: int, n_block: str = "BLOCK_N"
+    m_s: int, n_s: int, m_h: int, n_h: int, n_block: str = "BLOCK_N", phases: int = 1
 ) -> Callable[[dict], tuple[int]]:
     """Grid of a grouped 2-D tile launch: the ``BLOCK_M x n_block`` tiles of the soft
-    ``m_s x n_s`` output, then those of the hard ``m_h x n_h`` one."""
+    ``m_s x n_s`` output, then those of the hard ``m_h x n_h`` one; with ``phases > 1`` each
+    output is ``phases`` independent ``m x n`` problems, tiled separately (the stride phases of
+    a convolution's data gradient)."""
 
     def grid(meta: dict) -> tuple[int]:
         bm, bn = meta["BLOCK_M"], meta[n_block]
         soft = triton.cdiv(m_s, bm) * triton.cdiv(n_s, bn)
-        return (soft + triton.cdiv(m_h, bm) * triton.cdiv(n_h, bn),)
+        return (phases * (soft + triton.cdiv(m_h, bm) * triton.cdiv(n_h, bn)),)
 
     return grid
 

@@ -207,3 +207,27 @@ def tap_output(i, stride, pad, k, dil, size, ok):
     num_c = tl.where(num >= 0, num, 0)
     o = num_c // stride
     return o, ok & (num >= 0) & (o * stride == num_c) & (o < size)
+
+
+@triton.jit
+def phase_taps(p, stride, pad, dil, gcd, inv, K):
+    """The filter taps of one dimension that reach the input coordinates ``i = p + stride * t``
+    (one stride phase ``p``), for a data gradient that loops over those taps only.
+
+    Input ``i`` receives from tap ``k`` the output ``o`` with ``o * stride == i + pad - k * dil``,
+    so ``k * dil == p + pad (mod stride)``: with ``g = gcd`` (of ``dil`` and ``stride``, from the
+    host) there is no such tap unless ``g`` divides ``p + pad``, and otherwise the taps are
+    ``k0 + j * (stride // g)``, ``k0 = ((p + pad) // g) * inv % (stride // g)``, ``inv`` the
+    inverse of ``dil // g`` modulo ``stride // g`` (host). Returns ``(k0, step, n, base, jump)``:
+    the ``n`` taps are ``k0 + j * step`` and input ``p + stride * t`` reads through tap ``j`` the
+    output ``base + t - j * jump`` (if inside the output): no division in the tap loop.
+    """
+    q = p + pad
+    step = stride // gcd
+    k0 = ((q // gcd) * inv) % step
+    n = tl.where(q % gcd == 0, tl.maximum(K - k0 + step - 1, 0) // step, 0)
+    # q - k0 * dil is a multiple of stride by construction (and may be negative: exact
+    # division, so C's truncation and numpy's floor agree)
+    base = (q - k0 * dil) // stride
+    return k0, step, n, base, dil // gcd
+

@@ -15,9 +15,13 @@ Dense convolutions (``groups == 1``) are implicit GEMMs, never materialising im2
   (filter tap, channel block) so that every A row of a tap is one pixel's channel vector
   (contiguous for channels-last input); the input mask is folded into the tap-major weight
   copy once per call (as in ``dual_linear``), the bias is added in the epilogue.
-* data gradient ``[B*H*W, C]`` with rows = input pixels: each tap maps an input pixel back to
-  the output pixel that read it (rows whose offset is not a multiple of the stride are
-  masked off); epilogue: ``dx = g * mask`` and per-row-tile partials of ``g * x`` for the mask
+* data gradient ``[B*H*W, C]`` with rows = input pixels, split into the ``stride_h *
+  stride_w`` stride phases (``ih % stride_h``, ``iw % stride_w``): a tile holds the pixels of
+  one phase and loops over the taps that reach that phase only (for dilation 1, taps ``r`` with
+  ``r == ih + pad (mod stride)``), each mapping the tile's pixels back to the output pixels that
+  read them without a division; so a stride-2 3x3 conv runs 9 (tap, phase) MMA loops where
+  every tap on every pixel would run 36, 3/4 of them on masked-off rows (stride 1: one phase,
+  every tap); epilogue: ``dx = g * mask`` and per-row-tile partials of ``g * x`` for the mask
   gradient.
 * weight gradient ``[O, KH*KW*C]`` tiles, each inside one tap, reduced over output pixels in
   ``SPLIT`` row chunks into fp32 partial buffers (deterministic, autotune-safe); the input
@@ -37,6 +41,7 @@ made tap-major (``[O, KH, KW, C]`` contiguous) once per call unless it already i
 # The kernels name sizes as the math does (B, C, H, W, O: batch, channels, height, width,
 # output channels), hence E741 off for this file.
 # ruff: noqa: E741
+import math
 from typing import Optional
 
 import torch
@@ -47,6 +52,7 @@ from torch.utils.flop_counter import register_flop_formula
 from ._autograd import register_dual_autograd
 from ._common import (
     PARTIAL_ROWS,
+    PARTIAL_ROWS_C,
     dot_precision,
     dual_grid,
     gemm_configs,
@@ -77,10 +83,10 @@ from ._tiles import (
     dgrad_epilogue,
     grouped_tile,
     mma,
+    phase_taps,
     pixel_coords,
     split_rows,
     tap_input,
-    tap_output,
     tile_offsets,
     wgrad_epilogue,
     wgrad_step,
@@ -209,32 +215,56 @@ def _conv_dgrad_tile(
     tile, dy_ptr, w_ptr, x_ptr, mask_ptr, dx_ptr, dmask_part_ptr,
     B, C, H, W, O, OH, OW,
     sdyb, sdyc, sdyh, sdyw, swo, swc, swr, sws, sxb, sxc, sxh, sxw, sdxb, sdxc, sdxh, sdxw,
-    conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
+    conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w, gcd_h, gcd_w, inv_h, inv_w,
     KH: tl.constexpr, KW: tl.constexpr, NEED_DX: tl.constexpr, NEED_DMASK: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """One ``BLOCK_M`` input pixels x ``BLOCK_N`` input channels tile of ``g = dL/d(x*mask)``.
-    ``dmask_part`` is contiguous ``[*, C]`` fp32, one row per row tile."""
-    M = B * H * W
-    pid_m, offs_m, offs_c, m_ok, c_ok = grouped_tile(tile, M, C, BLOCK_M, BLOCK_N, GROUP_M)
-    bb, ih, iw = pixel_coords(offs_m, H, W)
+
+    The input pixels are split into ``conv_sh * conv_sw`` stride phases (``ih % conv_sh``,
+    ``iw % conv_sw``); a tile holds pixels of one phase only, numbered over the largest phase's
+    ``cdiv(H, conv_sh) x cdiv(W, conv_sw)`` grid (pixels past the input are masked), and loops
+    over the taps that reach that phase only: for a 3x3 stride-2 conv 9 of the 36 (tap, pixel
+    phase) pairs, where running every tap on every pixel masked off 3/4 of the MMAs' rows.
+    ``dmask_part`` is contiguous ``[phases * cdiv(B * cdiv(H, sh) * cdiv(W, sw), PARTIAL_ROWS),
+    C]`` fp32: each phase's row tiles write their own block of rows."""
+    HP = tl.cdiv(H, conv_sh)
+    WP = tl.cdiv(W, conv_sw)
+    M = B * HP * WP  # rows of one phase
+    per_phase = tl.cdiv(M, BLOCK_M) * tl.cdiv(C, BLOCK_N)
+    phase = tile // per_phase
+    ph = phase // conv_sw
+    pw = phase % conv_sw
+    pid_m, offs_m, offs_c, m_ok, c_ok = grouped_tile(
+        tile % per_phase, M, C, BLOCK_M, BLOCK_N, GROUP_M
+    )
+    bb, th, tw = pixel_coords(offs_m, HP, WP)
+    ih = ph + th * conv_sh
+    iw = pw + tw * conv_sw
+    m_ok = m_ok & (ih < H) & (iw < W)
+    r0, step_h, n_r, base_h, jump_h = phase_taps(ph, conv_sh, pad_h, dil_h, gcd_h, inv_h, KH)
+    s0, step_w, n_s, base_w, jump_w = phase_taps(pw, conv_sw, pad_w, dil_w, gcd_w, inv_w, KW)
     dy_img = dy_ptr + bb.to(tl.int64) * sdyb
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # Flat loop over (tap, output-channel block): see _conv_fwd_tile.
+    # Flat loop over (tap of this phase, output-channel block): see _conv_fwd_tile.
     o_blocks = tl.cdiv(O, BLOCK_K)
-    for it in range(KH * KW * o_blocks):
+    n_s_div = tl.maximum(n_s, 1)  # n_s == 0: no iteration, but no division by zero either
+    for it in range(n_r * n_s * o_blocks):
         tap = it // o_blocks
-        r = tap // KW
-        s = tap % KW
+        jr = tap // n_s_div
+        js = tap % n_s_div
         offs_o, o_ok = block_offsets((it % o_blocks) * BLOCK_K, O, BLOCK_K)
-        # the output pixel that read input pixel (ih, iw) through tap (r, s), if any
-        oh, row_ok = tap_output(ih, conv_sh, pad_h, r, dil_h, OH, m_ok)
-        ow, row_ok = tap_output(iw, conv_sw, pad_w, s, dil_w, OW, row_ok)
+        # the output pixel that read input pixel (ih, iw) through tap (r, s)
+        oh = base_h + th - jr * jump_h
+        ow = base_w + tw - js * jump_w
+        row_ok = m_ok & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
         a = tl.load(
             dy_img[:, None] + (oh * sdyh + ow * sdyw)[:, None] + offs_o[None, :] * sdyc,
             mask=row_ok[:, None] & o_ok[None, :], other=0.0,
         )  # fmt: skip
+        r = r0 + jr * step_h
+        s = s0 + js * step_w
         wt = tl.load(
             w_ptr + r * swr + s * sws + offs_o[:, None] * swo + offs_c[None, :] * swc,
             mask=o_ok[:, None] & c_ok[None, :], other=0.0,
@@ -242,9 +272,11 @@ def _conv_dgrad_tile(
         acc = mma(acc, a, wt, UPCAST, PRECISION)
     dx_rows = bb.to(tl.int64) * sdxb + ih * sdxh + iw * sdxw
     x_rows = bb.to(tl.int64) * sxb + ih * sxh + iw * sxw
+    part_rows = phase * tl.cdiv(M, PARTIAL_ROWS_C)
     dgrad_epilogue(
         acc, dx_ptr + dx_rows[:, None] + offs_c[None, :] * sdxc,
-        x_ptr + x_rows[:, None] + offs_c[None, :] * sxc, mask_ptr, dmask_part_ptr,
+        x_ptr + x_rows[:, None] + offs_c[None, :] * sxc, mask_ptr,
+        dmask_part_ptr + part_rows.to(tl.int64) * C,
         pid_m, M, m_ok, C, offs_c, c_ok, NEED_DX, NEED_DMASK, BLOCK_M, BLOCK_N,
     )  # fmt: skip
 
@@ -264,7 +296,7 @@ def _dual_conv_dgrad_kernel(
     s_w_o, s_w_c, s_w_r, s_w_s, s_wh_o, s_wh_c, s_wh_r, s_wh_s,
     s_xs_b, s_xs_c, s_xs_h, s_xs_w, s_xh_b, s_xh_c, s_xh_h, s_xh_w,
     s_dxs_b, s_dxs_c, s_dxs_h, s_dxs_w, s_dxh_b, s_dxh_c, s_dxh_h, s_dxh_w,
-    conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
+    conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w, gcd_h, gcd_w, inv_h, inv_w,
     TUNE_KEY,
     ALIGN: tl.constexpr,
     KH: tl.constexpr, KW: tl.constexpr,
@@ -304,13 +336,16 @@ def _dual_conv_dgrad_kernel(
         s_wh_r = s_wh_r // ALIGN * ALIGN
         s_wh_s = s_wh_s // ALIGN * ALIGN
     pid = tl.program_id(0)
-    soft_tiles = tl.cdiv(B_s * H * W, BLOCK_M) * tl.cdiv(C, BLOCK_N)
+    phases = conv_sh * conv_sw
+    soft_rows = B_s * tl.cdiv(H, conv_sh) * tl.cdiv(W, conv_sw)  # per phase
+    soft_tiles = phases * tl.cdiv(soft_rows, BLOCK_M) * tl.cdiv(C, BLOCK_N)
     if pid < soft_tiles:
         _conv_dgrad_tile(
             pid, dys_ptr, w_ptr, xs_ptr, ms_ptr, dxs_ptr, dms_part_ptr, B_s, C, H, W, O, OH, OW,
             s_dys_b, s_dys_c, s_dys_h, s_dys_w, s_w_o, s_w_c, s_w_r, s_w_s,
             s_xs_b, s_xs_c, s_xs_h, s_xs_w, s_dxs_b, s_dxs_c, s_dxs_h, s_dxs_w,
-            conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w, KH, KW, NEED_DX_S, NEED_DM_S,
+            conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w, gcd_h, gcd_w, inv_h, inv_w,
+            KH, KW, NEED_DX_S, NEED_DM_S,
             UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
         )  # fmt: skip
     else:
@@ -319,7 +354,8 @@ def _dual_conv_dgrad_kernel(
             B_h, C_h, H, W, O_h, OH, OW,
             s_dyh_b, s_dyh_c, s_dyh_h, s_dyh_w, s_wh_o, s_wh_c, s_wh_r, s_wh_s,
             s_xh_b, s_xh_c, s_xh_h, s_xh_w, s_dxh_b, s_dxh_c, s_dxh_h, s_dxh_w,
-            conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w, KH, KW, NEED_DX_H, NEED_DM_H,
+            conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w, gcd_h, gcd_w, inv_h, inv_w,
+            KH, KW, NEED_DX_H, NEED_DM_H,
             UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
         )  # fmt: skip
 
@@ -461,6 +497,12 @@ def _tap_major(w: torch.Tensor) -> torch.Tensor:
     return w.contiguous(memory_format=torch.channels_last)
 
 
+def _gather_hard(w: torch.Tensor, in_keep: torch.Tensor, out_keep: torch.Tensor) -> torch.Tensor:
+    """The hard path's weight ``w[out_keep][:, in_keep]``, tap-major (built once per forward
+    and saved for the data gradient)."""
+    return _tap_major(w.index_select(0, out_keep).index_select(1, in_keep))
+
+
 def _tap_strides(w: torch.Tensor) -> tuple[int, int, int, int]:
     """Strides of a :func:`_tap_major` weight as its layout defines them, size-1 dims included.
 
@@ -475,18 +517,38 @@ def _tap_strides(w: torch.Tensor) -> tuple[int, int, int, int]:
     return kh * kw * c, 1, kw * c, c
 
 
+def _phase_pixels(h: int, w: int, stride: list[int]) -> int:
+    """Pixels per image of the largest stride phase, the grid every phase is tiled over."""
+    return triton.cdiv(h, stride[0]) * triton.cdiv(w, stride[1])
+
+
+def _phase_params(stride: list[int], dilation: list[int]) -> tuple[int, int, int, int]:
+    """``(gcd_h, gcd_w, inv_h, inv_w)`` of the data gradient's phase decomposition (see
+    ``_tiles.phase_taps``): ``gcd`` of dilation and stride, and the inverse of ``dil // gcd``
+    modulo ``stride // gcd`` (0 when that modulus is 1)."""
+    out = []
+    for s, d in zip(stride, dilation, strict=True):
+        g = math.gcd(s, d)
+        out.append((g, pow(d // g, -1, s // g) if s // g > 1 else 0))
+    return out[0][0], out[1][0], out[0][1], out[1][1]
+
+
 def _fwd_fake(
     x_soft: torch.Tensor, x_hard: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     soft_in_mask: torch.Tensor, hard_in_mask: torch.Tensor, in_keep: torch.Tensor,
     out_keep: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int],
     groups: int, weight_grad: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     n_out, _, kh, kw = weight.shape
     oh = out_size(x_soft.shape[2], kh, stride[0], padding[0], dilation[0])
     ow = out_size(x_soft.shape[3], kw, stride[1], padding[1], dilation[1])
     y_soft = new_like(x_soft, (x_soft.shape[0], n_out, oh, ow))
     y_hard = new_like(x_hard, (x_hard.shape[0], out_keep.shape[0], oh, ow))
-    return y_soft, y_hard
+    if is_depthwise(weight.shape, groups):  # the hard path reads W through out_keep
+        return y_soft, y_hard, weight.new_empty((0,))
+    # as _gather_hard makes it (a contiguous gather made tap-major: same strides)
+    hard_weight = _tap_major(weight.new_empty((out_keep.shape[0], in_keep.shape[0], kh, kw)))
+    return y_soft, y_hard, hard_weight
 
 
 @register_op("s2h_kernels::dual_conv2d", fake=_fwd_fake)
@@ -495,10 +557,16 @@ def dual_conv2d_op(
     soft_in_mask: torch.Tensor, hard_in_mask: torch.Tensor, in_keep: torch.Tensor,
     out_keep: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int],
     groups: int, weight_grad: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Forward of the dual conv2d (one launch). Arguments as ``s2h.functional.dual_conv2d``
-    (``stride``/``padding``/``dilation`` as 2-lists); ``weight_grad`` only matters to autograd."""
-    y_soft, y_hard = _fwd_fake(
+    (``stride``/``padding``/``dilation`` as 2-lists); ``weight_grad`` only matters to autograd.
+
+    Returns ``(y_soft, y_hard, hard_weight)``: ``hard_weight`` is the gathered, tap-major,
+    unmasked ``W[out_keep][:, in_keep]`` the forward builds anyway (empty for a depthwise
+    conv, whose hard path reads ``W`` through ``out_keep``), which autograd saves for the data
+    gradient so that the backward does not gather it again.
+    """
+    y_soft, y_hard, _ = _fwd_fake(
         x_soft, x_hard, weight, bias, soft_in_mask, hard_in_mask, in_keep, out_keep,
         stride, padding, dilation, groups,
     )  # fmt: skip
@@ -509,17 +577,17 @@ def dual_conv2d_op(
     oh, ow = y_soft.shape[2], y_soft.shape[3]
     geo = conv_params(stride, padding, dilation)
     ms, mh = soft_in_mask.contiguous(), hard_in_mask.contiguous()
-    if y_soft.numel() + y_hard.numel() == 0:
-        return y_soft, y_hard
     if is_depthwise(weight.shape, groups):
-        depthwise_fwd(x_soft, x_hard, weight, bias, ms, mh, out_keep, y_soft, y_hard, geo)
-        return y_soft, y_hard
+        if y_soft.numel() + y_hard.numel() > 0:
+            depthwise_fwd(x_soft, x_hard, weight, bias, ms, mh, out_keep, y_soft, y_hard, geo)
+        return y_soft, y_hard, weight.new_empty((0,))
+    hard_weight = _gather_hard(weight, in_keep, out_keep)
+    if y_soft.numel() + y_hard.numel() == 0:
+        return y_soft, y_hard, hard_weight
     # the input masks folded into the tap-major weight copies the kernel reads anyway (rounded
     # once): the implicit-GEMM loop then reads plain operands
     w_soft = _tap_major(mask_columns(weight, ms))
-    w_hard = _tap_major(
-        mask_columns(weight.index_select(0, out_keep).index_select(1, in_keep), mh)
-    )
+    w_hard = _tap_major(mask_columns(hard_weight, mh))
     grid = dual_grid(b_s * oh * ow, n_out, b_h * oh * ow, n_out_h)
     launcher(_dual_conv_fwd_kernel)[grid](
         x_soft, x_hard, w_soft, w_hard, bias if bias is not None else weight, out_keep,
@@ -531,7 +599,7 @@ def dual_conv2d_op(
         PRECISION=dot_precision(weight.dtype, "conv"),
         TUNE_KEY=tune_key(b_s * oh * ow, b_h * oh * ow, c, n_out, c_h, n_out_h, kh * kw),
     )  # fmt: skip
-    return y_soft, y_hard
+    return y_soft, y_hard, hard_weight
 
 
 def _dgrad_fake(
@@ -540,6 +608,7 @@ def _dgrad_fake(
     hard_in_mask: torch.Tensor, in_keep: torch.Tensor, out_keep: torch.Tensor,
     stride: list[int], padding: list[int], dilation: list[int], groups: int,
     need_x_soft: bool, need_x_hard: bool, need_soft_mask: bool, need_hard_mask: bool,
+    hard_weight: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     soft, hard = grad_soft is not None, grad_hard is not None
     return (
@@ -557,11 +626,14 @@ def dual_conv2d_dgrad_op(
     hard_in_mask: torch.Tensor, in_keep: torch.Tensor, out_keep: torch.Tensor,
     stride: list[int], padding: list[int], dilation: list[int], groups: int,
     need_x_soft: bool, need_x_hard: bool, need_soft_mask: bool, need_hard_mask: bool,
+    hard_weight: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Activation and mask gradients of both paths in one launch.
 
     Returns ``(dx_soft, dx_hard, d_soft_mask, d_hard_mask)``; an output that was not asked
     for, or whose path has no incoming gradient (``None``), is an empty tensor.
+    ``hard_weight``: the forward's gathered tap-major ``W[out_keep][:, in_keep]`` (gathered
+    here when ``None`` or empty).
     """
     do_soft = grad_soft is not None and (need_x_soft or need_soft_mask)
     do_hard = grad_hard is not None and (need_x_hard or need_hard_mask)
@@ -579,28 +651,37 @@ def dual_conv2d_dgrad_op(
     dxs = new_like(x_soft, tuple(x_soft.shape)) if do_soft else x_soft.new_empty((0, 1, 1, 1))
     dxh = new_like(x_hard, tuple(x_hard.shape)) if do_hard else x_hard.new_empty((0, 1, 1, 1))
     f32 = {"dtype": torch.float32, "device": x_soft.device}
-    dms_part = torch.empty((triton.cdiv(b_s * h * w, PARTIAL_ROWS), c), **f32)
-    dmh_part = torch.empty((triton.cdiv(b_h * h * w, PARTIAL_ROWS), c_h), **f32)
+    depthwise = is_depthwise(weight.shape, groups)
+    # the dense kernel tiles each stride phase's pixels separately (see _conv_dgrad_tile): its
+    # mask-gradient partials have a block of rows per phase
+    phases = 1 if depthwise else stride[0] * stride[1]
+    rows_s, rows_h = (b_s * h * w, b_h * h * w) if depthwise else (
+        b_s * _phase_pixels(h, w, stride), b_h * _phase_pixels(h, w, stride)
+    )  # fmt: skip
+    dms_part = torch.empty((phases * triton.cdiv(rows_s, PARTIAL_ROWS), c), **f32)
+    dmh_part = torch.empty((phases * triton.cdiv(rows_h, PARTIAL_ROWS), c_h), **f32)
     ms, mh = soft_in_mask.contiguous(), hard_in_mask.contiguous()
     if do_soft or do_hard:
-        if is_depthwise(weight.shape, groups):
+        if depthwise:
             depthwise_dgrad(
                 dys, dyh, weight, out_keep, x_soft, x_hard, ms, mh, dxs, dxh, dms_part, dmh_part,
                 b_s, b_h, oh, ow, geo, need_x_soft, need_x_hard, need_soft_mask, need_hard_mask,
             )  # fmt: skip
         else:
             w_soft = _tap_major(weight)
-            w_hard = (
-                _tap_major(weight.index_select(0, out_keep).index_select(1, in_keep))
-                if do_hard
-                else w_soft
-            )
-            grid = dual_grid(b_s * h * w, c, b_h * h * w, c_h)
+            if not do_hard:
+                w_hard = w_soft
+            elif hard_weight is not None and hard_weight.numel() > 0:
+                w_hard = _tap_major(hard_weight)  # the forward's (already tap-major)
+            else:
+                w_hard = _gather_hard(weight, in_keep, out_keep)
+            grid = dual_grid(rows_s, c, rows_h, c_h, phases=phases)
             launcher(_dual_conv_dgrad_kernel)[grid](
                 dys, dyh, w_soft, w_hard, x_soft, x_hard, ms, mh, dxs, dxh, dms_part, dmh_part,
                 b_s, b_h, c, h, w, n_out, c_h, n_out_h, oh, ow,
                 *strides4(dys), *strides4(dyh), *_tap_strides(w_soft), *_tap_strides(w_hard),
                 *strides4(x_soft), *strides4(x_hard), *strides4(dxs), *strides4(dxh), *geo,
+                *_phase_params(stride, dilation),
                 KH=kh, KW=kw, NEED_DX_S=need_x_soft, NEED_DM_S=need_soft_mask,
                 NEED_DX_H=need_x_hard, NEED_DM_H=need_hard_mask,
                 UPCAST=upcast_dot(weight.dtype), PRECISION=dot_precision(weight.dtype, "conv"),
@@ -759,7 +840,8 @@ def _fwd_flops(x_soft, x_hard, weight, bias, soft_in_mask, hard_in_mask, in_keep
 @register_flop_formula(torch.ops.s2h_kernels.dual_conv2d_dgrad)
 def _dgrad_flops(grad_soft, grad_hard, x_soft, x_hard, weight, soft_in_mask, hard_in_mask,
                  in_keep, out_keep, stride, padding, dilation, groups, need_x_soft, need_x_hard,
-                 need_soft_mask, need_hard_mask, *, out_shape=None, **kwargs) -> int:  # fmt: skip
+                 need_soft_mask, need_hard_mask, hard_weight=None, *, out_shape=None,
+                 **kwargs) -> int:  # fmt: skip
     soft = grad_soft is not None and (need_x_soft or need_soft_mask)
     hard = grad_hard is not None and (need_x_hard or need_hard_mask)
     return _conv_flops(x_soft, x_hard, weight, in_keep, out_keep, stride, padding, dilation,
@@ -795,7 +877,8 @@ def dual_conv2d_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The fused dual conv2d through the registered op (arguments checked by the caller;
     ``groups`` is 1 or depthwise)."""
-    return torch.ops.s2h_kernels.dual_conv2d(
+    y_soft, y_hard, _ = torch.ops.s2h_kernels.dual_conv2d(
         x_soft, x_hard, weight, bias, soft_in_mask, hard_in_mask, in_keep, out_keep,
         list(stride), list(padding), list(dilation), groups, weight_grad,
     )  # fmt: skip
+    return y_soft, y_hard

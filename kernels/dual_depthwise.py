@@ -133,9 +133,25 @@ def _dual_dw_fwd_kernel(
     s_ys_b, s_ys_c, s_ys_h, s_ys_w, s_yh_b, s_yh_c, s_yh_h, s_yh_w,
     conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
     TUNE_KEY,
+    ALIGN: tl.constexpr,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
+    if ALIGN > 1:  # see with_align_hint: a value-preserving rounding Triton can see
+        C = C // ALIGN * ALIGN
+        C_h = C_h // ALIGN * ALIGN
+        s_xs_b = s_xs_b // ALIGN * ALIGN
+        s_xs_h = s_xs_h // ALIGN * ALIGN
+        s_xs_w = s_xs_w // ALIGN * ALIGN
+        s_xh_b = s_xh_b // ALIGN * ALIGN
+        s_xh_h = s_xh_h // ALIGN * ALIGN
+        s_xh_w = s_xh_w // ALIGN * ALIGN
+        s_ys_b = s_ys_b // ALIGN * ALIGN
+        s_ys_h = s_ys_h // ALIGN * ALIGN
+        s_ys_w = s_ys_w // ALIGN * ALIGN
+        s_yh_b = s_yh_b // ALIGN * ALIGN
+        s_yh_h = s_yh_h // ALIGN * ALIGN
+        s_yh_w = s_yh_w // ALIGN * ALIGN
     pid = tl.program_id(0)
     soft_tiles = tl.cdiv(B_s * OH * OW, BLOCK_M) * tl.cdiv(C, BLOCK_C)
     if pid < soft_tiles:
@@ -153,6 +169,12 @@ def _dual_dw_fwd_kernel(
             s_yh_b, s_yh_c, s_yh_h, s_yh_w, conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
             KH, KW, True, HAS_BIAS, BLOCK_M, BLOCK_C,
         )  # fmt: skip
+
+
+_dual_dw_fwd_kernel.align_args = (  # sizes and strides ALIGN asserts are multiples of it
+    "C", "C_h", "s_xs_b", "s_xs_h", "s_xs_w", "s_xh_b", "s_xh_h", "s_xh_w", "s_ys_b", "s_ys_h",
+    "s_ys_w", "s_yh_b", "s_yh_h", "s_yh_w",
+)
 
 
 @triton.jit
@@ -208,11 +230,33 @@ def _dual_dw_dgrad_kernel(
     s_dxs_b, s_dxs_c, s_dxs_h, s_dxs_w, s_dxh_b, s_dxh_c, s_dxh_h, s_dxh_w,
     conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
     TUNE_KEY,
+    ALIGN: tl.constexpr,
     KH: tl.constexpr, KW: tl.constexpr,
     NEED_DX_S: tl.constexpr, NEED_DM_S: tl.constexpr,
     NEED_DX_H: tl.constexpr, NEED_DM_H: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
+    if ALIGN > 1:  # see with_align_hint: a value-preserving rounding Triton can see
+        C = C // ALIGN * ALIGN
+        C_h = C_h // ALIGN * ALIGN
+        s_dys_b = s_dys_b // ALIGN * ALIGN
+        s_dys_h = s_dys_h // ALIGN * ALIGN
+        s_dys_w = s_dys_w // ALIGN * ALIGN
+        s_dyh_b = s_dyh_b // ALIGN * ALIGN
+        s_dyh_h = s_dyh_h // ALIGN * ALIGN
+        s_dyh_w = s_dyh_w // ALIGN * ALIGN
+        s_xs_b = s_xs_b // ALIGN * ALIGN
+        s_xs_h = s_xs_h // ALIGN * ALIGN
+        s_xs_w = s_xs_w // ALIGN * ALIGN
+        s_xh_b = s_xh_b // ALIGN * ALIGN
+        s_xh_h = s_xh_h // ALIGN * ALIGN
+        s_xh_w = s_xh_w // ALIGN * ALIGN
+        s_dxs_b = s_dxs_b // ALIGN * ALIGN
+        s_dxs_h = s_dxs_h // ALIGN * ALIGN
+        s_dxs_w = s_dxs_w // ALIGN * ALIGN
+        s_dxh_b = s_dxh_b // ALIGN * ALIGN
+        s_dxh_h = s_dxh_h // ALIGN * ALIGN
+        s_dxh_w = s_dxh_w // ALIGN * ALIGN
     pid = tl.program_id(0)
     soft_tiles = tl.cdiv(B_s * H * W, BLOCK_M) * tl.cdiv(C, BLOCK_C)
     if pid < soft_tiles:
@@ -233,6 +277,13 @@ def _dual_dw_dgrad_kernel(
             conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
             KH, KW, True, NEED_DX_H, NEED_DM_H, BLOCK_M, BLOCK_C,
         )  # fmt: skip
+
+
+_dual_dw_dgrad_kernel.align_args = (  # sizes and strides ALIGN asserts are multiples of it
+    "C", "C_h", "s_dys_b", "s_dys_h", "s_dys_w", "s_dyh_b", "s_dyh_h", "s_dyh_w", "s_xs_b",
+    "s_xs_h", "s_xs_w", "s_xh_b", "s_xh_h", "s_xh_w", "s_dxs_b", "s_dxs_h", "s_dxs_w",
+    "s_dxh_b", "s_dxh_h", "s_dxh_w",
+)
 
 
 @triton.jit
@@ -300,9 +351,25 @@ def _dual_dw_wgrad_kernel(
     s_xs_b, s_xs_c, s_xs_h, s_xs_w, s_xh_b, s_xh_c, s_xh_h, s_xh_w,
     conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
     TUNE_KEY,
+    ALIGN: tl.constexpr,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
+    if ALIGN > 1:  # see with_align_hint: a value-preserving rounding Triton can see
+        C = C // ALIGN * ALIGN
+        C_h = C_h // ALIGN * ALIGN
+        s_dys_b = s_dys_b // ALIGN * ALIGN
+        s_dys_h = s_dys_h // ALIGN * ALIGN
+        s_dys_w = s_dys_w // ALIGN * ALIGN
+        s_dyh_b = s_dyh_b // ALIGN * ALIGN
+        s_dyh_h = s_dyh_h // ALIGN * ALIGN
+        s_dyh_w = s_dyh_w // ALIGN * ALIGN
+        s_xs_b = s_xs_b // ALIGN * ALIGN
+        s_xs_h = s_xs_h // ALIGN * ALIGN
+        s_xs_w = s_xs_w // ALIGN * ALIGN
+        s_xh_b = s_xh_b // ALIGN * ALIGN
+        s_xh_h = s_xh_h // ALIGN * ALIGN
+        s_xh_w = s_xh_w // ALIGN * ALIGN
     pid = tl.program_id(0)
     soft_tiles = SPLIT * (KH * KW) * tl.cdiv(C, BLOCK_C) * soft_on
     if pid < soft_tiles:
@@ -320,6 +387,12 @@ def _dual_dw_wgrad_kernel(
         )  # fmt: skip
 
 
+
+
+_dual_dw_wgrad_kernel.align_args = (  # sizes and strides ALIGN asserts are multiples of it
+    "C", "C_h", "s_dys_b", "s_dys_h", "s_dys_w", "s_dyh_b", "s_dyh_h", "s_dyh_w", "s_xs_b",
+    "s_xs_h", "s_xs_w", "s_xh_b", "s_xh_h", "s_xh_w",
+)
 
 
 # --------------------------------------------------------------------------------------------

@@ -360,10 +360,10 @@ def _fwd_fake(
     x_soft: torch.Tensor, x_hard: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     soft_in_mask: torch.Tensor, hard_in_mask: torch.Tensor, in_keep: torch.Tensor,
     out_keep: torch.Tensor, weight_grad: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     y_soft = x_soft.new_empty((*x_soft.shape[:-1], weight.shape[0]))
     y_hard = x_hard.new_empty((*x_hard.shape[:-1], out_keep.shape[0]))
-    return y_soft, y_hard
+    return y_soft, y_hard, weight.new_empty((out_keep.shape[0], in_keep.shape[0]))
 
 
 @register_op("s2h_kernels::dual_linear", fake=_fwd_fake)
@@ -371,9 +371,14 @@ def dual_linear_op(
     x_soft: torch.Tensor, x_hard: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     soft_in_mask: torch.Tensor, hard_in_mask: torch.Tensor, in_keep: torch.Tensor,
     out_keep: torch.Tensor, weight_grad: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Forward of the dual linear (one launch). Arguments as ``s2h.functional.dual_linear``;
-    ``weight_grad`` only matters to autograd."""
+    ``weight_grad`` only matters to autograd.
+
+    Returns ``(y_soft, y_hard, hard_weight)``: ``hard_weight`` is the gathered (unmasked)
+    ``W[out_keep][:, in_keep]`` the forward builds anyway, which autograd saves for the data
+    gradient (see ``_autograd``) so that the backward does not gather it again.
+    """
     n_out, n_in = weight.shape
     n_out_h, n_in_h = out_keep.shape[0], in_keep.shape[0]
     xs = _rows(x_soft, n_in)
@@ -381,7 +386,8 @@ def dual_linear_op(
     # the input masks folded into the weights once per call (one pass over W, rounded once):
     # the kernels' K loops then read plain operands
     w_soft = mask_columns(weight, soft_in_mask)
-    w_hard = mask_columns(gather_hard_weight(weight, in_keep, out_keep), hard_in_mask)
+    hard_weight = gather_hard_weight(weight, in_keep, out_keep)
+    w_hard = mask_columns(hard_weight, hard_in_mask)
     ys = torch.empty((xs.shape[0], n_out), dtype=x_soft.dtype, device=x_soft.device)
     yh = torch.empty((xh.shape[0], n_out_h), dtype=x_hard.dtype, device=x_hard.device)
     m_s, m_h = xs.shape[0], xh.shape[0]
@@ -399,6 +405,7 @@ def dual_linear_op(
     return (
         ys.reshape(*x_soft.shape[:-1], n_out),
         yh.reshape(*x_hard.shape[:-1], n_out_h),
+        hard_weight,
     )
 
 
@@ -407,6 +414,7 @@ def _dgrad_fake(
     x_hard: torch.Tensor, weight: torch.Tensor, soft_in_mask: torch.Tensor,
     hard_in_mask: torch.Tensor, in_keep: torch.Tensor, out_keep: torch.Tensor,
     need_x_soft: bool, need_x_hard: bool, need_soft_mask: bool, need_hard_mask: bool,
+    hard_weight: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     soft, hard = grad_soft is not None, grad_hard is not None
     return (
@@ -427,11 +435,14 @@ def dual_linear_dgrad_op(
     x_hard: torch.Tensor, weight: torch.Tensor, soft_in_mask: torch.Tensor,
     hard_in_mask: torch.Tensor, in_keep: torch.Tensor, out_keep: torch.Tensor,
     need_x_soft: bool, need_x_hard: bool, need_soft_mask: bool, need_hard_mask: bool,
+    hard_weight: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Activation and mask gradients of both paths in one launch.
 
     Returns ``(dx_soft, dx_hard, d_soft_mask, d_hard_mask)``; an output that was not asked
     for, or whose path has no incoming gradient (``None``), is an empty tensor.
+    ``hard_weight``: the forward's gathered ``W[out_keep][:, in_keep]`` (gathered here when
+    ``None``).
     """
     n_out, n_in = weight.shape
     n_out_h, n_in_h = out_keep.shape[0], in_keep.shape[0]
@@ -443,7 +454,12 @@ def dual_linear_dgrad_op(
     m_h = xh.shape[0] if do_hard else 0
     dys = _rows(grad_soft, n_out) if do_soft else xs
     dyh = _rows(grad_hard, n_out_h) if do_hard else xh
-    w_hard = gather_hard_weight(weight, in_keep, out_keep) if do_hard else weight
+    if not do_hard:
+        w_hard = weight
+    elif hard_weight is not None:
+        w_hard = hard_weight
+    else:
+        w_hard = gather_hard_weight(weight, in_keep, out_keep)
     dxs = torch.empty((m_s, n_in), dtype=x_soft.dtype, device=x_soft.device)
     dxh = torch.empty((m_h, n_in_h), dtype=x_hard.dtype, device=x_hard.device)
     dms_part = torch.empty(
@@ -561,7 +577,7 @@ def _fwd_flops(x_soft, x_hard, weight, bias, soft_in_mask, hard_in_mask, in_keep
 @register_flop_formula(torch.ops.s2h_kernels.dual_linear_dgrad)
 def _dgrad_flops(grad_soft, grad_hard, x_soft, x_hard, weight, soft_in_mask, hard_in_mask,
                  in_keep, out_keep, need_x_soft, need_x_hard, need_soft_mask, need_hard_mask,
-                 *, out_shape=None, **kwargs) -> int:  # fmt: skip
+                 hard_weight=None, *, out_shape=None, **kwargs) -> int:  # fmt: skip
     n_out, n_in = weight
     soft = grad_soft is not None and (need_x_soft or need_soft_mask)
     hard = grad_hard is not None and (need_x_hard or need_hard_mask)
@@ -598,6 +614,7 @@ def dual_linear_triton(
     out_keep: torch.Tensor, *, weight_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The fused dual linear through the registered op (arguments checked by the caller)."""
-    return torch.ops.s2h_kernels.dual_linear(
+    y_soft, y_hard, _ = torch.ops.s2h_kernels.dual_linear(
         x_soft, x_hard, weight, bias, soft_in_mask, hard_in_mask, in_keep, out_keep, weight_grad
     )
+    return y_soft, y_hard

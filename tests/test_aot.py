@@ -144,6 +144,32 @@ def test_hard_path_widths_that_are_8_mod_16_load_like_16_aligned_ones():
         assert result[f"{kernel}/0.55"][0] > 0 and result[f"{kernel}/0.55"][2] > 0
 
 
+def test_depthwise_kept_widths_that_are_8_mod_16_load_like_16_aligned_ones():
+    """The depthwise kernels take the ALIGN hint too: a depthwise 3x3 at keep 0.15 (24 of 144
+    channels kept, 8 mod 16) compiles every kernel to the load mix of keep 0.35 (48 kept,
+    16-aligned). Without the hint its dgrad had 130 2-byte loads against 2."""
+    result = _run(
+        """
+        import json, sys
+        sys.path.insert(0, "bench")
+        import compile_kernels as ck
+        res = {"kept": [ck.kept(144, 0.15), ck.kept(144, 0.35)]}
+        for keep in (0.15, 0.35):
+            for r in ck.compile_case(("dw3x3", keep, True)):
+                if r["arch"] == "sm_90":
+                    assert r["ok"], r
+                    res[f"{r['kernel']}/{keep}"] = [
+                        r["loads_16B"], r["loads_2B"], r["async_copies"], r["spill_bytes"]
+                    ]
+        print(json.dumps(res))
+        """
+    )
+    assert result["kept"] == [24, 48], result["kept"]
+    for kernel in ("_dual_dw_fwd_kernel", "_dual_dw_dgrad_kernel", "_dual_dw_wgrad_kernel"):
+        assert result[f"{kernel}/0.15"] == result[f"{kernel}/0.35"], (kernel, result)
+        assert result[f"{kernel}/0.15"][0] > 0 and result[f"{kernel}/0.15"][3] == 0
+
+
 def test_one_by_one_convs_load_weights_vectorised_and_do_not_spill():
     """A 1x1 conv's weight has size-1 KH/KW dims whose torch strides are 1: Triton specialised
     them to the constant 1, the tap offset lost its alignment and every weight load of the K

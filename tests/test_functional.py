@@ -232,6 +232,11 @@ CONV_CASES = {
     "3x3_stride2_cl_nobias": (2, 20, 19, (9, 8), 3, (0.5, 0.6), False, False, 2, 1, 1, True),
     "3x3_dilation2_pad2": (2, 12, 10, (8, 9), 3, (0.6, 0.5), True, False, 1, 2, 2, False),
     "1x1_stride2_rect": (3, 24, 33, (7, 9), 1, (0.4, 0.5), True, False, (2, 1), 0, 1, False),
+    # stride phases of unequal sizes (odd H and W), no padding: phase 0 gets taps 0 and 2
+    "3x3_stride2_pad0_odd": (2, 20, 19, (9, 7), 3, (0.5, 0.6), True, False, 2, 0, 1, False),
+    # dilation sharing a factor with the stride (W: every odd phase gets no tap) and not (H)
+    "3x3_stride32_dilation2": (2, 12, 10, (11, 10), 3, (0.6, 0.5), True, False, (3, 2), (2, 1),
+                               2, True),
     "dw3x3_bias": (2, 37, 37, (7, 6), 3, (0.5, 0.5), True, True, 1, 1, 1, False),
     "dw5x5_stride2_cl_nobias": (2, 20, 20, (9, 8), 5, (0.4, 0.4), False, True, 2, 2, 1, True),
 }
@@ -263,6 +268,7 @@ def test_dual_conv2d_fp32(triton_backend: None, name: str) -> None:
     "name,dtype",
     [
         ("3x3_stride2_cl_nobias", torch.bfloat16),
+        ("3x3_stride2_pad0_odd", torch.float16),
         ("3x3_bias", torch.float16),
         ("dw3x3_bias", torch.bfloat16),
     ],
@@ -284,6 +290,148 @@ def test_dual_conv2d_keeps_memory_format(triton_backend: None) -> None:
         )
     assert y_s.is_contiguous(memory_format=torch.channels_last)
     assert y_h.is_contiguous(memory_format=torch.channels_last)
+
+
+def _count_interpreted_dots(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]]:
+    """Record the ``(M, K, N)`` of every ``tl.dot`` Triton's interpreter executes from now on."""
+    from triton.runtime import interpreter
+
+    dots: list[tuple[int, int, int]] = []
+    orig = interpreter.InterpreterBuilder.create_dot
+
+    def counting(self, a, b, d, *rest):
+        dots.append((a.data.shape[0], a.data.shape[1], b.data.shape[1]))
+        return orig(self, a, b, d, *rest)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", counting)
+    return dots
+
+
+@pytest.mark.skipif(not KERNELS.INTERPRET, reason="counts the dots Triton's interpreter runs")
+@pytest.mark.parametrize("k,pad", [(3, 1), (1, 0)])
+def test_stride2_dgrad_runs_only_the_taps_that_reach_each_pixel(
+    monkeypatch: pytest.MonkeyPatch, k: int, pad: int
+) -> None:
+    """A stride-2 conv's input pixel (ih, iw) receives gradient through tap (r, s) only when
+    ``ih + pad - r`` and ``iw + pad - s`` are even: a 3x3 pixel gets 1, 2 or 4 of the 9 taps by
+    its (ih % 2, iw % 2) phase, 9 of 36 overall; a 1x1 pixel 1 tap in phase (0, 0), none else.
+    The data-gradient kernel must run (tile, tap) MMAs for those only: the dots it executes
+    equal the hand count of phase-pure tiles and a quarter of running every tap on every pixel
+    tile. Its gradients still match torch's conv backward."""
+    from s2h.kernels import dual_conv2d as kdc
+
+    meta = kdc._dual_conv_dgrad_kernel.configs[0].kwargs
+    bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
+    b, c, o, h, stride = 1, 32, 32, 16, 2
+    ik, ok = torch.arange(0, c, 2), torch.arange(1, o, 2)  # 16 kept of 32, both sides
+    xs, xh = torch.randn(b, c, h, h), torch.randn(b, 16, h, h)
+    w = torch.randn(o, c, k, k) / math.sqrt(c * k * k)
+    ms, mh = torch.rand(c), torch.rand(16)
+    oh = (h + 2 * pad - k) // stride + 1
+    gs, gh = torch.randn(b, o, oh, oh), torch.randn(b, 16, oh, oh)
+    geo = ([stride, stride], [pad, pad], [1, 1])
+    dots = _count_interpreted_dots(monkeypatch)
+    dxs, dxh, dms, dmh = torch.ops.s2h_kernels.dual_conv2d_dgrad(
+        gs, gh, xs, xh, w, ms, mh, ik, ok, *geo, 1, True, True, True, True
+    )
+    monkeypatch.undo()
+
+    def taps(p: int) -> int:  # filter taps r with (p + pad - r) even, p the pixel's phase
+        return sum((p + pad - r) % 2 == 0 for r in range(k))
+
+    def cdiv(a: int, d: int) -> int:
+        return -(-a // d)
+
+    per_phase_tiles = cdiv(b * (h // 2) ** 2, bm)  # every phase is an 8 x 8 grid here
+    phased = every_tap = 0
+    for n_c, n_o in ((c, o), (16, 16)):  # soft, hard problem
+        tiles = cdiv(n_c, bn) * cdiv(n_o, bk)
+        phased += tiles * per_phase_tiles * sum(taps(p) * taps(q) for p in (0, 1) for q in (0, 1))
+        every_tap += tiles * cdiv(b * h * h, bm) * k * k
+    assert len(dots) == phased
+    assert 4 * phased == every_tap
+    assert all(d == (bm, bk, bn) for d in dots)
+    # the gradients, against torch's own conv backward
+    kw = {"stride": stride, "padding": pad}
+    for dx, dm, x, wt, g, m in ((dxs, dms, xs, w, gs, ms),
+                                (dxh, dmh, xh, w[ok][:, ik], gh, mh)):  # fmt: skip
+        gx = torch.nn.grad.conv2d_input(x.shape, wt, g, **kw)
+        torch.testing.assert_close(dx, gx * m[:, None, None], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(dm, (gx * x).sum((0, 2, 3)), atol=1e-4, rtol=1e-4)
+
+
+@needs_kernels
+def test_depthwise_kernels_take_the_alignment_hint(
+    triton_backend: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A channels-last depthwise conv of 24 channels, 8 kept (multiples of the divisor 8, not
+    of 16), with channels-last upstream gradients: the forward, data- and weight-gradient
+    depthwise kernels are launched with ``ALIGN=8`` (so the compiled kernels may assume
+    16-byte aligned rows), and outputs and every gradient still match the float64 reference."""
+    from s2h.kernels import _common
+
+    aligns: dict[str, int | None] = {}
+    orig = _common.with_align_hint
+
+    def spy(kernel, args, kwargs):
+        out = orig(kernel, args, kwargs)
+        aligns[kernel.fn.__name__] = out.get("ALIGN")
+        return out
+
+    monkeypatch.setattr(_common, "with_align_hint", spy)
+    case = conv_case(2, 24, 24, (7, 6), 3, (0.34, 0.34), torch.float32, depthwise=True)
+    assert case["in_keep"].numel() == 8
+    kw = {"stride": 1, "padding": 1, "dilation": 1, "groups": 24}
+    cl = torch.channels_last
+    g_s, g_h = (g.contiguous(memory_format=cl) for g in upstream(case, sf.dual_conv2d_reference,
+                                                                  **kw))
+    exact = run(sf.dual_conv2d_reference, materialise(case, torch.float64), (g_s, g_h), **kw)
+    got = run(sf.dual_conv2d, materialise(case, torch.float32, channels_last=True), (g_s, g_h),
+              **kw)  # fmt: skip
+    assert aligns == {
+        "_dual_dw_fwd_kernel": 8, "_dual_dw_dgrad_kernel": 8, "_dual_dw_wgrad_kernel": 8
+    }  # fmt: skip
+    for name, want in exact.items():
+        scale = max(want.abs().max().item(), 1e-3)
+        err = (got[name].double() - want).abs().max().item()
+        assert err <= 1e-4 * scale, f"{name}: max error {err:.3g}"
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_hard_weight_is_gathered_once_per_forward_and_backward(
+    triton_backend: None, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """The hard path's weight ``W[out_keep][:, in_keep]`` is gathered by the forward (two
+    ``index_select`` calls) and saved for the data gradient, which used to gather it again:
+    a forward + backward now runs the two gathers of the forward only, and the hard path's
+    gradients still equal the reference's."""
+    if kind == "linear":
+        fn, ref = sf.dual_linear, sf.dual_linear_reference
+        case, kw = linear_case((2, 20), (2, 20), 36, 30, (0.5, 0.5), torch.float32), {}
+    else:
+        fn, ref = sf.dual_conv2d, sf.dual_conv2d_reference
+        case, kw, _ = _conv_args(CONV_CASES["3x3_stride2_cl_nobias"], torch.float32)
+    got, want = materialise(case, torch.float32), materialise(case, torch.float32)
+    gathered: list[tuple[int, ...]] = []
+    orig = torch.Tensor.index_select
+
+    def counting(self, *args, **kwargs):
+        gathered.append(tuple(self.shape))
+        return orig(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "index_select", counting)
+    y_s, y_h = fn(*(got[n] for n in NAMES), got["in_keep"], got["out_keep"], **kw)
+    in_forward = list(gathered)
+    (y_s.square().sum() + y_h.square().sum()).backward()
+    monkeypatch.undo()
+    w = tuple(got["weight"].shape)
+    assert in_forward == [w, (got["out_keep"].numel(), *w[1:])]
+    assert gathered == in_forward  # none in the backward
+    r_s, r_h = ref(*(want[n] for n in NAMES), want["in_keep"], want["out_keep"], **kw)
+    (r_s.square().sum() + r_h.square().sum()).backward()
+    for name in ("x_hard", "hard_in_mask", "weight"):
+        torch.testing.assert_close(got[name].grad, want[name].grad, atol=1e-4, rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------
