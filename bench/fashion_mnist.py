@@ -251,11 +251,10 @@ def run_seed(args, seed: int, device) -> list[dict]:
              "seconds": time.time() - t0}, model)
 
     for target in args.targets:
-        if "stp" in methods:  # METHOD §8, the same budget; faster exploration for short runs
+        if "stp" in methods:  # METHOD §8, the same budget, `s2h prune --method stp` defaults
             out = os.path.join(args.work, f"seed{seed}", f"stp-{target:g}")
             cfg = _cfg(args, seed, target_flops=target, method="stp", epochs=epochs,
-                       steps_per_epoch=spe, out=out, stp_trials=1, stp_width_step=2,
-                       stp_commits_per_round=3)
+                       steps_per_epoch=spe, out=out)
             t0 = time.time()
             summary = T.run_prune(cfg)
             last = summary["last_epoch"]
@@ -338,7 +337,8 @@ def run(args) -> dict:
                 + ("" if args.eval_batches is None else f", {args.eval_batches} batches"),
         "device": str(device), "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": _commit(),
-        "minutes": (time.time() - t_all) / 60, "rows": rows, "summary": aggregate(rows),
+        "started": t_all, "minutes": (time.time() - t_all) / 60,
+        "rows": rows, "summary": aggregate(rows),
     }
 
 
@@ -360,8 +360,11 @@ def markdown(res: dict) -> str:
         f"{res['batch_size']} per row unless the steps column says more (equal training "
         f"compute), {n} seed{'s' if n > 1 else ''} ({', '.join(map(str, res['seeds']))}), "
         f"mean ± std; evaluated on {res['eval']}; {res['device']}, torch {res['torch']}, "
-        f"commit {res['commit']}, {res['minutes']:.0f} min in all. "
-        f"Command: `{res['command']}`.",
+        f"commit {res['commit']}, "
+        + (f"{res['minutes']:.0f} process-minutes in {len(res['merged_from'])} runs, "
+           f"{res['wall_minutes']:.0f} min wall. " if res.get("wall_minutes") else
+           f"{res['minutes']:.0f} min in all. ")
+        + f"Command: `{res['command']}`.",
         "",
         "| target | method | steps | exported acc | gap (soft−hard) | FLOPs ratio | params (k) |",
         "|---|---|---|---|---|---|---|",
@@ -433,6 +436,49 @@ def _settings(parser: argparse.ArgumentParser, items: list[str]) -> dict:
     return out
 
 
+def merge(paths: list[str]) -> dict:
+    """One result from several runs of this script (e.g. one process per seed and target, run
+    side by side): their rows together, re-aggregated. The runs must share the settings that
+    make rows comparable (steps, batch size, split, S2H settings); a dense row is kept once per
+    seed."""
+    parts = []
+    for path in paths:
+        with open(path) as f:
+            parts.append(json.load(f))
+    same = ("steps", "batch_size", "split", "eval", "s2h_set")
+    for res in parts[1:]:
+        for k in same:
+            if res.get(k) != parts[0].get(k):
+                raise SystemExit(f"--merge: {k} differs between the runs: "
+                                 f"{parts[0].get(k)!r} vs {res.get(k)!r}")
+    rows, dense_seen = [], set()
+    for res in parts:
+        for r in res["rows"]:
+            if r["method"] == "dense":
+                if r["seed"] in dense_seen or r.get("exported") is None:
+                    continue  # counted only (no 'dense' in --methods) or already kept
+                dense_seen.add(r["seed"])
+            elif any((q["method"], q["target"], q["seed"]) == (r["method"], r["target"], r["seed"])
+                     for q in rows):
+                raise SystemExit(f"--merge: {r['method']} at {r['target']} seed {r['seed']} is "
+                                 "in more than one of the runs")
+            rows.append(r)
+    rows.sort(key=lambda r: (r["seed"], r["method"] != "dense", r["target"]))
+    out = dict(parts[0])
+    out.update(
+        seeds=sorted({r["seed"] for r in rows}),
+        targets=sorted({r["target"] for r in rows if r["method"] != "dense"}),
+        commit=",".join(sorted({str(r.get("commit")) for r in parts})),
+        minutes=sum(r["minutes"] for r in parts),
+        wall_minutes=(max(r["started"] + 60 * r["minutes"] for r in parts)
+                      - min(r["started"] for r in parts)) / 60
+        if all("started" in r for r in parts) else None,
+        command=" ; ".join(r["command"] for r in parts),
+        merged_from=[os.path.basename(p) for p in paths],
+        rows=rows, summary=aggregate(rows))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=300,
@@ -453,6 +499,9 @@ def main(argv=None) -> int:
                         "gate_lr=0.1: choose them with --split val, never on the test set")
     p.add_argument("--tp-reg", type=float, default=5e-4,
                    help="Torch-Pruning Group-SL: group-norm regularisation strength")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="do not train: merge the results of several runs of this script "
+                        "(e.g. one process per seed/target) into one table")
     p.add_argument("--tag", default="", help="suffix of the results files, e.g. '-stp'")
     p.add_argument("--data-dir", default=None, help="default: /usr/share/datasets/fashion-mnist")
     p.add_argument("--device", default="auto")
@@ -474,7 +523,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     # every row with float32 denormals flushed, as `s2h prune` runs on the CPU
     torch.set_flush_denormal(True)
-    res = run(args)
+    res = merge(args.merge) if args.merge else run(args)
     os.makedirs(args.results, exist_ok=True)
     stem = os.path.join(args.results, f"fashion_mnist-{res['date']}{args.tag}")
     with open(stem + ".json", "w") as f:
