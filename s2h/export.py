@@ -387,6 +387,34 @@ def _mismatch(model: nn.Module, cand: nn.Module) -> list[str] | None:
     return None
 
 
+def _torchvision_candidate(name: str, kwargs: dict, numel: int) -> nn.Module | None:
+    """torchvision's ``name`` built on the meta device, or for real (on the CPU) when its
+    builder computes with tensors (RegNet's widths) and its published parameter count is
+    within twice ``numel`` (no large model is built to be compared and thrown away)."""
+    builder = {"kind": "torchvision", "name": name, "kwargs": kwargs}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with torch.device("meta"):
+                return _build_from(builder)
+        except Exception:
+            pass
+        try:
+            import torchvision
+
+            weights = list(torchvision.models.get_model_weights(name))
+            n = int(weights[0].meta["num_params"])
+        except Exception:
+            return None
+        if n > 2 * numel:
+            return None
+        try:
+            with torch.device("cpu"):
+                return _build_from(builder)
+        except Exception:
+            return None
+
+
 def _detect_torchvision(model: nn.Module, example_inputs: tuple) -> dict | None:
     """The torchvision builder that rebuilds ``model`` exactly (see the module docstring)."""
     try:
@@ -398,14 +426,12 @@ def _detect_torchvision(model: nn.Module, example_inputs: tuple) -> dict | None:
         return None
     base = _torchvision_kwargs(model, example_inputs)
     state = model.state_dict()
+    numel = sum(t.numel() for t in state.values())
     for name in names:
         kwargs = dict(base)
         for _ in range(2):  # the second time with the model's number of classes
-            try:
-                with torch.device("meta"), warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    cand = _build_from({"kind": "torchvision", "name": name, "kwargs": kwargs})
-            except Exception:
+            cand = _torchvision_candidate(name, kwargs, numel)
+            if cand is None:
                 break
             if type(cand) is not type(model):
                 break
