@@ -8,13 +8,25 @@ A saved model is a directory with
 
 * ``model.safetensors`` — every tensor of ``state_dict()``;
 * ``architecture.json`` — how to rebuild the module tree: a *builder* for the dense architecture
-  (``s2h.models`` name, timm model name, or a full structural description for models made only of
-  standard ``torch.nn`` layers and containers) plus the shape of every conv / linear / norm layer
-  of the pruned model, which replace the dense ones before the weights are loaded.
+  (``s2h.models`` name, timm model name, torchvision classification model name, or a full
+  structural description for models made only of standard ``torch.nn`` layers and containers)
+  plus the shape of every conv / linear / norm layer of the pruned model, which replace the dense
+  ones before the weights are loaded, and the *swaps*: an attention layer whose pruned form is
+  another class (``nn.MultiheadAttention`` ->
+  :class:`~s2h.torch_attention.PrunedMultiheadAttention`, torchvision's
+  ``ShiftedWindowAttention`` -> ``PrunedShiftedWindowAttention``), rebuilt from the dense layer at
+  the same path and the recorded sizes.
 
 Loading imports no name from the file: builders are looked up in fixed tables and module types in
 an allow-list, so an untrusted directory cannot run code (unlike ``torch.load`` of a pickled
 model). For a model of your own class, pass ``model_fn`` to :func:`load_exported`.
+
+A torchvision model is recognised (:func:`detect_builder`) when one of torchvision's
+classification builders, with ``weights=None`` and the constructor arguments read off the model
+(``num_classes``; ViT's ``image_size``; GoogLeNet / Inception's ``aux_logits`` and
+``transform_input``; MaxViT's ``input_size`` from the example input), builds exactly the same
+module tree: same paths, classes, tensor shapes and plain attributes. Anything else is not
+guessed: pass ``builder=`` to :func:`save_exported` and ``model_fn`` to :func:`load_exported`.
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -107,6 +120,74 @@ _RESIZED_ATTRS: dict[str, tuple[str, ...]] = {
     "timm.layers.linear.Linear": ("in_features", "out_features"),
     "timm.layers.attention.Attention": ("num_heads", "attn_dim"),
     "timm.models.swin_transformer.WindowAttention": ("num_heads",),
+    "torchvision.models.convnext.LayerNorm2d": ("normalized_shape",),
+}
+
+
+def _mha_sizes(m: nn.Module) -> dict:
+    return {"embed_dim": m.embed_dim, "num_heads": m.num_heads, "head_dim": m.head_dim,
+            "out_dim": m.out_dim, "source_heads": list(m.source_heads or ()),
+            "source_num_heads": m.source_num_heads}
+
+
+def _mha_build(dense: nn.Module, sizes: dict) -> nn.Module:
+    from .torch_attention import PrunedMultiheadAttention
+
+    if sizes["source_num_heads"] != dense.num_heads:
+        raise ValueError(f"the saved heads come from a layer of {sizes['source_num_heads']} "
+                         f"heads, the rebuilt one has {dense.num_heads}")
+    heads = sizes["source_heads"]
+    if len(heads) != sizes["num_heads"] or len(set(heads)) != len(heads) \
+            or not all(0 <= h < dense.num_heads for h in heads):
+        raise ValueError(f"bad source_heads {heads!r} for {sizes['num_heads']} of "
+                         f"{dense.num_heads} heads")
+    if sizes["head_dim"] != dense.head_dim:
+        raise ValueError(f"head_dim {sizes['head_dim']} != the rebuilt layer's {dense.head_dim}")
+    w = dense.in_proj_weight if dense._qkv_same_embed_dim else dense.q_proj_weight
+    same = dense._qkv_same_embed_dim
+    return PrunedMultiheadAttention(
+        sizes["embed_dim"], sizes["num_heads"], sizes["head_dim"],
+        bias=dense.in_proj_bias is not None, kdim=None if same else dense.kdim,
+        vdim=None if same else dense.vdim, out_dim=sizes["out_dim"],
+        batch_first=dense.batch_first, dropout=dense.dropout, source_heads=heads,
+        source_num_heads=dense.num_heads, dtype=w.dtype)
+
+
+def _swin_sizes(m: nn.Module) -> dict:
+    return {"dim": m.qkv.in_features, "num_heads": m.num_heads, "head_dim": m.head_dim,
+            "out_dim": m.proj.out_features}
+
+
+def _swin_build(dense: nn.Module, sizes: dict) -> nn.Module:
+    from .torchvision_support import PrunedShiftedWindowAttention
+
+    hd = dense.qkv.in_features // dense.num_heads
+    if sizes["head_dim"] != hd or not 0 < sizes["num_heads"] <= dense.num_heads:
+        raise ValueError(f"{sizes['num_heads']} heads of {sizes['head_dim']} do not fit the "
+                         f"rebuilt layer ({dense.num_heads} heads of {hd})")
+    return PrunedShiftedWindowAttention(
+        sizes["dim"], dense.window_size, dense.shift_size, sizes["num_heads"], sizes["head_dim"],
+        out_dim=sizes["out_dim"], qkv_bias=dense.qkv.bias is not None,
+        proj_bias=dense.proj.bias is not None, attention_dropout=dense.attention_dropout,
+        dropout=dense.dropout, dtype=dense.qkv.weight.dtype)
+
+
+#: layers whose pruned form is another class (the dense class cannot hold the pruned sizes):
+#: pruned class -> (the dense class it replaces, its sizes as JSON, builder from the dense layer
+#: at the same path and those sizes). Only these swaps are ever made on loading.
+_SWAPS: dict[str, tuple[str, Callable[[nn.Module], dict],
+                        Callable[[nn.Module, dict], nn.Module]]] = {
+    "s2h.torch_attention.PrunedMultiheadAttention": (
+        "torch.nn.modules.activation.MultiheadAttention", _mha_sizes, _mha_build),
+    "s2h.torchvision_support.PrunedShiftedWindowAttention": (
+        "torchvision.models.swin_transformer.ShiftedWindowAttention", _swin_sizes, _swin_build),
+}
+#: the keys of each swap's sizes: source_heads a list of ints, every other an int
+_SWAP_KEYS = {
+    "s2h.torch_attention.PrunedMultiheadAttention": (
+        "embed_dim", "num_heads", "head_dim", "out_dim", "source_heads", "source_num_heads"),
+    "s2h.torchvision_support.PrunedShiftedWindowAttention": (
+        "dim", "num_heads", "head_dim", "out_dim"),
 }
 
 
@@ -220,6 +301,10 @@ def detect_builder(model: nn.Module, example_inputs: tuple = ()) -> dict | None:
             kwargs["in_chans"] = int(x.shape[1])
         kwargs.update(_timm_size_kwargs(model))
         return {"kind": "timm", "name": cfg["architecture"], "kwargs": kwargs}
+    if type(model).__module__.startswith("torchvision.models."):
+        b = _detect_torchvision(model, example_inputs)
+        if b is not None:
+            return b
     s = describe_structure(model)
     if s is not None:
         return {"kind": "structure", "tree": s}
@@ -244,6 +329,125 @@ def _timm_size_kwargs(model: nn.Module) -> dict:
     return kwargs
 
 
+def _torchvision_names() -> list[str]:
+    """torchvision's classification model builders (``torchvision.models.<name>``; detection,
+    segmentation, video, quantized and optical-flow builders are not among them)."""
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def _torchvision_kwargs(model: nn.Module, example_inputs: tuple) -> dict:
+    """Constructor arguments of a torchvision model that its builders do not fix and that its
+    tree does not show through tensor shapes alone."""
+    name, kwargs = type(model).__name__, {}
+    if name == "VisionTransformer":
+        kwargs["image_size"] = int(model.image_size)
+    elif name in ("GoogLeNet", "Inception3"):
+        kwargs.update(aux_logits=bool(model.aux_logits),
+                      transform_input=bool(model.transform_input), init_weights=True)
+    elif name == "MaxVit":
+        x = example_inputs[0] if example_inputs else None
+        if isinstance(x, torch.Tensor) and x.dim() == 4:
+            kwargs["input_size"] = [int(x.shape[-2]), int(x.shape[-1])]
+    return kwargs
+
+
+def _plain_attrs(m: nn.Module) -> dict:
+    return {k: v for k, v in vars(m).items()
+            if not k.startswith("_") and k != "training"
+            and isinstance(v, (bool, int, float, str, tuple, list, type(None)))}
+
+
+def _mismatch(model: nn.Module, cand: nn.Module) -> list[str] | None:
+    """None if ``cand`` (built on meta) has ``model``'s tree: the same module paths, each of
+    ``model``'s modules an instance of ``cand``'s class there with the same plain attributes,
+    and ``cand``'s tensors in ``model`` with the same shapes (``model`` may hold more: s2h's
+    hard-path BatchNorm statistics). Otherwise the tensor names whose shape differs (empty when
+    something else differs)."""
+    mods = dict(model.named_modules())
+    cand_mods = dict(cand.named_modules())
+    if set(mods) != set(cand_mods):
+        return []
+    if any(not isinstance(mods[n], type(c)) for n, c in cand_mods.items()):
+        return []
+    state = model.state_dict()
+    wrong = []
+    for k, t in cand.state_dict().items():
+        if k not in state:
+            return []
+        if tuple(state[k].shape) != tuple(t.shape):
+            wrong.append(k)
+    if wrong:
+        return wrong
+    for n, c in cand_mods.items():
+        own = vars(mods[n])
+        if any(k not in own or own[k] != v for k, v in _plain_attrs(c).items()):
+            return []
+    return None
+
+
+def _torchvision_candidate(name: str, kwargs: dict, numel: int) -> nn.Module | None:
+    """torchvision's ``name`` built on the meta device, or for real (on the CPU) when its
+    builder computes with tensors (RegNet's widths) and its published parameter count is
+    within twice ``numel`` (no large model is built to be compared and thrown away)."""
+    builder = {"kind": "torchvision", "name": name, "kwargs": kwargs}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with torch.device("meta"):
+                return _build_from(builder)
+        except Exception:
+            pass
+        try:
+            import torchvision
+
+            weights = list(torchvision.models.get_model_weights(name))
+            n = int(weights[0].meta["num_params"])
+        except Exception:
+            return None
+        if n > 2 * numel:
+            return None
+        try:
+            with torch.device("cpu"):
+                return _build_from(builder)
+        except Exception:
+            return None
+
+
+def _detect_torchvision(model: nn.Module, example_inputs: tuple) -> dict | None:
+    """The torchvision builder that rebuilds ``model`` exactly (see the module docstring)."""
+    try:
+        import torchvision
+
+        names = [n for n in _torchvision_names()
+                 if torchvision.models.get_model_builder(n).__module__ == type(model).__module__]
+    except Exception:
+        return None
+    base = _torchvision_kwargs(model, example_inputs)
+    state = model.state_dict()
+    numel = sum(t.numel() for t in state.values())
+    for name in names:
+        kwargs = dict(base)
+        for _ in range(2):  # the second time with the model's number of classes
+            cand = _torchvision_candidate(name, kwargs, numel)
+            if cand is None:
+                break
+            if type(cand) is not type(model):
+                break
+            wrong = _mismatch(model, cand)
+            if wrong is None:
+                return {"kind": "torchvision", "name": name, "kwargs": kwargs}
+            shapes = cand.state_dict()
+            # only the classifier's rows differ: the number of classes
+            rows = {state[k].shape[0] for k in wrong}
+            if not wrong or "num_classes" in kwargs or len(rows) != 1 or any(
+                    state[k].shape[1:] != shapes[k].shape[1:] for k in wrong):
+                break
+            kwargs["num_classes"] = int(rows.pop())
+    return None
+
+
 def _build_from(builder: dict) -> nn.Module:
     kind = builder.get("kind")
     kwargs = builder.get("kwargs", {}) or {}
@@ -258,6 +462,17 @@ def _build_from(builder: dict) -> nn.Module:
         import timm
 
         return timm.create_model(builder["name"], pretrained=False, **kwargs)
+    if kind == "torchvision":
+        import torchvision
+
+        name = builder.get("name")
+        if not isinstance(name, str) or name not in _torchvision_names():
+            raise ValueError(f"architecture.json names {name!r}, which is not one of "
+                             "torchvision's classification models")
+        if set(kwargs) & {"weights", "progress", "weights_backbone"}:
+            raise ValueError("a torchvision builder in architecture.json may not name weights")
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+        return torchvision.models.get_model(name, weights=None, **kwargs)
     if kind == "structure":
         return build_structure(builder["tree"])
     raise ValueError(f"unknown builder kind {kind!r} in architecture.json")
@@ -288,26 +503,38 @@ def save_exported(model: nn.Module, directory: str, builder: dict | None = None)
             "'name': ...}} and load with load_exported(dir, model_fn=<function returning the "
             "dense model>)"
         )
-    layers, resized, in_layers = {}, {}, set()
+    layers, resized, swapped, in_layers = {}, {}, {}, set()
+    inside: tuple[str, ...] = ()  # prefixes of swapped layers: their sublayers come with them
     for name, m in model.named_modules():
-        if type(m) in _RESIZABLE:
+        if inside and name.startswith(inside):
+            in_layers.add(name)
+            continue
+        qn = _qualname(type(m))
+        if qn in _SWAPS:
+            sizes = _SWAPS[qn][1](m)
+            swapped[name] = {"type": qn, "from": _SWAPS[qn][0],
+                             "sizes": {k: _int_value(sizes[k]) for k in _SWAP_KEYS[qn]}}
+            in_layers.add(name)
+            inside = (*inside, f"{name}.")
+        elif type(m) in _RESIZABLE:
             layers[name] = describe_layer(m)
             in_layers.add(name)
-        elif _qualname(type(m)) in _RESIZED_ATTRS:
-            qn = _qualname(type(m))
+        elif qn in _RESIZED_ATTRS:
             resized[name] = {"type": qn,
                              "attrs": {a: _int_value(getattr(m, a)) for a in _RESIZED_ATTRS[qn]}}
             in_layers.add(name)
-    # per-channel parameters outside the layers (layer-scale gamma): their shapes may change
+    # parameters outside the layers (layer-scale gamma, a class token, a position embedding):
+    # their shapes may change; loading gives them the file's shapes (same number of dims)
     channel_params = []
     for name, p in model.named_parameters():
         owner = name.rpartition(".")[0]
-        if owner not in in_layers and sum(s > 1 for s in p.shape) == 1:
+        if owner not in in_layers and any(s > 1 for s in p.shape):
             channel_params.append(name)
     # blocks removed by depth pruning (STP) are nn.Identity: the rebuilt model drops them too
     identities = [name for name, m in model.named_modules() if type(m) is nn.Identity and name]
     arch = {"format": FORMAT, "version": VERSION, "builder": builder, "layers": layers,
-            "resized": resized, "channel_params": channel_params, "identities": identities,
+            "resized": resized, "swapped": swapped, "channel_params": channel_params,
+            "identities": identities,
             "torch": torch.__version__}
     os.makedirs(directory, exist_ok=True)
     tensors = {k: v.detach().contiguous().clone().cpu() for k, v in model.state_dict().items()}
@@ -374,6 +601,11 @@ def _assemble(arch: dict, model: nn.Module, shapes: dict) -> nn.Module:
             raise ValueError(f"architecture.json names module {name!r}, which the rebuilt model "
                              "does not have (another model version?)")
         setattr(parent, attr, nn.Identity())
+    swapped = arch.get("swapped", {})
+    if not isinstance(swapped, dict):
+        raise ValueError("architecture.json: swapped must be an object")
+    for name, spec in swapped.items():
+        _swap(model, name, spec)
     for name, spec in layers.items():
         if not isinstance(spec, dict) or not isinstance(spec.get("args", {}), dict):
             raise ValueError(f"architecture.json: layer {name!r} is not an object with 'args'")
@@ -415,10 +647,42 @@ def _assemble(arch: dict, model: nn.Module, shapes: dict) -> nn.Module:
             continue
         p = owner._parameters.get(attr)
         saved = shapes.get(pname)
-        if p is not None and saved is not None and len(saved) == p.dim() \
-                and sum(s > 1 for s in saved) <= 1:
+        if p is not None and saved is not None and len(saved) == p.dim():
             _resize_tensors_one(owner, attr, saved)
     return model
+
+
+def _swap(model: nn.Module, name: str, spec: dict) -> None:
+    """Replace the dense layer at ``name`` by its pruned class (allow-listed in :data:`_SWAPS`),
+    built on the meta device from that layer and the recorded sizes."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"architecture.json: swapped layer {name!r} is not an object")
+    qn = spec.get("type")
+    if qn not in _SWAPS:
+        raise ValueError(f"architecture.json swaps in a layer type that is not allowed: {qn!r}")
+    dense_qn, _, build = _SWAPS[qn]
+    if spec.get("from") != dense_qn:
+        raise ValueError(f"architecture.json: {qn} replaces a {dense_qn}, not "
+                         f"{spec.get('from')!r}")
+    try:
+        dense = model.get_submodule(name) if name else None
+    except AttributeError:
+        dense = None
+    if dense is None or _qualname(type(dense)) != dense_qn:
+        raise ValueError(f"architecture.json names a {dense_qn} at {name!r}, which the rebuilt "
+                         "model does not have (another model version?)")
+    sizes = spec.get("sizes")
+    if not isinstance(sizes, dict) or set(sizes) != set(_SWAP_KEYS[qn]):
+        raise ValueError(f"architecture.json: the sizes of {qn} at {name!r} must be "
+                         f"{list(_SWAP_KEYS[qn])}, not {sizes!r}")
+    sizes = {k: _int_value(v) for k, v in sizes.items()}
+    for k, v in sizes.items():
+        if (k == "source_heads") != isinstance(v, list) or any(
+                x < (0 if k == "source_heads" else 1) for x in (v if isinstance(v, list) else [v])):
+            raise ValueError(f"architecture.json: bad {k}={v!r} for {qn} at {name!r}")
+    with torch.device("meta"):
+        new = build(dense, sizes)
+    _set_all(model, name, new.train(dense.training))
 
 
 def _check_against_header(model: nn.Module, header: dict, w_path: str) -> None:
