@@ -19,7 +19,7 @@ class PruneConfig:
     steps_per_epoch: int | None = None
     batch_size: int = 128
     lr: float = 2e-3
-    gate_lr: float = 5e-2
+    gate_lr: float = 0.1  # chosen on --split val (bench/fashion_mnist.py; README)
     weight_decay: float = 5e-4
     alpha: float = 1.0
     lam: float = 4.0

@@ -5,7 +5,7 @@ Typical use::
     pruner = s2h.S2HPruner(model, (torch.randn(2, 3, 32, 32),), target_flops=0.35)
     opt = torch.optim.AdamW([
         {"params": pruner.weight_parameters(), "lr": 1e-3, "weight_decay": 5e-4},
-        {"params": pruner.gate_parameters(), "lr": 5e-2, "weight_decay": 0.0},
+        {"params": pruner.gate_parameters(), "lr": 0.1, "weight_decay": 0.0},
     ])
     for x, y in loader:
         metrics = pruner.train_step(x, y, opt)

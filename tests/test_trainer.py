@@ -133,13 +133,14 @@ def test_variants_and_gate_schedule_reach_the_training(tmp_path):
                  "--out", str(run)]) == 0
     rows = [r for r in _steps(run) if r["kind"] == "step"]
     assert all(r["soft_acc"] == r["hard_acc"] for r in rows)  # one (hard) network only
-    assert all(r["gate_lr"] == pytest.approx(5e-2) for r in rows)  # constant schedule
+    gate_lr = trainer.PruneConfig().gate_lr  # the default rate, held constant
+    assert all(r["gate_lr"] == pytest.approx(gate_lr) for r in rows)
     # the default: the gates' lr follows the weights' warm-up + cosine schedule
     run = tmp_path / "default"
     assert main(["prune", *TINY, "--epochs", "1", "--steps-per-epoch", "4", "--no-plots",
                  "--warmup-steps", "2", "--out", str(run)]) == 0
     rows = [r for r in _steps(run) if r["kind"] == "step"]
-    assert [r["gate_lr"] for r in rows] == pytest.approx([0.05 * f(s) for s in range(4)])
+    assert [r["gate_lr"] for r in rows] == pytest.approx([gate_lr * f(s) for s in range(4)])
     with pytest.raises(SystemExit):
         main(["prune", *TINY, "--variant", "nope", "--out", str(run)])
 
