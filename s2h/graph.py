@@ -167,10 +167,15 @@ class Group:
     #: per-channel parameters outside the layers scaled with the group (ConvNeXt ``gamma``):
     #: ``[(parameter name, dim)]``, sliced with the group
     params: list[tuple[str, int]] = field(default_factory=list)
+    #: the channels of a concat along the channel dim: ``[(group index or None, width)]`` in
+    #: order, each segment the channels of that group (None: a tensor of fixed width). Such a
+    #: group has no gate of its own: its layers keep each segment's kept channels at the
+    #: segment's offset, and the segments' groups count its consumers as theirs
+    segments: list[tuple[int | None, int]] = field(default_factory=list)
 
     @property
     def prunable(self) -> bool:
-        return not self.frozen and bool(self.consumers)
+        return not self.frozen and bool(self.consumers) and not self.segments
 
 
 @dataclass
@@ -280,6 +285,13 @@ class _Analyzer:
         self.repeat_of: dict[int, tuple[int, int]] = {}
         #: the Python reshape calls being run (innermost last), see :class:`_ReshapeCalls`
         self.reshape_calls: list[tuple | None] = []
+        #: a label made by a concat along a labelled dim -> its segments in order:
+        #: ``[(label or None for an unpruned tensor, width)]`` (see :meth:`_resolve_concats`)
+        self.concat_of: dict[int, list[tuple[int | None, int]]] = {}
+        #: a concat label -> where the concat ran (for the reasons of a frozen concat)
+        self.concat_where: dict[int, str] = {}
+        #: root of a consistent concat class -> one of its concat labels
+        self._concat_rep: dict[int, int] = {}
 
     # ----------------------------------------------------------------- label helpers
     def get(self, t: torch.Tensor) -> list[int | None]:
@@ -613,34 +625,140 @@ class _Analyzer:
             self.set(out, src)
 
     def _cat(self, args, kwargs, out) -> None:
+        """A concat: the labels of the other dims merge; along the concat dim, where some input
+        is labelled, the output gets a new *concat label* whose channels are the inputs'
+        channels in segments (:attr:`concat_of`), each owned by its input's group (an unlabelled
+        input is a segment of fixed width). :meth:`_resolve_concats` decides at the end whether
+        the segments can be pruned through it."""
         tensors = list(args[0])
         dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
         dim = dim % out.dim()
         result: list[int | None] = [None] * out.dim()
         unlabelled: list = [False] * out.dim()  # dims where some input has no label
+        segments: list[tuple[int | None, int]] = []
         for t in tensors:
             if t.dim() != out.dim():
                 continue
             lab = self.get(t)
+            if t.shape[dim] > 0:
+                segments.append((lab[dim], int(t.shape[dim])))
             for d in range(out.dim()):
-                if lab[d] is None:
-                    if d != dim and t.shape[d] > 1 and not unlabelled[d]:
-                        unlabelled[d] = self.param_of.get(id(t), True)
-                    continue
                 if d == dim:
-                    self.freeze_label(lab[d], f"concat along the channel dim in {self.where()}")
+                    continue
+                if lab[d] is None:
+                    if t.shape[d] > 1 and not unlabelled[d]:
+                        unlabelled[d] = self.param_of.get(id(t), True)
                 elif result[d] is None:
                     result[d] = lab[d]
                 else:
                     result[d] = self.uf.union(result[d], lab[d])
+        if any(lab is not None for lab, _ in segments):
+            if len(segments) == 1:  # a concat of one tensor: a copy
+                result[dim] = segments[0][0]
+            else:
+                cat_lab = self.uf.new(int(out.shape[dim]))
+                self.concat_of[cat_lab] = segments
+                self.concat_where[cat_lab] = self.where()
+                result[dim] = cat_lab
         for d in range(out.dim()):
-            if unlabelled[d] and result[d] is not None:
+            if d != dim and unlabelled[d] and result[d] is not None:
                 # e.g. a class token (a parameter) concatenated to the tokens: its channels
                 # would have to be sliced too
                 what = (f"the parameter {unlabelled[d]!r}" if isinstance(unlabelled[d], str)
                         else "an unpruned tensor")
                 self.freeze_label(result[d], f"concat with {what} in {self.where()}")
         self.set(out, result)
+
+    def _flat_segments(self, cat_lab: int, seen: frozenset = frozenset()
+                       ) -> list[tuple[int | None, int]]:
+        """The segments of a concat label, a segment that is itself a concat (of a consistent
+        class: :meth:`_resolve_concats`) replaced by its segments."""
+        out: list[tuple[int | None, int]] = []
+        for lab, width in self.concat_of[cat_lab]:
+            r = None if lab is None else self.uf.find(lab)
+            rep = self._concat_rep.get(r) if r is not None else None
+            if rep is not None and r not in seen:
+                out.extend(self._flat_segments(rep, seen | {r}))
+            else:
+                out.append((lab, width))
+        return out
+
+    def _resolve_concats(self) -> None:
+        """Decide, for every concat along a labelled dim, whether its segments stay prunable.
+
+        A concat label's class (everything its channels met) must hold concat labels only, all
+        with the same segment widths: then the segments at each position are the same channels
+        and are merged pairwise (two concats added together), a segment meeting a fixed-width
+        segment is kept whole, and each consumer of the class reads every segment at its
+        offset. Anything else -- the concatenated channels met a layer's output (an add), were
+        reshaped (a channel shuffle), reduced, normalised over, reached the model output, or are
+        read in a linear's row dims or scaled by a parameter -- keeps the class whole, and with
+        it every segment (the consumer sees all of them)."""
+        if not self.concat_of:
+            return
+        uf = self.uf
+        bad: dict[int, str] = {}
+        while True:
+            changed = False
+            cat_roots: dict[int, list[int]] = {}
+            for c in self.concat_of:
+                cat_roots.setdefault(uf.find(c), []).append(c)
+            mixed = {uf.find(lab) for lab in range(len(uf.parent))
+                     if lab not in self.concat_of} & set(cat_roots)
+            self._concat_rep = {r: cs[0] for r, cs in cat_roots.items() if r not in mixed}
+            for r, cs in cat_roots.items():
+                if r in mixed or r in bad:
+                    continue
+                ref = self._flat_segments(cs[0], frozenset({r}))
+                for c in cs[1:]:
+                    other = self._flat_segments(c, frozenset({r}))
+                    if [w for _, w in other] != [w for _, w in ref]:
+                        bad[r] = (f"two concatenations of other segment widths meet (in "
+                                  f"{self.concat_where[cs[0]]} and {self.concat_where[c]})")
+                        changed = True
+                        break
+                    for (a, _), (b, _) in zip(ref, other, strict=True):
+                        if a is None and b is None:
+                            continue
+                        if a is None or b is None:
+                            lab = a if b is None else b
+                            if not uf.frozen[uf.find(lab)]:
+                                uf.freeze(lab, f"concatenated in {self.concat_where[c]} where "
+                                               "the same positions hold an unpruned tensor")
+                                changed = True
+                        elif uf.find(a) != uf.find(b):
+                            uf.union(a, b)
+                            changed = True
+            if not changed:
+                break
+        cat_roots = {uf.find(c) for c in self.concat_of}
+        for r in mixed:
+            bad.setdefault(r, "the concatenated channels meet the channels of a layer's output "
+                              "(e.g. an add)")
+        for name, rec in self.layers.items():
+            for lab in rec.row_labels:
+                if uf.find(lab) in cat_roots:
+                    bad.setdefault(uf.find(lab), f"{name} reads them in a row dim")
+        for pname, lab in self.channel_params.items():
+            if uf.find(lab) in cat_roots:
+                bad.setdefault(uf.find(lab), f"the parameter {pname!r} scales them")
+        changed = True
+        while changed:  # a whole concat keeps its segments whole (and a concat of those ...)
+            changed = False
+            for c, segs in self.concat_of.items():
+                r = uf.find(c)
+                if r not in bad and not uf.frozen[r]:
+                    continue
+                why = bad.get(r) or (uf.reasons[r] or ["it is kept whole"])[0]
+                if not uf.frozen[r]:
+                    uf.freeze(r, why)
+                for lab, _ in segs:
+                    if lab is not None and not uf.frozen[uf.find(lab)]:
+                        uf.freeze(lab, f"concatenated along the channel dim in "
+                                       f"{self.concat_where[c]}, and the concatenation is kept "
+                                       f"whole: {why}")
+                        changed = True
+        self._concat_rep = {uf.find(c): c for c in self.concat_of}
 
     # ----------------------------------------------------------------- module rules
     def layer_info(self, name: str, m: nn.Module) -> _registry.LayerInfo:
@@ -792,6 +910,7 @@ class _Analyzer:
                     self.freeze_label(lab, f"{lname} is read outside its own call ({what}, in "
                                            f"{where}): the exported model would differ")
         self._resolve_repeats()
+        self._resolve_concats()
 
     @contextlib.contextmanager
     def _size_reads(self, names, is_layer):
@@ -896,10 +1015,21 @@ def analyze(
         g = roots[r]
         g.frozen = an.uf.frozen[r]
         g.reasons = list(an.uf.reasons[r])
-        if not g.consumers and not g.frozen:
-            g.reasons.append("no conv/linear consumes these channels")
         groups.append(g)
     index = {id(g): i for i, g in enumerate(groups)}
+    # a concat's channels: segments owned by their groups, which its consumers consume too
+    for r, c in an._concat_rep.items():
+        g = roots.get(r)
+        if g is None or g.frozen:
+            continue
+        for lab, width in an._flat_segments(c, frozenset({r})):
+            seg = None if lab is None else roots.get(an.uf.find(lab))
+            g.segments.append((None if seg is None else index[id(seg)], width))
+            if seg is not None:
+                seg.consumers.extend(n for n in g.consumers if n not in seg.consumers)
+    for g in groups:
+        if not g.consumers and not g.frozen and not g.segments:
+            g.reasons.append("no conv/linear consumes these channels")
     layer_extra_group: dict[str, dict[str, int]] = {}
     layer_row_groups: dict[str, list[int]] = {}
     layer_in_repeat: dict[str, int] = {}

@@ -41,7 +41,7 @@ from .numerics import (
     first_non_finite,
     optimizer_step,
 )
-from .runtime import GateRuntime, RepeatedGate
+from .runtime import GateRuntime, RepeatedGate, SegmentedGate
 from .utils import Inputs, as_tuple, channels_last_inputs, set_submodule, use_channels_last
 
 __all__ = ["EXPORT_TOLERANCE", "ExportMismatchWarning", "NonFiniteGradientError",
@@ -250,6 +250,7 @@ class S2HPruner:
         """Gates for :attr:`groups`, the layers swapped to their masked classes, FLOPs table."""
         self.gates = nn.ModuleDict()
         self._group_gate: dict[int, ChannelGate] = {}
+        self._segmented: dict[int, SegmentedGate | None] = {}  # concat group index -> its gate
         for g in self.groups:
             # a group whose layers impose a width granularity (attention heads: head_dim) gets
             # that divisor, whatever the pruner-wide divisor is: whole heads only
@@ -332,10 +333,20 @@ class S2HPruner:
         """The gate of a prunable group (one of :attr:`groups`)."""
         return self._group_gate[id(group)]
 
-    def _gate_of_group_index(self, idx: int | None) -> ChannelGate | None:
+    def _gate_of_group_index(self, idx: int | None) -> ChannelGate | SegmentedGate | None:
+        """The gate of group ``idx``: its own, a :class:`SegmentedGate` over its segments' gates
+        (a concat's channels), or None (kept whole)."""
         if idx is None:
             return None
-        return self._group_gate.get(id(self.analysis.groups[idx]))
+        group = self.analysis.groups[idx]
+        if not group.segments or group.frozen:
+            return self._group_gate.get(id(group))
+        if idx not in self._segmented:
+            segs = [(self._gate_of_group_index(i) if i is not None else None, w)
+                    for i, w in group.segments]
+            self._segmented[idx] = (SegmentedGate(segs, f"cat:{group.name}")
+                                    if any(g is not None for g, _ in segs) else None)
+        return self._segmented[idx]
 
     def _swap_layers(self) -> None:
         an = self.analysis
@@ -415,7 +426,8 @@ class S2HPruner:
                 continue
             f = 1.0
             for gate in gates:
-                f = f * (width_of(gate) / gate.channels)
+                w = gate.width(width_of) if isinstance(gate, SegmentedGate) else width_of(gate)
+                f = f * (w / gate.channels)
             total = total + flops * f
         return total / self.dense_flops
 
@@ -771,14 +783,20 @@ class S2HPruner:
 
     def _export(self) -> nn.Module:
         keep = {id(g): g.keep_index() for g in self.gates.values()}
+
+        def keep_of(gate: ChannelGate | RepeatedGate | SegmentedGate | None
+                    ) -> torch.Tensor | None:
+            if gate is None:
+                return None
+            if isinstance(gate, RepeatedGate):  # a flatten's columns: h * w per channel
+                return gate.expand_keep(keep_of(gate.gate))
+            if isinstance(gate, SegmentedGate):  # a concat: each segment's kept at its offset
+                return gate.combine_keep([keep[id(g)] for g in gate.gates])
+            return keep[id(gate)]
+
         exported = copy.deepcopy(self.model)  # masked layers drop their gates when copied
         for name, m in self.masked_layers.items():
-            in_gate = m.in_gate
-            if isinstance(in_gate, RepeatedGate):  # a flatten's columns: h * w per channel
-                in_keep = in_gate.expand_keep(keep[id(in_gate.gate)])
-            else:
-                in_keep = keep[id(in_gate)] if in_gate is not None else None
-            out_keep = keep[id(m.out_gate)] if m.out_gate is not None else None
+            in_keep, out_keep = keep_of(m.in_gate), keep_of(m.out_gate)
             extra = {r: keep[id(g)] for r, g in m._s2h.extra.items() if g is not None}
             set_submodule(exported, name, m.s2h_export(in_keep, out_keep, extra).train(m.training))
         for pname, dim, gate in getattr(self, "_param_slices", []):  # layer-scale gamma & co.
