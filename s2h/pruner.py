@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import nn
 
 from . import graph as _graph
@@ -41,7 +42,7 @@ from .numerics import (
     first_non_finite,
     optimizer_step,
 )
-from .runtime import GateRuntime, RepeatedGate, SegmentedGate
+from .runtime import GateRuntime, RepeatedGate, SegmentedGate, WidthAttr
 from .utils import Inputs, as_tuple, channels_last_inputs, set_submodule, use_channels_last
 
 __all__ = ["EXPORT_TOLERANCE", "ExportMismatchWarning", "NonFiniteGradientError",
@@ -166,6 +167,8 @@ class S2HPruner:
         self.lam = float(lam)
         self.ignore = sorted(set(ignore))
         self.rounding = rounding
+        #: split-size attributes found by value that are not the split's: never rewritten
+        self._dropped_width_attrs: set[tuple[int, str]] = set()
 
         try:
             self.analysis = _graph.analyze(model, self.example_inputs, set(self.ignore))
@@ -305,10 +308,13 @@ class S2HPruner:
             return None
 
         with self.trial_widths():
+            # first which attributes hold split sizes (so that the rest runs with those only)
+            failing = self._split_sizes_failing()
+            bad = {id(g) for g, _ in failing}
+            steppable = [g for g in steppable if id(g) not in bad]
             if not steppable or error(steppable) is None:
-                return []
+                return failing
             ok: list[_graph.Group] = []
-            failing = []
             for g in steppable:
                 err = error([*ok, g])
                 if err is None:
@@ -317,6 +323,66 @@ class S2HPruner:
                     failing.append((g, err))
             return failing
 
+    @torch.no_grad()
+    def _split_sizes_failing(self) -> list[tuple[_graph.Group, str]]:
+        """The pieces of a split whose sizes the hard network reads from module attributes
+        (``runtime.width_attrs``, found by value): with its pieces one step narrower and every
+        other group whole, the hard network must equal the masked dense (soft) one, whose
+        masks are then exactly 0 / 1. Where several attributes hold the size, the first that
+        passes alone is kept (the others are left as they are); where none passes, the
+        attribute was not the split's size (or more than the split reads it): the pieces are
+        kept whole. Runs in :meth:`trial_widths`."""
+        by_gate = {id(self.gate_of(g)): g for g in self.groups}
+        done: set[int] = set()
+        out: list[tuple[_graph.Group, str]] = []
+        splits: dict[tuple, list] = {}  # the attributes of one split share its pieces' gates
+        for entry in self.runtime.width_attrs:
+            splits.setdefault(tuple(id(g) for g in entry[2].gates), []).append(entry)
+        for entries in splits.values():
+            pieces = [by_gate[id(g)] for g in entries[0][2].gates if id(g) in by_gate]
+            pieces = [g for g in pieces if id(g) not in done
+                      and g.channels > self.gate_of(g).divisor]
+            if not pieces:
+                continue
+            why = self._split_mismatch(pieces)
+            if why is not None and len(entries) > 1:
+                for keep in entries:  # one attribute alone
+                    self.runtime.width_attrs = [e for e in self.runtime.width_attrs
+                                                if e not in entries or e is keep]
+                    if self._split_mismatch(pieces) is None:
+                        why = None
+                        self._dropped_width_attrs |= {(id(e[0]), e[1]) for e in entries
+                                                      if e is not keep}
+                        break
+                    self.runtime.width_attrs.extend(e for e in entries if e is not keep)
+            if why is not None:
+                for g in pieces:
+                    done.add(id(g))
+                    out.append((g, why))
+        return out
+
+    def _split_mismatch(self, pieces: list[_graph.Group]) -> str | None:
+        """Why the hard network with ``pieces`` one step narrower (the rest whole) is not the
+        masked dense one; None when it is."""
+        for g in self.groups:
+            gate = self.gate_of(g)
+            gate.set_width(g.channels - gate.divisor if g in pieces else g.channels)
+        try:
+            hard = [t for t in pytree.tree_leaves(self.hard_forward(self.example_inputs))
+                    if isinstance(t, torch.Tensor)]
+            soft = [t for t in pytree.tree_leaves(self.soft_forward(self.example_inputs))
+                    if isinstance(t, torch.Tensor)]
+            diff = max(float((h.float() - s.float()).abs().max())
+                       for h, s in zip(hard, soft, strict=True))
+        except Exception as exc:  # noqa: BLE001 - any failure of the model's own code
+            return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        scale = max(float(h.float().abs().max()) for h in hard)
+        if diff <= 1e-4 * scale + 1e-6:
+            return None
+        names = ", ".join(f"{type(o).__name__}.{a}" for o, a, _ in self.runtime.width_attrs)
+        return (f"with the split sizes ({names}) set to the kept widths the hard network "
+                f"differs from the masked dense one by {diff:.3g}")
+
     def _importance(self, group: _graph.Group) -> torch.Tensor:
         """Mean over producers of the per-output-channel L1 norm of the producing weights
         (each layer kind scores its channels: :attr:`s2h.registry.LayerHandler.importance`)."""
@@ -324,7 +390,11 @@ class S2HPruner:
         for name in group.producers + group.depthwise:
             m = self.model.get_submodule(name)
             handler = _registry.handler_for(type(m))
-            scores.append(handler.importance(m, group.roles.get(name, "out")))
+            score = handler.importance(m, group.roles.get(name, "out"))
+            ranges = group.producer_ranges.get(name)
+            if ranges:  # a piece of a split output: its channel ranges (several: a chunk)
+                score = torch.stack([score[a:b] for a, b in ranges]).mean(0)
+            scores.append(score)
         if not scores:
             return torch.zeros(group.channels)
         return torch.stack(scores).mean(0)
@@ -370,6 +440,13 @@ class S2HPruner:
             if isinstance(m, MaskedBatchNorm2d):
                 m.add_hard_stats()
             self.masked_layers[name] = m
+        # module attributes holding split sizes (``self.width``): the kept widths in hard mode
+        for mname, attr, how, orig, pieces in an.width_attrs:
+            wa = WidthAttr(how, orig, [(self._gate_of_group_index(i), w) for i, w in pieces])
+            owner = self.model.get_submodule(mname)
+            if any(g is not None for g, _ in wa.pieces) \
+                    and (id(owner), attr) not in self._dropped_width_attrs:
+                self.runtime.width_attrs.append((owner, attr, wa))
         # per-channel parameters outside the layers (layer-scale gamma): sliced in hard mode
         self._param_slices: list[tuple[str, int, ChannelGate]] = []
         for g in self.groups:
@@ -806,6 +883,10 @@ class S2HPruner:
             owner._parameters[attr] = nn.Parameter(
                 old.detach().index_select(dim, keep[id(gate)].to(old.device)).clone(),
                 requires_grad=old.requires_grad)
+        names = {id(m): n for n, m in self.model.named_modules()}
+        for owner, attr, wa in self.runtime.width_attrs:  # split sizes: the kept widths
+            exported.get_submodule(names[id(owner)]).__dict__[attr] = wa.value(
+                lambda g: int(keep_of(g).numel()))
         leftovers = [n for n, m in exported.named_modules() if isinstance(m, MaskedLayer)]
         if leftovers:  # layers swapped but not recorded: turn them back into their parents
             for n in leftovers:

@@ -18,7 +18,8 @@ from torch import nn
 
 from .gates import ChannelGate
 
-__all__ = ["MODES", "Binding", "GateRuntime", "GateState", "RepeatedGate", "SegmentedGate"]
+__all__ = ["MODES", "Binding", "GateRuntime", "GateState", "RepeatedGate", "SegmentedGate",
+           "WidthAttr"]
 
 MODES = ("dense", "soft", "hard")
 
@@ -142,6 +143,37 @@ class SegmentedGate:
         return GateState(torch.cat(soft), keep, torch.cat(hard))
 
 
+class WidthAttr:
+    """A module attribute that holds the sizes of a split of pruned channels: ``how`` =
+    ``"piece"`` (one piece's width: ``split(x, self.width)``), ``"total"`` (the sum of the
+    pieces: ``split(x, self.chs // 2)``) or ``"list"`` (every piece's width, in order:
+    ``split(x, self.splits)``); ``pieces`` = ``[(gate or None, full width)]``."""
+
+    def __init__(self, how: str, original: Any,
+                 pieces: list[tuple[ChannelGate | None, int]]) -> None:
+        self.how = how
+        self.original = original
+        self.pieces = list(pieces)
+
+    @property
+    def gates(self) -> list[ChannelGate]:
+        """The pieces' gates (the same gate for pieces that are one group)."""
+        out: list[ChannelGate] = []
+        for g, _ in self.pieces:
+            if g is not None and all(g is not o for o in out):
+                out.append(g)
+        return out
+
+    def value(self, kept_of: Callable[[ChannelGate], int]) -> Any:
+        """The attribute's value with each piece's gate keeping ``kept_of(gate)`` channels."""
+        widths = [w if g is None else kept_of(g) for g, w in self.pieces]
+        if self.how == "piece":
+            return widths[0]
+        if self.how == "total":
+            return sum(widths)
+        return type(self.original)(widths)
+
+
 class GateRuntime:
     """Shared switch for every masked layer of one pruned model: the mode and the gate states."""
 
@@ -152,6 +184,10 @@ class GateRuntime:
         #: ``LayerScale``): ``(owner module, attribute, dim, gate)``. In hard mode the owner sees
         #: the kept slice (see :meth:`_sync_param_slices`).
         self.param_slices: list[tuple[nn.Module, str, int, ChannelGate]] = []
+        #: module attributes holding the sizes of a split of pruned channels (``self.width``
+        #: of a ``torch.split(x, self.width, 1)``): ``(owner, attribute, value)``, ``value``
+        #: a :class:`WidthAttr`; in hard mode the owner sees the kept widths
+        self.width_attrs: list[tuple[nn.Module, str, WidthAttr]] = []
         self._installed = False
 
     def prepare(self, gates: Iterable[ChannelGate], device: torch.device | None = None) -> None:
@@ -201,17 +237,21 @@ class GateRuntime:
         the full parameter, and ``state_dict`` / ``parameters()`` never see it. Leaving hard
         mode removes it, so nothing of s2h stays on the model (nor on a deep copy of it).
         """
-        want = self.mode == "hard" and bool(self.param_slices)
+        want = self.mode == "hard" and bool(self.param_slices or self.width_attrs)
         if want == self._installed and not want:
             return
         for owner, attr, _dim, _gate in self.param_slices:
             owner.__dict__.pop(attr, None)
+        for owner, attr, wa in self.width_attrs:
+            owner.__dict__[attr] = wa.original
         self._installed = False
         if want:
             for owner, attr, dim, gate in self.param_slices:
                 param = owner._parameters[attr]
                 keep = self.state(gate).keep
                 owner.__dict__[attr] = param.index_select(dim, keep.to(param.device))
+            for owner, attr, wa in self.width_attrs:
+                owner.__dict__[attr] = wa.value(lambda g: int(self.state(g).keep.numel()))
             self._installed = True
 
 

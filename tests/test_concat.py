@@ -189,7 +189,8 @@ class TwoCatsAdded(nn.Module):
 
 EXACT = {"two_conv": TwoConvCat, "dense": DenseBlock,
          "dense_iterative": lambda: DenseBlock(iterative=True), "inception": Inception,
-         "fire": Fire, "unet": UNet, "same_twice": SameTwice, "two_cats_added": TwoCatsAdded}
+         "fire": Fire, "unet": UNet, "same_twice": SameTwice, "two_cats_added": TwoCatsAdded,
+         "cat_plus_conv": lambda: CatPlusConv()}
 
 
 def _setup(make, divisor: int = 2, **kw):
@@ -213,10 +214,14 @@ def _keep(pruner, group: str) -> list[int] | None:
 
 def _in_columns(pruner, dense: nn.Module, segments: list) -> tuple[list[int], int]:
     """A consumer's kept input columns by hand: each segment's kept channels at its offset (a
-    number is a fixed-width input kept whole). Returns (columns, full width)."""
+    number is a fixed-width input kept whole; a name, the output of that layer's group; a
+    ``(group, width)`` pair, a piece of a split). Returns (columns, full width)."""
     cols, off = [], 0
     for seg in segments:
-        width = seg if isinstance(seg, int) else dense.get_submodule(seg).weight.shape[0]
+        if isinstance(seg, tuple):
+            seg, width = seg
+        else:
+            width = seg if isinstance(seg, int) else dense.get_submodule(seg).weight.shape[0]
         keep = None if isinstance(seg, int) else _keep(pruner, seg)
         cols += [off + c for c in (range(width) if keep is None else keep)]
         off += width
@@ -243,9 +248,10 @@ def _widths(pruner, step: int) -> dict[str, int]:
     return out
 
 
-def _check_exact(pruner, dense, x, spec):
+def _check_exact(pruner, dense, x, spec, rows_spec=None):
     """Export == hard network (fp32), export == the zeroed dense model (float64), sliced weights
-    == the dense ones at the hand-built columns, FLOPs == torch's counter on the export."""
+    == the dense ones at the hand-built columns (and, for a layer in ``rows_spec`` whose output
+    is cut into pieces, rows), FLOPs == torch's counter on the export."""
     pruner.model.eval()
     with torch.no_grad():
         hard = pruner.hard_forward(x)
@@ -257,10 +263,17 @@ def _check_exact(pruner, dense, x, spec):
         assert torch.allclose(copy.deepcopy(exported).double()(x.double()), ref, atol=1e-9, rtol=0)
     for name, segments in spec.items():
         cols, _ = _in_columns(pruner, dense, segments)
-        rows = _keep(pruner, name)
+        rows = _in_columns(pruner, dense, rows_spec[name])[0] if name in (rows_spec or {}) \
+            else _keep(pruner, name)
         w = dense.get_submodule(name).weight
         w = w if rows is None else w[rows]
         assert torch.equal(exported.get_submodule(name).weight, w[:, cols]), name
+    for name, segments in (rows_spec or {}).items():  # a cut producer fed the input
+        if name in spec:
+            continue
+        rows = _in_columns(pruner, dense, segments)[0]
+        assert torch.equal(exported.get_submodule(name).weight,
+                           dense.get_submodule(name).weight[rows]), name
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         exported(x)
     counted = fc.get_total_flops() / pruner.dense_flops
@@ -272,7 +285,7 @@ def _check_exact(pruner, dense, x, spec):
 @pytest.mark.parametrize("case", list(EXACT))
 def test_concat_is_pruned_by_segments(case):
     pruner, dense, x, msgs = _setup(EXACT[case])
-    spec = EXACT[case]().SPEC if case != "dense_iterative" else DenseBlock.SPEC
+    spec = EXACT[case]().SPEC
     producers = {s for segs in spec.values() for s in segs if isinstance(s, str)}
     assert producers <= set(pruner.widths()), (msgs, sorted(pruner.widths()))
     assert not [m for m in msgs if "left unpruned" in m]
@@ -366,7 +379,10 @@ class Shuffle(nn.Module):
 
 
 class CatPlusConv(nn.Module):
-    """A concat added to a conv's output: that conv's channels would have to be segments too."""
+    """A concat added to a conv's output (a residual): that conv's output channels become the
+    same segments, each in the group of the concat's segment at its offset."""
+
+    SPEC = {"c": ["a", "b"], "fc": ["c"]}
 
     def __init__(self) -> None:
         super().__init__()
@@ -393,9 +409,17 @@ class CatOut(nn.Module):
         return torch.cat([self.a(x), self.b(x)], 1).mean((2, 3))
 
 
+def test_a_conv_added_to_a_concat_is_cut_by_its_segments():
+    pruner, *_ = _setup(CatPlusConv)
+    groups = {g.name: g for g in pruner.groups}
+    assert set(groups) == {"a", "b", "c"}
+    # d's output rows: the first 8 in a's group, the last 8 in b's
+    assert groups["a"].producer_ranges == {"d": [(0, 8)]}
+    assert groups["b"].producer_ranges == {"d": [(8, 16)]}
+
+
 @pytest.mark.parametrize("make, reason", [
     (Shuffle, "merges or splits the channel dim"),
-    (CatPlusConv, "meet the channels of a layer's output"),
     (CatOut, "the model output"),
 ])
 def test_concat_kept_whole_with_its_segments(make, reason):
