@@ -5,10 +5,14 @@ op with real shapes, while module hooks make the prunable layers (exact ``nn.Con
 ``nn.Linear``, ``nn.BatchNorm2d``, ``nn.LayerNorm``) opaque. Every channel dimension created by a
 conv/linear output gets a *label*; labels flow through channel-preserving ops (pointwise ops with
 broadcasting, pooling, reductions over other dims, views that keep the dim, permutes) and are
-merged (union-find) where two streams meet (residual adds, squeeze-excite multiplies). A label that
-reaches something the analysis cannot prune exactly — a concat along channels, a grouped conv, a
-reshape that splits or merges the channel dim, an op it does not know, the model output, an
-ignored layer — is *frozen*: its group keeps all channels and a warning names the place.
+merged (union-find) where two streams meet (residual adds, squeeze-excite multiplies). A concat
+along channels makes a label of *segments*, each owned by its input's group, and a split / chunk
+of the channel dim cuts a label into pieces, each a group (the producer's output rows are then
+segments): see ``_resolve_concats`` and ``_resolve_slices``. A label that reaches something the
+analysis cannot prune exactly — a grouped conv, a reshape that splits or merges the channel dim
+(a channel shuffle), a slice with bounds written as numbers, an op it does not know, the model
+output, an ignored layer — is *frozen*: its group keeps all channels and a warning names the
+place.
 
 Running the real model (instead of symbolic tracing) handles Python control flow and timm's
 helpers without special cases; the price is one forward pass at construction.

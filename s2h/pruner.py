@@ -572,7 +572,11 @@ class S2HPruner:
             raise ValueError(f"fused must be True, False or 'auto', got {fused!r}")
         from . import dual
 
-        reason = dual.validate(self)
+        if self.runtime.width_attrs:  # both halves would be cut at the same (full) sizes
+            names = sorted({f"{type(o).__name__}.{a}" for o, a, _ in self.runtime.width_attrs})
+            reason = f"a split reads its sizes from {', '.join(names)}"
+        else:
+            reason = dual.validate(self)
         if reason is None:
             return True
         msg = (f"lockstep (fused dual) forward is not usable for {type(self.model).__name__}: "
@@ -884,9 +888,13 @@ class S2HPruner:
                 old.detach().index_select(dim, keep[id(gate)].to(old.device)).clone(),
                 requires_grad=old.requires_grad)
         names = {id(m): n for n, m in self.model.named_modules()}
+        split_sizes: dict[str, dict[str, Any]] = {}
         for owner, attr, wa in self.runtime.width_attrs:  # split sizes: the kept widths
-            exported.get_submodule(names[id(owner)]).__dict__[attr] = wa.value(
-                lambda g: int(keep_of(g).numel()))
+            value = wa.value(lambda g: int(keep_of(g).numel()))
+            exported.get_submodule(names[id(owner)]).__dict__[attr] = value
+            split_sizes.setdefault(names[id(owner)], {})[attr] = value
+        if split_sizes:  # save_exported records them
+            exported.s2h_split_sizes = split_sizes
         leftovers = [n for n, m in exported.named_modules() if isinstance(m, MaskedLayer)]
         if leftovers:  # layers swapped but not recorded: turn them back into their parents
             for n in leftovers:

@@ -498,3 +498,41 @@ def test_densenet_and_googlenet_concats_are_pruned(name, counts):
         for p in pruner.gate_parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 2)
     _export_matches(pruner, x)
+
+
+class CatFlatten(nn.Module):
+    """A concat flattened into a classifier: each kept channel of each segment keeps its h*w
+    columns (test_flatten.py's case, with segments)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 6, 1)
+        self.fc, self.fc2 = nn.Linear(10 * 16, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = F.max_pool2d(torch.cat([self.a(x), self.b(x)], 1), 2).flatten(1)
+        return self.fc2(torch.relu(self.fc(y)))
+
+
+def test_flatten_of_a_concat_keeps_each_segments_columns():
+    pruner, dense, x, msgs = _setup(CatFlatten)
+    assert set(pruner.widths()) == {"a", "b", "fc"} and not msgs
+    pruner.set_widths({"a": 2, "b": 4, "fc": 4})
+    channels, _ = _in_columns(pruner, dense, ["a", "b"])
+    z = copy.deepcopy(dense).double()
+    with torch.no_grad():  # the columns by torch's own (out, C, h, w) view of the weight
+        z.fc.weight.view(8, 10, 4, 4)[:, [c for c in range(10) if c not in channels]] = 0
+        z.fc2.weight[:, [c for c in range(8) if c not in _keep(pruner, "fc")]] = 0
+    pruner.model.eval()
+    with torch.no_grad():
+        hard = pruner.hard_forward(x)
+        exported = pruner.export(check=False)
+        assert torch.allclose(exported(x), hard, atol=1e-5, rtol=0)
+    assert exported.fc.in_features == 6 * 16
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        exported(x)
+    assert pruner.hard_flops_ratio() == pytest.approx(fc.get_total_flops() / pruner.dense_flops,
+                                                      rel=1e-9)
+    with torch.no_grad():
+        assert torch.allclose(copy.deepcopy(exported).double()(x.double()), z(x.double()),
+                              atol=1e-9, rtol=0)

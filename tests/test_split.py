@@ -199,7 +199,7 @@ def test_an_attribute_that_is_not_the_split_size_is_left_alone():
                                           ("cspresnet50", (42, 43)),
                                           ("mixnet_s", (48, 72)),
                                           ("ghostnet_100", (31, 32))])
-def test_timm_split_models_are_pruned_exactly(name, counts):
+def test_timm_split_models_are_pruned_exactly(name, counts, tmp_path):
     timm = pytest.importorskip("timm")
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -229,3 +229,16 @@ def test_timm_split_models_are_pruned_exactly(name, counts):
         counted = fc.get_total_flops() / pruner.dense_flops
         assert pruner.hard_flops_ratio() == pytest.approx(counted, rel=1e-6)
         assert counted < 0.75
+    # save / load: the rebuilt model gets the kept split sizes too
+    loaded = s2h.load_exported(s2h.save_exported(exported, str(tmp_path / "m")))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out)
+
+
+def test_lockstep_is_refused_when_a_split_reads_its_sizes_from_an_attribute():
+    """Both halves of a lockstep forward would be cut at the same (full) sizes."""
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="a split reads its sizes from Mix.splits"):
+        s2h.S2HPruner(Mix().eval(), torch.randn(2, 3, 8, 8), 0.5, divisor=2, fused=True)
+    pruner = s2h.S2HPruner(Chunk().eval(), torch.randn(2, 3, 8, 8), 0.5, divisor=2, fused=True)
+    assert pruner.lockstep  # a chunk follows its input: lockstep works
