@@ -532,10 +532,13 @@ def save_exported(model: nn.Module, directory: str, builder: dict | None = None)
             channel_params.append(name)
     # blocks removed by depth pruning (STP) are nn.Identity: the rebuilt model drops them too
     identities = [name for name, m in model.named_modules() if type(m) is nn.Identity and name]
+    # split sizes held in module attributes (``self.width`` of ``split(x, self.width)``),
+    # set to the kept widths by the export (:attr:`S2HPruner.export`)
+    split_sizes = {name: {a: _int_value(v) for a, v in attrs.items()}
+                   for name, attrs in getattr(model, "s2h_split_sizes", {}).items()}
     arch = {"format": FORMAT, "version": VERSION, "builder": builder, "layers": layers,
             "resized": resized, "swapped": swapped, "channel_params": channel_params,
-            "identities": identities,
-            "torch": torch.__version__}
+            "identities": identities, "split_sizes": split_sizes, "torch": torch.__version__}
     os.makedirs(directory, exist_ok=True)
     tensors = {k: v.detach().contiguous().clone().cpu() for k, v in model.state_dict().items()}
     tag = f"{os.getpid()}.{os.urandom(4).hex()}.tmp"  # unique: concurrent writers never share
@@ -637,6 +640,27 @@ def _assemble(arch: dict, model: nn.Module, shapes: dict) -> nn.Module:
             v = _int_value(v)
             setattr(mod, a, tuple(v) if isinstance(v, list) else v)
         _resize_tensors(mod, f"{name}." if name else "", shapes)
+    split_sizes = arch.get("split_sizes", {})
+    if not isinstance(split_sizes, dict):
+        raise ValueError("architecture.json: split_sizes must be an object")
+    for name, attrs in split_sizes.items():
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            mod = None
+        if mod is None or not isinstance(attrs, dict):
+            raise ValueError(f"architecture.json sets split sizes of {name!r}, which the rebuilt "
+                             "model does not have (another model version?)")
+        for a, v in attrs.items():
+            old = mod.__dict__.get(a)
+            v = _int_value(v)
+            if isinstance(old, bool) or type(old) not in (int, list, tuple) \
+                    or isinstance(old, int) != isinstance(v, int):
+                raise ValueError(f"architecture.json sets {name}.{a} = {v!r}, but the rebuilt "
+                                 f"model's value is {old!r}")
+            mod.__dict__[a] = v if isinstance(v, int) else type(old)(v)
+    if split_sizes:
+        model.s2h_split_sizes = split_sizes
     for pname in channel_params:
         if not isinstance(pname, str):
             raise ValueError(f"bad parameter name {pname!r} in architecture.json")

@@ -5,10 +5,14 @@ op with real shapes, while module hooks make the prunable layers (exact ``nn.Con
 ``nn.Linear``, ``nn.BatchNorm2d``, ``nn.LayerNorm``) opaque. Every channel dimension created by a
 conv/linear output gets a *label*; labels flow through channel-preserving ops (pointwise ops with
 broadcasting, pooling, reductions over other dims, views that keep the dim, permutes) and are
-merged (union-find) where two streams meet (residual adds, squeeze-excite multiplies). A label that
-reaches something the analysis cannot prune exactly — a concat along channels, a grouped conv, a
-reshape that splits or merges the channel dim, an op it does not know, the model output, an
-ignored layer — is *frozen*: its group keeps all channels and a warning names the place.
+merged (union-find) where two streams meet (residual adds, squeeze-excite multiplies). A concat
+along channels makes a label of *segments*, each owned by its input's group, and a split / chunk
+of the channel dim cuts a label into pieces, each a group (the producer's output rows are then
+segments): see ``_resolve_concats`` and ``_resolve_slices``. A label that reaches something the
+analysis cannot prune exactly — a grouped conv, a reshape that splits or merges the channel dim
+(a channel shuffle), a slice with bounds written as numbers, an op it does not know, the model
+output, an ignored layer — is *frozen*: its group keeps all channels and a warning names the
+place.
 
 Running the real model (instead of symbolic tracing) handles Python control flow and timm's
 helpers without special cases; the price is one forward pass at construction.
@@ -167,10 +171,18 @@ class Group:
     #: per-channel parameters outside the layers scaled with the group (ConvNeXt ``gamma``):
     #: ``[(parameter name, dim)]``, sliced with the group
     params: list[tuple[str, int]] = field(default_factory=list)
+    #: the channels of a concat along the channel dim: ``[(group index or None, width)]`` in
+    #: order, each segment the channels of that group (None: a tensor of fixed width). Such a
+    #: group has no gate of its own: its layers keep each segment's kept channels at the
+    #: segment's offset, and the segments' groups count its consumers as theirs
+    segments: list[tuple[int | None, int]] = field(default_factory=list)
+    #: a layer whose output is cut into pieces (split / chunk): producer (or depthwise) name ->
+    #: the channel ranges of its output that are this group's channels
+    producer_ranges: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
 
     @property
     def prunable(self) -> bool:
-        return not self.frozen and bool(self.consumers)
+        return not self.frozen and bool(self.consumers) and not self.segments
 
 
 @dataclass
@@ -192,6 +204,12 @@ class GraphAnalysis:
     #: module name (as ``model.named_modules()`` names it) -> the FLOPs torch's counter counted
     #: inside its calls in the traced run (children and inline ops included; 0 if it never ran)
     module_flops: dict[str, int] = field(default_factory=dict)
+    #: module attributes that hold split sizes, set to the kept widths in the hard network and
+    #: the export: ``(module name, attribute, how, original value, [(group index or None,
+    #: width) per piece])``, ``how`` = "piece" (each piece's width), "total" (their sum) or
+    #: "list" (each, in order)
+    width_attrs: list[tuple[str, str, str, object, list[tuple[int | None, int]]]] = field(
+        default_factory=list)
 
 
 class _ReshapeCalls(TorchFunctionMode):
@@ -202,6 +220,11 @@ class _ReshapeCalls(TorchFunctionMode):
 
     _FLATTEN = (torch.flatten, torch.Tensor.flatten)
     _SIZED = (torch.Tensor.view, torch.Tensor.reshape, torch.reshape)
+    #: splits of a dim into pieces: how the pieces' sizes are given decides whether the pruned
+    #: model can follow them (see :meth:`_Analyzer._resolve_slices`)
+    _SPLIT = (torch.split, torch.Tensor.split, torch.Tensor.split_with_sizes)
+    _CHUNK = (torch.chunk, torch.Tensor.chunk, torch.tensor_split, torch.Tensor.tensor_split)
+    _SLICE = (torch.Tensor.__getitem__, torch.narrow, torch.Tensor.narrow)
 
     def __init__(self, analysis: _Analyzer) -> None:
         super().__init__()
@@ -209,6 +232,8 @@ class _ReshapeCalls(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in self._SPLIT or func in self._CHUNK or func in self._SLICE:
+            return self._split_call(func, args, kwargs)
         if func in self._FLATTEN:
             entry: tuple | None = ("flatten", None)
         elif func in self._SIZED:
@@ -224,6 +249,30 @@ class _ReshapeCalls(TorchFunctionMode):
             return func(*args, **kwargs)
         finally:
             self.a.reshape_calls.pop()
+
+    def _split_call(self, func, args, kwargs):
+        if func in self._SPLIT:
+            size = args[1] if len(args) > 1 else kwargs.get(
+                "split_size_or_sections", kwargs.get("split_size", kwargs.get("split_sizes")))
+            if isinstance(size, int):
+                kind, value = "split_int", size
+            elif isinstance(size, (list, tuple)) and all(isinstance(v, int) for v in size):
+                kind, value = "split_list", [int(v) for v in size]
+            else:
+                kind, value = "const", None
+        elif func in self._CHUNK:
+            n = args[1] if len(args) > 1 else kwargs.get("chunks", kwargs.get("sections"))
+            kind, value = ("chunk", n) if isinstance(n, int) else ("const", None)
+        else:
+            kind, value = "const", None
+        self.a.n_split_calls += 1
+        self.a.split_calls.append({"id": self.a.n_split_calls, "kind": kind, "value": value,
+                                   "module": self.a.module_stack[-1] if self.a.module_stack
+                                   else ""})
+        try:
+            return func(*args, **kwargs)
+        finally:
+            self.a.split_calls.pop()
 
 
 class _Tracer(TorchDispatchMode):
@@ -280,6 +329,25 @@ class _Analyzer:
         self.repeat_of: dict[int, tuple[int, int]] = {}
         #: the Python reshape calls being run (innermost last), see :class:`_ReshapeCalls`
         self.reshape_calls: list[tuple | None] = []
+        #: a label made by a concat along a labelled dim -> its segments in order:
+        #: ``[(label or None for an unpruned tensor, width)]`` (see :meth:`_resolve_concats`)
+        self.concat_of: dict[int, list[tuple[int | None, int]]] = {}
+        #: a concat label -> where the concat ran (for the reasons of a frozen concat)
+        self.concat_where: dict[int, str] = {}
+        #: root of a consistent concat class -> one of its concat labels
+        self._concat_rep: dict[int, int] = {}
+        #: the Python split / chunk / slice calls being run (innermost last), see _ReshapeCalls
+        self.split_calls: list[dict] = []
+        self._module_names = {n for n, _ in model.named_modules()}
+        #: (module name, attribute) -> the cut class whose sizes it holds
+        self._claimed: dict[tuple[str, str], int] = {}
+        self.n_split_calls = 0
+        #: pieces cut from a labelled dim: ``(source label, start, stop, piece label, call)``
+        self.slices: list[tuple[int, int, int, int, dict | None]] = []
+        #: module attributes that hold split sizes: ``(module name, attribute, how, original,
+        #: piece labels)``, ``how`` = "piece" (each piece's width), "total" (the pieces' sum) or
+        #: "list" (every piece's width, in order); rewritten to the kept widths
+        self.width_attrs: list[tuple[str, str, str, object, list[int]]] = []
 
     # ----------------------------------------------------------------- label helpers
     def get(self, t: torch.Tensor) -> list[int | None]:
@@ -374,6 +442,8 @@ class _Analyzer:
                     self.set(o, lab)
         elif name in ("cat", "concat"):
             self._cat(args, kwargs, outs[0])
+        elif name in ("split", "split_with_sizes"):
+            self._split(args, kwargs, outs, name)
         elif name in _DIM_OPS:
             self._dim_op(name, args, kwargs, outs)
         else:
@@ -598,6 +668,11 @@ class _Analyzer:
             d = (args[1] if len(args) > 1 else kwargs.get("dim", 0)) % nd
             if name == "select" or out.shape[d] != src_t.shape[d]:
                 touched = [d]
+            if name != "select" and touched and src[d] is not None:
+                bounds = self._slice_bounds(name, args, kwargs, int(src_t.shape[d]))
+                if bounds is not None and bounds[1] - bounds[0] == out.shape[d]:
+                    src[d] = self._piece(src[d], *bounds)
+                    touched = []
         elif name == "constant_pad_nd":
             pad = list(args[1])
             for i in range(0, len(pad), 2):
@@ -612,35 +687,314 @@ class _Analyzer:
         if out.dim() == len(src):
             self.set(out, src)
 
+    @staticmethod
+    def _slice_bounds(name, args, kwargs, size: int) -> tuple[int, int] | None:
+        """``(start, stop)`` of a step-1 ``aten.slice`` / ``aten.narrow``; None otherwise."""
+        if name == "narrow":
+            start = int(args[2]) % size if args[2] < 0 else int(args[2])
+            return start, start + int(args[3])
+        rest = list(args[2:]) + [None] * 3
+        start, stop, step = rest[0], rest[1], rest[2]
+        start = kwargs.get("start", start)
+        stop = kwargs.get("end", stop)
+        step = kwargs.get("step", step)
+        if step not in (None, 1):
+            return None
+        start = 0 if start is None else int(start)
+        stop = size if stop is None else int(stop)
+        start = start + size if start < 0 else start
+        stop = stop + size if stop < 0 else stop
+        return max(0, min(start, size)), max(0, min(stop, size))
+
+    def _piece(self, lab: int, start: int, stop: int) -> int:
+        """A new label for the channels ``[start, stop)`` of ``lab``'s (see _resolve_slices)."""
+        piece = self.uf.new(stop - start)
+        call = self.split_calls[-1] if self.split_calls else None
+        self.slices.append((lab, start, stop, piece, call))
+        return piece
+
+    def _split(self, args, kwargs, outs, name) -> None:
+        """``aten.split`` / ``split_with_sizes``: each output is a piece of the split dim."""
+        src_t = args[0]
+        src = self.get(src_t)
+        nd = len(src)
+        d = (args[2] if len(args) > 2 else kwargs.get("dim", 0)) % nd
+        off = 0
+        for o in outs:
+            lab = list(src)
+            w = int(o.shape[d])
+            if src[d] is not None and w != src_t.shape[d]:
+                lab[d] = self._piece(src[d], off, off + w)
+            off += w
+            self.set(o, lab)
+
     def _cat(self, args, kwargs, out) -> None:
+        """A concat: the labels of the other dims merge; along the concat dim, where some input
+        is labelled, the output gets a new *concat label* whose channels are the inputs'
+        channels in segments (:attr:`concat_of`), each owned by its input's group (an unlabelled
+        input is a segment of fixed width). :meth:`_resolve_concats` decides at the end whether
+        the segments can be pruned through it."""
         tensors = list(args[0])
         dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
         dim = dim % out.dim()
         result: list[int | None] = [None] * out.dim()
         unlabelled: list = [False] * out.dim()  # dims where some input has no label
+        segments: list[tuple[int | None, int]] = []
         for t in tensors:
             if t.dim() != out.dim():
                 continue
             lab = self.get(t)
+            if t.shape[dim] > 0:
+                segments.append((lab[dim], int(t.shape[dim])))
             for d in range(out.dim()):
-                if lab[d] is None:
-                    if d != dim and t.shape[d] > 1 and not unlabelled[d]:
-                        unlabelled[d] = self.param_of.get(id(t), True)
-                    continue
                 if d == dim:
-                    self.freeze_label(lab[d], f"concat along the channel dim in {self.where()}")
+                    continue
+                if lab[d] is None:
+                    if t.shape[d] > 1 and not unlabelled[d]:
+                        unlabelled[d] = self.param_of.get(id(t), True)
                 elif result[d] is None:
                     result[d] = lab[d]
                 else:
                     result[d] = self.uf.union(result[d], lab[d])
+        if any(lab is not None for lab, _ in segments):
+            if len(segments) == 1:  # a concat of one tensor: a copy
+                result[dim] = segments[0][0]
+            else:
+                cat_lab = self.uf.new(int(out.shape[dim]))
+                self.concat_of[cat_lab] = segments
+                self.concat_where[cat_lab] = self.where()
+                result[dim] = cat_lab
         for d in range(out.dim()):
-            if unlabelled[d] and result[d] is not None:
+            if d != dim and unlabelled[d] and result[d] is not None:
                 # e.g. a class token (a parameter) concatenated to the tokens: its channels
                 # would have to be sliced too
                 what = (f"the parameter {unlabelled[d]!r}" if isinstance(unlabelled[d], str)
                         else "an unpruned tensor")
                 self.freeze_label(result[d], f"concat with {what} in {self.where()}")
         self.set(out, result)
+
+    def _resolve_slices(self) -> None:
+        """Decide, for every channel dim cut into pieces (split / chunk / slice), whether the
+        pieces can be pruned: then every label of the cut class becomes a concat of the pieces
+        (its producer's output channels are segments, :meth:`_resolve_concats` checks the rest).
+
+        The pruned model must cut at the kept widths. ``chunk(n)`` / ``tensor_split(n)`` derive
+        the sizes from the input: the pieces become one group (each piece keeps the same
+        channels, so the n pieces stay equal). ``split(s)`` and ``split([s1, s2, ...])`` pass
+        sizes: they follow only where the sizes are attributes of the module that runs the
+        split (``self.width``, ``self.splits``), which the hard network and the export then
+        set to the kept widths (``width_attrs``): ``split(s)`` keeps its pieces one group,
+        ``split(list)`` makes each piece its own group. Slices with bounds written as numbers
+        (``x[:, :c]``), unequal chunks, and cuts that do not tile the dim the same way each time
+        keep the channels whole."""
+        uf = self.uf
+        done: set[int] = set()
+        extra = {lab for rec in self.layers.values() for lab in rec.extra_labels.values()}
+        for i, first in enumerate(self.slices):
+            if i in done:
+                continue
+            r = uf.find(first[0])
+            recs = [(j, s) for j, s in enumerate(self.slices)
+                    if j not in done and uf.find(s[0]) == r]
+            done.update(j for j, _ in recs)
+            recs = [s for _, s in recs]
+            why = self._cut_plan_problem(r, recs, extra)
+            if isinstance(why, str):
+                for _, _, _, piece, _ in recs:
+                    uf.freeze(piece, why)
+                uf.freeze(r, why)
+                continue
+            segments, attrs, where = why
+            # one concat label of the pieces in the class: the cut's channels are the pieces
+            # (matched up with any concat in the class by _resolve_concats)
+            link = uf.new(uf.size[r])
+            uf.union(r, link)
+            r = uf.find(r)
+            for lab in range(len(uf.parent)):
+                # a concat among them keeps its segments: _resolve_concats matches them up
+                if uf.find(lab) == r and lab not in self.concat_of:
+                    self.concat_of[lab] = list(segments)
+                    self.concat_where[lab] = where
+            self.width_attrs.extend(attrs)
+
+    def _cut_plan_problem(self, r: int, recs: list, extra: set):
+        """The pieces of one cut class: ``(segments, width attributes, where)``, or why not."""
+        uf = self.uf
+        where = recs[0][4]["module"] if recs[0][4] else "the model"
+        what = f"a cut of the channel dim into pieces in {where}"
+        if uf.frozen[r]:
+            return f"{what}, of channels kept whole ({(uf.reasons[r] or ['?'])[0]})"
+        members = [lab for lab in range(len(uf.parent)) if uf.find(lab) == r]
+        if any(lab in self.repeat_of or lab in extra for lab in members):
+            return f"{what}, of flattened or attention channels"
+        calls: dict[int, list] = {}
+        for rec in recs:
+            call = rec[4]
+            if call is None or call["kind"] == "const":
+                return (f"{what} with bounds written as numbers (a slice such as x[:, :c]); "
+                        "chunk(n), or split with a size held in a module attribute, would follow "
+                        "a pruned width")
+            calls.setdefault(call["id"], []).append(rec)
+        size = uf.size[r]
+        plans = []
+        for pieces in calls.values():
+            pieces.sort(key=lambda p: p[1])
+            stops = [p[1] for p in pieces[1:]]
+            if pieces[0][1] != 0 or pieces[-1][2] != size or stops != [p[2] for p in pieces[:-1]]:
+                return f"{what} that does not cut the whole dim into pieces"
+            plans.append((pieces[0][4], [p[2] - p[1] for p in pieces], [p[3] for p in pieces]))
+        call0, widths, _ = plans[0]
+        kinds = {c["kind"] for c, _, _ in plans}
+        if any(w != widths for _, w, _ in plans) or len(kinds) > 1:
+            return f"{what}, cut in different ways"
+        kind = call0["kind"]
+        if kind in ("chunk", "split_int") and len(set(widths)) > 1:
+            return f"{what} of unequal pieces ({widths})"
+        found = []  # (module, attribute, how, value) for every module that runs a cut
+        for mname in dict.fromkeys(c["module"] for c, _, _ in plans):
+            if kind == "chunk":
+                break  # the sizes follow the input
+            mname = mname if mname in self._module_names else ""
+            here = []
+            for attr, v in vars(self.model.get_submodule(mname)).items():
+                if attr.startswith("_") or isinstance(v, bool):
+                    continue
+                if kind == "split_int" and isinstance(v, int) and v in (widths[0], size):
+                    here.append((mname, attr, "piece" if v == widths[0] else "total", v))
+                elif kind == "split_list" and isinstance(v, (list, tuple)) and list(v) == widths:
+                    here.append((mname, attr, "list", v))
+            if not here:
+                return (f"{what} with sizes {call0['value']} that are not an attribute of "
+                        f"{mname or 'the model'} (the pruned model could not follow them)")
+            if any(self._claimed.get(h[:2], r) != r for h in here):
+                return f"{what} with sizes in attributes of {mname} that another cut reads too"
+            found += here
+        for h in found:
+            self._claimed[h[:2]] = r
+        # the pieces: one group for equal pieces, one per position for a split list
+        pieces_by_pos = list(zip(*[p for _, _, p in plans], strict=True))
+        if kind == "split_list":
+            labs = []
+            for same in pieces_by_pos:
+                lab = same[0]
+                for other in same[1:]:
+                    lab = uf.union(lab, other)
+                labs.append(lab)
+        else:
+            lab = pieces_by_pos[0][0]
+            for same in pieces_by_pos:
+                for other in same:
+                    lab = uf.union(lab, other)
+            labs = [lab] * len(widths)
+        segments = list(zip(labs, widths, strict=True))
+        attrs = [(mname, a, how, v, labs) for mname, a, how, v in found]
+        return segments, attrs, call0["module"]
+
+    def _flat_segments(self, cat_lab: int, seen: frozenset = frozenset()
+                       ) -> list[tuple[int | None, int]]:
+        """The segments of a concat label, a segment that is itself a concat (of a consistent
+        class: :meth:`_resolve_concats`) replaced by its segments."""
+        out: list[tuple[int | None, int]] = []
+        for lab, width in self.concat_of[cat_lab]:
+            r = None if lab is None else self.uf.find(lab)
+            rep = self._concat_rep.get(r) if r is not None else None
+            if rep is not None and r not in seen:
+                out.extend(self._flat_segments(rep, seen | {r}))
+            else:
+                out.append((lab, width))
+        return out
+
+    def _resolve_concats(self) -> None:
+        """Decide, for every concat along a labelled dim, whether its segments stay prunable.
+
+        A concat label's class (everything its channels met) must hold concat labels only, all
+        with the same segment widths: then the segments at each position are the same channels
+        and are merged pairwise (two concats added together), a segment meeting a fixed-width
+        segment is kept whole, and each consumer of the class reads every segment at its
+        offset. Anything else -- the concatenated channels met a layer's output (an add), were
+        reshaped (a channel shuffle), reduced, normalised over, reached the model output, or are
+        read in a linear's row dims or scaled by a parameter -- keeps the class whole, and with
+        it every segment (the consumer sees all of them)."""
+        if not self.concat_of:
+            return
+        uf = self.uf
+        bad: dict[int, str] = {}
+        extra = {lab for rec in self.layers.values() for lab in rec.extra_labels.values()}
+        while True:
+            changed = False
+            cat_roots: dict[int, list[int]] = {}
+            for c in self.concat_of:
+                cat_roots.setdefault(uf.find(c), []).append(c)
+            plain: dict[int, list[int]] = {}
+            for lab in range(len(uf.parent)):
+                if lab not in self.concat_of and uf.find(lab) in cat_roots:
+                    plain.setdefault(uf.find(lab), []).append(lab)
+            mixed = {r for r, labs in plain.items()
+                     if any(lab in self.repeat_of or lab in extra for lab in labs)}
+            self._concat_rep = {r: cs[0] for r, cs in cat_roots.items() if r not in mixed}
+            for r, labs in plain.items():
+                # a layer's output that meets concatenated channels (a residual add): its
+                # output channels become the same segments (its rows are cut by them)
+                if r not in mixed and r not in bad:
+                    ref = self._flat_segments(cat_roots[r][0], frozenset({r}))
+                    for lab in labs:
+                        self.concat_of[lab] = list(ref)
+                        self.concat_where[lab] = self.concat_where[cat_roots[r][0]]
+                    changed = True
+            if changed:
+                continue
+            for r, cs in cat_roots.items():
+                if r in mixed or r in bad:
+                    continue
+                ref = self._flat_segments(cs[0], frozenset({r}))
+                for c in cs[1:]:
+                    other = self._flat_segments(c, frozenset({r}))
+                    if [w for _, w in other] != [w for _, w in ref]:
+                        bad[r] = (f"two concatenations of other segment widths meet (in "
+                                  f"{self.concat_where[cs[0]]} and {self.concat_where[c]})")
+                        changed = True
+                        break
+                    for (a, _), (b, _) in zip(ref, other, strict=True):
+                        if a is None and b is None:
+                            continue
+                        if a is None or b is None:
+                            lab = a if b is None else b
+                            if not uf.frozen[uf.find(lab)]:
+                                uf.freeze(lab, f"concatenated in {self.concat_where[c]} where "
+                                               "the same positions hold an unpruned tensor")
+                                changed = True
+                        elif uf.find(a) != uf.find(b):
+                            uf.union(a, b)
+                            changed = True
+            if not changed:
+                break
+        cat_roots = {uf.find(c) for c in self.concat_of}
+        for r in mixed:
+            bad.setdefault(r, "the concatenated channels meet flattened or attention channels")
+        for name, rec in self.layers.items():
+            for lab in rec.row_labels:
+                if uf.find(lab) in cat_roots:
+                    bad.setdefault(uf.find(lab), f"{name} reads them in a row dim")
+        for pname, lab in self.channel_params.items():
+            if uf.find(lab) in cat_roots:
+                bad.setdefault(uf.find(lab), f"the parameter {pname!r} scales them")
+        changed = True
+        while changed:  # a whole concat keeps its segments whole (and a concat of those ...)
+            changed = False
+            for c, segs in self.concat_of.items():
+                r = uf.find(c)
+                if r not in bad and not uf.frozen[r]:
+                    continue
+                why = bad.get(r) or (uf.reasons[r] or ["it is kept whole"])[0]
+                if not uf.frozen[r]:
+                    uf.freeze(r, why)
+                for lab, _ in segs:
+                    if lab is not None and not uf.frozen[uf.find(lab)]:
+                        uf.freeze(lab, f"concatenated along the channel dim in "
+                                       f"{self.concat_where[c]}, and the concatenation is kept "
+                                       f"whole: {why}")
+                        changed = True
+        self._concat_rep = {uf.find(c): c for c in self.concat_of}
 
     # ----------------------------------------------------------------- module rules
     def layer_info(self, name: str, m: nn.Module) -> _registry.LayerInfo:
@@ -816,6 +1170,8 @@ class _Analyzer:
                     self.freeze_label(lab, f"{lname} is read outside its own call ({what}, in "
                                            f"{where}): the exported model would differ")
         self._resolve_repeats()
+        self._resolve_slices()
+        self._resolve_concats()
 
     @contextlib.contextmanager
     def _size_reads(self, names, is_layer):
@@ -915,15 +1271,61 @@ def analyze(
             group_of(rec.in_label, name).norms.append(name)
         elif rec.kind == "depthwise" and rec.in_label is not None:
             group_of(rec.in_label, name).depthwise.append(name)
+    for r, c in an._concat_rep.items():  # a piece read only through a concat: a group too
+        if r in roots and not an.uf.frozen[r]:
+            for lab, _ in an._flat_segments(c, frozenset({r})):
+                if lab is not None and an.uf.find(lab) not in an._concat_rep:
+                    group_of(lab, f"{roots[r].name}.piece")
     groups = []
     for r in order:
         g = roots[r]
         g.frozen = an.uf.frozen[r]
         g.reasons = list(an.uf.reasons[r])
-        if not g.consumers and not g.frozen:
-            g.reasons.append("no conv/linear consumes these channels")
         groups.append(g)
     index = {id(g): i for i, g in enumerate(groups)}
+    # a concat's channels: segments owned by their groups, which its consumers consume too
+    for r, c in an._concat_rep.items():
+        g = roots.get(r)
+        if g is None or g.frozen:
+            continue
+        off = 0
+        for lab, width in an._flat_segments(c, frozenset({r})):
+            seg = None if lab is None else roots.get(an.uf.find(lab))
+            g.segments.append((None if seg is None else index[id(seg)], width))
+            if seg is not None:
+                seg.consumers.extend(n for n in g.consumers if n not in seg.consumers)
+                # a cut producer's output: each piece's group produces its channel range
+                if g.producers and not seg.producers:  # named after its producer's range
+                    seg.name = f"{g.producers[0]}[{off}:{off + width}]"
+                for n in g.producers + g.depthwise:
+                    dst = seg.depthwise if n in g.depthwise else seg.producers
+                    if n not in dst:
+                        dst.append(n)
+                    seg.roles.setdefault(n, g.roles.get(n, "out"))
+                    seg.producer_ranges.setdefault(n, []).append((off, off + width))
+            off += width
+        g.producers, g.depthwise = [], []
+    # unique names (the gates are keyed by them): a group named after a layer that it is only
+    # the input of (a piece of a cut, a concat) yields to the layer's own output group
+    taken = {g.name for g in groups if g.name in g.producers}
+    for g in groups:
+        if g.name in g.producers:
+            continue
+        base, k = f"{g.name}:in", 1
+        name = g.name if g.name not in taken else base
+        while name in taken:
+            k += 1
+            name = f"{base}{k}"
+        g.name = name
+        taken.add(name)
+    width_attrs = []
+    for mname, attr, how, orig, labs in an.width_attrs:
+        idx = [(None if roots.get(an.uf.find(lab)) is None
+                else index[id(roots[an.uf.find(lab)])], an.uf.size[lab]) for lab in labs]
+        width_attrs.append((mname, attr, how, orig, idx))
+    for g in groups:
+        if not g.consumers and not g.frozen and not g.segments:
+            g.reasons.append("no conv/linear consumes these channels")
     layer_extra_group: dict[str, dict[str, int]] = {}
     layer_row_groups: dict[str, list[int]] = {}
     layer_in_repeat: dict[str, int] = {}
@@ -982,6 +1384,7 @@ def analyze(
         layer_row_groups=layer_row_groups,
         layer_in_repeat=layer_in_repeat,
         module_flops={n: an.flops.of(m) for n, m in model.named_modules()},
+        width_attrs=width_attrs,
     )
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import nn
 
 from . import graph as _graph
@@ -41,7 +42,7 @@ from .numerics import (
     first_non_finite,
     optimizer_step,
 )
-from .runtime import GateRuntime, RepeatedGate
+from .runtime import GateRuntime, RepeatedGate, SegmentedGate, WidthAttr
 from .utils import Inputs, as_tuple, channels_last_inputs, set_submodule, use_channels_last
 
 __all__ = ["EXPORT_TOLERANCE", "ExportMismatchWarning", "NonFiniteGradientError",
@@ -166,6 +167,8 @@ class S2HPruner:
         self.lam = float(lam)
         self.ignore = sorted(set(ignore))
         self.rounding = rounding
+        #: split-size attributes found by value that are not the split's: never rewritten
+        self._dropped_width_attrs: set[tuple[int, str]] = set()
 
         try:
             self.analysis = _graph.analyze(model, self.example_inputs, set(self.ignore))
@@ -250,6 +253,7 @@ class S2HPruner:
         """Gates for :attr:`groups`, the layers swapped to their masked classes, FLOPs table."""
         self.gates = nn.ModuleDict()
         self._group_gate: dict[int, ChannelGate] = {}
+        self._segmented: dict[int, SegmentedGate | None] = {}  # concat group index -> its gate
         for g in self.groups:
             # a group whose layers impose a width granularity (attention heads: head_dim) gets
             # that divisor, whatever the pruner-wide divisor is: whole heads only
@@ -304,10 +308,13 @@ class S2HPruner:
             return None
 
         with self.trial_widths():
+            # first which attributes hold split sizes (so that the rest runs with those only)
+            failing = self._split_sizes_failing()
+            bad = {id(g) for g, _ in failing}
+            steppable = [g for g in steppable if id(g) not in bad]
             if not steppable or error(steppable) is None:
-                return []
+                return failing
             ok: list[_graph.Group] = []
-            failing = []
             for g in steppable:
                 err = error([*ok, g])
                 if err is None:
@@ -316,6 +323,66 @@ class S2HPruner:
                     failing.append((g, err))
             return failing
 
+    @torch.no_grad()
+    def _split_sizes_failing(self) -> list[tuple[_graph.Group, str]]:
+        """The pieces of a split whose sizes the hard network reads from module attributes
+        (``runtime.width_attrs``, found by value): with its pieces one step narrower and every
+        other group whole, the hard network must equal the masked dense (soft) one, whose
+        masks are then exactly 0 / 1. Where several attributes hold the size, the first that
+        passes alone is kept (the others are left as they are); where none passes, the
+        attribute was not the split's size (or more than the split reads it): the pieces are
+        kept whole. Runs in :meth:`trial_widths`."""
+        by_gate = {id(self.gate_of(g)): g for g in self.groups}
+        done: set[int] = set()
+        out: list[tuple[_graph.Group, str]] = []
+        splits: dict[tuple, list] = {}  # the attributes of one split share its pieces' gates
+        for entry in self.runtime.width_attrs:
+            splits.setdefault(tuple(id(g) for g in entry[2].gates), []).append(entry)
+        for entries in splits.values():
+            pieces = [by_gate[id(g)] for g in entries[0][2].gates if id(g) in by_gate]
+            pieces = [g for g in pieces if id(g) not in done
+                      and g.channels > self.gate_of(g).divisor]
+            if not pieces:
+                continue
+            why = self._split_mismatch(pieces)
+            if why is not None and len(entries) > 1:
+                for keep in entries:  # one attribute alone
+                    self.runtime.width_attrs = [e for e in self.runtime.width_attrs
+                                                if e not in entries or e is keep]
+                    if self._split_mismatch(pieces) is None:
+                        why = None
+                        self._dropped_width_attrs |= {(id(e[0]), e[1]) for e in entries
+                                                      if e is not keep}
+                        break
+                    self.runtime.width_attrs.extend(e for e in entries if e is not keep)
+            if why is not None:
+                for g in pieces:
+                    done.add(id(g))
+                    out.append((g, why))
+        return out
+
+    def _split_mismatch(self, pieces: list[_graph.Group]) -> str | None:
+        """Why the hard network with ``pieces`` one step narrower (the rest whole) is not the
+        masked dense one; None when it is."""
+        for g in self.groups:
+            gate = self.gate_of(g)
+            gate.set_width(g.channels - gate.divisor if g in pieces else g.channels)
+        try:
+            hard = [t for t in pytree.tree_leaves(self.hard_forward(self.example_inputs))
+                    if isinstance(t, torch.Tensor)]
+            soft = [t for t in pytree.tree_leaves(self.soft_forward(self.example_inputs))
+                    if isinstance(t, torch.Tensor)]
+            diff = max(float((h.float() - s.float()).abs().max())
+                       for h, s in zip(hard, soft, strict=True))
+        except Exception as exc:  # noqa: BLE001 - any failure of the model's own code
+            return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        scale = max(float(h.float().abs().max()) for h in hard)
+        if diff <= 1e-4 * scale + 1e-6:
+            return None
+        names = ", ".join(f"{type(o).__name__}.{a}" for o, a, _ in self.runtime.width_attrs)
+        return (f"with the split sizes ({names}) set to the kept widths the hard network "
+                f"differs from the masked dense one by {diff:.3g}")
+
     def _importance(self, group: _graph.Group) -> torch.Tensor:
         """Mean over producers of the per-output-channel L1 norm of the producing weights
         (each layer kind scores its channels: :attr:`s2h.registry.LayerHandler.importance`)."""
@@ -323,7 +390,11 @@ class S2HPruner:
         for name in group.producers + group.depthwise:
             m = self.model.get_submodule(name)
             handler = _registry.handler_for(type(m))
-            scores.append(handler.importance(m, group.roles.get(name, "out")))
+            score = handler.importance(m, group.roles.get(name, "out"))
+            ranges = group.producer_ranges.get(name)
+            if ranges:  # a piece of a split output: its channel ranges (several: a chunk)
+                score = torch.stack([score[a:b] for a, b in ranges]).mean(0)
+            scores.append(score)
         if not scores:
             return torch.zeros(group.channels)
         return torch.stack(scores).mean(0)
@@ -332,10 +403,20 @@ class S2HPruner:
         """The gate of a prunable group (one of :attr:`groups`)."""
         return self._group_gate[id(group)]
 
-    def _gate_of_group_index(self, idx: int | None) -> ChannelGate | None:
+    def _gate_of_group_index(self, idx: int | None) -> ChannelGate | SegmentedGate | None:
+        """The gate of group ``idx``: its own, a :class:`SegmentedGate` over its segments' gates
+        (a concat's channels), or None (kept whole)."""
         if idx is None:
             return None
-        return self._group_gate.get(id(self.analysis.groups[idx]))
+        group = self.analysis.groups[idx]
+        if not group.segments or group.frozen:
+            return self._group_gate.get(id(group))
+        if idx not in self._segmented:
+            segs = [(self._gate_of_group_index(i) if i is not None else None, w)
+                    for i, w in group.segments]
+            self._segmented[idx] = (SegmentedGate(segs, f"cat:{group.name}")
+                                    if any(g is not None for g, _ in segs) else None)
+        return self._segmented[idx]
 
     def _swap_layers(self) -> None:
         an = self.analysis
@@ -359,6 +440,13 @@ class S2HPruner:
             if isinstance(m, MaskedBatchNorm2d):
                 m.add_hard_stats()
             self.masked_layers[name] = m
+        # module attributes holding split sizes (``self.width``): the kept widths in hard mode
+        for mname, attr, how, orig, pieces in an.width_attrs:
+            wa = WidthAttr(how, orig, [(self._gate_of_group_index(i), w) for i, w in pieces])
+            owner = self.model.get_submodule(mname)
+            if any(g is not None for g, _ in wa.pieces) \
+                    and (id(owner), attr) not in self._dropped_width_attrs:
+                self.runtime.width_attrs.append((owner, attr, wa))
         # per-channel parameters outside the layers (layer-scale gamma): sliced in hard mode
         self._param_slices: list[tuple[str, int, ChannelGate]] = []
         for g in self.groups:
@@ -415,7 +503,8 @@ class S2HPruner:
                 continue
             f = 1.0
             for gate in gates:
-                f = f * (width_of(gate) / gate.channels)
+                w = gate.width(width_of) if isinstance(gate, SegmentedGate) else width_of(gate)
+                f = f * (w / gate.channels)
             total = total + flops * f
         return total / self.dense_flops
 
@@ -483,7 +572,11 @@ class S2HPruner:
             raise ValueError(f"fused must be True, False or 'auto', got {fused!r}")
         from . import dual
 
-        reason = dual.validate(self)
+        if self.runtime.width_attrs:  # both halves would be cut at the same (full) sizes
+            names = sorted({f"{type(o).__name__}.{a}" for o, a, _ in self.runtime.width_attrs})
+            reason = f"a split reads its sizes from {', '.join(names)}"
+        else:
+            reason = dual.validate(self)
         if reason is None:
             return True
         msg = (f"lockstep (fused dual) forward is not usable for {type(self.model).__name__}: "
@@ -771,14 +864,20 @@ class S2HPruner:
 
     def _export(self) -> nn.Module:
         keep = {id(g): g.keep_index() for g in self.gates.values()}
+
+        def keep_of(gate: ChannelGate | RepeatedGate | SegmentedGate | None
+                    ) -> torch.Tensor | None:
+            if gate is None:
+                return None
+            if isinstance(gate, RepeatedGate):  # a flatten's columns: h * w per channel
+                return gate.expand_keep(keep_of(gate.gate))
+            if isinstance(gate, SegmentedGate):  # a concat: each segment's kept at its offset
+                return gate.combine_keep([keep[id(g)] for g in gate.gates])
+            return keep[id(gate)]
+
         exported = copy.deepcopy(self.model)  # masked layers drop their gates when copied
         for name, m in self.masked_layers.items():
-            in_gate = m.in_gate
-            if isinstance(in_gate, RepeatedGate):  # a flatten's columns: h * w per channel
-                in_keep = in_gate.expand_keep(keep[id(in_gate.gate)])
-            else:
-                in_keep = keep[id(in_gate)] if in_gate is not None else None
-            out_keep = keep[id(m.out_gate)] if m.out_gate is not None else None
+            in_keep, out_keep = keep_of(m.in_gate), keep_of(m.out_gate)
             extra = {r: keep[id(g)] for r, g in m._s2h.extra.items() if g is not None}
             set_submodule(exported, name, m.s2h_export(in_keep, out_keep, extra).train(m.training))
         for pname, dim, gate in getattr(self, "_param_slices", []):  # layer-scale gamma & co.
@@ -788,6 +887,14 @@ class S2HPruner:
             owner._parameters[attr] = nn.Parameter(
                 old.detach().index_select(dim, keep[id(gate)].to(old.device)).clone(),
                 requires_grad=old.requires_grad)
+        names = {id(m): n for n, m in self.model.named_modules()}
+        split_sizes: dict[str, dict[str, Any]] = {}
+        for owner, attr, wa in self.runtime.width_attrs:  # split sizes: the kept widths
+            value = wa.value(lambda g: int(keep_of(g).numel()))
+            exported.get_submodule(names[id(owner)]).__dict__[attr] = value
+            split_sizes.setdefault(names[id(owner)], {})[attr] = value
+        if split_sizes:  # save_exported records them
+            exported.s2h_split_sizes = split_sizes
         leftovers = [n for n, m in exported.named_modules() if isinstance(m, MaskedLayer)]
         if leftovers:  # layers swapped but not recorded: turn them back into their parents
             for n in leftovers:

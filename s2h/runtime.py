@@ -9,15 +9,17 @@ hard mask once (:class:`GateState`); the layers read them through their :class:`
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from .gates import ChannelGate
 
-__all__ = ["MODES", "Binding", "GateRuntime", "GateState", "RepeatedGate"]
+__all__ = ["MODES", "Binding", "GateRuntime", "GateState", "RepeatedGate", "SegmentedGate",
+           "WidthAttr"]
 
 MODES = ("dense", "soft", "hard")
 
@@ -45,7 +47,7 @@ class RepeatedGate:
     (and the lockstep dual ops) mask and gather columns exactly as they do channels.
     """
 
-    def __init__(self, gate: ChannelGate, repeat: int) -> None:
+    def __init__(self, gate: ChannelGate | SegmentedGate, repeat: int) -> None:
         self.gate = gate
         self.repeat = int(repeat)
 
@@ -69,6 +71,109 @@ class RepeatedGate:
                          state.hard_mask.repeat_interleave(self.repeat))
 
 
+class SegmentedGate:
+    """The channels of a concat along the channel dim, seen by the layers that read it: a
+    sequence of segments ``(gate or None, width)``, each the channels of one group (None: a
+    tensor of fixed width, kept whole), at offset = the widths before it.
+
+    Its kept channels are each segment's kept channels at the segment's offset in the full
+    tensor (the index into the consumer's weight); the hard network's concat of the kept
+    tensors holds exactly those channels in that order. :meth:`GateRuntime.state` gives the
+    segments' states concatenated, so a masked layer bound to it masks and gathers as it does
+    for one gate.
+    """
+
+    def __init__(self, segments: list[tuple[ChannelGate | None, int]], name: str = "") -> None:
+        self.segments = [(g, int(w)) for g, w in segments]
+        self.name = name
+        self.offsets: list[int] = []
+        off = 0
+        for _, w in self.segments:
+            self.offsets.append(off)
+            off += w
+        self.channels = off
+        self._keep_cache: tuple[tuple, torch.Tensor] | None = None
+
+    @property
+    def gates(self) -> list[ChannelGate]:
+        """The segments' gates (a gate may own several segments)."""
+        return [g for g, _ in self.segments if g is not None]
+
+    def width(self, width_of: Callable[[ChannelGate], Any]) -> Any:
+        """Kept channels with each segment's gate at ``width_of(gate)`` (fixed ones whole)."""
+        total: Any = 0
+        for g, w in self.segments:
+            total = total + (w if g is None else width_of(g))
+        return total
+
+    def combine_keep(self, keeps: list[torch.Tensor]) -> torch.Tensor:
+        """The kept channels ``(k,)`` (ascending) of the whole input from the kept channels of
+        each gated segment (``keeps``, in segment order). Cached while ``keeps`` are the same
+        tensor objects (the gates cache theirs), so the hard path sees one index tensor."""
+        cached = self._keep_cache
+        if cached is not None and len(cached[0]) == len(keeps) and all(
+                a is b for a, b in zip(cached[0], keeps, strict=True)):
+            return cached[1]
+        it = iter(keeps)
+        dev = keeps[0].device if keeps else None
+        parts = []
+        for (g, w), off in zip(self.segments, self.offsets, strict=True):
+            parts.append(torch.arange(off, off + w, device=dev) if g is None
+                         else next(it).to(dev) + off)
+        keep = torch.cat(parts)
+        self._keep_cache = (tuple(keeps), keep)
+        return keep
+
+    def expand(self, state_of: Callable[[ChannelGate], GateState]) -> GateState:
+        """The segments' states as the state of the whole input."""
+        states = [state_of(g) for g in self.gates]
+        ref = states[0].soft_mask
+        soft, hard = [], []
+        it = iter(states)
+        for g, w in self.segments:
+            if g is None:
+                ones = torch.ones(w, device=ref.device, dtype=ref.dtype)
+                soft.append(ones)
+                hard.append(ones)
+            else:
+                st = next(it)
+                soft.append(st.soft_mask)
+                hard.append(st.hard_mask)
+        keep = self.combine_keep([st.keep for st in states])
+        return GateState(torch.cat(soft), keep, torch.cat(hard))
+
+
+class WidthAttr:
+    """A module attribute that holds the sizes of a split of pruned channels: ``how`` =
+    ``"piece"`` (one piece's width: ``split(x, self.width)``), ``"total"`` (the sum of the
+    pieces: ``split(x, self.chs // 2)``) or ``"list"`` (every piece's width, in order:
+    ``split(x, self.splits)``); ``pieces`` = ``[(gate or None, full width)]``."""
+
+    def __init__(self, how: str, original: Any,
+                 pieces: list[tuple[ChannelGate | None, int]]) -> None:
+        self.how = how
+        self.original = original
+        self.pieces = list(pieces)
+
+    @property
+    def gates(self) -> list[ChannelGate]:
+        """The pieces' gates (the same gate for pieces that are one group)."""
+        out: list[ChannelGate] = []
+        for g, _ in self.pieces:
+            if g is not None and all(g is not o for o in out):
+                out.append(g)
+        return out
+
+    def value(self, kept_of: Callable[[ChannelGate], int]) -> Any:
+        """The attribute's value with each piece's gate keeping ``kept_of(gate)`` channels."""
+        widths = [w if g is None else kept_of(g) for g, w in self.pieces]
+        if self.how == "piece":
+            return widths[0]
+        if self.how == "total":
+            return sum(widths)
+        return type(self.original)(widths)
+
+
 class GateRuntime:
     """Shared switch for every masked layer of one pruned model: the mode and the gate states."""
 
@@ -79,6 +184,10 @@ class GateRuntime:
         #: ``LayerScale``): ``(owner module, attribute, dim, gate)``. In hard mode the owner sees
         #: the kept slice (see :meth:`_sync_param_slices`).
         self.param_slices: list[tuple[nn.Module, str, int, ChannelGate]] = []
+        #: module attributes holding the sizes of a split of pruned channels (``self.width``
+        #: of a ``torch.split(x, self.width, 1)``): ``(owner, attribute, value)``, ``value``
+        #: a :class:`WidthAttr`; in hard mode the owner sees the kept widths
+        self.width_attrs: list[tuple[nn.Module, str, WidthAttr]] = []
         self._installed = False
 
     def prepare(self, gates: Iterable[ChannelGate], device: torch.device | None = None) -> None:
@@ -91,9 +200,14 @@ class GateRuntime:
                 soft, keep = soft.to(device), keep.to(device)
             self.states[id(gate)] = GateState(soft, keep, gate.hard_mask(soft, keep))
 
-    def state(self, gate: ChannelGate | RepeatedGate) -> GateState:
+    def state(self, gate: ChannelGate | RepeatedGate | SegmentedGate) -> GateState:
         if isinstance(gate, RepeatedGate):
             return gate.expand(self.state(gate.gate))
+        if isinstance(gate, SegmentedGate):  # once per prepared step, for all its layers
+            st = self.states.get(id(gate))
+            if st is None:
+                st = self.states[id(gate)] = gate.expand(self.state)
+            return st
         try:
             return self.states[id(gate)]
         except KeyError:
@@ -123,17 +237,21 @@ class GateRuntime:
         the full parameter, and ``state_dict`` / ``parameters()`` never see it. Leaving hard
         mode removes it, so nothing of s2h stays on the model (nor on a deep copy of it).
         """
-        want = self.mode == "hard" and bool(self.param_slices)
+        want = self.mode == "hard" and bool(self.param_slices or self.width_attrs)
         if want == self._installed and not want:
             return
         for owner, attr, _dim, _gate in self.param_slices:
             owner.__dict__.pop(attr, None)
+        for owner, attr, wa in self.width_attrs:
+            owner.__dict__[attr] = wa.original
         self._installed = False
         if want:
             for owner, attr, dim, gate in self.param_slices:
                 param = owner._parameters[attr]
                 keep = self.state(gate).keep
                 owner.__dict__[attr] = param.index_select(dim, keep.to(param.device))
+            for owner, attr, wa in self.width_attrs:
+                owner.__dict__[attr] = wa.value(lambda g: int(self.state(g).keep.numel()))
             self._installed = True
 
 
@@ -142,8 +260,9 @@ class Binding:
 
     __slots__ = ("runtime", "in_gate", "out_gate", "name", "extra")
 
-    def __init__(self, runtime: GateRuntime, in_gate: ChannelGate | RepeatedGate | None,
-                 out_gate: ChannelGate | None, name: str,
+    def __init__(self, runtime: GateRuntime,
+                 in_gate: ChannelGate | RepeatedGate | SegmentedGate | None,
+                 out_gate: ChannelGate | SegmentedGate | None, name: str,
                  extra: dict[str, ChannelGate | None] | None = None) -> None:
         self.runtime = runtime
         self.in_gate = in_gate

@@ -47,10 +47,15 @@ def _frozen_warnings(model, x):
     return pruner, [str(m.message) for m in w]
 
 
-def test_concat_across_groups_is_left_unpruned_with_a_warning():
+def test_concat_across_groups_is_pruned_by_segments():
+    """Two convs concatenated into a conv: each input keeps its group (more in test_concat.py)."""
     pruner, msgs = _frozen_warnings(ConcatNet(), torch.randn(2, 3, 8, 8))
-    assert any("concat along the channel dim" in m and "'a'" in m for m in msgs)
-    assert set(pruner.widths()) == {"c"}
+    assert not msgs and set(pruner.widths()) == {"a", "b", "c"}
+    groups = {g.name: g for g in pruner.analysis.groups}
+    cat = next(g for g in pruner.analysis.groups if g.segments)
+    names = [pruner.analysis.groups[i].name for i, _ in cat.segments]
+    assert names == ["a", "b"] and [w for _, w in cat.segments] == [8, 8]
+    assert cat.consumers == ["c"] and groups["a"].consumers == ["c"]
 
 
 def test_grouped_conv_is_left_unpruned_with_a_warning_naming_it():

@@ -1,0 +1,244 @@
+"""A split / chunk / slice of the channel dim (issue 18, item 2): the producer's output is a
+sequence of pieces, each the channels of a group; the pruned model cuts at the kept widths.
+
+``chunk(n)`` derives the sizes from its input: its pieces are one group (each keeps the same
+channels). ``split(x, self.width)`` / ``split(x, self.splits)`` read sizes from a module
+attribute, which the hard network and the export set to the kept widths (a split list: one group
+per piece). Slices with bounds written as numbers keep the channels whole.
+
+References as in test_concat.py: by-hand kept columns (and rows of the cut producer), the
+dense model in float64 with every removed column zeroed, torch's FLOP counter on the export.
+"""
+
+import warnings
+
+import pytest
+import torch
+from test_concat import _bn, _check_exact, _setup, _widths
+from torch import nn
+
+import s2h
+
+
+class Chunk(nn.Module):
+    """conv -> BN -> chunk(2): each half into its own conv, concatenated into a conv."""
+
+    P = ("a[0:8]", 8)
+    SPEC = {"b": [P], "c": [P], "d": ["b", "c"], "fc": ["d"]}
+    ROWS = {"a": [P, P]}
+
+    def __init__(self, how: str = "chunk") -> None:
+        super().__init__()
+        self.how = how
+        self.a, self.bn = nn.Conv2d(3, 16, 3, padding=1), _bn(16)
+        self.b, self.c = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 6, 3, padding=1)
+        self.d, self.fc = nn.Conv2d(14, 8, 1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.a(x)))
+        x1, x2 = y.chunk(2, 1) if self.how == "chunk" else torch.tensor_split(y, 2, dim=1)
+        y = torch.cat([self.b(x1), self.c(x2)], 1)
+        return self.fc(torch.relu(self.d(y)).mean((2, 3)))
+
+
+class Res2(nn.Module):
+    """Res2Net's block: ``split(out, self.width)``, each piece added to the previous branch's
+    output; ``self.scale`` equals the width here and is read by the loop, so only ``width`` may
+    be rewritten (the pruner finds it by running both)."""
+
+    G = ("convs.0", 4)
+    SPEC = {"convs.0": [G], "convs.1": [G], "convs.2": [G],
+            "conv3": [G, G, ("convs.2", 4), G], "fc": ["conv3"]}
+    ROWS = {"conv1": [G, G, G, G], "convs.1": [G]}  # convs.1 feeds piece 2: group G
+
+    def __init__(self, width: int = 4, scale: int = 4) -> None:
+        super().__init__()
+        self.width, self.scale = width, scale
+        self.conv1, self.bn1 = nn.Conv2d(3, width * scale, 1), _bn(width * scale)
+        self.convs = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1)
+                                   for _ in range(scale - 1))
+        self.conv3, self.fc = nn.Conv2d(width * scale, 8, 1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        spx = torch.split(torch.relu(self.bn1(self.conv1(x))), self.width, 1)
+        spo, sp = [], spx[0]
+        for i in range(self.scale - 1):
+            sp = spx[i] if i == 0 else sp + spx[i]
+            sp = torch.relu(self.convs[i](sp))
+            spo.append(sp)
+        spo.append(spx[-1])
+        return self.fc(torch.relu(self.conv3(torch.cat(spo, 1))).mean((2, 3)))
+
+
+class CSP(nn.Module):
+    """CSPNet's cross stage: ``x.split(self.expand_chs // 2)``, blocks with a residual on one
+    half, the halves concatenated into the transition."""
+
+    G = ("b2", 8)
+    SPEC = {"b1": [G], "b2": ["b1"], "tb": [G], "tr": [G, "tb"], "fc": ["tr"]}
+    ROWS = {"conv_exp": [G, G]}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand_chs = 16
+        self.conv_exp, self.bn = nn.Conv2d(3, 16, 1), _bn(16)
+        self.b1, self.b2 = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 3, padding=1)
+        self.tb, self.tr, self.fc = nn.Conv2d(8, 8, 1), nn.Conv2d(16, 8, 1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv_exp(x)))
+        xs, xb = x.split(self.expand_chs // 2, dim=1)
+        xb = xb + self.b2(torch.relu(self.b1(xb)))
+        return self.fc(torch.relu(self.tr(torch.cat([xs, self.tb(xb)], 1))).mean((2, 3)))
+
+
+class Mix(nn.Module):
+    """MixNet's mixed conv: ``torch.split(x, self.splits)``, one conv per piece: each piece its
+    own group."""
+
+    P0, P1 = ("a[0:4]", 4), ("a[4:16]", 12)
+    SPEC = {"p.0": [P0], "p.1": [P1], "d": ["p.0", "p.1"], "fc": ["d"]}
+    ROWS = {"a": [P0, P1]}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.splits = [4, 12]
+        self.a = nn.Conv2d(3, 16, 1)
+        self.p = nn.ModuleList([nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(12, 10, 1)])
+        self.d, self.fc = nn.Conv2d(16, 8, 1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        xs = torch.split(torch.relu(self.a(x)), self.splits, 1)
+        y = torch.cat([c(t) for c, t in zip(self.p, xs, strict=True)], 1)
+        return self.fc(torch.relu(self.d(y)).mean((2, 3)))
+
+
+CASES = {"chunk": Chunk, "tensor_split": lambda: Chunk("tensor_split"), "res2": Res2,
+         "csp": CSP, "mix": Mix}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_split_is_pruned_by_pieces(case):
+    pruner, dense, x, msgs = _setup(CASES[case])
+    model = CASES[case]()
+    assert not [m for m in msgs if "left unpruned" in m], msgs
+    names = {s[0] for segs in [*model.SPEC.values(), *model.ROWS.values()] for s in segs
+             if isinstance(s, tuple)}
+    assert names <= set(pruner.widths()), sorted(pruner.widths())
+    for step in (0, 1, 2):
+        pruner.set_widths(_widths(pruner, step))
+        exported = _check_exact(pruner, dense, x, model.SPEC, model.ROWS)
+        # the export cuts at the kept widths: its size attribute says so
+        if case == "res2":
+            assert exported.width == pruner.widths()["convs.0"] and exported.scale == 4
+        elif case == "csp":
+            assert exported.expand_chs == 2 * pruner.widths()["b2"]
+        elif case == "mix":
+            w = pruner.widths()
+            assert exported.splits == [w["a[0:4]"], w["a[4:16]"]]
+    # the pruned model itself is untouched (the attributes are set only in hard mode)
+    assert getattr(pruner.model, "splits", [4, 12]) == [4, 12]
+    assert getattr(pruner.model, "width", 4) == 4
+
+
+def test_gradients_reach_the_pieces_gates():
+    pruner, _, x, _ = _setup(Mix)
+    opt = torch.optim.SGD([{"params": pruner.weight_parameters()},
+                           {"params": pruner.gate_parameters()}], lr=0.1)
+    before = {k: g.logits.detach().clone() for k, g in pruner.gates.items()}
+    pruner.train_step(torch.cat([x, x]), torch.tensor([0, 1, 2, 3]), opt)
+    for key in ("a[0:4]", "a[4:16]"):
+        assert float((pruner.gates[key].logits.detach() - before[key]).abs().max()) > 0, key
+
+
+class Const(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.a, self.b, self.c = nn.Conv2d(3, 16, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        if self.how == "getitem":
+            y1, y2 = y[:, :8], y[:, 8:]
+        elif self.how == "narrow":
+            y1, y2 = y.narrow(1, 0, 8), y.narrow(1, 8, 8)
+        elif self.how == "split_number":  # a size written as a number
+            y1, y2 = y.split(8, 1)
+        else:  # chunks of unequal sizes
+            y1, y2 = torch.split(y, [8, 8], 1)[0], y[:, 6:14]
+        return self.fc(torch.cat([self.b(y1), self.c(y2)], 1).mean((2, 3)))
+
+
+@pytest.mark.parametrize("how, reason", [
+    ("getitem", "bounds written as numbers"), ("narrow", "bounds written as numbers"),
+    ("split_number", "not an attribute"), ("overlap", "bounds written as numbers"),
+])
+def test_cuts_the_pruned_model_could_not_follow_keep_the_channels_whole(how, reason):
+    pruner, dense, x, msgs = _setup(lambda: Const(how))
+    g = next(g for g in pruner.analysis.groups if g.name == "a")
+    assert not g.prunable and any(reason in r for r in g.reasons), g.reasons
+    assert any("'a'" in m and reason in m for m in msgs), msgs
+    assert set(pruner.widths()) == {"b", "c"}
+    pruner.set_widths(_widths(pruner, 0))
+    _check_exact(pruner, dense, x, {"fc": ["b", "c"]})
+
+
+def test_an_attribute_that_is_not_the_split_size_is_left_alone():
+    """Res2(width=4, scale=4): both attributes hold 4; rewriting scale would change the loop,
+    so the construction check keeps width only (see Res2)."""
+    pruner, *_ = _setup(Res2)
+    assert [attr for _, attr, _ in pruner.runtime.width_attrs] == ["width"]
+
+
+# ------------------------------------------------------------------ timm models
+
+
+@pytest.mark.parametrize("name, counts", [("res2net50_14w_8s", (61, 62)),
+                                          ("cspresnet50", (42, 43)),
+                                          ("mixnet_s", (48, 72)),
+                                          ("ghostnet_100", (31, 32))])
+def test_timm_split_models_are_pruned_exactly(name, counts, tmp_path):
+    timm = pytest.importorskip("timm")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = s2h.S2HPruner(model, x, 0.5)
+    n_all = sum(1 for g in pruner.analysis.groups if g.producers)
+    assert (len(pruner.groups), n_all) == counts
+    g = torch.Generator().manual_seed(1)
+    for widths in (0.5, "random"):
+        if widths == "random":
+            with torch.no_grad():
+                for p in pruner.gate_parameters():
+                    p.copy_(torch.randn(p.shape, generator=g) * 2)
+        else:
+            pruner.set_widths(widths)
+        with torch.no_grad():
+            hard = pruner.hard_forward(x)
+            exported = pruner.export(check=False)
+            out = exported(x)
+        assert torch.allclose(out, hard, atol=1e-5 * max(1.0, float(hard.abs().max())), rtol=0)
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            exported(x)
+        counted = fc.get_total_flops() / pruner.dense_flops
+        assert pruner.hard_flops_ratio() == pytest.approx(counted, rel=1e-6)
+        assert counted < 0.75
+    # save / load: the rebuilt model gets the kept split sizes too
+    loaded = s2h.load_exported(s2h.save_exported(exported, str(tmp_path / "m")))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out)
+
+
+def test_lockstep_is_refused_when_a_split_reads_its_sizes_from_an_attribute():
+    """Both halves of a lockstep forward would be cut at the same (full) sizes."""
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="a split reads its sizes from Mix.splits"):
+        s2h.S2HPruner(Mix().eval(), torch.randn(2, 3, 8, 8), 0.5, divisor=2, fused=True)
+    pruner = s2h.S2HPruner(Chunk().eval(), torch.randn(2, 3, 8, 8), 0.5, divisor=2, fused=True)
+    assert pruner.lockstep  # a chunk follows its input: lockstep works
