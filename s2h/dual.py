@@ -132,8 +132,9 @@ def _dual_layer(m: MaskedLayer, x):
     rt = m._s2h.runtime
     cls = type(m)
     if isinstance(m, (MaskedConv2d, MaskedLinear)) and not (
-        isinstance(m, MaskedConv2d) and m.padding_mode != "zeros"
-    ):
+        isinstance(m, MaskedConv2d) and (m.padding_mode != "zeros"
+                                         or (m.passes_group and not m.is_depthwise))
+    ):  # a grouped conv (whole conv groups): its own soft and hard code below
         in_gate, out_gate = m._s2h.in_gate, m._s2h.out_gate
         cin = m.in_channels if isinstance(m, MaskedConv2d) else m.in_features
         cout = m.out_channels if isinstance(m, MaskedConv2d) else m.out_features

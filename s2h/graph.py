@@ -179,6 +179,10 @@ class Group:
     #: a layer whose output is cut into pieces (split / chunk): producer (or depthwise) name ->
     #: the channel ranges of its output that are this group's channels
     producer_ranges: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    #: grouped convs that pass the group through (ResNeXt's 3x3, listed in ``depthwise``): the
+    #: group is kept and dropped in whole blocks of ``block`` channels (their conv groups'
+    #: widths, aligned at channel 0); 1 = any channels
+    block: int = 1
 
     @property
     def prunable(self) -> bool:
@@ -1305,6 +1309,7 @@ def analyze(
                     seg.producer_ranges.setdefault(n, []).append((off, off + width))
             off += width
         g.producers, g.depthwise = [], []
+    _resolve_grouped_convs(groups, an.layers)
     # unique names (the gates are keyed by them): a group named after a layer that it is only
     # the input of (a piece of a cut, a concat) yields to the layer's own output group
     taken = {g.name for g in groups if g.name in g.producers}
@@ -1386,6 +1391,37 @@ def analyze(
         module_flops={n: an.flops.of(m) for n, m in model.named_modules()},
         width_attrs=width_attrs,
     )
+
+
+def _resolve_grouped_convs(groups: list[Group], layers: dict[str, LayerRecord]) -> None:
+    """Grouped convs with as many output as input channels (``LayerInfo.block`` > 1) pass their
+    group through, pruned in whole conv groups: each group gets the least common multiple of its
+    grouped convs' blocks as :attr:`Group.block` (the blocks of all of them then line up at
+    channel 0). Kept whole where that cannot be exact: the blocks do not tile the group, the
+    group's channels reach the conv through a concat or a split (its conv groups would not start
+    at the group's channel 0), or the group has a width granularity of its own (heads)."""
+    from math import lcm
+
+    for g in groups:
+        blocks = {name: layers[name].info.block for name in g.depthwise
+                  if layers[name].info is not None and layers[name].info.block > 1}
+        if not blocks or g.frozen:
+            continue
+        why = None
+        block = lcm(*blocks.values())
+        names = ", ".join(sorted(blocks))
+        if any(name in g.producer_ranges for name in blocks) or g.segments:
+            why = f"the grouped conv {names} reads these channels through a concat or a split"
+        elif g.channels % block:
+            why = f"the conv groups of {names} (blocks of {sorted(set(blocks.values()))} " \
+                  f"channels) do not tile its {g.channels} channels"
+        elif g.divisor is not None:
+            why = f"the grouped conv {names} and a width granularity of {g.divisor} (heads)"
+        if why is not None:
+            g.frozen = True
+            g.reasons.append(why)
+        else:
+            g.block = block
 
 
 def warn_frozen(analysis: GraphAnalysis) -> None:

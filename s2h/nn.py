@@ -152,22 +152,51 @@ class MaskedConv2d(MaskedLayer, nn.Conv2d):
 
     Input ``x``: ``(N, C_in, H, W)`` (any memory format); output ``(N, C_out, H', W')``.
     Depthwise convolutions (``groups == in_channels == out_channels``) belong to one group: their
-    input and output gate are the same, and the hard layer has ``groups = k``.
+    input and output gate are the same, and the hard layer has ``groups = k``. So do grouped
+    convolutions with ``in_channels == out_channels`` (ResNeXt's, RegNet's): their group is
+    kept in whole conv groups of ``c = in_channels // groups`` channels (the gate's divisor is a
+    multiple of ``c`` and its importance order is constant per conv group, see
+    :attr:`s2h.registry.LayerInfo.block`), and the hard layer has ``groups = k // c``.
     """
 
     @property
     def is_depthwise(self) -> bool:
         return self.groups > 1 and self.groups == self.in_channels == self.out_channels
 
+    @property
+    def passes_group(self) -> bool:
+        """A depthwise or grouped conv with as many output as input channels: its input and
+        output channels are one group, pruned in whole conv groups."""
+        return self.groups > 1 and self.in_channels == self.out_channels
+
+    def _kept_groups(self, keep: torch.Tensor) -> int:
+        """The conv groups of the kept channels ``keep`` (whole conv groups, ascending)."""
+        c = self.in_channels // self.groups
+        if keep.numel() % c:
+            name = self._s2h.name if self._s2h is not None else type(self).__name__
+            raise RuntimeError(f"{name}: {keep.numel()} kept channels are not whole conv groups "
+                               f"of {c} (groups={self.groups})")
+        return keep.numel() // c
+
     @torch.no_grad()
     def s2h_export(self, in_keep: torch.Tensor | None, out_keep: torch.Tensor | None,
                    extra: dict) -> nn.Conv2d:
-        """A plain ``nn.Conv2d`` with the kept channels only (a depthwise conv: ``in_keep``)."""
+        """A plain ``nn.Conv2d`` with the kept channels only (a depthwise or grouped conv that
+        passes its group through: ``in_keep``, whole conv groups)."""
         dev, dt = self.weight.device, self.weight.dtype
-        if self.is_depthwise:
+        if self.passes_group:
             k = self.in_channels if in_keep is None else in_keep.numel()
-            new = nn.Conv2d(k, k, self.kernel_size, self.stride, self.padding, self.dilation, k,
-                            self.bias is not None, self.padding_mode, device=dev, dtype=dt)
+            groups = self.groups if in_keep is None else self._kept_groups(in_keep)
+            if in_keep is not None:
+                c = self.in_channels // self.groups
+                blocks = in_keep.view(groups, c).cpu()
+                if not bool(((blocks - blocks[:, :1]) == torch.arange(c)).all()
+                            and (blocks[:, 0] % c == 0).all()):
+                    raise RuntimeError(f"the kept channels of a grouped conv (groups="
+                                       f"{self.groups}) are not whole conv groups of {c}")
+            new = nn.Conv2d(k, k, self.kernel_size, self.stride, self.padding, self.dilation,
+                            groups, self.bias is not None, self.padding_mode, device=dev,
+                            dtype=dt)
             w = gather_kept(self.weight, in_keep, 0)
             b = None if self.bias is None else gather_kept(self.bias, in_keep, 0)
         else:
@@ -204,13 +233,13 @@ class MaskedConv2d(MaskedLayer, nn.Conv2d):
         if in_state is not None:
             self._check_width(x, 1, in_state.keep.numel(), "input")
             x = x * _channel_view(in_state.hard_mask, x.ndim, 1, x.dtype)
-        if self.is_depthwise:
+        if self.passes_group:
             if in_state is None:
                 return super().forward(x)
             keep = in_state.keep
             weight = gather_kept(self.weight, keep, 0)
             bias = None if self.bias is None else gather_kept(self.bias, keep, 0)
-            return self._conv(x, weight, bias, keep.numel())
+            return self._conv(x, weight, bias, self._kept_groups(keep))
         weight, bias = self.kept_weight_bias(
             None if in_state is None else in_state.keep,
             None if out_state is None else out_state.keep,
@@ -379,9 +408,10 @@ class MaskedLayerNorm(MaskedLayer, nn.LayerNorm):
 def _conv_info(m: nn.Module) -> LayerInfo:
     if m.groups == 1:
         return LayerInfo("conv", 1)
-    if m.groups == m.in_channels == m.out_channels:
-        return LayerInfo("depthwise", 1)
-    return LayerInfo("fixed", 1, f"groups={m.groups}")
+    if m.in_channels == m.out_channels:  # depthwise, or grouped (ResNeXt): whole conv groups
+        return LayerInfo("depthwise", 1, block=m.in_channels // m.groups)
+    return LayerInfo("fixed", 1, f"groups={m.groups}, {m.out_channels} output channels from "
+                                 f"{m.in_channels} input channels")
 
 
 def _layernorm_info(m: nn.Module) -> LayerInfo:

@@ -32,7 +32,7 @@ from . import graph as _graph
 from . import losses as _losses
 from . import registry as _registry
 from .export import EXPORT_TOLERANCE, ExportMismatchWarning, detect_builder, export_difference
-from .gates import ChannelGate
+from .gates import ChannelGate, effective_divisor
 from .losses import RESOURCE_MODES, VARIANTS
 from .nn import MaskedBatchNorm2d, MaskedLayer
 from .numerics import (
@@ -257,8 +257,8 @@ class S2HPruner:
         for g in self.groups:
             # a group whose layers impose a width granularity (attention heads: head_dim) gets
             # that divisor, whatever the pruner-wide divisor is: whole heads only
-            gate = ChannelGate(g.channels, self.divisor if g.divisor is None else g.divisor,
-                               self.tau, importance=self._importance(g), name=g.name,
+            gate = ChannelGate(g.channels, self._group_divisor(g), self.tau,
+                               importance=self._importance(g), name=g.name,
                                rounding=self.rounding, init_gap=self.init_gap)
             self.gates[self._key(g.name)] = gate
             self._group_gate[id(g)] = gate
@@ -383,6 +383,18 @@ class S2HPruner:
         return (f"with the split sizes ({names}) set to the kept widths the hard network "
                 f"differs from the masked dense one by {diff:.3g}")
 
+    def _group_divisor(self, g: _graph.Group) -> int:
+        """The divisor of ``g``'s gate: the layers' granularity (attention heads: head_dim),
+        else the pruner's; for a group pruned in whole conv groups (:attr:`Group.block`), the
+        fewest whole blocks that reach the pruner's divisor, lowered until they divide the
+        group (a multiple of the block: every width keeps whole conv groups)."""
+        if g.divisor is not None:
+            return g.divisor
+        if g.block > 1:
+            nblocks = g.channels // g.block
+            return g.block * effective_divisor(nblocks, -(-self.divisor // g.block))
+        return self.divisor
+
     def _importance(self, group: _graph.Group) -> torch.Tensor:
         """Mean over producers of the per-output-channel L1 norm of the producing weights
         (each layer kind scores its channels: :attr:`s2h.registry.LayerHandler.importance`)."""
@@ -397,7 +409,11 @@ class S2HPruner:
             scores.append(score)
         if not scores:
             return torch.zeros(group.channels)
-        return torch.stack(scores).mean(0)
+        score = torch.stack(scores).mean(0)
+        if group.block > 1:  # whole conv groups: each channel scores its block's mean, so the
+            # (stable) order keeps every block contiguous and a width of whole blocks keeps them
+            score = score.view(-1, group.block).mean(1).repeat_interleave(group.block)
+        return score
 
     def gate_of(self, group: _graph.Group) -> ChannelGate:
         """The gate of a prunable group (one of :attr:`groups`)."""

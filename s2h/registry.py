@@ -47,14 +47,20 @@ class LayerInfo:
 
     kind: ``"conv"``, ``"linear"``, ``"attention"`` (input and output are separate groups),
         ``"depthwise"``, ``"batchnorm"``, ``"layernorm"`` (one group passes through) or
-        ``"fixed"`` (kept whole, ``reason`` says why).
+        ``"fixed"`` (kept whole, ``reason`` says why). A grouped conv with as many output as
+        input channels (ResNeXt's, RegNet's 3x3) is ``"depthwise"`` too, with ``block`` > 1.
     channel_dim: where the channels are in the layer's input and output (1 for NCHW layers,
         -1 for linear / channels-last layers).
+    block: the channels of one conv group of a ``"depthwise"`` grouped conv (``in_channels //
+        groups``; 1 for a true depthwise conv): its group is kept and dropped in whole blocks
+        of ``block`` channels, so the kept conv groups stay whole and the conv's input and
+        output drop the same ones (exported with ``groups`` = the kept blocks).
     """
 
     kind: str
     channel_dim: int
     reason: str = ""
+    block: int = 1
 
 
 FlopParts = list[tuple[int, tuple[str, ...]]]

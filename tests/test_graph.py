@@ -58,10 +58,13 @@ def test_concat_across_groups_is_pruned_by_segments():
     assert cat.consumers == ["c"] and groups["a"].consumers == ["c"]
 
 
-def test_grouped_conv_is_left_unpruned_with_a_warning_naming_it():
+def test_grouped_conv_passes_its_group_through_in_whole_conv_groups():
+    """A grouped conv with in = out channels joins its producer's group, pruned in whole conv
+    groups (issue 18 item 3; exactness in test_grouped.py)."""
     pruner, msgs = _frozen_warnings(GroupedNet(), torch.randn(2, 3, 8, 8))
-    assert any("g (Conv2d, groups=4" in m for m in msgs)
-    assert set(pruner.widths()) == {"b"}
+    assert not msgs and set(pruner.widths()) == {"a", "b"}
+    group = pruner.analysis.groups[pruner.analysis.layer_in_group["g"]]
+    assert group.name == "a" and group.depthwise == ["g"] and group.block == 4
 
 
 def test_flatten_into_a_classifier_is_pruned_with_its_columns():
