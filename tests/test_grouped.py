@@ -316,3 +316,17 @@ def test_torchvision_grouped_models_prune_every_grouped_conv_exactly(name):
         exported(x)
     assert pruner.hard_flops_ratio() == pytest.approx(
         fc.get_total_flops() / pruner.dense_flops, rel=0.01)
+
+
+def test_lockstep_runs_grouped_convs_like_two_passes():
+    from s2h import dual
+
+    pruner, _, x = _setup()
+    assert dual.validate(pruner) is None  # forward and backward against two passes
+    pruner.set_widths(_uneven(pruner))
+    pruner.model.eval()
+    pruner.runtime.prepare(pruner.gates.values(), pruner.device())
+    with torch.no_grad():
+        soft, hard = dual.dual_forward(pruner.model, pruner.masked_layers.values(), (x,))
+        torch.testing.assert_close(soft, pruner.soft_forward(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(hard, pruner.hard_forward(x), rtol=1e-5, atol=1e-6)
