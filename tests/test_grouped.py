@@ -330,3 +330,35 @@ def test_lockstep_runs_grouped_convs_like_two_passes():
         soft, hard = dual.dual_forward(pruner.model, pruner.masked_layers.values(), (x,))
         torch.testing.assert_close(soft, pruner.soft_forward(x), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(hard, pruner.hard_forward(x), rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_conv_reading_a_concat_keeps_the_segments_whole():
+    """Its conv groups would not start at each segment's channel 0: the segments are kept
+    whole (with the reason), the rest is pruned, and the export is exact."""
+
+    class CatGrouped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 6, 1), nn.Conv2d(3, 10, 1)
+            self.g = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+            self.c = nn.Conv2d(16, 8, 1)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            y = torch.relu(self.g(torch.relu(torch.cat([self.a(x), self.b(x)], 1))))
+            return self.head(self.c(y).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model, x = CatGrouped(), torch.randn(2, 3, 6, 6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruner = s2h.S2HPruner(model, x, 0.5, divisor=2)
+    msgs = [str(w.message) for w in caught]
+    assert sum("grouped conv g reads these channels through a concat" in m for m in msgs) == 2
+    assert set(pruner.widths()) == {"c"}
+    pruner.set_widths({"c": 2})
+    model.eval()
+    exported = pruner.export()
+    assert exported.g.groups == 4 and exported.c.out_channels == 2
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), pruner.hard_forward(x), rtol=1e-5, atol=1e-6)
