@@ -316,6 +316,23 @@ class _Analyzer:
         #: parameter name -> label of the channels it scales elementwise (layer-scale gamma)
         self.channel_params: dict[str, int] = {}
         self.bad_params: set[str] = set()
+        #: embedding parameters (see :meth:`_param_dim`): id of the parameter, or of a cast /
+        #: broadcast of it, -> (its name, how many leading dims the tensor has in front of it)
+        self.param_align: dict[int, tuple[str, int]] = {id(p): (n, 0)
+                                                          for n, p in model.named_parameters()}
+        #: a parameter of several non-1 dims scaled with a group along one of them (a position
+        #: embedding ``(1, N, C)`` added to the tokens): its name -> that dim
+        self.channel_param_dim: dict[str, int] = {}
+        #: module int attributes a reshape passes as the channel width (``x.reshape(n,
+        #: self.hidden_dim, -1)``): ``(module name, attribute, value, label)``, see
+        #: :meth:`_reshape_width_attr`
+        self.reshape_attrs: list[tuple[str, str, int, int]] = []
+        #: (parameter, dim) of embedding parameters met along a dim without channels: bad if
+        #: that is the dim they are sliced along
+        self.unbound_param_dims: set[tuple[str, int]] = set()
+        #: parameters read by an op other than a cast / broadcast of them or an elementwise op
+        #: (or concat) with channels: an embedding parameter among them is not sliced
+        self.param_other_use: set[str] = set()
         #: id of a layer's own parameter / buffer (or a view of one) -> (layer name, its name)
         self.layer_tensor_of: dict[int, tuple[str, str]] = {}
         for lname, m in model.named_modules():
@@ -396,6 +413,8 @@ class _Analyzer:
                 for lname, tname in owned:
                     self.outside_reads.setdefault(lname, []).append(
                         ("all", f"its tensor {tname!r} is used by aten.{name}", self.where()))
+        self._follow_param_align(name, tensors_in, outs)
+        self._param_other_uses(func, name, tensors_in, bool(labelled))
         if not labelled:
             # follow views / casts of parameters, to recognise per-channel scales later
             if name in _PARAM_VIEW_OPS and tensors_in and id(tensors_in[0]) in self.param_of:
@@ -461,7 +480,7 @@ class _Analyzer:
         result: list[int | None] = [None] * nd
         for d in range(nd):
             size = out.shape[d]
-            dim_labels, unlabelled_full, scales = [], False, []
+            dim_labels, unlabelled_full, scales, embeds = [], False, [], []
             for t in tensors_in:
                 off = nd - t.dim()
                 td = d - off
@@ -473,6 +492,8 @@ class _Analyzer:
                         pname = self.param_of.get(id(t))
                         if pname is not None and t.numel() == t.shape[td]:
                             scales.append(pname)  # a per-channel parameter: sliced with the group
+                        elif (pd := self._param_dim(t, td)) is not None:
+                            embeds.append(pd)  # a position embedding: sliced along its dim
                         else:
                             unlabelled_full = pname or True
                 else:
@@ -480,10 +501,14 @@ class _Analyzer:
             if not dim_labels:
                 for pname in scales:
                     self.bad_params.add(pname)
+                self.unbound_param_dims.update(embeds)
                 continue
             root = dim_labels[0]
             for lab in dim_labels[1:]:
                 root = self.uf.union(root, lab)
+            for pname, pd in embeds:
+                self._bind_param_dim(pname, pd)
+                scales.append(pname)
             for pname in scales:
                 if pname in self.channel_params:
                     root = self.uf.union(root, self.channel_params[pname])
@@ -537,6 +562,8 @@ class _Analyzer:
             if (len(big_in) == 1 and len(big_out) == 1
                     and in_shape[big_in[0]] == out_shape[big_out[0]]):
                 result[big_out[0]] = src[big_in[0]]
+                if src[big_in[0]] is not None:
+                    self._reshape_width_attr(src[big_in[0]], big_out[0], out_shape)
                 for d in in_dims:
                     if d != big_in[0] and src[d] is not None:
                         self.freeze_label(src[d], f"view in {self.where()}")
@@ -551,6 +578,76 @@ class _Analyzer:
                         f"({tuple(in_shape)} -> {tuple(out_shape)})",
                     )
         self.set(out, result)
+
+    # ----------------------------------------------------------------- embedding width
+    _ALIGN_OPS = {"expand", "_to_copy", "clone", "detach", "alias", "contiguous", "lift_fresh",
+                  "lift_fresh_copy"}
+
+    def _follow_param_align(self, name: str, tensors_in: list, outs: list) -> None:
+        """Follow a parameter through casts and broadcasts (``class_token.expand(n, -1, -1)``)
+        that keep its dims in place, counted from the right (see :meth:`_param_dim`)."""
+        if name not in self._ALIGN_OPS or len(tensors_in) != 1 or len(outs) != 1:
+            return
+        ent = self.param_align.get(id(tensors_in[0]))
+        if ent is None:
+            return
+        src, o = tensors_in[0], outs[0]
+        lead = o.dim() - src.dim()
+        if lead < 0 or any(n != 1 and o.shape[d + lead] != n for d, n in enumerate(src.shape)):
+            return
+        self.param_align[id(o)] = (ent[0], ent[1] + lead)
+        self.keepalive.append(o)
+
+    def _param_other_uses(self, func, name: str, tensors_in: list, labelled: bool) -> None:
+        uses = [self.param_align[id(t)][0] for t in tensors_in if id(t) in self.param_align]
+        if not uses or name in self._ALIGN_OPS or name in _PARAM_VIEW_OPS \
+                or name in _NO_TENSOR_EFFECT:
+            return
+        if labelled and (torch.Tag.pointwise in func.tags or name in _EXTRA_POINTWISE
+                         or name in ("cat", "concat")):
+            return  # _pointwise / _cat decide
+        self.param_other_use.update(uses)
+
+    def _param_dim(self, t: torch.Tensor, d: int) -> tuple[str, int] | None:
+        """``(parameter name, its dim)`` when ``t`` is a parameter (or a cast / broadcast of
+        it) whose dim ``d`` is one of the parameter's own dims of the same size: along ``d``
+        it holds one value per channel (a class token ``(1, 1, C)``, a position embedding
+        ``(1, N, C)``), so it can be sliced with the channels there. None otherwise."""
+        ent = self.param_align.get(id(t))
+        if ent is None:
+            return None
+        pname, off = ent
+        p = self.params.get(pname)
+        pd = d - off
+        if p is None or pd < 0 or pd >= p.dim() or p.shape[pd] != t.shape[d] or p.shape[pd] < 2:
+            return None
+        return pname, pd
+
+    def _bind_param_dim(self, pname: str, pd: int) -> None:
+        """``pname`` is sliced with a group along its dim ``pd``."""
+        if self.channel_param_dim.setdefault(pname, pd) != pd:
+            self.bad_params.add(pname)  # scaled with channels along two of its dims
+
+    def _reshape_width_attr(self, lab: int, d: int, out_shape: list) -> None:
+        """A reshape that keeps the channel dim and writes its width as a number (``x.reshape(
+        n, self.hidden_dim, h * w)``, torchvision's ViT): the pruned model would pass the same
+        number. Where the module running it has an int attribute of that value, the hard
+        network and the export set it to the kept width (a width attribute, checked at
+        construction by running the hard network narrower); otherwise nothing is recorded
+        (that check then keeps the group whole if the reshape fails)."""
+        call = self.reshape_calls[-1] if self.reshape_calls else None
+        if call is None or call[0] != "sized" or call[1] is None or len(call[1]) != len(out_shape):
+            return
+        width = call[1][d]
+        if width != out_shape[d] or width < 2:
+            return
+        mname = self.where()
+        mname = mname if mname in self._module_names else ""
+        for attr, v in vars(self.model.get_submodule(mname)).items():
+            if attr.startswith("_") or isinstance(v, bool) or not isinstance(v, int):
+                continue
+            if v == width and (mname, attr) not in {(m, a) for m, a, _, _ in self.reshape_attrs}:
+                self.reshape_attrs.append((mname, attr, v, lab))
 
     def _repeat_merge(self, src, in_shape, in_dims, big_in, big_out, out_shape) -> int | None:
         """A reshape merging a labelled channel dim with the unlabelled dims after it into the
@@ -743,6 +840,7 @@ class _Analyzer:
         dim = dim % out.dim()
         result: list[int | None] = [None] * out.dim()
         unlabelled: list = [False] * out.dim()  # dims where some input has no label
+        embed: list[list] = [[] for _ in range(out.dim())]  # class tokens along a dim
         segments: list[tuple[int | None, int]] = []
         for t in tensors:
             if t.dim() != out.dim():
@@ -754,7 +852,9 @@ class _Analyzer:
                 if d == dim:
                     continue
                 if lab[d] is None:
-                    if t.shape[d] > 1 and not unlabelled[d]:
+                    if t.shape[d] > 1 and (pd := self._param_dim(t, d)) is not None:
+                        embed[d].append(pd)  # a class token: sliced with the channels
+                    elif t.shape[d] > 1 and not unlabelled[d]:
                         unlabelled[d] = self.param_of.get(id(t), True)
                 elif result[d] is None:
                     result[d] = lab[d]
@@ -768,6 +868,15 @@ class _Analyzer:
                 self.concat_of[cat_lab] = segments
                 self.concat_where[cat_lab] = self.where()
                 result[dim] = cat_lab
+        for d in range(out.dim()):
+            if d != dim and embed[d] and result[d] is not None:
+                for pname, pd in embed[d]:
+                    self._bind_param_dim(pname, pd)
+                    if pname in self.channel_params:
+                        result[d] = self.uf.union(result[d], self.channel_params[pname])
+                    self.channel_params[pname] = result[d]
+            elif d != dim and embed[d]:
+                self.unbound_param_dims.update(embed[d])
         for d in range(out.dim()):
             if d != dim and unlabelled[d] and result[d] is not None:
                 # e.g. a class token (a parameter) concatenated to the tokens: its channels
@@ -1176,6 +1285,20 @@ class _Analyzer:
         self._resolve_repeats()
         self._resolve_slices()
         self._resolve_concats()
+        self._resolve_reshape_attrs()
+
+    def _resolve_reshape_attrs(self) -> None:
+        """The widths a reshape passes from module attributes (:meth:`_reshape_width_attr`)
+        become width attributes of kind ``"reshape"`` (the kept width of the one group), unless
+        the channels are kept whole anyway or are the segments of a concat / cut."""
+        taken = {(m, a) for m, a, *_ in self.width_attrs}
+        for mname, attr, value, lab in self.reshape_attrs:
+            r = self.uf.find(lab)
+            if self.uf.frozen[r] or (mname, attr) in taken or lab in self.concat_of \
+                    or r in self._concat_rep:
+                continue
+            taken.add((mname, attr))
+            self.width_attrs.append((mname, attr, "reshape", value, [lab]))
 
     @contextlib.contextmanager
     def _size_reads(self, names, is_layer):
@@ -1355,6 +1478,10 @@ def analyze(
         g = roots[r]
         p = an.params[pname]
         dims = [d for d, s in enumerate(p.shape) if s > 1]
+        if pname in an.channel_param_dim:  # a class token / position embedding
+            dims = [an.channel_param_dim[pname]]
+            if (pname, dims[0]) in an.unbound_param_dims or pname in an.param_other_use:
+                an.bad_params.add(pname)
         if pname in an.bad_params or len(dims) != 1 or p.shape[dims[0]] != g.channels:
             if not g.frozen:
                 g.frozen = True

@@ -337,6 +337,8 @@ class S2HPruner:
         out: list[tuple[_graph.Group, str]] = []
         splits: dict[tuple, list] = {}  # the attributes of one split share its pieces' gates
         for entry in self.runtime.width_attrs:
+            if entry[2].how == "reshape":  # a reshape's width: checked by running narrower
+                continue
             splits.setdefault(tuple(id(g) for g in entry[2].gates), []).append(entry)
         for entries in splits.values():
             pieces = [by_gate[id(g)] for g in entries[0][2].gates if id(g) in by_gate]

@@ -147,7 +147,9 @@ class WidthAttr:
     """A module attribute that holds the sizes of a split of pruned channels: ``how`` =
     ``"piece"`` (one piece's width: ``split(x, self.width)``), ``"total"`` (the sum of the
     pieces: ``split(x, self.chs // 2)``) or ``"list"`` (every piece's width, in order:
-    ``split(x, self.splits)``); ``pieces`` = ``[(gate or None, full width)]``."""
+    ``split(x, self.splits)``) or ``"reshape"`` (the width a reshape passes:
+    ``x.reshape(n, self.hidden_dim, -1)``, one piece); ``pieces`` = ``[(gate or None, full
+    width)]``."""
 
     def __init__(self, how: str, original: Any,
                  pieces: list[tuple[ChannelGate | None, int]]) -> None:
@@ -169,7 +171,7 @@ class WidthAttr:
         widths = [w if g is None else kept_of(g) for g, w in self.pieces]
         if self.how == "piece":
             return widths[0]
-        if self.how == "total":
+        if self.how in ("total", "reshape"):
             return sum(widths)
         return type(self.original)(widths)
 

@@ -27,14 +27,16 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models.convnext import LayerNorm2d
 from torchvision.models.swin_transformer import ShiftedWindowAttention
 
 from . import registry as _registry
-from .nn import MaskedLayer, gather_kept, gather_kept_weight
+from .nn import MaskedLayer, MaskedLayerNorm, gather_kept, gather_kept_weight
 from .registry import LayerCall, LayerHandler, LayerInfo
 from .torch_attention import _head_rows, _whole_heads
 
-__all__ = ["MaskedShiftedWindowAttention", "PrunedShiftedWindowAttention", "window_attention"]
+__all__ = ["MaskedLayerNorm2d", "MaskedShiftedWindowAttention", "PrunedShiftedWindowAttention",
+           "window_attention"]
 
 
 def _window_regions(hp: int, wp: int, window: Sequence[int], shift: Sequence[int],
@@ -282,3 +284,44 @@ def _swin_heads(m: nn.Module) -> dict[str, tuple[int, int]]:
 _registry.register(LayerHandler(ShiftedWindowAttention, MaskedShiftedWindowAttention, _swin_info,
                                 flop_parts=_swin_flops, importance=_swin_importance,
                                 inner_groups=_swin_heads, call=_swin_call))
+
+
+# ---------------------------------------------------------------------------- ConvNeXt's norm
+
+
+class MaskedLayerNorm2d(MaskedLayerNorm, LayerNorm2d):
+    """torchvision's ``LayerNorm2d`` (ConvNeXt): a ``nn.LayerNorm`` subclass whose forward
+    permutes ``(N, C, H, W)`` to channels-last, normalises over ``C`` and permutes back, i.e.
+    a layer norm over dim 1. Hard mode normalises over the kept channels; the export is a
+    ``LayerNorm2d`` over them (``normalized_shape``, ``weight``, ``bias`` sliced in place)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = self._hard_keep()
+        if keep is None:
+            return LayerNorm2d.forward(self, x)
+        return self._hard_ln(x.permute(0, 2, 3, 1), keep).permute(0, 3, 1, 2)
+
+    @torch.no_grad()
+    def s2h_export(self, in_keep: torch.Tensor | None, out_keep: torch.Tensor | None,
+                   extra: dict) -> nn.Module:
+        """A plain ``LayerNorm2d`` over the kept channels."""
+        new = copy.deepcopy(self)  # a masked layer drops its gates when copied
+        new.__class__ = LayerNorm2d
+        if out_keep is not None:
+            new.normalized_shape = (out_keep.numel(),)
+            for name in ("weight", "bias"):
+                p = new._parameters.get(name)
+                if p is not None:
+                    new._parameters[name] = nn.Parameter(
+                        gather_kept(p, out_keep, 0).detach().clone(),
+                        requires_grad=p.requires_grad)
+        return new
+
+
+def _layernorm2d_info(m: nn.Module) -> LayerInfo:
+    if len(m.normalized_shape) == 1:
+        return LayerInfo("layernorm", 1)
+    return LayerInfo("fixed", 1, f"normalized_shape={tuple(m.normalized_shape)}")
+
+
+_registry.register(LayerHandler(LayerNorm2d, MaskedLayerNorm2d, _layernorm2d_info))

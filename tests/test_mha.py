@@ -287,8 +287,10 @@ def test_torchvision_vit_heads_and_mlp():
         heads = groups[f"encoder.layers.encoder_layer_{i}.self_attention.heads"]
         assert heads.channels == 64 and heads.divisor == 16
         assert groups[f"encoder.layers.encoder_layer_{i}.mlp.0"].channels == 128
-    assert len(groups) == 4  # the embedding width stays whole (class token concat)
-    assert any("'class_token'" in m for m in msgs)
+    # the embedding width is a group too (class token, position embedding: tests/
+    # test_embed_width.py)
+    assert len(groups) == 5
+    assert not any("'class_token'" in m for m in msgs)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in pruner.gate_parameters():
@@ -301,7 +303,8 @@ def test_torchvision_vit_heads_and_mlp():
     for i, kept in enumerate((2, 1)):
         a = exported.encoder.layers[i].self_attention
         assert type(a) is PrunedMultiheadAttention
-        assert (a.num_heads, a.head_dim, a.embed_dim) == (kept, 16, 64)
+        assert (a.num_heads, a.head_dim) == (kept, 16)
+        assert a.embed_dim == pruner.widths()["conv_proj"]  # the embedding width, pruned too
     assert exported.encoder.layers[0].mlp[0].out_features == 64
 
 

@@ -22,12 +22,13 @@ class ReadsWidth(nn.Module):
         self.bn = nn.BatchNorm2d(16)
         self.c = nn.Conv2d(16, 16, 3, padding=1)
         self.head = nn.Linear(16, 4)
-        self.dim = 16  # a Python constant the forward reshapes to
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.relu(self.bn(self.b(torch.relu(self.a(x)))))
         n, _, h, w = y.shape
-        y = y.reshape(n, self.dim, h * w).reshape(n, self.dim, h, w)
+        # a Python constant the forward reshapes to (a width held in a module attribute,
+        # ``self.dim``, is set to the kept width instead: tests/test_embed_width.py)
+        y = y.reshape(n, 16, h * w).reshape(n, 16, h, w)
         return self.head(torch.relu(self.c(y)).mean((2, 3)))
 
 

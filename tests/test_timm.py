@@ -180,14 +180,15 @@ def test_vit_heads_and_mlp(tmp_path, fused):
         if hasattr(m, "fused_attn"):
             m.fused_attn = fused
     pruner, msgs = _prune(model, x)
-    # the embedding width is left whole (cls token / position embedding), with a warning
-    assert any("'cls_token'" in m for m in msgs)
+    # the embedding width is a group too (cls token / position embedding sliced with it:
+    # tests/test_embed_width.py)
+    assert not any("'cls_token'" in m for m in msgs)
     groups = {g.name: g for g in pruner.groups}
     heads = groups["blocks.0.attn.heads"]
     assert heads.channels == 384 and heads.divisor == 64
     assert pruner.gates["blocks/0/attn/heads"].divisor == 64  # whole heads only
     assert groups["blocks.0.mlp.fc1"].consumers == ["blocks.0.mlp.fc2"]
-    assert len(groups) == 24  # 12 blocks x (heads, MLP hidden)
+    assert len(groups) == 25  # 12 blocks x (heads, MLP hidden), the embedding width
     exported = _check_exact(pruner, model, x, tmp_path)
     for i, blk in enumerate(exported.blocks):
         a = blk.attn
@@ -203,7 +204,8 @@ def test_attention_hard_path_matches_a_float64_reference():
     model = timm.create_model("vit_small_patch16_224", img_size=32, num_classes=5, depth=1)
     x = torch.randn(2, 3, 32, 32)
     pruner, _ = _prune(model, x)
-    pruner.set_widths({"blocks.0.attn.heads": 128})  # 2 of 6 heads
+    # 2 of 6 heads; the embedding width (a group since issue 18 item 6) whole: full tokens
+    pruner.set_widths({"blocks.0.attn.heads": 128, "patch_embed.proj": 384})
     attn = model.blocks[0].attn
     keep = pruner.gates["blocks/0/attn/heads"].keep_index()
     assert keep.numel() == 128
