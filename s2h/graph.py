@@ -851,6 +851,7 @@ class _Analyzer:
         if kind in ("chunk", "split_int") and len(set(widths)) > 1:
             return f"{what} of unequal pieces ({widths})"
         found = []  # (module, attribute, how, value) for every module that runs a cut
+        tied = kind != "split_list"  # the pieces one group (they stay equal)
         for mname in dict.fromkeys(c["module"] for c, _, _ in plans):
             if kind == "chunk":
                 break  # the sizes follow the input
@@ -863,6 +864,12 @@ class _Analyzer:
                     here.append((mname, attr, "piece" if v == widths[0] else "total", v))
                 elif kind == "split_list" and isinstance(v, (list, tuple)) and list(v) == widths:
                     here.append((mname, attr, "list", v))
+            if not here and kind == "split_list" and len(set(widths)) == 1:
+                # split(x, (self.c, self.c)): equal pieces, each the size of an int attribute
+                here = [(mname, attr, "piece", v) for attr, v in
+                        vars(self.model.get_submodule(mname)).items()
+                        if not attr.startswith("_") and type(v) is int and v == widths[0]]
+                tied = tied or bool(here)
             if not here:
                 return (f"{what} with sizes {call0['value']} that are not an attribute of "
                         f"{mname or 'the model'} (the pruned model could not follow them)")
@@ -873,7 +880,7 @@ class _Analyzer:
             self._claimed[h[:2]] = r
         # the pieces: one group for equal pieces, one per position for a split list
         pieces_by_pos = list(zip(*[p for _, _, p in plans], strict=True))
-        if kind == "split_list":
+        if not tied:
             labs = []
             for same in pieces_by_pos:
                 lab = same[0]

@@ -242,3 +242,35 @@ def test_lockstep_is_refused_when_a_split_reads_its_sizes_from_an_attribute():
         s2h.S2HPruner(Mix().eval(), torch.randn(2, 3, 8, 8), 0.5, divisor=2, fused=True)
     pruner = s2h.S2HPruner(Chunk().eval(), torch.randn(2, 3, 8, 8), 0.5, divisor=2, fused=True)
     assert pruner.lockstep  # a chunk follows its input: lockstep works
+
+
+class C2f(nn.Module):
+    """YOLOv8's C2f: ``cv1(x).split((self.c, self.c), 1)``, each new block appended, all
+    concatenated into cv2: the sizes are an int attribute, so the two pieces are one group."""
+
+    G = ("cv1[0:4]", 4)
+    SPEC = {"m.0": [G], "m.1": ["m.0"], "cv2": [G, G, "m.0", "m.1"], "fc": ["cv2"]}
+    ROWS = {"cv1": [G, G]}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = 4
+        self.cv1, self.bn = nn.Conv2d(3, 8, 1), _bn(8)
+        self.m = nn.ModuleList(nn.Conv2d(4, 4, 3, padding=1) for _ in range(2))
+        self.cv2, self.fc = nn.Conv2d(16, 8, 1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = list(torch.relu(self.bn(self.cv1(x))).split((self.c, self.c), 1))
+        y.extend(torch.relu(m(y[-1])) for m in self.m)
+        return self.fc(torch.relu(self.cv2(torch.cat(y, 1))).mean((2, 3)))
+
+
+def test_split_with_a_tuple_of_an_int_attribute_ties_the_pieces():
+    pruner, dense, x, msgs = _setup(C2f)
+    assert not [m for m in msgs if "left unpruned" in m], msgs
+    assert set(pruner.widths()) == {"cv1[0:4]", "m.0", "m.1", "cv2"}
+    assert [a for _, a, _ in pruner.runtime.width_attrs] == ["c"]
+    for step in (0, 1):
+        pruner.set_widths(_widths(pruner, step))
+        exported = _check_exact(pruner, dense, x, C2f.SPEC, C2f.ROWS)
+        assert exported.c == pruner.widths()["cv1[0:4]"]
