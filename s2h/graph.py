@@ -263,6 +263,8 @@ class _ReshapeCalls(TorchFunctionMode):
         elif func in self._CHUNK:
             n = args[1] if len(args) > 1 else kwargs.get("chunks", kwargs.get("sections"))
             kind, value = ("chunk", n) if isinstance(n, int) else ("const", None)
+        elif func is torch.Tensor.__getitem__ and len(args) > 1:
+            kind, value = "getitem", args[1]
         else:
             kind, value = "const", None
         self.a.n_split_calls += 1
@@ -342,8 +344,9 @@ class _Analyzer:
         #: (module name, attribute) -> the cut class whose sizes it holds
         self._claimed: dict[tuple[str, str], int] = {}
         self.n_split_calls = 0
-        #: pieces cut from a labelled dim: ``(source label, start, stop, piece label, call)``
-        self.slices: list[tuple[int, int, int, int, dict | None]] = []
+        #: pieces cut from a labelled dim: ``(source label, start, stop, piece label, call,
+        #: dim)``
+        self.slices: list[tuple[int, int, int, int, dict | None, int]] = []
         #: module attributes that hold split sizes: ``(module name, attribute, how, original,
         #: piece labels)``, ``how`` = "piece" (each piece's width), "total" (the pieces' sum) or
         #: "list" (every piece's width, in order); rewritten to the kept widths
@@ -671,7 +674,7 @@ class _Analyzer:
             if name != "select" and touched and src[d] is not None:
                 bounds = self._slice_bounds(name, args, kwargs, int(src_t.shape[d]))
                 if bounds is not None and bounds[1] - bounds[0] == out.shape[d]:
-                    src[d] = self._piece(src[d], *bounds)
+                    src[d] = self._piece(src[d], *bounds, d)
                     touched = []
         elif name == "constant_pad_nd":
             pad = list(args[1])
@@ -706,11 +709,11 @@ class _Analyzer:
         stop = stop + size if stop < 0 else stop
         return max(0, min(start, size)), max(0, min(stop, size))
 
-    def _piece(self, lab: int, start: int, stop: int) -> int:
+    def _piece(self, lab: int, start: int, stop: int, dim: int) -> int:
         """A new label for the channels ``[start, stop)`` of ``lab``'s (see _resolve_slices)."""
         piece = self.uf.new(stop - start)
         call = self.split_calls[-1] if self.split_calls else None
-        self.slices.append((lab, start, stop, piece, call))
+        self.slices.append((lab, start, stop, piece, call, dim))
         return piece
 
     def _split(self, args, kwargs, outs, name) -> None:
@@ -724,7 +727,7 @@ class _Analyzer:
             lab = list(src)
             w = int(o.shape[d])
             if src[d] is not None and w != src_t.shape[d]:
-                lab[d] = self._piece(src[d], off, off + w)
+                lab[d] = self._piece(src[d], off, off + w, d)
             off += w
             self.set(o, lab)
 
@@ -800,8 +803,8 @@ class _Analyzer:
             recs = [s for _, s in recs]
             why = self._cut_plan_problem(r, recs, extra)
             if isinstance(why, str):
-                for _, _, _, piece, _ in recs:
-                    uf.freeze(piece, why)
+                for rec in recs:
+                    uf.freeze(rec[3], why)
                 uf.freeze(r, why)
                 continue
             segments, attrs, where = why
@@ -828,14 +831,17 @@ class _Analyzer:
         if any(lab in self.repeat_of or lab in extra for lab in members):
             return f"{what}, of flattened or attention channels"
         calls: dict[int, list] = {}
+        const = (f"{what} with bounds written as numbers (a slice such as x[:, :8]); chunk(n), "
+                 "or sizes / bounds held in a module attribute, would follow a pruned width")
         for rec in recs:
             call = rec[4]
             if call is None or call["kind"] == "const":
-                return (f"{what} with bounds written as numbers (a slice such as x[:, :c]); "
-                        "chunk(n), or split with a size held in a module attribute, would follow "
-                        "a pruned width")
+                return const
             calls.setdefault(call["id"], []).append(rec)
         size = uf.size[r]
+        n_getitem = sum(rec[4]["kind"] == "getitem" for rec in recs)
+        if n_getitem:  # slices only, or a slice with other cuts (not followed)
+            return self._getitem_plan(r, recs, what, const) if n_getitem == len(recs) else const
         plans = []
         for pieces in calls.values():
             pieces.sort(key=lambda p: p[1])
@@ -896,6 +902,52 @@ class _Analyzer:
         segments = list(zip(labs, widths, strict=True))
         attrs = [(mname, a, how, v, labs) for mname, a, how, v in found]
         return segments, attrs, call0["module"]
+
+    def _getitem_plan(self, r: int, recs: list, what: str, const: str):
+        """Slices ``x[:, a:b]`` of one class: the pieces must tile the dim, each its own group,
+        and every bound written in the index must be 0 or the value of an int attribute of the
+        module that slices (``x[:, :self.c]``), which is then set to the kept width of the
+        pieces before it."""
+        uf = self.uf
+        size = uf.size[r]
+        ranges: dict[tuple[int, int], int] = {}
+        bounds: list[tuple[str, int]] = []  # (module, bound written in the index)
+        for _lab, start, stop, piece, call, d in recs:
+            idx = call["value"] if isinstance(call["value"], tuple) else (call["value"],)
+            if len(idx) <= d or not all(isinstance(e, slice) for e in idx[:d + 1]):
+                return const
+            e = idx[d]
+            if e.step not in (None, 1):
+                return const
+            for b in (e.start, e.stop):
+                if b is None:
+                    continue
+                if type(b) is not int or b < 0:
+                    return const
+                if b != 0:
+                    bounds.append((call["module"], b))
+            key = (start, stop)
+            ranges[key] = piece if key not in ranges else uf.union(ranges[key], piece)
+        keys = sorted(ranges)
+        if keys[0][0] != 0 or keys[-1][1] != size or any(
+                a[1] != b[0] for a, b in zip(keys, keys[1:], strict=False)):
+            return f"{what} that does not cut the whole dim into pieces"
+        labs = [ranges[k] for k in keys]
+        found = []
+        for mname, b in dict.fromkeys(bounds):
+            mname = mname if mname in self._module_names else ""
+            here = [(mname, attr, "total", v, labs[:sum(1 for k in keys if k[1] <= b)])
+                    for attr, v in vars(self.model.get_submodule(mname)).items()
+                    if not attr.startswith("_") and type(v) is int and v == b]
+            if not here:
+                return const
+            if any(self._claimed.get(h[:2], r) != r for h in here):
+                return f"{what} with bounds in attributes of {mname} that another cut reads too"
+            found += here
+        for h in found:
+            self._claimed[h[:2]] = r
+        segments = [(ranges[k], k[1] - k[0]) for k in keys]
+        return segments, found, recs[0][4]["module"]
 
     def _flat_segments(self, cat_lab: int, seen: frozenset = frozenset()
                        ) -> list[tuple[int | None, int]]:

@@ -274,3 +274,34 @@ def test_split_with_a_tuple_of_an_int_attribute_ties_the_pieces():
         pruner.set_widths(_widths(pruner, step))
         exported = _check_exact(pruner, dense, x, C2f.SPEC, C2f.ROWS)
         assert exported.c == pruner.widths()["cv1[0:4]"]
+
+
+class SliceAttr(nn.Module):
+    """DPN-style slices ``y[:, :self.c]`` / ``y[:, self.c:]``: two independent pieces, the bound
+    an int attribute (set to the first piece's kept width)."""
+
+    P0, P1 = ("a[0:6]", 6), ("a[6:16]", 10)
+    SPEC = {"b": [P0], "c_conv": [P1], "d": ["b", "c_conv"], "fc": ["d"]}
+    ROWS = {"a": [P0, P1]}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = 6
+        self.a, self.bn = nn.Conv2d(3, 16, 3, padding=1), _bn(16)
+        self.b, self.c_conv = nn.Conv2d(6, 8, 1), nn.Conv2d(10, 8, 1)
+        self.d, self.fc = nn.Conv2d(16, 8, 1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.a(x)))
+        y = torch.cat([self.b(y[:, :self.c]), self.c_conv(y[:, self.c:])], 1)
+        return self.fc(torch.relu(self.d(y)).mean((2, 3)))
+
+
+def test_slices_bounded_by_an_attribute_are_pieces():
+    pruner, dense, x, msgs = _setup(SliceAttr)
+    assert not [m for m in msgs if "left unpruned" in m], msgs
+    assert {"a[0:6]", "a[6:16]"} <= set(pruner.widths())
+    for step in (0, 1, 2):
+        pruner.set_widths(_widths(pruner, step))
+        exported = _check_exact(pruner, dense, x, SliceAttr.SPEC, SliceAttr.ROWS)
+        assert exported.c == pruner.widths()["a[0:6]"]
