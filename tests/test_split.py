@@ -113,8 +113,30 @@ class Mix(nn.Module):
         return self.fc(torch.relu(self.d(y)).mean((2, 3)))
 
 
+class Nested(nn.Module):
+    """A chunk whose first half is split again (``split(x1, self.w)``): all four quarters are
+    one group (the chunk ties its halves, the split its pieces)."""
+
+    A = ("a[0:4]", 4)
+    SPEC = {"p": [A], "q": [A], "r": [A, A], "d": ["p", "q", "r"], "fc": ["d"]}
+    ROWS = {"a": [A, A, A, A]}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = 4
+        self.a = nn.Conv2d(3, 16, 1)
+        self.p, self.q, self.r = nn.Conv2d(4, 6, 1), nn.Conv2d(4, 6, 1), nn.Conv2d(8, 6, 1)
+        self.d, self.fc = nn.Conv2d(18, 8, 1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        x1, x2 = torch.relu(self.a(x)).chunk(2, 1)
+        u, v = x1.split(self.w, 1)
+        y = torch.cat([self.p(u), self.q(v), self.r(x2)], 1)
+        return self.fc(torch.relu(self.d(y)).mean((2, 3)))
+
+
 CASES = {"chunk": Chunk, "tensor_split": lambda: Chunk("tensor_split"), "res2": Res2,
-         "csp": CSP, "mix": Mix}
+         "csp": CSP, "mix": Mix, "nested": Nested}
 
 
 @pytest.mark.parametrize("case", list(CASES))
