@@ -445,6 +445,8 @@ class _Analyzer:
                     self.set(o, lab)
         elif name in ("cat", "concat"):
             self._cat(args, kwargs, outs[0])
+        elif name == "stack":
+            self._stack(args, kwargs, outs[0])
         elif name in ("split", "split_with_sizes"):
             self._split(args, kwargs, outs, name)
         elif name in _DIM_OPS:
@@ -542,6 +544,18 @@ class _Analyzer:
             elif (merged := self._repeat_merge(src, in_shape, in_dims, big_in, big_out,
                                                out_shape)) is not None:
                 result[big_out[0]] = merged
+            elif len(big_in) == 1 and len(big_out) == 2 and src[big_in[0]] is not None \
+                    and len(labs) == 1:
+                # (C) -> (n, C/n), the pieces outermost: n equal contiguous pieces, one group
+                # (a chunk(n) then a stack): the inner dim is the pieces' channels
+                n, m = out_shape[big_out[0]], out_shape[big_out[1]]
+                call = {"id": -len(self.slices) - 1, "kind": "chunk", "value": n,
+                        "module": self.module_stack[-1] if self.module_stack else ""}
+                piece = None
+                for k in range(n):
+                    p = self._piece(src[big_in[0]], k * m, (k + 1) * m, big_in[0], call)
+                    piece = p if piece is None else self.uf.union(piece, p)
+                result[big_out[1]] = piece
             else:
                 for lab in labs:
                     self.freeze_label(
@@ -709,10 +723,12 @@ class _Analyzer:
         stop = stop + size if stop < 0 else stop
         return max(0, min(start, size)), max(0, min(stop, size))
 
-    def _piece(self, lab: int, start: int, stop: int, dim: int) -> int:
+    def _piece(self, lab: int, start: int, stop: int, dim: int, call: dict | None = None
+               ) -> int:
         """A new label for the channels ``[start, stop)`` of ``lab``'s (see _resolve_slices)."""
         piece = self.uf.new(stop - start)
-        call = self.split_calls[-1] if self.split_calls else None
+        if call is None:
+            call = self.split_calls[-1] if self.split_calls else None
         self.slices.append((lab, start, stop, piece, call, dim))
         return piece
 
@@ -730,6 +746,25 @@ class _Analyzer:
                 lab[d] = self._piece(src[d], off, off + w, d)
             off += w
             self.set(o, lab)
+
+    def _stack(self, args, kwargs, out) -> None:
+        """``torch.stack`` along a new dim: the inputs' labels dim by dim merge (they are the
+        same channels side by side), the new dim has none."""
+        tensors = list(args[0])
+        dim = (args[1] if len(args) > 1 else kwargs.get("dim", 0)) % out.dim()
+        result: list[int | None] = [None] * out.dim()
+        unlabelled = [False] * out.dim()
+        for t in tensors:
+            for i, lab in enumerate(self.get(t)):
+                d = i if i < dim else i + 1
+                if lab is None:
+                    unlabelled[d] = unlabelled[d] or t.shape[i] > 1
+                else:
+                    result[d] = lab if result[d] is None else self.uf.union(result[d], lab)
+        for d, lab in enumerate(result):
+            if lab is not None and unlabelled[d]:
+                self.freeze_label(lab, f"stack with an unpruned tensor in {self.where()}")
+        self.set(out, result)
 
     def _cat(self, args, kwargs, out) -> None:
         """A concat: the labels of the other dims merge; along the concat dim, where some input

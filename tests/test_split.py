@@ -135,8 +135,37 @@ class Nested(nn.Module):
         return self.fc(torch.relu(self.d(y)).mean((2, 3)))
 
 
+class SK(nn.Module):
+    """SKNet's selective kernel: two paths stacked, an attention conv whose output is viewed as
+    (paths, C) -- a cut into equal pieces, one group with the paths' outputs -- softmax over the
+    paths, weighted sum."""
+
+    P = ("paths.0", 8)
+    SPEC = {"paths.0": ["stem"], "paths.1": ["stem"], "fc_reduce": [P],
+            "fc_select": ["fc_reduce"], "out": [P], "fc": ["out"]}
+    ROWS = {"paths.1": [P], "fc_select": [P, P]}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_paths = 2
+        self.stem, self.bn = nn.Conv2d(3, 8, 3, padding=1), _bn(8)
+        self.paths = nn.ModuleList([nn.Conv2d(8, 8, 3, padding=1),
+                                    nn.Conv2d(8, 8, 3, padding=2, dilation=2)])
+        self.fc_reduce, self.fc_select = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 16, 1)
+        self.out, self.fc = nn.Conv2d(8, 8, 1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        x = torch.stack([torch.relu(p(x)) for p in self.paths], dim=1)
+        a = self.fc_select(torch.relu(self.fc_reduce(x.sum(1).mean((2, 3), keepdim=True))))
+        b, c, h, w = a.shape
+        a = torch.softmax(a.view(b, self.num_paths, c // self.num_paths, h, w), dim=1)
+        x = (x * a).sum(1)
+        return self.fc(torch.relu(self.out(x)).mean((2, 3)))
+
+
 CASES = {"chunk": Chunk, "tensor_split": lambda: Chunk("tensor_split"), "res2": Res2,
-         "csp": CSP, "mix": Mix, "nested": Nested}
+         "csp": CSP, "mix": Mix, "nested": Nested, "sk": SK}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -219,6 +248,7 @@ def test_an_attribute_that_is_not_the_split_size_is_left_alone():
 
 @pytest.mark.parametrize("name, counts", [("res2net50_14w_8s", (61, 62)),
                                           ("cspresnet50", (42, 43)),
+                                          ("skresnet18", (20, 21)),
                                           ("mixnet_s", (48, 72)),
                                           ("ghostnet_100", (31, 32))])
 def test_timm_split_models_are_pruned_exactly(name, counts, tmp_path):
