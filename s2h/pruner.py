@@ -338,6 +338,11 @@ class S2HPruner:
         splits: dict[tuple, list] = {}  # the attributes of one split share its pieces' gates
         for entry in self.runtime.width_attrs:
             splits.setdefault(tuple(id(g) for g in entry[2].gates), []).append(entry)
+        every = list({id(by_gate[id(g)]): by_gate[id(g)] for e in self.runtime.width_attrs
+                      for g in e[2].gates if id(g) in by_gate
+                      and by_gate[id(g)].channels > g.divisor}.values())
+        if not every or self._split_mismatch(every) is None:
+            return []  # all at once first: one hard and one soft forward in the common case
         for entries in splits.values():
             pieces = [by_gate[id(g)] for g in entries[0][2].gates if id(g) in by_gate]
             pieces = [g for g in pieces if id(g) not in done
