@@ -984,6 +984,47 @@ class _Analyzer:
         segments = [(ranges[k], k[1] - k[0]) for k in keys]
         return segments, found, recs[0][4]["module"]
 
+    def _refine(self, ref: list, other: list, extra: set) -> str | None:
+        """Cut the segments of two segmentations of the same channels at the boundaries of
+        both: a segment spanning a boundary of the other has its class cut there (every label
+        of it becomes a concat of new pieces, as a split's producer does). None when done (the
+        caller looks again), else why it cannot be."""
+        uf = self.uf
+
+        def bounds(segs):
+            out, off = set(), 0
+            for _, w in segs:
+                off += w
+                out.add(off)
+            return out
+
+        every = bounds(ref) | bounds(other)
+        if max(every) != sum(w for _, w in ref):
+            return "of different total widths"
+        for segs in (ref, other):
+            off = 0
+            for lab, w in segs:
+                inner = sorted(b - off for b in every if off < b < off + w)
+                off += w
+                if not inner:
+                    continue
+                if lab is None:
+                    return "a fixed-width input would be cut"
+                r = uf.find(lab)
+                members = [m for m in range(len(uf.parent)) if uf.find(m) == r]
+                if uf.frozen[r] or any(m in self.concat_of or m in self.repeat_of or m in extra
+                                       for m in members):
+                    return "a segment that cannot be cut"
+                cuts = [0, *inner, w]
+                pieces = [(uf.new(b - a), b - a) for a, b in zip(cuts, cuts[1:], strict=False)]
+                link = uf.new(w)  # the pieces' concat, in the class
+                uf.union(r, link)
+                for m in [*members, link]:
+                    self.concat_of[m] = list(pieces)
+                    self.concat_where[m] = "a cut matching another concat of these channels"
+                return None
+        return "no segment to cut"
+
     def _flat_segments(self, cat_lab: int, seen: frozenset = frozenset()
                        ) -> list[tuple[int | None, int]]:
         """The segments of a concat label, a segment that is itself a concat (of a consistent
@@ -1014,7 +1055,7 @@ class _Analyzer:
         uf = self.uf
         bad: dict[int, str] = {}
         extra = {lab for rec in self.layers.values() for lab in rec.extra_labels.values()}
-        while True:
+        while True:  # each pass merges or cuts something (cuts only refine: it ends)
             changed = False
             cat_roots: dict[int, list[int]] = {}
             for c in self.concat_of:
@@ -1044,8 +1085,13 @@ class _Analyzer:
                 for c in cs[1:]:
                     other = self._flat_segments(c, frozenset({r}))
                     if [w for _, w in other] != [w for _, w in ref]:
-                        bad[r] = (f"two concatenations of other segment widths meet (in "
-                                  f"{self.concat_where[cs[0]]} and {self.concat_where[c]})")
+                        # cut the segments at each other's boundaries (MixNet: a split in 3
+                        # after a split in 2), or keep the class whole where they cannot be
+                        why = self._refine(ref, other, extra)
+                        if why is not None:
+                            bad[r] = (f"two concatenations of other segment widths meet (in "
+                                      f"{self.concat_where[cs[0]]} and {self.concat_where[c]})"
+                                      f": {why}")
                         changed = True
                         break
                     for (a, _), (b, _) in zip(ref, other, strict=True):

@@ -164,8 +164,33 @@ class SK(nn.Module):
         return self.fc(torch.relu(self.out(x)).mean((2, 3)))
 
 
+class MixMix(nn.Module):
+    """MixNet's blocks back to back: depthwise convs on a split in three ([8, 8, 8]),
+    concatenated, then a split in two ([12, 12]) of the same channels. The middle piece of the
+    first and the conv before it are cut at 12 to match: B = B1 + B2, P = A + B1, Q = B2 + C."""
+
+    A, B1, B2, C = ("a[0:8]", 8), ("a[8:12]", 4), ("a[12:16]", 4), ("a[16:24]", 8)
+    SPEC = {"pw.0": [A, B1], "pw.1": [B2, C], "d": ["pw.0", "pw.1"], "fc": ["d"]}
+    ROWS = {"a": [A, B1, B2, C]}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s1, self.s2 = [8, 8, 8], [12, 12]
+        self.a, self.bn = nn.Conv2d(3, 24, 1), _bn(24)
+        self.dw = nn.ModuleList(nn.Conv2d(8, 8, k, padding=k // 2, groups=8) for k in (3, 5, 7))
+        self.pw = nn.ModuleList([nn.Conv2d(12, 6, 1), nn.Conv2d(12, 10, 1)])
+        self.d, self.fc = nn.Conv2d(16, 8, 1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        xs = torch.split(torch.relu(self.a(x)), self.s1, 1)
+        y = torch.relu(self.bn(torch.cat([c(t) for c, t in zip(self.dw, xs, strict=True)], 1)))
+        ys = torch.split(y, self.s2, 1)
+        y = torch.cat([c(t) for c, t in zip(self.pw, ys, strict=True)], 1)
+        return self.fc(torch.relu(self.d(y)).mean((2, 3)))
+
+
 CASES = {"chunk": Chunk, "tensor_split": lambda: Chunk("tensor_split"), "res2": Res2,
-         "csp": CSP, "mix": Mix, "nested": Nested, "sk": SK}
+         "csp": CSP, "mix": Mix, "nested": Nested, "sk": SK, "mixmix": MixMix}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -187,6 +212,9 @@ def test_split_is_pruned_by_pieces(case):
         elif case == "mix":
             w = pruner.widths()
             assert exported.splits == [w["a[0:4]"], w["a[4:16]"]]
+        elif case == "mixmix":
+            a, b1, b2, c = (pruner.widths()[n] for n, _ in MixMix.ROWS["a"])
+            assert exported.s1 == [a, b1 + b2, c] and exported.s2 == [a + b1, b2 + c]
     # the pruned model itself is untouched (the attributes are set only in hard mode)
     assert getattr(pruner.model, "splits", [4, 12]) == [4, 12]
     assert getattr(pruner.model, "width", 4) == 4
@@ -249,7 +277,7 @@ def test_an_attribute_that_is_not_the_split_size_is_left_alone():
 @pytest.mark.parametrize("name, counts", [("res2net50_14w_8s", (61, 62)),
                                           ("cspresnet50", (42, 43)),
                                           ("skresnet18", (20, 21)),
-                                          ("mixnet_s", (48, 72)),
+                                          ("mixnet_s", (72, 73)),
                                           ("ghostnet_100", (31, 32))])
 def test_timm_split_models_are_pruned_exactly(name, counts, tmp_path):
     timm = pytest.importorskip("timm")
