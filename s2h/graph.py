@@ -267,6 +267,8 @@ class _ReshapeCalls(TorchFunctionMode):
         elif func in self._CHUNK:
             n = args[1] if len(args) > 1 else kwargs.get("chunks", kwargs.get("sections"))
             kind, value = ("chunk", n) if isinstance(n, int) else ("const", None)
+        elif func is torch.Tensor.__getitem__ and len(args) > 1:
+            kind, value = "getitem", args[1]
         else:
             kind, value = "const", None
         self.a.n_split_calls += 1
@@ -363,8 +365,9 @@ class _Analyzer:
         #: (module name, attribute) -> the cut class whose sizes it holds
         self._claimed: dict[tuple[str, str], int] = {}
         self.n_split_calls = 0
-        #: pieces cut from a labelled dim: ``(source label, start, stop, piece label, call)``
-        self.slices: list[tuple[int, int, int, int, dict | None]] = []
+        #: pieces cut from a labelled dim: ``(source label, start, stop, piece label, call,
+        #: dim)``
+        self.slices: list[tuple[int, int, int, int, dict | None, int]] = []
         #: module attributes that hold split sizes: ``(module name, attribute, how, original,
         #: piece labels)``, ``how`` = "piece" (each piece's width), "total" (the pieces' sum) or
         #: "list" (every piece's width, in order); rewritten to the kept widths
@@ -465,6 +468,8 @@ class _Analyzer:
                     self.set(o, lab)
         elif name in ("cat", "concat"):
             self._cat(args, kwargs, outs[0])
+        elif name == "stack":
+            self._stack(args, kwargs, outs[0])
         elif name in ("split", "split_with_sizes"):
             self._split(args, kwargs, outs, name)
         elif name in _DIM_OPS:
@@ -570,6 +575,18 @@ class _Analyzer:
             elif (merged := self._repeat_merge(src, in_shape, in_dims, big_in, big_out,
                                                out_shape)) is not None:
                 result[big_out[0]] = merged
+            elif len(big_in) == 1 and len(big_out) == 2 and src[big_in[0]] is not None \
+                    and len(labs) == 1:
+                # (C) -> (n, C/n), the pieces outermost: n equal contiguous pieces, one group
+                # (a chunk(n) then a stack): the inner dim is the pieces' channels
+                n, m = out_shape[big_out[0]], out_shape[big_out[1]]
+                call = {"id": -len(self.slices) - 1, "kind": "chunk", "value": n,
+                        "module": self.module_stack[-1] if self.module_stack else ""}
+                piece = None
+                for k in range(n):
+                    p = self._piece(src[big_in[0]], k * m, (k + 1) * m, big_in[0], call)
+                    piece = p if piece is None else self.uf.union(piece, p)
+                result[big_out[1]] = piece
             else:
                 for lab in labs:
                     self.freeze_label(
@@ -772,7 +789,7 @@ class _Analyzer:
             if name != "select" and touched and src[d] is not None:
                 bounds = self._slice_bounds(name, args, kwargs, int(src_t.shape[d]))
                 if bounds is not None and bounds[1] - bounds[0] == out.shape[d]:
-                    src[d] = self._piece(src[d], *bounds)
+                    src[d] = self._piece(src[d], *bounds, d)
                     touched = []
         elif name == "constant_pad_nd":
             pad = list(args[1])
@@ -807,11 +824,13 @@ class _Analyzer:
         stop = stop + size if stop < 0 else stop
         return max(0, min(start, size)), max(0, min(stop, size))
 
-    def _piece(self, lab: int, start: int, stop: int) -> int:
+    def _piece(self, lab: int, start: int, stop: int, dim: int, call: dict | None = None
+               ) -> int:
         """A new label for the channels ``[start, stop)`` of ``lab``'s (see _resolve_slices)."""
         piece = self.uf.new(stop - start)
-        call = self.split_calls[-1] if self.split_calls else None
-        self.slices.append((lab, start, stop, piece, call))
+        if call is None:
+            call = self.split_calls[-1] if self.split_calls else None
+        self.slices.append((lab, start, stop, piece, call, dim))
         return piece
 
     def _split(self, args, kwargs, outs, name) -> None:
@@ -825,9 +844,28 @@ class _Analyzer:
             lab = list(src)
             w = int(o.shape[d])
             if src[d] is not None and w != src_t.shape[d]:
-                lab[d] = self._piece(src[d], off, off + w)
+                lab[d] = self._piece(src[d], off, off + w, d)
             off += w
             self.set(o, lab)
+
+    def _stack(self, args, kwargs, out) -> None:
+        """``torch.stack`` along a new dim: the inputs' labels dim by dim merge (they are the
+        same channels side by side), the new dim has none."""
+        tensors = list(args[0])
+        dim = (args[1] if len(args) > 1 else kwargs.get("dim", 0)) % out.dim()
+        result: list[int | None] = [None] * out.dim()
+        unlabelled = [False] * out.dim()
+        for t in tensors:
+            for i, lab in enumerate(self.get(t)):
+                d = i if i < dim else i + 1
+                if lab is None:
+                    unlabelled[d] = unlabelled[d] or t.shape[i] > 1
+                else:
+                    result[d] = lab if result[d] is None else self.uf.union(result[d], lab)
+        for d, lab in enumerate(result):
+            if lab is not None and unlabelled[d]:
+                self.freeze_label(lab, f"stack with an unpruned tensor in {self.where()}")
+        self.set(out, result)
 
     def _cat(self, args, kwargs, out) -> None:
         """A concat: the labels of the other dims merge; along the concat dim, where some input
@@ -913,8 +951,8 @@ class _Analyzer:
             recs = [s for _, s in recs]
             why = self._cut_plan_problem(r, recs, extra)
             if isinstance(why, str):
-                for _, _, _, piece, _ in recs:
-                    uf.freeze(piece, why)
+                for rec in recs:
+                    uf.freeze(rec[3], why)
                 uf.freeze(r, why)
                 continue
             segments, attrs, where = why
@@ -941,14 +979,17 @@ class _Analyzer:
         if any(lab in self.repeat_of or lab in extra for lab in members):
             return f"{what}, of flattened or attention channels"
         calls: dict[int, list] = {}
+        const = (f"{what} with bounds written as numbers (a slice such as x[:, :8]); chunk(n), "
+                 "or sizes / bounds held in a module attribute, would follow a pruned width")
         for rec in recs:
             call = rec[4]
             if call is None or call["kind"] == "const":
-                return (f"{what} with bounds written as numbers (a slice such as x[:, :c]); "
-                        "chunk(n), or split with a size held in a module attribute, would follow "
-                        "a pruned width")
+                return const
             calls.setdefault(call["id"], []).append(rec)
         size = uf.size[r]
+        n_getitem = sum(rec[4]["kind"] == "getitem" for rec in recs)
+        if n_getitem:  # slices only, or a slice with other cuts (not followed)
+            return self._getitem_plan(r, recs, what, const) if n_getitem == len(recs) else const
         plans = []
         for pieces in calls.values():
             pieces.sort(key=lambda p: p[1])
@@ -964,6 +1005,7 @@ class _Analyzer:
         if kind in ("chunk", "split_int") and len(set(widths)) > 1:
             return f"{what} of unequal pieces ({widths})"
         found = []  # (module, attribute, how, value) for every module that runs a cut
+        tied = kind != "split_list"  # the pieces one group (they stay equal)
         for mname in dict.fromkeys(c["module"] for c, _, _ in plans):
             if kind == "chunk":
                 break  # the sizes follow the input
@@ -976,6 +1018,12 @@ class _Analyzer:
                     here.append((mname, attr, "piece" if v == widths[0] else "total", v))
                 elif kind == "split_list" and isinstance(v, (list, tuple)) and list(v) == widths:
                     here.append((mname, attr, "list", v))
+            if not here and kind == "split_list" and len(set(widths)) == 1:
+                # split(x, (self.c, self.c)): equal pieces, each the size of an int attribute
+                here = [(mname, attr, "piece", v) for attr, v in
+                        vars(self.model.get_submodule(mname)).items()
+                        if not attr.startswith("_") and type(v) is int and v == widths[0]]
+                tied = tied or bool(here)
             if not here:
                 return (f"{what} with sizes {call0['value']} that are not an attribute of "
                         f"{mname or 'the model'} (the pruned model could not follow them)")
@@ -986,7 +1034,7 @@ class _Analyzer:
             self._claimed[h[:2]] = r
         # the pieces: one group for equal pieces, one per position for a split list
         pieces_by_pos = list(zip(*[p for _, _, p in plans], strict=True))
-        if kind == "split_list":
+        if not tied:
             labs = []
             for same in pieces_by_pos:
                 lab = same[0]
@@ -1002,6 +1050,93 @@ class _Analyzer:
         segments = list(zip(labs, widths, strict=True))
         attrs = [(mname, a, how, v, labs) for mname, a, how, v in found]
         return segments, attrs, call0["module"]
+
+    def _getitem_plan(self, r: int, recs: list, what: str, const: str):
+        """Slices ``x[:, a:b]`` of one class: the pieces must tile the dim, each its own group,
+        and every bound written in the index must be 0 or the value of an int attribute of the
+        module that slices (``x[:, :self.c]``), which is then set to the kept width of the
+        pieces before it."""
+        uf = self.uf
+        size = uf.size[r]
+        ranges: dict[tuple[int, int], int] = {}
+        bounds: list[tuple[str, int]] = []  # (module, bound written in the index)
+        for _lab, start, stop, piece, call, d in recs:
+            idx = call["value"] if isinstance(call["value"], tuple) else (call["value"],)
+            if len(idx) <= d or not all(isinstance(e, slice) for e in idx[:d + 1]):
+                return const
+            e = idx[d]
+            if e.step not in (None, 1):
+                return const
+            for b in (e.start, e.stop):
+                if b is None:
+                    continue
+                if type(b) is not int or b < 0:
+                    return const
+                if b != 0:
+                    bounds.append((call["module"], b))
+            key = (start, stop)
+            ranges[key] = piece if key not in ranges else uf.union(ranges[key], piece)
+        keys = sorted(ranges)
+        if keys[0][0] != 0 or keys[-1][1] != size or any(
+                a[1] != b[0] for a, b in zip(keys, keys[1:], strict=False)):
+            return f"{what} that does not cut the whole dim into pieces"
+        labs = [ranges[k] for k in keys]
+        found = []
+        for mname, b in dict.fromkeys(bounds):
+            mname = mname if mname in self._module_names else ""
+            here = [(mname, attr, "total", v, labs[:sum(1 for k in keys if k[1] <= b)])
+                    for attr, v in vars(self.model.get_submodule(mname)).items()
+                    if not attr.startswith("_") and type(v) is int and v == b]
+            if not here:
+                return const
+            if any(self._claimed.get(h[:2], r) != r for h in here):
+                return f"{what} with bounds in attributes of {mname} that another cut reads too"
+            found += here
+        for h in found:
+            self._claimed[h[:2]] = r
+        segments = [(ranges[k], k[1] - k[0]) for k in keys]
+        return segments, found, recs[0][4]["module"]
+
+    def _refine(self, ref: list, other: list, extra: set) -> str | None:
+        """Cut the segments of two segmentations of the same channels at the boundaries of
+        both: a segment spanning a boundary of the other has its class cut there (every label
+        of it becomes a concat of new pieces, as a split's producer does). None when done (the
+        caller looks again), else why it cannot be."""
+        uf = self.uf
+
+        def bounds(segs):
+            out, off = set(), 0
+            for _, w in segs:
+                off += w
+                out.add(off)
+            return out
+
+        every = bounds(ref) | bounds(other)
+        if max(every) != sum(w for _, w in ref):
+            return "of different total widths"
+        for segs in (ref, other):
+            off = 0
+            for lab, w in segs:
+                inner = sorted(b - off for b in every if off < b < off + w)
+                off += w
+                if not inner:
+                    continue
+                if lab is None:
+                    return "a fixed-width input would be cut"
+                r = uf.find(lab)
+                members = [m for m in range(len(uf.parent)) if uf.find(m) == r]
+                if uf.frozen[r] or any(m in self.concat_of or m in self.repeat_of or m in extra
+                                       for m in members):
+                    return "a segment that cannot be cut"
+                cuts = [0, *inner, w]
+                pieces = [(uf.new(b - a), b - a) for a, b in zip(cuts, cuts[1:], strict=False)]
+                link = uf.new(w)  # the pieces' concat, in the class
+                uf.union(r, link)
+                for m in [*members, link]:
+                    self.concat_of[m] = list(pieces)
+                    self.concat_where[m] = "a cut matching another concat of these channels"
+                return None
+        return "no segment to cut"
 
     def _flat_segments(self, cat_lab: int, seen: frozenset = frozenset()
                        ) -> list[tuple[int | None, int]]:
@@ -1033,7 +1168,7 @@ class _Analyzer:
         uf = self.uf
         bad: dict[int, str] = {}
         extra = {lab for rec in self.layers.values() for lab in rec.extra_labels.values()}
-        while True:
+        while True:  # each pass merges or cuts something (cuts only refine: it ends)
             changed = False
             cat_roots: dict[int, list[int]] = {}
             for c in self.concat_of:
@@ -1063,8 +1198,13 @@ class _Analyzer:
                 for c in cs[1:]:
                     other = self._flat_segments(c, frozenset({r}))
                     if [w for _, w in other] != [w for _, w in ref]:
-                        bad[r] = (f"two concatenations of other segment widths meet (in "
-                                  f"{self.concat_where[cs[0]]} and {self.concat_where[c]})")
+                        # cut the segments at each other's boundaries (MixNet: a split in 3
+                        # after a split in 2), or keep the class whole where they cannot be
+                        why = self._refine(ref, other, extra)
+                        if why is not None:
+                            bad[r] = (f"two concatenations of other segment widths meet (in "
+                                      f"{self.concat_where[cs[0]]} and {self.concat_where[c]})"
+                                      f": {why}")
                         changed = True
                         break
                     for (a, _), (b, _) in zip(ref, other, strict=True):

@@ -152,18 +152,20 @@ class WidthAttr:
     width)]``."""
 
     def __init__(self, how: str, original: Any,
-                 pieces: list[tuple[ChannelGate | None, int]]) -> None:
+                 pieces: list[tuple[ChannelGate | SegmentedGate | None, int]]) -> None:
         self.how = how
         self.original = original
         self.pieces = list(pieces)
 
     @property
     def gates(self) -> list[ChannelGate]:
-        """The pieces' gates (the same gate for pieces that are one group)."""
+        """The pieces' gates (the same gate for pieces that are one group; a piece cut again
+        gives its pieces' gates)."""
         out: list[ChannelGate] = []
         for g, _ in self.pieces:
-            if g is not None and all(g is not o for o in out):
-                out.append(g)
+            for gate in (g.gates if isinstance(g, SegmentedGate) else [g]):
+                if gate is not None and all(gate is not o for o in out):
+                    out.append(gate)
         return out
 
     def value(self, kept_of: Callable[[ChannelGate], int]) -> Any:

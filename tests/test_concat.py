@@ -424,11 +424,11 @@ def test_a_conv_added_to_a_concat_is_cut_by_its_segments():
 ])
 def test_concat_kept_whole_with_its_segments(make, reason):
     pruner, dense, x, msgs = _setup(make)
-    for name in ("a", "b"):
-        g = next(g for g in pruner.analysis.groups if g.name == name)
+    for name in ("a", "b"):  # (the shuffle's view ties a's and b's channels: one group)
+        g = next(g for g in pruner.analysis.groups if name in g.producers)
         assert not g.prunable and any(reason in r for r in g.reasons), g.reasons
         # a warning names it (not for the model output, which is never pruned, as expected)
-        assert (make is CatOut) != any(f"'{name}'" in m and reason in m for m in msgs), msgs
+        assert (make is CatOut) != any(f"'{g.name}'" in m and reason in m for m in msgs), msgs
     assert set(pruner.widths()) == {"c"} if make is not CatOut else {"s"}
     pruner.set_widths(_widths(pruner, 0))
     spec = {"fc": ["c"]} if make is not CatOut else {"a": ["s"], "b": ["s"]}
@@ -536,3 +536,30 @@ def test_flatten_of_a_concat_keeps_each_segments_columns():
     with torch.no_grad():
         assert torch.allclose(copy.deepcopy(exported).double()(x.double()), z(x.double()),
                               atol=1e-9, rtol=0)
+
+
+def test_batchnorm_after_a_concat_updates_the_kept_statistics_of_each_segment():
+    """A hard training forward moves the hard running mean of exactly the kept channels of
+    each segment (at their offsets in the full BN), by momentum towards the batch mean of the
+    hard network's BN input (hooked), and leaves the others as they were."""
+    pruner, dense, x, _ = _setup(TwoConvCat)
+    pruner.set_widths({"a": 4, "b": 6, "c": 8})
+    kept, _ = _in_columns(pruner, dense, ["a", "b"])
+    bn = pruner.model.bn
+    before = bn.hard_running_mean.clone()
+    seen = []
+    h = bn.register_forward_hook(lambda m, args, out: seen.append(args[0].detach()))
+    pruner.model.train()
+    with torch.no_grad(), pruner.mode("hard"):
+        pruner.model(x)
+    h.remove()
+    assert seen[0].shape[1] == len(kept) == 10
+    dropped = [c for c in range(20) if c not in kept]
+    assert torch.equal(bn.hard_running_mean[dropped], before[dropped])
+    expect = 0.9 * before[kept] + 0.1 * seen[0].mean((0, 2, 3))
+    assert torch.allclose(bn.hard_running_mean[kept], expect, atol=1e-6)
+    assert torch.equal(bn.running_mean, dense.bn.running_mean)  # the dense statistics stay
+    pruner.model.eval()
+    with torch.no_grad():
+        exported = pruner.export(check=False)
+    assert torch.equal(exported.bn.running_mean, bn.hard_running_mean[kept])

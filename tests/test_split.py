@@ -113,8 +113,84 @@ class Mix(nn.Module):
         return self.fc(torch.relu(self.d(y)).mean((2, 3)))
 
 
+class Nested(nn.Module):
+    """A chunk whose first half is split again (``split(x1, self.w)``): all four quarters are
+    one group (the chunk ties its halves, the split its pieces)."""
+
+    A = ("a[0:4]", 4)
+    SPEC = {"p": [A], "q": [A], "r": [A, A], "d": ["p", "q", "r"], "fc": ["d"]}
+    ROWS = {"a": [A, A, A, A]}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = 4
+        self.a = nn.Conv2d(3, 16, 1)
+        self.p, self.q, self.r = nn.Conv2d(4, 6, 1), nn.Conv2d(4, 6, 1), nn.Conv2d(8, 6, 1)
+        self.d, self.fc = nn.Conv2d(18, 8, 1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        x1, x2 = torch.relu(self.a(x)).chunk(2, 1)
+        u, v = x1.split(self.w, 1)
+        y = torch.cat([self.p(u), self.q(v), self.r(x2)], 1)
+        return self.fc(torch.relu(self.d(y)).mean((2, 3)))
+
+
+class SK(nn.Module):
+    """SKNet's selective kernel: two paths stacked, an attention conv whose output is viewed as
+    (paths, C) -- a cut into equal pieces, one group with the paths' outputs -- softmax over the
+    paths, weighted sum."""
+
+    P = ("paths.0", 8)
+    SPEC = {"paths.0": ["stem"], "paths.1": ["stem"], "fc_reduce": [P],
+            "fc_select": ["fc_reduce"], "out": [P], "fc": ["out"]}
+    ROWS = {"paths.1": [P], "fc_select": [P, P]}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_paths = 2
+        self.stem, self.bn = nn.Conv2d(3, 8, 3, padding=1), _bn(8)
+        self.paths = nn.ModuleList([nn.Conv2d(8, 8, 3, padding=1),
+                                    nn.Conv2d(8, 8, 3, padding=2, dilation=2)])
+        self.fc_reduce, self.fc_select = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 16, 1)
+        self.out, self.fc = nn.Conv2d(8, 8, 1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        x = torch.stack([torch.relu(p(x)) for p in self.paths], dim=1)
+        a = self.fc_select(torch.relu(self.fc_reduce(x.sum(1).mean((2, 3), keepdim=True))))
+        b, c, h, w = a.shape
+        a = torch.softmax(a.view(b, self.num_paths, c // self.num_paths, h, w), dim=1)
+        x = (x * a).sum(1)
+        return self.fc(torch.relu(self.out(x)).mean((2, 3)))
+
+
+class MixMix(nn.Module):
+    """MixNet's blocks back to back: depthwise convs on a split in three ([8, 8, 8]),
+    concatenated, then a split in two ([12, 12]) of the same channels. The middle piece of the
+    first and the conv before it are cut at 12 to match: B = B1 + B2, P = A + B1, Q = B2 + C."""
+
+    A, B1, B2, C = ("a[0:8]", 8), ("a[8:12]", 4), ("a[12:16]", 4), ("a[16:24]", 8)
+    SPEC = {"pw.0": [A, B1], "pw.1": [B2, C], "d": ["pw.0", "pw.1"], "fc": ["d"]}
+    ROWS = {"a": [A, B1, B2, C]}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s1, self.s2 = [8, 8, 8], [12, 12]
+        self.a, self.bn = nn.Conv2d(3, 24, 1), _bn(24)
+        self.dw = nn.ModuleList(nn.Conv2d(8, 8, k, padding=k // 2, groups=8) for k in (3, 5, 7))
+        self.pw = nn.ModuleList([nn.Conv2d(12, 6, 1), nn.Conv2d(12, 10, 1)])
+        self.d, self.fc = nn.Conv2d(16, 8, 1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        xs = torch.split(torch.relu(self.a(x)), self.s1, 1)
+        y = torch.relu(self.bn(torch.cat([c(t) for c, t in zip(self.dw, xs, strict=True)], 1)))
+        ys = torch.split(y, self.s2, 1)
+        y = torch.cat([c(t) for c, t in zip(self.pw, ys, strict=True)], 1)
+        return self.fc(torch.relu(self.d(y)).mean((2, 3)))
+
+
 CASES = {"chunk": Chunk, "tensor_split": lambda: Chunk("tensor_split"), "res2": Res2,
-         "csp": CSP, "mix": Mix}
+         "csp": CSP, "mix": Mix, "nested": Nested, "sk": SK, "mixmix": MixMix}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -136,6 +212,9 @@ def test_split_is_pruned_by_pieces(case):
         elif case == "mix":
             w = pruner.widths()
             assert exported.splits == [w["a[0:4]"], w["a[4:16]"]]
+        elif case == "mixmix":
+            a, b1, b2, c = (pruner.widths()[n] for n, _ in MixMix.ROWS["a"])
+            assert exported.s1 == [a, b1 + b2, c] and exported.s2 == [a + b1, b2 + c]
     # the pruned model itself is untouched (the attributes are set only in hard mode)
     assert getattr(pruner.model, "splits", [4, 12]) == [4, 12]
     assert getattr(pruner.model, "width", 4) == 4
@@ -197,7 +276,8 @@ def test_an_attribute_that_is_not_the_split_size_is_left_alone():
 
 @pytest.mark.parametrize("name, counts", [("res2net50_14w_8s", (61, 62)),
                                           ("cspresnet50", (42, 43)),
-                                          ("mixnet_s", (48, 72)),
+                                          ("skresnet18", (20, 21)),
+                                          ("mixnet_s", (72, 73)),
                                           ("ghostnet_100", (31, 32))])
 def test_timm_split_models_are_pruned_exactly(name, counts, tmp_path):
     timm = pytest.importorskip("timm")
@@ -242,3 +322,66 @@ def test_lockstep_is_refused_when_a_split_reads_its_sizes_from_an_attribute():
         s2h.S2HPruner(Mix().eval(), torch.randn(2, 3, 8, 8), 0.5, divisor=2, fused=True)
     pruner = s2h.S2HPruner(Chunk().eval(), torch.randn(2, 3, 8, 8), 0.5, divisor=2, fused=True)
     assert pruner.lockstep  # a chunk follows its input: lockstep works
+
+
+class C2f(nn.Module):
+    """YOLOv8's C2f: ``cv1(x).split((self.c, self.c), 1)``, each new block appended, all
+    concatenated into cv2: the sizes are an int attribute, so the two pieces are one group."""
+
+    G = ("cv1[0:4]", 4)
+    SPEC = {"m.0": [G], "m.1": ["m.0"], "cv2": [G, G, "m.0", "m.1"], "fc": ["cv2"]}
+    ROWS = {"cv1": [G, G]}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = 4
+        self.cv1, self.bn = nn.Conv2d(3, 8, 1), _bn(8)
+        self.m = nn.ModuleList(nn.Conv2d(4, 4, 3, padding=1) for _ in range(2))
+        self.cv2, self.fc = nn.Conv2d(16, 8, 1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = list(torch.relu(self.bn(self.cv1(x))).split((self.c, self.c), 1))
+        y.extend(torch.relu(m(y[-1])) for m in self.m)
+        return self.fc(torch.relu(self.cv2(torch.cat(y, 1))).mean((2, 3)))
+
+
+def test_split_with_a_tuple_of_an_int_attribute_ties_the_pieces():
+    pruner, dense, x, msgs = _setup(C2f)
+    assert not [m for m in msgs if "left unpruned" in m], msgs
+    assert set(pruner.widths()) == {"cv1[0:4]", "m.0", "m.1", "cv2"}
+    assert [a for _, a, _ in pruner.runtime.width_attrs] == ["c"]
+    for step in (0, 1):
+        pruner.set_widths(_widths(pruner, step))
+        exported = _check_exact(pruner, dense, x, C2f.SPEC, C2f.ROWS)
+        assert exported.c == pruner.widths()["cv1[0:4]"]
+
+
+class SliceAttr(nn.Module):
+    """DPN-style slices ``y[:, :self.c]`` / ``y[:, self.c:]``: two independent pieces, the bound
+    an int attribute (set to the first piece's kept width)."""
+
+    P0, P1 = ("a[0:6]", 6), ("a[6:16]", 10)
+    SPEC = {"b": [P0], "c_conv": [P1], "d": ["b", "c_conv"], "fc": ["d"]}
+    ROWS = {"a": [P0, P1]}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = 6
+        self.a, self.bn = nn.Conv2d(3, 16, 3, padding=1), _bn(16)
+        self.b, self.c_conv = nn.Conv2d(6, 8, 1), nn.Conv2d(10, 8, 1)
+        self.d, self.fc = nn.Conv2d(16, 8, 1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.a(x)))
+        y = torch.cat([self.b(y[:, :self.c]), self.c_conv(y[:, self.c:])], 1)
+        return self.fc(torch.relu(self.d(y)).mean((2, 3)))
+
+
+def test_slices_bounded_by_an_attribute_are_pieces():
+    pruner, dense, x, msgs = _setup(SliceAttr)
+    assert not [m for m in msgs if "left unpruned" in m], msgs
+    assert {"a[0:6]", "a[6:16]"} <= set(pruner.widths())
+    for step in (0, 1, 2):
+        pruner.set_widths(_widths(pruner, step))
+        exported = _check_exact(pruner, dense, x, SliceAttr.SPEC, SliceAttr.ROWS)
+        assert exported.c == pruner.widths()["a[0:6]"]
