@@ -10,60 +10,11 @@ and a save / load round trip.
 """
 
 import copy
-import tempfile
-import warnings
 
 import pytest
 import torch
+from _exact import check_exact, prune
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
-
-import s2h
-from s2h.export import ExportMismatchWarning
-
-
-def _counted(model, x):
-    was = model.training
-    model.eval()
-    try:  # autograd on: nn.MultiheadAttention takes its ordinary (counted) path
-        with FlopCounterMode(display=False) as fc:
-            model(x)
-    finally:
-        model.train(was)
-    return fc.get_total_flops()
-
-
-def _prune(model, x, divisor=8):
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        pruner = s2h.S2HPruner(model, (x,), 0.5, divisor=divisor)
-    return pruner, [str(m.message) for m in w]
-
-
-def _check_exact(pruner, model, x, dense, model_fn=None):
-    model.eval()
-    with torch.no_grad():
-        hard = pruner.hard_forward((x,))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", ExportMismatchWarning)
-        exported = pruner.export()
-    with torch.no_grad():
-        out = exported(x)
-    assert out.shape == hard.shape
-    assert float(hard.abs().max()) > 0
-    assert torch.allclose(out, hard, rtol=1e-5, atol=1e-5 * float(hard.abs().max()))
-    assert pruner.dense_flops == _counted(dense, x)
-    ratio = _counted(exported, x) / pruner.dense_flops
-    assert ratio == pytest.approx(pruner.hard_flops_ratio(), rel=0.01)
-    with tempfile.TemporaryDirectory() as d:
-        if model_fn is None:
-            loaded = s2h.load_exported(s2h.save_exported(exported, d))
-        else:
-            path = s2h.save_exported(exported, d, builder={"kind": "custom", "name": "vit"})
-            loaded = s2h.load_exported(path, model_fn=model_fn)
-        with torch.no_grad():
-            assert torch.equal(loaded(x), out)
-    return exported
 
 
 def _random_init(model):
@@ -128,7 +79,7 @@ def test_small_vit_embedding_width_is_one_group_and_exports_exactly():
     model = TinyViT()
     dense = copy.deepcopy(model)
     x = torch.randn(2, 3, 32, 32)
-    pruner, msgs = _prune(model, x)
+    pruner, msgs = prune(model, x, divisor=8)
     g = _stream(pruner, "conv_proj")
     assert g.channels == 32
     assert sorted(g.params) == [("class_token", 2), ("pos_embedding", 2)]
@@ -140,7 +91,7 @@ def test_small_vit_embedding_width_is_one_group_and_exports_exactly():
     assert not any("class_token" in m or "pos_embedding" in m for m in msgs)
     assert len(pruner.groups) == 1 + 2 * 2  # the stream, per block heads and MLP hidden
     pruner.set_widths({g.name: 16, "blocks.0.attn.heads": 16, "blocks.1.fc1": 24})
-    exported = _check_exact(pruner, model, x, dense, model_fn=TinyViT)
+    exported = check_exact(pruner, model, x, dense, model_fn=TinyViT, name="vit")
     assert exported.class_token.shape == (1, 1, 16)
     assert exported.pos_embedding.shape == (1, 17, 16)
     assert exported.conv_proj.out_channels == 16 and exported.hidden_dim == 16
@@ -163,7 +114,7 @@ def test_position_embedding_used_elsewhere_keeps_the_stream_whole():
 
     torch.manual_seed(0)
     model = Twice()
-    pruner, _ = _prune(model, torch.randn(2, 3, 32, 32))
+    pruner, _ = prune(model, torch.randn(2, 3, 32, 32))
     assert not any("conv_proj" in g.producers for g in pruner.groups)
 
 
@@ -177,7 +128,7 @@ def test_torchvision_vit_b_16_embedding_width():
     _random_init(model)
     dense = copy.deepcopy(model)
     x = torch.randn(2, 3, 64, 64)
-    pruner, _ = _prune(model, x)
+    pruner, _ = prune(model, x, divisor=8)
     g = _stream(pruner, "conv_proj")
     assert g.channels == 768
     assert sorted(g.params) == [("class_token", 2), ("encoder.pos_embedding", 2)]
@@ -186,7 +137,7 @@ def test_torchvision_vit_b_16_embedding_width():
     pruner.set_widths({g.name: 512})
     pruner.set_widths({grp.name: grp.channels // 2 for grp in pruner.groups
                        if grp is not g and "heads" not in grp.name})
-    exported = _check_exact(pruner, model, x, dense)
+    exported = check_exact(pruner, model, x, dense)
     assert exported.class_token.shape == (1, 1, 512) and exported.hidden_dim == 512
     assert exported.encoder.pos_embedding.shape == (1, 17, 512)
     assert exported.heads.head.in_features == 512
@@ -200,14 +151,14 @@ def test_timm_vit_small_embedding_width():
     model = timm.create_model("vit_small_patch16_224", img_size=64, num_classes=10)
     dense = copy.deepcopy(model)
     x = torch.randn(2, 3, 64, 64)
-    pruner, _ = _prune(model, x)
+    pruner, _ = prune(model, x, divisor=8)
     g = _stream(pruner, "patch_embed.proj")
     assert g.channels == 384
     assert sorted(g.params) == [("cls_token", 2), ("pos_embed", 2)]
     n_all = sum(1 for grp in pruner.analysis.groups if grp.producers)
     assert (len(pruner.groups), n_all) == (25, 26)
     pruner.set_widths({g.name: 256})
-    exported = _check_exact(pruner, model, x, dense)
+    exported = check_exact(pruner, model, x, dense)
     assert exported.cls_token.shape == (1, 1, 256)
     assert exported.pos_embed.shape == (1, 17, 256)
     assert exported.blocks[0].attn.head_dim == 64

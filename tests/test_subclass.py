@@ -5,57 +5,15 @@
 norm over the kept channels computed by hand in float64, a save / load round trip."""
 
 import copy
-import tempfile
-import warnings
 
 import pytest
 import torch
+from _exact import check_exact, prune
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
-
-import s2h
-from s2h.export import ExportMismatchWarning
 
 tv = pytest.importorskip("torchvision")
 from torchvision.models.convnext import LayerNorm2d  # noqa: E402
 from torchvision.ops.misc import Permute  # noqa: E402
-
-
-def _prune(model, x, divisor=4):
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        pruner = s2h.S2HPruner(model, (x,), 0.5, divisor=divisor)
-    return pruner, [str(m.message) for m in w]
-
-
-def _check_exact(pruner, model, x, dense, model_fn=None):
-    model.eval()
-    with torch.no_grad():
-        hard = pruner.hard_forward((x,))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", ExportMismatchWarning)
-        exported = pruner.export()
-    with torch.no_grad():
-        out = exported(x)
-    assert out.shape == hard.shape and float(hard.abs().max()) > 0
-    assert torch.allclose(out, hard, rtol=1e-5, atol=1e-5 * float(hard.abs().max()))
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        dense(x)
-    assert pruner.dense_flops == fc.get_total_flops()
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        exported(x)
-    assert fc.get_total_flops() / pruner.dense_flops == pytest.approx(
-        pruner.hard_flops_ratio(), rel=0.01)
-    assert pruner.hard_flops_ratio() < 0.9
-    with tempfile.TemporaryDirectory() as d:
-        if model_fn is None:
-            loaded = s2h.load_exported(s2h.save_exported(exported, d))
-        else:
-            path = s2h.save_exported(exported, d, builder={"kind": "custom", "name": "net"})
-            loaded = s2h.load_exported(path, model_fn=model_fn)
-        with torch.no_grad():
-            assert torch.equal(loaded(x), out)
-    return exported
 
 
 class Net(nn.Module):
@@ -88,13 +46,14 @@ def test_layernorm2d_and_permute_are_pruned_exactly():
         model.n1.bias.normal_()
     dense = copy.deepcopy(model)
     x = torch.randn(2, 3, 12, 12)
-    pruner, msgs = _prune(model, x)
+    pruner, msgs = prune(model, x, divisor=4)
     assert not any("left unpruned" in m for m in msgs), msgs
     groups = {g.name: g for g in pruner.groups}
     assert set(groups) == {"c1", "c2", "lin", "c3"}
     assert groups["c1"].norms == ["n1"] and groups["c2"].norms == ["n2"]
     pruner.set_widths({"c1": 8, "c2": 12, "lin": 8, "c3": 4})
-    exported = _check_exact(pruner, model, x, dense, model_fn=Net)
+    exported = check_exact(pruner, model, x, dense, model_fn=Net)
+    assert pruner.hard_flops_ratio() < 0.9
     assert type(exported.n1) is LayerNorm2d and exported.n1.normalized_shape == (8,)
     # the hard LayerNorm2d normalises over the kept channels only (float64, by hand)
     keep = pruner.gate_of(groups["c1"]).keep_index()
@@ -113,7 +72,7 @@ def test_convnext_tiny_layernorm2d_groups_are_pruned():
     model = tv.models.convnext_tiny(weights=None, num_classes=10)
     dense = copy.deepcopy(model)
     x = torch.randn(2, 3, 64, 64)
-    pruner, msgs = _prune(model, x, divisor=8)
+    pruner, msgs = prune(model, x, divisor=8)
     assert not any("LayerNorm2d" in m for m in msgs), msgs
     n_all = sum(1 for g in pruner.analysis.groups if g.producers)
     assert (len(pruner.groups), n_all) == (22, 23)  # all but the classifier's output
@@ -125,6 +84,7 @@ def test_convnext_tiny_layernorm2d_groups_are_pruned():
     with torch.no_grad():
         for p in pruner.gate_parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 2)
-    exported = _check_exact(pruner, model, x, dense)
+    exported = check_exact(pruner, model, x, dense)
+    assert pruner.hard_flops_ratio() < 0.9
     kept = pruner.gate_of(stem).keep_index().numel()
     assert kept < 96 and exported.features[0][1].normalized_shape == (kept,)

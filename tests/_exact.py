@@ -1,0 +1,65 @@
+"""Shared checks of the coverage tests: build a pruner recording its warnings, and assert that
+an export is exact against independent references (the hard network's outputs, torch's FLOP
+counter on the dense model and on the export, a save / load round trip)."""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import s2h
+from s2h.export import ExportMismatchWarning
+
+
+def counted(model, x) -> int:
+    """torch's FLOP count of one eval-mode forward (autograd on: nn.MultiheadAttention then
+    takes its ordinary, counted path)."""
+    was = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as fc:
+            model(x)
+    finally:
+        model.train(was)
+    return fc.get_total_flops()
+
+
+def prune(model, x, divisor=8, target=0.5):
+    """``(pruner, warning messages)`` of ``S2HPruner(model, (x,), target, divisor=divisor)``."""
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        pruner = s2h.S2HPruner(model, (x,), target, divisor=divisor)
+    return pruner, [str(m.message) for m in w]
+
+
+def check_exact(pruner, model, x, dense, model_fn=None, name="net"):
+    """The export equals the hard network (1e-5 of the output's scale, fp32), the pruner's dense
+    FLOPs equal the counter's on ``dense``, ``hard_flops_ratio()`` equals the counter's ratio on
+    the export (1%), and a save / load round trip gives the same outputs. Returns the export."""
+    model.eval()
+    with torch.no_grad():
+        hard = pruner.hard_forward((x,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ExportMismatchWarning)
+        exported = pruner.export()
+    with torch.no_grad():
+        out = exported(x)
+    assert out.shape == hard.shape
+    assert float(hard.abs().max()) > 0
+    assert torch.allclose(out, hard, rtol=1e-5, atol=1e-5 * float(hard.abs().max()))
+    assert pruner.dense_flops == counted(dense, x)
+    ratio = counted(exported, x) / pruner.dense_flops
+    assert ratio == pytest.approx(pruner.hard_flops_ratio(), rel=0.01)
+    with tempfile.TemporaryDirectory() as d:
+        if model_fn is None:
+            loaded = s2h.load_exported(s2h.save_exported(exported, d))
+        else:
+            path = s2h.save_exported(exported, d, builder={"kind": "custom", "name": name})
+            loaded = s2h.load_exported(path, model_fn=model_fn)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), out)
+    return exported
