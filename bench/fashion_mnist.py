@@ -364,7 +364,9 @@ def markdown(res: dict) -> str:
         + (f"{res['minutes']:.0f} process-minutes in {len(res['merged_from'])} runs, "
            f"{res['wall_minutes']:.0f} min wall. " if res.get("wall_minutes") else
            f"{res['minutes']:.0f} min in all. ")
-        + f"Command: `{res['command']}`.",
+        + (f"Runs (one process per seed, target and rows, merged with `--merge`), e.g. "
+           f"`{res['commands'][0]}`." if res.get("commands") else
+           f"Command: `{res['command']}`."),
         "",
         "| target | method | steps | exported acc | gap (soft−hard) | FLOPs ratio | params (k) |",
         "|---|---|---|---|---|---|---|",
@@ -473,7 +475,9 @@ def merge(paths: list[str]) -> dict:
         wall_minutes=(max(r["started"] + 60 * r["minutes"] for r in parts)
                       - min(r["started"] for r in parts)) / 60
         if all("started" in r for r in parts) else None,
-        command=" ; ".join(r["command"] for r in parts),
+        command="python bench/fashion_mnist.py --merge " + " ".join(
+            os.path.basename(p) for p in paths),
+        commands=[r["command"] for r in parts],
         merged_from=[os.path.basename(p) for p in paths],
         rows=rows, summary=aggregate(rows))
     return out
