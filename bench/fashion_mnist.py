@@ -488,8 +488,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=300,
                    help="optimizer steps per row (the budget)")
     p.add_argument("--batch-size", type=int, default=64,
-                   help="64 x 300 steps (0.32 epochs) keeps the whole grid near an hour of "
-                        "two processes on 2 cores; at 128 it measured ~4.5 h of process time")
+                   help="64 x 300 steps (0.32 epochs): the full grid took 316 process-minutes "
+                        "on the shared 2-core machine (2026-11-29); at 128, about twice that")
     p.add_argument("--targets", type=float, nargs="+", default=[0.15, 0.35, 0.55])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
