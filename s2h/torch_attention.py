@@ -202,11 +202,6 @@ class PrunedMultiheadAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * a, **kw)) if bias else None
         self.out_proj = nn.Linear(a, self.out_dim, bias=bias, **kw)
 
-    def _in_proj(self) -> tuple[torch.Tensor, ...]:
-        if self._qkv_same_embed_dim:
-            return (self.in_proj_weight,)
-        return (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
-
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
                 attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
@@ -215,7 +210,7 @@ class PrunedMultiheadAttention(nn.Module):
         if attn_mask is not None and attn_mask.dim() == 3 and self.source_heads is not None:
             mask_heads = torch.tensor(self.source_heads, device=attn_mask.device)
         return multi_head_attention(
-            query, key, value, self._in_proj(), self.in_proj_bias, self.out_proj.weight,
+            query, key, value, _in_weights(self), self.in_proj_bias, self.out_proj.weight,
             self.out_proj.bias, self.num_heads, self.head_dim, batch_first=self.batch_first,
             key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
             average_attn_weights=average_attn_weights, is_causal=is_causal,
@@ -225,6 +220,14 @@ class PrunedMultiheadAttention(nn.Module):
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
                 f"head_dim={self.head_dim}, out_dim={self.out_dim}, "
                 f"batch_first={self.batch_first}")
+
+
+def _in_weights(m: nn.Module) -> tuple[torch.Tensor, ...]:
+    """The input projection weights of an MHA-like module: the packed q/k/v weight, or the
+    three separate ones when key / value widths differ."""
+    if m._qkv_same_embed_dim:
+        return (m.in_proj_weight,)
+    return (m.q_proj_weight, m.k_proj_weight, m.v_proj_weight)
 
 
 def _whole_heads(keep: torch.Tensor, hd: int, name: str) -> torch.Tensor:
@@ -245,11 +248,6 @@ def _head_rows(head_keep: torch.Tensor, a: int) -> torch.Tensor:
 class MaskedMultiheadAttention(MaskedLayer, nn.MultiheadAttention):
     """``nn.MultiheadAttention`` with masked input, output and heads (module docstring)."""
 
-    def _in_weights(self) -> tuple[torch.Tensor, ...]:
-        if self._qkv_same_embed_dim:
-            return (self.in_proj_weight,)
-        return (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
-
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
                 attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
@@ -264,7 +262,7 @@ class MaskedMultiheadAttention(MaskedLayer, nn.MultiheadAttention):
         in_gate, out_gate, head_gate = self.in_gate, self.out_gate, self.extra_gate("heads")
         hd, heads, a = self.head_dim, self.num_heads, self.embed_dim
         packed = self._qkv_same_embed_dim
-        w_in, b_in = self._in_weights(), self.in_proj_bias
+        w_in, b_in = _in_weights(self), self.in_proj_bias
         w_out, b_out = self.out_proj.weight, self.out_proj.bias
         in_keep = out_keep = head_keep = head_index = head_mul = None
         if mode == "soft":
