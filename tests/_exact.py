@@ -15,14 +15,15 @@ import s2h
 from s2h.export import ExportMismatchWarning
 
 
-def counted(model, x) -> int:
+def counted(model, *inputs) -> int:
     """torch's FLOP count of one eval-mode forward (autograd on: nn.MultiheadAttention then
-    takes its ordinary, counted path)."""
+    takes its ordinary, counted path; its no-grad inference fast path is an op the counter
+    does not count)."""
     was = model.training
     model.eval()
     try:
         with FlopCounterMode(display=False) as fc:
-            model(x)
+            model(*inputs)
     finally:
         model.train(was)
     return fc.get_total_flops()

@@ -13,37 +13,16 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from _exact import counted, prune
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import s2h
 from s2h.export import ExportMismatchWarning
 from s2h.torch_attention import PrunedMultiheadAttention
 
 
-def _counted(model, *inputs):
-    """Torch's counter on ``model`` in eval mode, with autograd on: ``nn.MultiheadAttention``
-    then takes its ordinary path (its no-grad inference fast path is an op the counter does not
-    count)."""
-    was = model.training
-    model.eval()
-    try:
-        with FlopCounterMode(display=False) as fc:
-            model(*inputs)
-    finally:
-        model.train(was)
-    return fc.get_total_flops()
-
-
 def _leaves(out):
     return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-
-
-def _prune(model, x, divisor=4):
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        pruner = s2h.S2HPruner(model, (x,), 0.5, divisor=divisor)
-    return pruner, [str(m.message) for m in w]
 
 
 def _check_exact(pruner, model, x, dense):
@@ -60,8 +39,8 @@ def _check_exact(pruner, model, x, dense):
     for h, o in zip(_leaves(hard), _leaves(out), strict=True):
         assert h.shape == o.shape
         assert torch.allclose(o, h, rtol=1e-5, atol=1e-5 * max(1.0, float(h.abs().max())))
-    assert pruner.dense_flops == _counted(dense, x)
-    ratio = _counted(exported, x) / pruner.dense_flops
+    assert pruner.dense_flops == counted(dense, x)
+    ratio = counted(exported, x) / pruner.dense_flops
     assert ratio == pytest.approx(pruner.hard_flops_ratio(), rel=0.01)
     assert pruner.hard_flops_ratio() < 0.9
     return exported
@@ -105,7 +84,7 @@ def test_heads_input_and_output_pruned_exactly(batch_first, bias, need_weights, 
     model = AttnNet(batch_first, bias, need_weights, kdim)
     dense = copy.deepcopy(model)
     x = _input(batch_first)
-    pruner, msgs = _prune(model, x)
+    pruner, msgs = prune(model, x, divisor=4)
     groups = {g.name: g for g in pruner.groups}
     assert groups["attn.heads"].channels == 32 and groups["attn.heads"].divisor == 8
     assert groups["attn.heads"].consumers == ["attn"]
@@ -132,7 +111,7 @@ def test_cross_attention_key_joins_the_query_group():
     model = AttnNet(cross=True)
     dense = copy.deepcopy(model)
     x = _input(True)
-    pruner, _ = _prune(model, x)
+    pruner, _ = prune(model, x, divisor=4)
     an = pruner.analysis
     assert an.layer_out_group["kv"] == an.layer_out_group["fc_in"] == an.layer_in_group["attn"]
     assert sorted(an.groups[an.layer_in_group["attn"]].consumers) == ["attn"]
@@ -215,7 +194,7 @@ def test_soft_path_at_full_width_equals_the_unpruned_module(batch_first, need_we
     model = AttnNet(batch_first, need_weights=need_weights)
     dense = copy.deepcopy(model).eval()
     x = _input(batch_first)
-    pruner, _ = _prune(model, x)
+    pruner, _ = prune(model, x, divisor=4)
     pruner.set_widths({g.name: g.channels for g in pruner.groups})
     assert all(float(g.soft_mask().detach().min()) == 1.0 for g in pruner.gates.values())
     model.eval()
@@ -232,7 +211,7 @@ def test_gates_get_gradients_through_soft_and_hard_paths():
     torch.manual_seed(0)
     model = AttnNet(need_weights=True)
     x = _input(True)
-    pruner, _ = _prune(model, x)
+    pruner, _ = prune(model, x, divisor=4)
     pruner.set_widths({"fc_in": 24, "attn.heads": 16, "attn": 24})
     for mode in ("soft", "hard"):
         for p in pruner.gate_parameters():
@@ -258,7 +237,7 @@ def test_bias_kv_is_kept_whole_with_a_warning_naming_it():
             h = self.fc(torch.relu(self.hidden(x)))
             return self.out(self.attn(h, h, h)[0])
 
-    pruner, msgs = _prune(BiasKV(), torch.randn(2, 5, 8))
+    pruner, msgs = prune(BiasKV(), torch.randn(2, 5, 8), divisor=4)
     assert [g.name for g in pruner.groups] == ["hidden"]
     assert any("attn (MultiheadAttention, add_bias_kv=True is not supported)" in m for m in msgs)
 
@@ -281,7 +260,7 @@ def test_torchvision_vit_heads_and_mlp():
                                         hidden_dim=64, mlp_dim=128, num_classes=10)
     dense = copy.deepcopy(model)
     x = torch.randn(2, 3, 32, 32)
-    pruner, msgs = _prune(model, x)
+    pruner, msgs = prune(model, x, divisor=4)
     groups = {g.name: g for g in pruner.groups}
     for i in range(2):
         heads = groups[f"encoder.layers.encoder_layer_{i}.self_attention.heads"]
@@ -356,7 +335,7 @@ def test_language_model_prunes_heads_and_mlp(tied):
     model = TinyLM(tied=tied, is_causal=tied)
     dense = copy.deepcopy(model)
     idx = torch.randint(0, 50, (2, 12))
-    pruner, _ = _prune(model, idx)
+    pruner, _ = prune(model, idx, divisor=4)
     names = sorted(g.name for g in pruner.groups)
     assert names == ["blocks.0.attn.heads", "blocks.0.mlp.0", "blocks.1.attn.heads",
                      "blocks.1.mlp.0"]
@@ -398,7 +377,7 @@ def test_torchvision_swin_window_attention_heads():
                                       num_heads=[2, 4], window_size=[4, 4], num_classes=10)
     dense = copy.deepcopy(model).eval()
     x = torch.randn(2, 3, 36, 36)  # 9 x 9 tokens: padded to 12 x 12, shifted by 2
-    pruner, _ = _prune(model, x)
+    pruner, _ = prune(model, x, divisor=4)
     groups = {g.name: g for g in pruner.groups}
     assert groups["features.1.0.attn.heads"].divisor == 16
     assert groups["features.3.1.attn.heads"].channels == 64
