@@ -26,6 +26,11 @@ state and a milder one); with gaps of ~40 the soft masks of pruned channels reac
 the backward runs into float32 denormals (many times slower on x86), which the
 ``flush_denormal`` rows (``torch.set_flush_denormal(True)``) remove.
 
+``malloc_tuned`` rows run after :func:`s2h.cpu.tune_allocator` (what ``s2h prune`` does on the
+CPU: glibc's mmap / trim thresholds raised, so the blocks a step frees are reused instead of
+returned to the system and faulted in again); they run last because the setting lasts for the
+process. ``s2h_faults`` / ``dense_faults``: median minor page faults per step.
+
 ``wall_floor``: the same passes timed on this machine instead of counted in FLOPs — (dense
 forward + exported-model forward + an input-gradient-only dense backward + dense backward +
 exported-model backward) / (dense forward + backward), each timed in the same interleaved
@@ -167,9 +172,16 @@ def _device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+def _minflt():
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def run_cpu_case(keep, reps, sharpness, flush_denormal, batch=64, threads=1):
     """The main job's step on the CPU: s2h.models ResNet-20, 28x28x1, dense and S2H interleaved."""
     from s2h import models
+    from s2h.cpu import allocator_state
 
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -229,14 +241,16 @@ def run_cpu_case(keep, reps, sharpness, flush_denormal, batch=64, threads=1):
         for i in range(2):
             dense_step(i)
             s2h_step(i)
-        td, ts, pd, pe, pi = [], [], [], [], []
+        td, ts, pd, pe, pi, fd, fs = [], [], [], [], [], [], []
         for i in range(reps):
-            t = time.perf_counter()
+            f, t = _minflt(), time.perf_counter()
             dense_step(i)
             td.append(time.perf_counter() - t)
-            t = time.perf_counter()
+            fd.append(_minflt() - f)
+            f, t = _minflt(), time.perf_counter()
             s2h_step(i)
             ts.append(time.perf_counter() - t)
+            fs.append(_minflt() - f)
             pd.append(passes(dense, i))
             pe.append(passes(exported, i))
             pi.append(passes(dense, i, input_grad_only=True))
@@ -256,7 +270,9 @@ def run_cpu_case(keep, reps, sharpness, flush_denormal, batch=64, threads=1):
                 "wall_floor": wall_floor, "ratio_to_wall_floor": ms / dense_ms / wall_floor,
                 "exported_fwd_share": med(pe, 0) / fwd, "exported_bwd_share": med(pe, 1) / bwd,
                 "input_grad_bwd_share": med(pi, 1) / bwd,
-                "flush_denormal": flush_denormal, "reps": reps, "interleaved": True}
+                "flush_denormal": flush_denormal, "reps": reps, "interleaved": True,
+                "malloc_tuned": allocator_state()["tuned"],
+                "s2h_faults": statistics.median(fs), "dense_faults": statistics.median(fd)}
     finally:
         torch.set_flush_denormal(False)
         torch.set_num_threads(prev_threads)
@@ -265,11 +281,13 @@ def run_cpu_case(keep, reps, sharpness, flush_denormal, batch=64, threads=1):
 def _print_cpu_rows(rows):
     print("\nS2H step vs dense step, CPU (ResNet-20, batch 64, 28x28x1, interleaved medians)")
     print(f"{'threads':>8s}{'p':>7s}{'sharp':>6s}{'ftz':>6s}{'s2h ms':>9s}{'dense ms':>10s}"
-          f"{'s2h/dense':>10s}{'floor':>7s}{'/floor':>8s}{'wall floor':>11s}{'/wall':>7s}")
+          f"{'s2h/dense':>10s}{'floor':>7s}{'/floor':>8s}{'wall floor':>11s}{'/wall':>7s}"
+          f"{'malloc':>8s}{'faults':>8s}")
     for r in rows:
         print(f"{r['threads']:8d}{r['keep']:7.3f}{r['sharpness']:6g}{str(r['flush_denormal']):>6s}"
               f"{r['ms']:9.1f}{r['dense_ms']:10.1f}{r['ratio_to_dense']:10.2f}{r['floor']:7.2f}"
-              f"{r['ratio_to_floor']:8.2f}{r['wall_floor']:11.2f}{r['ratio_to_wall_floor']:7.2f}")
+              f"{r['ratio_to_floor']:8.2f}{r['wall_floor']:11.2f}{r['ratio_to_wall_floor']:7.2f}"
+              f"{'tuned' if r['malloc_tuned'] else 'glibc':>8s}{r['s2h_faults']:8.0f}")
 
 
 def main(argv=None) -> int:
@@ -287,13 +305,24 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu-keep", type=float, default=0.39)
     ap.add_argument("--cpu-reps", type=int, default=7)
     ap.add_argument("--sharpness", default="20,5", help="gate logit half-gaps of the CPU rows")
+    ap.add_argument("--malloc", default="both", choices=["both", "default", "tuned"],
+                    help="CPU rows with the C library's allocator as it is, after "
+                         "s2h.cpu.tune_allocator() (as `s2h prune` runs), or both (tuned last)")
     args = ap.parse_args(argv)
     cpu_rows = []
     if args.cpu_rows in ("yes", "only") or (args.cpu_rows == "auto"
                                              and not torch.cuda.is_available()):
-        for sharp in [float(v) for v in args.sharpness.split(",")]:
-            for ftz in (False, True):
-                cpu_rows.append(run_cpu_case(args.cpu_keep, args.cpu_reps, sharp, ftz))
+        sharps = [float(v) for v in args.sharpness.split(",")]
+        if args.malloc in ("both", "default"):
+            for sharp in sharps:
+                for ftz in (False, True):
+                    cpu_rows.append(run_cpu_case(args.cpu_keep, args.cpu_reps, sharp, ftz))
+        if args.malloc in ("both", "tuned"):
+            from s2h.cpu import tune_allocator
+
+            tune_allocator()
+            for sharp in sharps:
+                cpu_rows.append(run_cpu_case(args.cpu_keep, args.cpu_reps, sharp, True))
         _print_cpu_rows(cpu_rows)
         if args.out:
             with open(args.out, "a") as f:

@@ -28,6 +28,7 @@
 #include <cstring>
 #include <mutex>
 #include <unordered_map>
+#include <vector>
 
 #ifndef S2H_VERSION
 #define S2H_VERSION "unknown"
@@ -669,6 +670,95 @@ at::Tensor scatter_weight_cpu(const at::Tensor& grad, const at::Tensor& out_inde
   return p.out;
 }
 
+// The backward of y = x * mask, mask (C,) along `dim` of x: grad_x = grad * mask (when
+// need_grad_x) and grad_mask[c] = sum of grad * x over every other dim, in one pass over grad
+// and x (a multiply and a multiply-and-reduce take three passes; issue 16 measured them as the
+// largest cost of the CPU S2H step above its floor). grad and x are viewed as (outer, C,
+// inner), contiguous; the per-channel sums accumulate in double for float32 (float64 stays
+// float64, as the op math type gives). Without need_grad_x the first output is empty.
+template <typename scalar_t>
+void channel_mask_backward_kernel(const scalar_t* g, const scalar_t* x, const scalar_t* m,
+                                  scalar_t* gx, scalar_t* gm, int64_t outer, int64_t C,
+                                  int64_t inner) {
+  using acc_t = double;
+  if (inner == 1) {  // channels last: vectorise across channels, one block of them per task
+    at::parallel_for(0, C, 256, [&](int64_t c0, int64_t c1) {
+      std::vector<acc_t> acc(c1 - c0, 0);
+      for (int64_t o = 0; o < outer; ++o) {
+        const scalar_t* go = g + o * C;
+        const scalar_t* xo = x + o * C;
+        scalar_t* out = gx != nullptr ? gx + o * C : nullptr;
+        for (int64_t c = c0; c < c1; ++c) {
+          acc[c - c0] += static_cast<acc_t>(go[c]) * static_cast<acc_t>(xo[c]);
+          if (out != nullptr) out[c] = go[c] * m[c];
+        }
+      }
+      for (int64_t c = c0; c < c1; ++c) gm[c] = static_cast<scalar_t>(acc[c - c0]);
+    });
+    return;
+  }
+  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const scalar_t mc = m[c];
+      acc_t acc = 0;
+      for (int64_t o = 0; o < outer; ++o) {
+        const int64_t base = (o * C + c) * inner;
+        const scalar_t* gp = g + base;
+        const scalar_t* xp = x + base;
+        scalar_t s = 0;  // one plane in the tensor's type, the planes in double
+        if (gx != nullptr) {
+          scalar_t* op = gx + base;
+#pragma omp simd reduction(+ : s)
+          for (int64_t i = 0; i < inner; ++i) {
+            const scalar_t v = gp[i];
+            op[i] = v * mc;
+            s += v * xp[i];
+          }
+        } else {
+#pragma omp simd reduction(+ : s)
+          for (int64_t i = 0; i < inner; ++i) s += gp[i] * xp[i];
+        }
+        acc += static_cast<acc_t>(s);
+      }
+      gm[c] = static_cast<scalar_t>(acc);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> channel_mask_backward_cpu(const at::Tensor& grad,
+                                                             const at::Tensor& x,
+                                                             const at::Tensor& mask, int64_t dim,
+                                                             bool need_grad_x) {
+  TORCH_CHECK(grad.sizes() == x.sizes(), "s2h.channel_mask_backward: grad has shape ",
+              grad.sizes(), ", x has ", x.sizes());
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type() && mask.scalar_type() == x.scalar_type(),
+              "s2h.channel_mask_backward: grad, x and mask must have one dtype");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "s2h.channel_mask_backward: float32 or float64 only, got ",
+              dtype_name(x.scalar_type()));
+  TORCH_CHECK(x.dim() >= 1, "s2h.channel_mask_backward: x must have a dim");
+  dim = c10::maybe_wrap_dim(dim, x.dim());
+  const int64_t C = x.size(dim);
+  TORCH_CHECK(mask.dim() == 1 && mask.size(0) == C, "s2h.channel_mask_backward: mask must be (",
+              C, ",), got ", mask.sizes());
+  const at::Tensor g = grad.contiguous();
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor mc = mask.contiguous();
+  int64_t outer = 1, inner = 1;
+  for (int64_t d = 0; d < dim; ++d) outer *= x.size(d);
+  for (int64_t d = dim + 1; d < x.dim(); ++d) inner *= x.size(d);
+  at::Tensor gx = need_grad_x ? at::empty_like(g) : at::empty({0}, x.options());
+  at::Tensor gm = at::empty({C}, x.options());
+  if (x.numel() == 0) return {gx, gm.zero_()};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "s2h_channel_mask_backward", [&] {
+    channel_mask_backward_kernel<scalar_t>(
+        g.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), mc.data_ptr<scalar_t>(),
+        need_grad_x ? gx.data_ptr<scalar_t>() : nullptr, gm.data_ptr<scalar_t>(), outer, C,
+        inner);
+  });
+  return {gx, gm};
+}
+
 }  // namespace
 
 }  // namespace s2h
@@ -686,9 +776,13 @@ TORCH_LIBRARY(s2h, m) {
   m.def(
       "scatter_weight(Tensor grad, Tensor out_index, Tensor in_index, SymInt[] full_shape) -> "
       "Tensor");
+  m.def(
+      "channel_mask_backward(Tensor grad, Tensor x, Tensor mask, int dim, bool need_grad_x) -> "
+      "(Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(s2h, CPU, m) {
+  m.impl("channel_mask_backward", &s2h::channel_mask_backward_cpu);
   m.impl("gather_channels", &s2h::gather_channels_cpu);
   m.impl("gather_weight", &s2h::gather_weight_cpu);
   m.impl("scatter_channels", &s2h::scatter_channels_cpu);

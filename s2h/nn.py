@@ -41,6 +41,8 @@ __all__ = [
     "MaskedLinear",
     "gather_kept",
     "gather_kept_weight",
+    "soft_masked",
+    "straight_through",
 ]
 
 
@@ -147,6 +149,67 @@ def _channel_view(mask: torch.Tensor, ndim: int, dim: int, dtype: torch.dtype) -
     return mask.to(dtype).view(shape)
 
 
+class _SoftMask(torch.autograd.Function):
+    """``x ⊙ mask`` along ``dim``; the backward computes ``grad ⊙ mask`` and the mask's
+    ``Σ grad ⊙ x`` in one pass (:func:`s2h.ops.channel_mask_backward`)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+        ctx.dim = dim % x.ndim
+        ctx.save_for_backward(x if mask.requires_grad else None, mask)
+        return x * _channel_view(mask, x.ndim, ctx.dim, x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x, mask = ctx.saved_tensors
+        if not ctx.needs_input_grad[1]:
+            return grad * _channel_view(mask, grad.ndim, ctx.dim, grad.dtype), None, None
+        gx, gm = _ops.channel_mask_backward(grad, x, mask.to(x.dtype), ctx.dim,
+                                            need_grad_x=ctx.needs_input_grad[0])
+        return gx, gm.to(mask.dtype), None
+
+
+class _StraightThrough(torch.autograd.Function):
+    """``x ⊙ hard_mask`` along ``dim`` for a straight-through mask (value 1): the forward
+    passes ``x`` through without a multiply; the backward gives ``x`` the output gradient as
+    it is and the mask ``Σ grad ⊙ x`` over every other dim (what the multiply's backward
+    gives, without its activation-sized ``grad ⊙ mask``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+        ctx.dim = dim % x.ndim
+        ctx.save_for_backward(x, mask)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+        x, mask = ctx.saved_tensors
+        grad_mask = None
+        if ctx.needs_input_grad[1]:
+            _, gm = _ops.channel_mask_backward(grad, x, mask.to(x.dtype), ctx.dim,
+                                               need_grad_x=False)
+            grad_mask = gm.to(mask.dtype)
+        return grad, grad_mask, None
+
+
+def soft_masked(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x`` times the relaxed mask ``mask`` (``(C,)``) along ``dim``, with the one-pass
+    backward of :class:`_SoftMask` when the mask takes a gradient (a plain multiply
+    otherwise)."""
+    if not (mask.requires_grad and torch.is_grad_enabled()):
+        return x * _channel_view(mask, x.ndim, dim % x.ndim, x.dtype)
+    return _SoftMask.apply(x, mask, dim)
+
+
+def straight_through(x: torch.Tensor, hard_mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x`` scaled along ``dim`` by the straight-through mask ``hard_mask`` (``(k,)``, value 1:
+    :meth:`ChannelGate.hard_mask`): the value of ``x``, the gradient of the multiply. Without
+    gradients to ``hard_mask`` (the freeze phase) this is ``x`` itself."""
+    if not (hard_mask.requires_grad and torch.is_grad_enabled()):
+        return x
+    return _StraightThrough.apply(x, hard_mask, dim)
+
+
 class MaskedConv2d(MaskedLayer, nn.Conv2d):
     """``nn.Conv2d`` whose input channels are masked (soft) or gathered (hard).
 
@@ -225,14 +288,14 @@ class MaskedConv2d(MaskedLayer, nn.Conv2d):
         if mode == "soft":
             if in_gate is not None:
                 self._check_width(x, 1, self.in_channels, "input")
-                x = x * _channel_view(rt.state(in_gate).soft_mask, x.ndim, 1, x.dtype)
+                x = soft_masked(x, rt.state(in_gate).soft_mask, 1)
             return super().forward(x)
         # hard
         in_state = rt.state(in_gate) if in_gate is not None else None
         out_state = rt.state(out_gate) if out_gate is not None else None
         if in_state is not None:
             self._check_width(x, 1, in_state.keep.numel(), "input")
-            x = x * _channel_view(in_state.hard_mask, x.ndim, 1, x.dtype)
+            x = straight_through(x, in_state.hard_mask, 1)
         if self.passes_group:
             if in_state is None:
                 return super().forward(x)
@@ -261,13 +324,13 @@ class MaskedLinear(MaskedLayer, nn.Linear):
         if mode == "soft":
             if in_gate is not None:
                 self._check_width(x, -1, self.in_features, "input")
-                x = x * rt.state(in_gate).soft_mask.to(x.dtype)
+                x = soft_masked(x, rt.state(in_gate).soft_mask, -1)
             return super().forward(x)
         in_state = rt.state(in_gate) if in_gate is not None else None
         out_state = rt.state(out_gate) if out_gate is not None else None
         if in_state is not None:
             self._check_width(x, -1, in_state.keep.numel(), "input")
-            x = x * in_state.hard_mask.to(x.dtype)
+            x = straight_through(x, in_state.hard_mask, -1)
         weight, bias = self.kept_weight_bias(
             None if in_state is None else in_state.keep,
             None if out_state is None else out_state.keep,

@@ -54,6 +54,7 @@ __all__ = [
     "OPS",
     "available",
     "build_info",
+    "channel_mask_backward",
     "gather_channels",
     "gather_weight",
     "get_index_check",
@@ -112,6 +113,8 @@ if _LOAD_ERROR is not None and os.environ.get("S2H_DISABLE_EXT", "0") != "1":
         RuntimeWarning,
         stacklevel=2,
     )
+#: the one-pass mask backward (a build from before it was added lacks it: torch ops then)
+_HAS_MASK_OP = bool(_C is not None and hasattr(torch.ops.s2h, "channel_mask_backward"))
 _EXT_WITH_CUDA = bool(_C is not None and _BUILD_INFO and _BUILD_INFO.get("with_cuda"))
 _cuda_ok: bool | None = None  # decided on first use (probing devices initialises CUDA)
 
@@ -495,6 +498,34 @@ def scatter_weight(
     return _fallback_scatter_weight(grad, out_index, in_index, full_shape)
 
 
+def channel_mask_backward(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, dim: int,
+                          need_grad_x: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The backward of ``y = x * mask`` with ``mask`` ``(C,)`` along ``dim`` of ``x``:
+    ``(grad * mask, Σ grad * x over every dim but dim)`` (the first ``None`` without
+    ``need_grad_x``). On CPU float32 / float64 tensors the extension does both in one pass
+    over ``grad`` and ``x`` (``torch.ops.s2h.channel_mask_backward``; the sums accumulate in
+    float64); otherwise, and under ``create_graph`` (this path is not differentiable), the
+    same with torch ops."""
+    dim = dim % x.dim()
+    if (_HAS_MASK_OP and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and grad.dtype == x.dtype and mask.dtype == x.dtype and not torch.is_grad_enabled()
+            and grad.shape == x.shape):
+        if (x.dim() == 4 and dim == 1 and not x.is_contiguous()
+                and x.is_contiguous(memory_format=torch.channels_last)
+                and grad.is_contiguous(memory_format=torch.channels_last)):
+            gx, gm = torch.ops.s2h.channel_mask_backward(grad.permute(0, 2, 3, 1),
+                                                         x.permute(0, 2, 3, 1), mask, 3,
+                                                         need_grad_x)
+            return (gx.permute(0, 3, 1, 2) if need_grad_x else None), gm
+        gx, gm = torch.ops.s2h.channel_mask_backward(grad, x, mask, dim, need_grad_x)
+        return (gx if need_grad_x else None), gm
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    dims = [d for d in range(x.dim()) if d != dim]
+    gm = (grad * x).sum(dims, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return (grad * mask.view(shape) if need_grad_x else None), gm.to(mask.dtype)
+
+
 # ------------------------------------------------------------------------------------------------
 # Fake (meta) implementations and autograd of torch.ops.s2h.*
 # ------------------------------------------------------------------------------------------------
@@ -526,6 +557,13 @@ def _register() -> None:
         full_shape = list(full_shape)
         _check_scatter_weight(grad, out_index, in_index, full_shape)
         return _empty_like_layout(grad, full_shape)
+
+    if _HAS_MASK_OP:
+        @torch.library.register_fake("s2h::channel_mask_backward")
+        def _(grad, x, mask, dim, need_grad_x):
+            dim = dim % x.dim()
+            gx = torch.empty_like(grad) if need_grad_x else grad.new_empty((0,))
+            return gx, x.new_empty((x.shape[dim],))
 
     # gather_channels <-> scatter_channels
     def gc_setup(ctx, inputs, output):

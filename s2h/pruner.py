@@ -525,12 +525,20 @@ class S2HPruner:
         """FLOPs over dense with each gate at ``width_of(gate)``; layers in ``skip`` do not run
         (STP's dropped blocks)."""
         total = self._const_flops
+        widths: dict[int, Any] = {}
+
+        def once(gate: ChannelGate) -> Any:  # each gate's width once per call, not per term
+            w = widths.get(id(gate))
+            if w is None:
+                w = widths[id(gate)] = width_of(gate)
+            return w
+
         for name, flops, gates in self._flop_terms:
             if name in skip:
                 continue
             f = 1.0
             for gate in gates:
-                w = gate.width(width_of) if isinstance(gate, SegmentedGate) else width_of(gate)
+                w = gate.width(once) if isinstance(gate, SegmentedGate) else once(gate)
                 f = f * (w / gate.channels)
             total = total + flops * f
         return total / self.dense_flops

@@ -47,6 +47,7 @@ from .checkpoint import (
     seed_everything,
     set_rng_state,
 )
+from .cpu import tune_allocator
 from .export import export_difference, save_exported
 from .flops import count_flops
 from .numerics import NonFiniteLossError, NonFiniteStateError, first_non_finite, optimizer_step
@@ -262,6 +263,8 @@ def run_prune(cfg: PruneConfig) -> dict:
     # (bench/s2h_step.py: 5.1 -> 2.5 dense steps per S2H step). A number below 1.2e-38
     # becomes 0; nothing else changes. Restored when the run ends.
     flush = device.type == "cpu" and torch.set_flush_denormal(True)
+    if device.type == "cpu":  # no page faults per step (s2h/cpu.py); lasts for the process
+        tune_allocator()
     try:
         validate_config(cfg)
         lock = lock_run_dir(cfg.out) if dist_info.is_main else None
