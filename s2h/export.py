@@ -14,8 +14,9 @@ A saved model is a directory with
   ones before the weights are loaded, and the *swaps*: an attention layer whose pruned form is
   another class (``nn.MultiheadAttention`` ->
   :class:`~s2h.torch_attention.PrunedMultiheadAttention`, torchvision's
-  ``ShiftedWindowAttention`` -> ``PrunedShiftedWindowAttention``), rebuilt from the dense layer at
-  the same path and the recorded sizes.
+  ``ShiftedWindowAttention`` -> ``PrunedShiftedWindowAttention``, MaxViT's
+  ``RelativePositionalMultiHeadAttention`` -> ``PrunedRelativePositionalMultiHeadAttention``),
+  rebuilt from the dense layer at the same path and the recorded sizes.
 
 Loading imports no name from the file: builders are looked up in fixed tables and module types in
 an allow-list, so an untrusted directory cannot run code (unlike ``torch.load`` of a pickled

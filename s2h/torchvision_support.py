@@ -1,4 +1,4 @@
-"""torchvision's Swin window attention pruned by whole heads.
+"""torchvision's Swin window attention and MaxViT attention pruned by whole heads.
 
 Imported by :mod:`s2h.registry` only once torchvision itself is imported. (torchvision's ViT
 needs nothing here: its ``EncoderBlock`` calls ``nn.MultiheadAttention``, see
