@@ -14,8 +14,9 @@ A saved model is a directory with
   ones before the weights are loaded, and the *swaps*: an attention layer whose pruned form is
   another class (``nn.MultiheadAttention`` ->
   :class:`~s2h.torch_attention.PrunedMultiheadAttention`, torchvision's
-  ``ShiftedWindowAttention`` -> ``PrunedShiftedWindowAttention``), rebuilt from the dense layer at
-  the same path and the recorded sizes.
+  ``ShiftedWindowAttention`` -> ``PrunedShiftedWindowAttention``, MaxViT's
+  ``RelativePositionalMultiHeadAttention`` -> ``PrunedRelativePositionalMultiHeadAttention``),
+  rebuilt from the dense layer at the same path and the recorded sizes.
 
 Loading imports no name from the file: builders are looked up in fixed tables and module types in
 an allow-list, so an untrusted directory cannot run code (unlike ``torch.load`` of a pickled
@@ -172,6 +173,22 @@ def _swin_build(dense: nn.Module, sizes: dict) -> nn.Module:
         dropout=dense.dropout, dtype=dense.qkv.weight.dtype)
 
 
+def _maxvit_sizes(m: nn.Module) -> dict:
+    return {"feat_dim": m.to_qkv.in_features, "n_heads": m.n_heads, "head_dim": m.head_dim,
+            "out_dim": m.merge.out_features}
+
+
+def _maxvit_build(dense: nn.Module, sizes: dict) -> nn.Module:
+    from .torchvision_support import PrunedRelativePositionalMultiHeadAttention
+
+    if sizes["head_dim"] != dense.head_dim or not 0 < sizes["n_heads"] <= dense.n_heads:
+        raise ValueError(f"{sizes['n_heads']} heads of {sizes['head_dim']} do not fit the "
+                         f"rebuilt layer ({dense.n_heads} heads of {dense.head_dim})")
+    return PrunedRelativePositionalMultiHeadAttention(
+        sizes["feat_dim"], sizes["n_heads"], sizes["head_dim"], dense.max_seq_len,
+        dense.scale_factor, out_dim=sizes["out_dim"], dtype=dense.to_qkv.weight.dtype)
+
+
 #: layers whose pruned form is another class (the dense class cannot hold the pruned sizes):
 #: pruned class -> (the dense class it replaces, its sizes as JSON, builder from the dense layer
 #: at the same path and those sizes). Only these swaps are ever made on loading.
@@ -181,6 +198,9 @@ _SWAPS: dict[str, tuple[str, Callable[[nn.Module], dict],
         "torch.nn.modules.activation.MultiheadAttention", _mha_sizes, _mha_build),
     "s2h.torchvision_support.PrunedShiftedWindowAttention": (
         "torchvision.models.swin_transformer.ShiftedWindowAttention", _swin_sizes, _swin_build),
+    "s2h.torchvision_support.PrunedRelativePositionalMultiHeadAttention": (
+        "torchvision.models.maxvit.RelativePositionalMultiHeadAttention", _maxvit_sizes,
+        _maxvit_build),
 }
 #: the keys of each swap's sizes: source_heads a list of ints, every other an int
 _SWAP_KEYS = {
@@ -188,6 +208,8 @@ _SWAP_KEYS = {
         "embed_dim", "num_heads", "head_dim", "out_dim", "source_heads", "source_num_heads"),
     "s2h.torchvision_support.PrunedShiftedWindowAttention": (
         "dim", "num_heads", "head_dim", "out_dim"),
+    "s2h.torchvision_support.PrunedRelativePositionalMultiHeadAttention": (
+        "feat_dim", "n_heads", "head_dim", "out_dim"),
 }
 
 

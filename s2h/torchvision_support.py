@@ -1,4 +1,4 @@
-"""torchvision's Swin window attention pruned by whole heads.
+"""torchvision's Swin window attention and MaxViT attention pruned by whole heads.
 
 Imported by :mod:`s2h.registry` only once torchvision itself is imported. (torchvision's ViT
 needs nothing here: its ``EncoderBlock`` calls ``nn.MultiheadAttention``, see
@@ -16,6 +16,14 @@ fewer heads of the same ``head_dim`` cannot be a ``ShiftedWindowAttention``: it 
 (:func:`window_attention`) with an inner width free of the input width. Swin v2's
 ``ShiftedWindowAttentionV2`` (cosine attention, a bias MLP) is a subclass s2h does not know,
 hence kept whole with a warning that names it.
+
+MaxViT's ``RelativePositionalMultiHeadAttention`` (input ``(B, G, P, D)``: ``G`` windows of
+``P`` tokens) is pruned the same way: groups ``in`` (``D``, the input columns of ``to_qkv``),
+``heads`` (``n_heads * head_dim``: q, k, v rows of ``to_qkv``, the bias table's columns, the
+input columns of ``merge``) and ``out`` (the rows of ``merge``). torchvision reshapes the heads'
+output to the *input* width ``D``, so a layer whose heads and input differ in width exports as
+:class:`PrunedRelativePositionalMultiHeadAttention` (:func:`relative_attention`); its
+``scale_factor`` stays the dense layer's (``feat_dim ** -0.5`` of the unpruned width).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.convnext import LayerNorm2d
+from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
 from torchvision.models.swin_transformer import ShiftedWindowAttention
 
 from . import registry as _registry
@@ -35,8 +44,9 @@ from .nn import MaskedLayer, MaskedLayerNorm, gather_kept, gather_kept_weight
 from .registry import LayerCall, LayerHandler, LayerInfo
 from .torch_attention import _head_rows, _whole_heads
 
-__all__ = ["MaskedLayerNorm2d", "MaskedShiftedWindowAttention", "PrunedShiftedWindowAttention",
-           "window_attention"]
+__all__ = ["MaskedLayerNorm2d", "MaskedRelativePositionalMultiHeadAttention",
+           "MaskedShiftedWindowAttention", "PrunedRelativePositionalMultiHeadAttention",
+           "PrunedShiftedWindowAttention", "relative_attention", "window_attention"]
 
 
 def _window_regions(hp: int, wp: int, window: Sequence[int], shift: Sequence[int],
@@ -284,6 +294,193 @@ def _swin_heads(m: nn.Module) -> dict[str, tuple[int, int]]:
 _registry.register(LayerHandler(ShiftedWindowAttention, MaskedShiftedWindowAttention, _swin_info,
                                 flop_parts=_swin_flops, importance=_swin_importance,
                                 inner_groups=_swin_heads, call=_swin_call))
+
+
+# ---------------------------------------------------------------------------- MaxViT attention
+
+
+def relative_attention(
+    x: torch.Tensor,
+    qkv_weight: torch.Tensor,
+    qkv_bias: torch.Tensor | None,
+    merge_weight: torch.Tensor,
+    merge_bias: torch.Tensor | None,
+    table: torch.Tensor,
+    index: torch.Tensor,
+    n_heads: int,
+    head_dim: int,
+    scale: float,
+    head_mul: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """MaxViT's relative-position multi-head self-attention on ``x`` ``(B, G, P, D)`` (``G``
+    windows of ``P`` tokens) with ``n_heads`` heads of ``head_dim`` (any inner width) and
+    keys scaled by ``scale``; output ``(B, G, P, D_out)``.
+
+    ``table``: ``(L, n_heads)`` bias table, ``index``: ``(P, P)`` indices into it; ``head_mul``:
+    ``(n_heads * head_dim,)`` multiplies the heads' output before ``merge``."""
+    b, g, p, _ = x.shape
+    a = n_heads * head_dim
+    qkv = F.linear(x, qkv_weight, qkv_bias)
+    q, k, v = (t.reshape(b, g, p, n_heads, head_dim).permute(0, 1, 3, 2, 4)
+               for t in qkv.split(a, dim=-1))
+    bias = table[index.reshape(-1)].view(p, p, n_heads).permute(2, 0, 1).unsqueeze(0)
+    attn = F.softmax(q.matmul((k * scale).transpose(-2, -1)) + bias, dim=-1)
+    out = attn.matmul(v).permute(0, 1, 3, 2, 4).reshape(b, g, p, a)
+    if head_mul is not None:
+        out = out * head_mul.to(out.dtype)
+    return F.linear(out, merge_weight, merge_bias)
+
+
+class PrunedRelativePositionalMultiHeadAttention(nn.Module):
+    """What a pruned MaxViT ``RelativePositionalMultiHeadAttention`` exports to: the same
+    attention with ``n_heads`` heads of ``head_dim`` (not ``feat_dim // head_dim``), ``to_qkv``
+    ``feat_dim -> 3 * A``, ``merge`` ``A -> out_dim``, keys scaled by ``scale_factor`` (the
+    dense layer's); same parameter and buffer names."""
+
+    def __init__(self, feat_dim: int, n_heads: int, head_dim: int, max_seq_len: int,
+                 scale_factor: float, out_dim: int | None = None,
+                 device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.n_heads, self.head_dim = n_heads, head_dim
+        self.max_seq_len = max_seq_len
+        self.size = int(round(max_seq_len ** 0.5))
+        self.scale_factor = float(scale_factor)
+        a = n_heads * head_dim
+        self.to_qkv = nn.Linear(feat_dim, 3 * a, **kw)
+        self.merge = nn.Linear(a, feat_dim if out_dim is None else out_dim, **kw)
+        table = (2 * self.size - 1) ** 2
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(table, n_heads, **kw))
+        self.register_buffer("relative_position_index",
+                             torch.zeros(max_seq_len, max_seq_len, dtype=torch.long,
+                                         device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return relative_attention(x, self.to_qkv.weight, self.to_qkv.bias, self.merge.weight,
+                                  self.merge.bias, self.relative_position_bias_table,
+                                  self.relative_position_index, self.n_heads, self.head_dim,
+                                  self.scale_factor)
+
+
+class MaskedRelativePositionalMultiHeadAttention(MaskedLayer,
+                                                 RelativePositionalMultiHeadAttention):
+    """torchvision MaxViT ``RelativePositionalMultiHeadAttention`` with masked input, output and
+    heads."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mode = self._mode()
+        if mode == "dense":
+            return RelativePositionalMultiHeadAttention.forward(self, x)
+        rt = self._s2h.runtime
+        in_gate, out_gate, head_gate = self.in_gate, self.out_gate, self.extra_gate("heads")
+        heads, hd = self.n_heads, self.head_dim
+        a = heads * hd
+        w_qkv, b_qkv = self.to_qkv.weight, self.to_qkv.bias
+        w_m, b_m = self.merge.weight, self.merge.bias
+        table, head_mul = self.relative_position_bias_table, None
+        if mode == "soft":
+            if in_gate is not None:
+                self._check_width(x, -1, self.to_qkv.in_features, "input")
+                x = x * rt.state(in_gate).soft_mask.to(x.dtype)
+            if head_gate is not None:
+                head_mul = rt.state(head_gate).soft_mask
+        else:
+            in_keep = out_keep = head_keep = None
+            if in_gate is not None:
+                st = rt.state(in_gate)
+                self._check_width(x, -1, st.keep.numel(), "input")
+                x, in_keep = x * st.hard_mask.to(x.dtype), st.keep
+            if out_gate is not None:
+                out_keep = rt.state(out_gate).keep
+            if head_gate is not None:
+                st = rt.state(head_gate)
+                head_keep, head_mul = st.keep, st.hard_mask
+                index = _whole_heads(head_keep, hd, self._s2h.name)
+                heads = index.numel()
+                table = gather_kept(table, index, 1)
+            rows = None if head_keep is None else _head_rows(head_keep, a)
+            w_qkv = gather_kept_weight(w_qkv, rows, in_keep)
+            if b_qkv is not None:
+                b_qkv = gather_kept(b_qkv, rows, 0)
+            w_m = gather_kept_weight(w_m, out_keep, head_keep)
+            if b_m is not None:
+                b_m = gather_kept(b_m, out_keep, 0)
+        return relative_attention(x, w_qkv, b_qkv, w_m, b_m, table, self.relative_position_index,
+                                  heads, hd, self.scale_factor, head_mul)
+
+    @torch.no_grad()
+    def s2h_export(self, in_keep: torch.Tensor | None, out_keep: torch.Tensor | None,
+                   extra: dict[str, torch.Tensor]) -> nn.Module:
+        """A plain ``RelativePositionalMultiHeadAttention`` when nothing was removed, else a
+        :class:`PrunedRelativePositionalMultiHeadAttention` with the kept heads and channels."""
+        head_keep = extra.get("heads")
+        c, hd = self.to_qkv.in_features, self.head_dim
+        a = self.n_heads * hd
+        if all(k is None or k.numel() == n for k, n in (
+                (head_keep, a), (in_keep, c), (out_keep, self.merge.out_features))):
+            new = copy.deepcopy(self)  # a masked layer drops its gates when copied
+            new.__class__ = RelativePositionalMultiHeadAttention
+            return new
+        heads = (torch.arange(self.n_heads) if head_keep is None
+                 else _whole_heads(head_keep, hd, "export"))
+        rows = None if head_keep is None else _head_rows(head_keep, a)
+        w = self.to_qkv.weight
+        new = PrunedRelativePositionalMultiHeadAttention(
+            c if in_keep is None else in_keep.numel(), heads.numel(), hd, self.max_seq_len,
+            self.scale_factor,
+            out_dim=self.merge.out_features if out_keep is None else out_keep.numel(),
+            device=w.device, dtype=w.dtype)
+        new.to_qkv.weight.copy_(gather_kept_weight(w, rows, in_keep))
+        new.to_qkv.bias.copy_(gather_kept(self.to_qkv.bias, rows, 0))
+        new.merge.weight.copy_(gather_kept_weight(self.merge.weight, out_keep, head_keep))
+        new.merge.bias.copy_(gather_kept(self.merge.bias, out_keep, 0))
+        new.relative_position_bias_table.copy_(
+            self.relative_position_bias_table.index_select(1, heads.to(w.device)))
+        new.relative_position_index.copy_(self.relative_position_index)
+        if not w.requires_grad:
+            new.requires_grad_(False)
+        return new
+
+
+def _maxvit_info(m: nn.Module) -> LayerInfo:
+    if type(m.to_qkv) is not nn.Linear or type(m.merge) is not nn.Linear \
+            or m.to_qkv.bias is None or m.merge.bias is None:
+        return LayerInfo("fixed", -1, "to_qkv/merge are not plain nn.Linear with a bias")
+    if m.n_heads * m.head_dim != m.to_qkv.in_features:
+        return LayerInfo("fixed", -1, "n_heads * head_dim differs from the input width")
+    return LayerInfo("attention", -1)
+
+
+def _maxvit_flops(m: nn.Module, info: LayerInfo,
+                  flops_of: Callable[[str], int]) -> list[tuple[int, tuple[str, ...]]]:
+    """``to_qkv`` (``in`` x ``heads``), the attention matmuls (``heads``), ``merge``
+    (``heads`` x ``out``), as the counter counted them."""
+    qkv, merge, total = flops_of("to_qkv"), flops_of("merge"), flops_of("")
+    rest = total - qkv - merge
+    if rest < 0:
+        return [(total, ("heads",))]
+    return [(qkv, ("in", "heads")), (rest, ("heads",)), (merge, ("heads", "out"))]
+
+
+def _maxvit_importance(m: nn.Module, role: str) -> torch.Tensor:
+    """As Swin's: per head, mean L1 of its q, k, v rows and ``merge`` columns."""
+    if role == "out":
+        return m.merge.weight.detach().float().abs().sum(1).cpu()
+    a = m.n_heads * m.head_dim
+    w = m.to_qkv.weight.detach().float().abs().sum(1).view(3, a).sum(0)
+    w = w + m.merge.weight.detach().float().abs().sum(0)
+    return w.view(m.n_heads, m.head_dim).mean(1).repeat_interleave(m.head_dim).cpu()
+
+
+def _maxvit_heads(m: nn.Module) -> dict[str, tuple[int, int]]:
+    return {"heads": (m.n_heads * m.head_dim, m.head_dim)}
+
+
+_registry.register(LayerHandler(RelativePositionalMultiHeadAttention,
+                                MaskedRelativePositionalMultiHeadAttention, _maxvit_info,
+                                flop_parts=_maxvit_flops, importance=_maxvit_importance,
+                                inner_groups=_maxvit_heads))
 
 
 # ---------------------------------------------------------------------------- ConvNeXt's norm
