@@ -1694,7 +1694,7 @@ def analyze(
 
 def _resolve_grouped_convs(groups: list[Group], layers: dict[str, LayerRecord]) -> None:
     """Grouped convs with as many output as input channels (``LayerInfo.block`` > 1) pass their
-    group through, pruned in whole conv groups: each group gets the least common multiple of its
+    group through, pruned in whole conv groups (a group norm's norm groups likewise): each group gets the least common multiple of its
     grouped convs' blocks as :attr:`Group.block` (the blocks of all of them then line up at
     channel 0). Kept whole where that cannot be exact: the blocks do not tile the group, the
     group's channels reach the conv through a concat or a split (its conv groups would not start
@@ -1702,7 +1702,7 @@ def _resolve_grouped_convs(groups: list[Group], layers: dict[str, LayerRecord]) 
     from math import lcm
 
     for g in groups:
-        blocks = {name: layers[name].info.block for name in g.depthwise
+        blocks = {name: layers[name].info.block for name in g.depthwise + g.norms
                   if layers[name].info is not None and layers[name].info.block > 1}
         if not blocks or g.frozen:
             continue

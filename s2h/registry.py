@@ -54,7 +54,8 @@ class LayerInfo:
     block: the channels of one conv group of a ``"depthwise"`` grouped conv (``in_channels //
         groups``; 1 for a true depthwise conv): its group is kept and dropped in whole blocks
         of ``block`` channels, so the kept conv groups stay whole and the conv's input and
-        output drop the same ones (exported with ``groups`` = the kept blocks).
+        output drop the same ones (exported with ``groups`` = the kept blocks). A group norm
+        (kind ``"batchnorm"``) has ``block`` = its norm groups' width: kept in whole norm groups.
     """
 
     kind: str

@@ -9,6 +9,8 @@ model is made of timm's own modules and needs no s2h code to run.
 * ``BatchNormAct2d``: BatchNorm then ``drop`` then ``act``; supported when both are elementwise
   (the activation of a kept channel does not depend on the other channels).
 * ``timm.layers.Linear``, ``timm.layers.LayerNorm`` (channels last), ``LayerNorm2d`` (NCHW).
+* ``GroupNormAct`` (BiT ResNet-V2): group norm then ``drop`` then ``act`` (elementwise), pruned
+  in whole norm groups (:class:`s2h.nn.MaskedGroupNorm`).
 * ``Attention`` (ViT & co.) and ``WindowAttention`` (Swin): pruned by whole heads. The layer owns
   a *heads group* of ``num_heads * head_dim`` channels (the rows of q, k and v of each head and
   the matching input columns of ``proj``) whose width granularity is ``head_dim``: ``head_dim``
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 from timm.layers import (
     BatchNormAct2d,
     Conv2dSame,
+    GroupNormAct,
     LayerNorm,
     LayerNorm2d,
     ScaledStdConv2d,
@@ -51,11 +54,13 @@ from . import registry as _registry
 from .nn import (
     MaskedBatchNorm2d,
     MaskedConv2d,
+    MaskedGroupNorm,
     MaskedLayer,
     MaskedLayerNorm,
     MaskedLinear,
     _channel_view,
     _conv_info,
+    _groupnorm_info,
     gather_kept,
     gather_kept_weight,
 )
@@ -163,6 +168,26 @@ class MaskedBatchNormAct2d(MaskedBatchNorm2d, BatchNormAct2d):
                         _sel(self.hard_running_var if use_hard else self.running_var, keep))
             _set_buffer(new, "num_batches_tracked",
                         self.hard_num_batches_tracked if use_hard else self.num_batches_tracked)
+        return new
+
+
+class MaskedGroupNormAct(MaskedGroupNorm, GroupNormAct):
+    """timm ``GroupNormAct`` (group norm, then ``drop`` then ``act``): the kept norm groups in
+    hard mode (see :class:`s2h.nn.MaskedGroupNorm`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = self._hard_keep()
+        if keep is None:
+            return GroupNormAct.forward(self, x)
+        return self.act(self.drop(self._hard_gn(x, keep)))
+
+    @torch.no_grad()
+    def s2h_export(self, in_keep: torch.Tensor | None, out_keep: torch.Tensor | None,
+                   extra: dict[str, torch.Tensor]) -> nn.Module:
+        new = _plain_copy(self, GroupNormAct)
+        new.num_groups, new.num_channels = self._export_sizes(out_keep)
+        _set_param(new, "weight", _sel(self.weight, out_keep))
+        _set_param(new, "bias", _sel(self.bias, out_keep))
         return new
 
 
@@ -523,6 +548,14 @@ def _batchnorm_act_info(m: nn.Module) -> LayerInfo:
     return LayerInfo("batchnorm", 1)
 
 
+def _groupnorm_act_info(m: nn.Module) -> LayerInfo:
+    bad = [n for n in ("drop", "act") if not _elementwise(getattr(m, n))]
+    if bad:
+        return LayerInfo("fixed", 1, f"its {bad[0]} ({type(getattr(m, bad[0])).__name__}) is "
+                                     "not a known elementwise module")
+    return _groupnorm_info(m)
+
+
 def _layernorm_info(m: nn.Module) -> LayerInfo:
     if len(m.normalized_shape) == 1:
         return LayerInfo("layernorm", -1)
@@ -582,6 +615,7 @@ _registry.register(LayerHandler(LayerNorm, MaskedTimmLayerNorm, _layernorm_info)
 _registry.register(LayerHandler(LayerNorm2d, MaskedLayerNorm2d,
                                 lambda m: LayerInfo("layernorm", 1)))
 _registry.register(_attention_handler(Attention, MaskedAttention, _attention_info))
+_registry.register(LayerHandler(GroupNormAct, MaskedGroupNormAct, _groupnorm_act_info))
 _registry.register(LayerHandler(Conv2dSame, MaskedConv2dSame, _conv_info))
 for _plain, _masked in ((StdConv2d, MaskedStdConv2d), (StdConv2dSame, MaskedStdConv2dSame),
                         (ScaledStdConv2d, MaskedScaledStdConv2d),

@@ -10,7 +10,9 @@ under test: the layers written by hand in float64 (pad, mean / biased variance o
 block, conv) for the hard path and for the soft path with its gate gradients (autograd through
 the hand-written network), the exported model against the hard network (1e-5, fp32), torch's
 FLOP counter on the export against ``hard_flops_ratio()`` (1%), the lockstep forward against
-two passes, a save / load round trip, and the real timm models.
+two passes, a save / load round trip, and the real timm models. BiT's ``GroupNormAct`` (and
+``nn.GroupNorm``) is pruned in whole norm groups (the statistics of a kept norm group are its
+own): reference, the group norm of the kept channels by hand in float64.
 """
 
 import copy
@@ -24,6 +26,7 @@ from torch import nn
 timm = pytest.importorskip("timm")
 from timm.layers import (  # noqa: E402
     Conv2dSame,
+    GroupNormAct,
     ScaledStdConv2d,
     ScaledStdConv2dSame,
     StdConv2d,
@@ -242,3 +245,74 @@ def test_nfnet_scaled_std_conv_is_pruned():
     n_all = sum(1 for g in pruner.analysis.groups if g.producers)
     assert (len(pruner.groups), n_all) == (35, 36)
     assert isinstance(pruner.masked_layers["stem.conv1"], ScaledStdConv2d)
+
+
+class BiTLike(nn.Module):
+    """StdConv2d -> GroupNormAct (4 norm groups of 4) -> StdConv2d -> nn.GroupNorm (3 of 8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = StdConv2d(3, 16, 3, padding=1)
+        self.n1 = GroupNormAct(16, num_groups=4)
+        self.c2 = StdConv2d(16, 24, 3, padding=1)
+        self.n2 = nn.GroupNorm(3, 24)
+        self.fc = nn.Linear(24, 5)
+        with torch.no_grad():
+            for n in (self.n1, self.n2):
+                n.weight.uniform_(0.5, 1.5)
+                n.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        x = self.n1(self.c1(x))
+        return self.fc(torch.relu(self.n2(self.c2(x))).mean((2, 3)))
+
+
+def _hand_gn(h, n, keep, c):
+    """Group norm by hand (float64) of the kept channels ``keep`` of ``h`` (N, k, H, W), in
+    norm groups of ``c`` channels, with ``n``'s affine parameters of those channels."""
+    b, k = h.shape[:2]
+    g = h.reshape(b, k // c, -1)
+    g = (g - g.mean(-1, keepdim=True)) / torch.sqrt(g.var(-1, unbiased=False, keepdim=True)
+                                                     + n.eps)
+    return (g.reshape_as(h) * n.weight.double()[keep, None, None]
+            + n.bias.double()[keep, None, None])
+
+
+def test_group_norm_is_pruned_in_whole_norm_groups():
+    torch.manual_seed(0)
+    model = BiTLike()
+    dense = copy.deepcopy(model)
+    x = torch.randn(2, 3, 8, 8)
+    pruner, msgs = prune(model, x, divisor=2)
+    assert not any("left unpruned" in m for m in msgs), msgs
+    groups = {g.name: g for g in pruner.groups}
+    assert set(groups) == {"c1", "c2"}
+    assert (groups["c1"].norms, groups["c1"].block) == (["n1"], 4)
+    assert (groups["c2"].norms, groups["c2"].block) == (["n2"], 8)
+    pruner.set_widths({"c1": 8, "c2": 16})
+    exported = check_exact(pruner, model, x, dense, model_fn=BiTLike)
+    assert type(exported.n1) is GroupNormAct and type(exported.n2) is nn.GroupNorm
+    assert (exported.n1.num_groups, exported.n1.num_channels) == (2, 8)
+    assert (exported.n2.num_groups, exported.n2.num_channels) == (2, 16)
+    k1 = pruner.gate_of(groups["c1"]).keep_index()
+    k2 = pruner.gate_of(groups["c2"]).keep_index()
+    for keep, c in ((k1, 4), (k2, 8)):  # whole norm groups
+        assert torch.equal(keep.view(-1, c) % c, torch.arange(c).expand(keep.numel() // c, c))
+    with torch.no_grad():
+        ones = torch.ones(3, dtype=torch.float64)
+        h1 = torch.relu(_hand_gn(_hand_conv(dense.c1, x.double(), ones, k1), dense.n1, k1, 4))
+        torch.testing.assert_close(exported.n1(exported.c1(x)).double(), h1, rtol=1e-5,
+                                   atol=1e-5)
+        ones = torch.ones(8, dtype=torch.float64)
+        h2 = _hand_gn(_hand_conv(dense.c2, h1, ones, k2, k1), dense.n2, k2, 8)
+        torch.testing.assert_close(exported.n2(exported.c2(exported.n1(exported.c1(x))))
+                                   .double(), h2, rtol=1e-5, atol=1e-5)
+
+
+def test_bit_resnetv2_std_conv_and_group_norm_are_pruned():
+    pruner = _real("resnetv2_50x1_bit", 32)
+    n_all = sum(1 for g in pruner.analysis.groups if g.producers)
+    # before: nothing prunable (every group met a GroupNormAct, and the StdConv2d were unknown)
+    assert (len(pruner.groups), n_all) == (37, 38)
+    assert isinstance(pruner.masked_layers["stem.conv"], StdConv2d)
+    assert all(g.block > 1 for g in pruner.groups if g.norms)
