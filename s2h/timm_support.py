@@ -25,7 +25,7 @@ model is made of timm's own modules and needs no s2h code to run.
   that (it *is* the exported layer, a plain instance of the same class with the kept channels;
   ``scale`` keeps its value), and the soft network standardises with every column weighted by
   its input channel's soft mask: at a 0/1 mask it equals the hard network, at full width the
-  dense layer (see :meth:`_MaskedStdConv.standardised`).
+  dense layer (see :func:`standardised`).
 """
 
 from __future__ import annotations
