@@ -1694,11 +1694,12 @@ def analyze(
 
 def _resolve_grouped_convs(groups: list[Group], layers: dict[str, LayerRecord]) -> None:
     """Grouped convs with as many output as input channels (``LayerInfo.block`` > 1) pass their
-    group through, pruned in whole conv groups (a group norm's norm groups likewise): each group gets the least common multiple of its
-    grouped convs' blocks as :attr:`Group.block` (the blocks of all of them then line up at
-    channel 0). Kept whole where that cannot be exact: the blocks do not tile the group, the
-    group's channels reach the conv through a concat or a split (its conv groups would not start
-    at the group's channel 0), or the group has a width granularity of its own (heads)."""
+    group through, pruned in whole conv groups (a group norm's norm groups likewise): each
+    group gets the least common multiple of its grouped convs' blocks as :attr:`Group.block`
+    (the blocks of all of them then line up at channel 0). Kept whole where that cannot be
+    exact: the blocks do not tile the group, the group's channels reach the conv through a
+    concat or a split (its conv groups would not start at the group's channel 0), or the group
+    has a width granularity of its own (heads)."""
     from math import lcm
 
     for g in groups:
