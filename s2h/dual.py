@@ -131,7 +131,10 @@ def _dual_layer(m: MaskedLayer, x):
 
     rt = m._s2h.runtime
     cls = type(m)
-    if isinstance(m, (MaskedConv2d, MaskedLinear)) and not (
+    # a layer class that computes more than a plain conv / linear (timm's "SAME"-padded or
+    # weight-standardised convs) says so with s2h_dual_fused = False: it runs its own code
+    fused = isinstance(m, (MaskedConv2d, MaskedLinear)) and getattr(cls, "s2h_dual_fused", True)
+    if fused and not (
         isinstance(m, MaskedConv2d) and (m.padding_mode != "zeros"
                                          or (m.passes_group and not m.is_depthwise))
     ):  # a grouped conv (whole conv groups): its own soft and hard code below

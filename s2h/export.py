@@ -122,6 +122,13 @@ _RESIZED_ATTRS: dict[str, tuple[str, ...]] = {
     "timm.layers.attention.Attention": ("num_heads", "attn_dim"),
     "timm.models.swin_transformer.WindowAttention": ("num_heads",),
     "torchvision.models.convnext.LayerNorm2d": ("normalized_shape",),
+    "torch.nn.modules.normalization.GroupNorm": ("num_groups", "num_channels"),
+    "timm.layers.norm_act.GroupNormAct": ("num_groups", "num_channels"),
+    "timm.layers.conv2d_same.Conv2dSame": ("in_channels", "out_channels", "groups"),
+    "timm.layers.std_conv.StdConv2d": ("in_channels", "out_channels", "groups"),
+    "timm.layers.std_conv.StdConv2dSame": ("in_channels", "out_channels", "groups"),
+    "timm.layers.std_conv.ScaledStdConv2d": ("in_channels", "out_channels", "groups"),
+    "timm.layers.std_conv.ScaledStdConv2dSame": ("in_channels", "out_channels", "groups"),
 }
 
 

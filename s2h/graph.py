@@ -573,7 +573,9 @@ class _Analyzer:
                     if d != big_in[0] and src[d] is not None:
                         self.freeze_label(src[d], f"view in {self.where()}")
             elif (merged := self._repeat_merge(src, in_shape, in_dims, big_in, big_out,
-                                               out_shape)) is not None:
+                                               out_shape)) is not None or (
+                    merged := self._copies_merge(src, in_shape, in_dims, big_in, big_out,
+                                                 out_shape)) is not None:
                 result[big_out[0]] = merged
             elif len(big_in) == 1 and len(big_out) == 2 and src[big_in[0]] is not None \
                     and len(labs) == 1:
@@ -695,6 +697,36 @@ class _Analyzer:
             repeat *= in_shape[d]
         merged = self.uf.new(out_shape[big_out[0]])
         self.repeat_of[merged] = (lab, repeat)
+        return merged
+
+    def _copies_merge(self, src, in_shape, in_dims, big_in, big_out, out_shape) -> int | None:
+        """A reshape merging unlabelled dims with a labelled channel dim *innermost* into one
+        dim (Swin's patch merging: ``(B, H/2, W/2, 2, 2, C) -> (B, H/2, W/2, 4C)``): the merged
+        dim is ``n`` copies of the channels one after the other, as a concat of the same
+        tensor ``n`` times. It gets a concat label of ``n`` segments of the channels' label
+        (:meth:`_resolve_concats` decides the rest), so the layers reading it (the merge's
+        LayerNorm and reduction) read ``n`` copies of the group's kept channels. The merged
+        width must follow the input (a flatten, or ``-1`` in a view / reshape): a width written
+        as a number would not. None where the merge is of another kind."""
+        if len(big_out) != 1 or len(big_in) < 2:
+            return None
+        lab = src[big_in[-1]]
+        if lab is None or any(src[d] is not None for d in in_dims if d != big_in[-1]):
+            return None
+        call = self.reshape_calls[-1] if self.reshape_calls else None
+        if call is None or call[0] != "flatten" and (
+                call[1] is None or len(call[1]) != len(out_shape) or call[1][big_out[0]] != -1):
+            self.freeze_label(
+                lab, f"a reshape in {self.where()} that merges copies of the channel dim into a "
+                     f"width written as a number ({tuple(in_shape)} -> {tuple(out_shape)}): it "
+                     "would not follow a pruned width; flatten or -1 would")
+            return None
+        n = 1
+        for d in big_in[:-1]:
+            n *= in_shape[d]
+        merged = self.uf.new(out_shape[big_out[0]])
+        self.concat_of[merged] = [(lab, in_shape[big_in[-1]])] * n
+        self.concat_where[merged] = self.where()
         return merged
 
     def _resolve_repeats(self) -> None:
@@ -1662,15 +1694,16 @@ def analyze(
 
 def _resolve_grouped_convs(groups: list[Group], layers: dict[str, LayerRecord]) -> None:
     """Grouped convs with as many output as input channels (``LayerInfo.block`` > 1) pass their
-    group through, pruned in whole conv groups: each group gets the least common multiple of its
-    grouped convs' blocks as :attr:`Group.block` (the blocks of all of them then line up at
-    channel 0). Kept whole where that cannot be exact: the blocks do not tile the group, the
-    group's channels reach the conv through a concat or a split (its conv groups would not start
-    at the group's channel 0), or the group has a width granularity of its own (heads)."""
+    group through, pruned in whole conv groups (a group norm's norm groups likewise): each
+    group gets the least common multiple of its grouped convs' blocks as :attr:`Group.block`
+    (the blocks of all of them then line up at channel 0). Kept whole where that cannot be
+    exact: the blocks do not tile the group, the group's channels reach the conv through a
+    concat or a split (its conv groups would not start at the group's channel 0), or the group
+    has a width granularity of its own (heads)."""
     from math import lcm
 
     for g in groups:
-        blocks = {name: layers[name].info.block for name in g.depthwise
+        blocks = {name: layers[name].info.block for name in g.depthwise + g.norms
                   if layers[name].info is not None and layers[name].info.block > 1}
         if not blocks or g.frozen:
             continue

@@ -37,6 +37,7 @@ __all__ = [
     "GateRuntime",
     "MaskedBatchNorm2d",
     "MaskedConv2d",
+    "MaskedGroupNorm",
     "MaskedLayerNorm",
     "MaskedLinear",
     "gather_kept",
@@ -467,6 +468,66 @@ class MaskedLayerNorm(MaskedLayer, nn.LayerNorm):
         return F.layer_norm(x, (keep.numel(),), weight, bias, self.eps)
 
 
+class MaskedGroupNorm(MaskedLayer, nn.GroupNorm):
+    """``nn.GroupNorm`` over dim 1 of ``(N, C, *)``. Its group is kept and dropped in whole
+    norm groups of ``c = num_channels // num_groups`` channels (:attr:`LayerInfo.block`, as a
+    grouped conv's): the statistics of a norm group are over its own channels only, so the hard
+    layer -- a group norm of the kept norm groups, ``num_groups = k // c`` -- computes on every
+    kept channel exactly what the full layer does (soft, hard and exported layers agree)."""
+
+    def _kept_norm_groups(self, keep: torch.Tensor) -> int:
+        c = self.num_channels // self.num_groups
+        if keep.numel() % c:
+            name = self._s2h.name if self._s2h is not None else type(self).__name__
+            raise RuntimeError(f"{name}: {keep.numel()} kept channels are not whole norm groups "
+                               f"of {c} (num_groups={self.num_groups})")
+        return keep.numel() // c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = self._hard_keep()
+        return super().forward(x) if keep is None else self._hard_gn(x, keep)
+
+    def _hard_gn(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Group norm of the kept norm groups: ``x`` ``(N, k, *)`` -> ``(N, k, *)``."""
+        self._check_width(x, 1, keep.numel(), "input")
+        weight = None if self.weight is None else gather_kept(self.weight, keep, 0)
+        bias = None if self.bias is None else gather_kept(self.bias, keep, 0)
+        return F.group_norm(x, self._kept_norm_groups(keep), weight, bias, self.eps)
+
+    def _export_sizes(self, keep: torch.Tensor | None) -> tuple[int, int]:
+        """``(num_groups, num_channels)`` of the layer keeping ``keep`` (whole norm groups)."""
+        if keep is None:
+            return self.num_groups, self.num_channels
+        groups = self._kept_norm_groups(keep)
+        c = self.num_channels // self.num_groups
+        blocks = keep.view(groups, c).cpu()
+        if not bool(((blocks - blocks[:, :1]) == torch.arange(c)).all()
+                    and (blocks[:, 0] % c == 0).all()):
+            raise RuntimeError(f"the kept channels of a group norm (num_groups={self.num_groups}"
+                               f") are not whole norm groups of {c}")
+        return groups, keep.numel()
+
+    @torch.no_grad()
+    def s2h_export(self, in_keep: torch.Tensor | None, out_keep: torch.Tensor | None,
+                   extra: dict) -> nn.GroupNorm:
+        """A plain ``nn.GroupNorm`` of the kept norm groups."""
+        groups, k = self._export_sizes(out_keep)
+        ref = self.weight
+        new = nn.GroupNorm(groups, k, self.eps, self.affine,
+                           device=ref.device if ref is not None else None,
+                           dtype=ref.dtype if ref is not None else None)
+        if self.affine:
+            new.weight.copy_(gather_kept(self.weight, out_keep, 0))
+            new.bias.copy_(gather_kept(self.bias, out_keep, 0))
+        return new
+
+
+def _groupnorm_info(m: nn.Module) -> LayerInfo:
+    if m.num_groups == 1:
+        return LayerInfo("fixed", 1, "num_groups=1: it normalises over every channel")
+    return LayerInfo("batchnorm", 1, block=m.num_channels // m.num_groups)
+
+
 # ------------------------------------------------------------------ the torch layers' handlers
 def _conv_info(m: nn.Module) -> LayerInfo:
     if m.groups == 1:
@@ -490,3 +551,4 @@ _registry.register(LayerHandler(nn.Linear, MaskedLinear, lambda m: LayerInfo("li
 _registry.register(LayerHandler(nn.BatchNorm2d, MaskedBatchNorm2d,
                                 lambda m: LayerInfo("batchnorm", 1)))
 _registry.register(LayerHandler(nn.LayerNorm, MaskedLayerNorm, _layernorm_info))
+_registry.register(LayerHandler(nn.GroupNorm, MaskedGroupNorm, _groupnorm_info))

@@ -54,7 +54,8 @@ class LayerInfo:
     block: the channels of one conv group of a ``"depthwise"`` grouped conv (``in_channels //
         groups``; 1 for a true depthwise conv): its group is kept and dropped in whole blocks
         of ``block`` channels, so the kept conv groups stay whole and the conv's input and
-        output drop the same ones (exported with ``groups`` = the kept blocks).
+        output drop the same ones (exported with ``groups`` = the kept blocks). A group norm
+        (kind ``"batchnorm"``) has ``block`` = its norm groups' width: kept in whole norm groups.
     """
 
     kind: str
@@ -126,7 +127,7 @@ class LayerHandler:
 _HANDLERS: dict[type, LayerHandler] = {}
 _BY_MASKED: dict[type, LayerHandler] = {}
 #: torch classes whose subclasses are layers (opaque) even when s2h cannot prune them
-LAYER_BASES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm)
+LAYER_BASES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 
 
 def register(handler: LayerHandler) -> LayerHandler:
@@ -164,7 +165,7 @@ def layer_info(m: nn.Module) -> LayerInfo | None:
         return handler.info(m)
     for base in LAYER_BASES:
         if isinstance(m, base):
-            dim = 1 if base in (nn.Conv2d, nn.BatchNorm2d) else -1
+            dim = 1 if base in (nn.Conv2d, nn.BatchNorm2d, nn.GroupNorm) else -1
             return LayerInfo(
                 "fixed", dim,
                 f"a subclass of nn.{base.__name__} whose forward s2h does not know to be "

@@ -9,11 +9,23 @@ model is made of timm's own modules and needs no s2h code to run.
 * ``BatchNormAct2d``: BatchNorm then ``drop`` then ``act``; supported when both are elementwise
   (the activation of a kept channel does not depend on the other channels).
 * ``timm.layers.Linear``, ``timm.layers.LayerNorm`` (channels last), ``LayerNorm2d`` (NCHW).
+* ``GroupNormAct`` (BiT ResNet-V2): group norm then ``drop`` then ``act`` (elementwise), pruned
+  in whole norm groups (:class:`s2h.nn.MaskedGroupNorm`).
 * ``Attention`` (ViT & co.) and ``WindowAttention`` (Swin): pruned by whole heads. The layer owns
   a *heads group* of ``num_heads * head_dim`` channels (the rows of q, k and v of each head and
   the matching input columns of ``proj``) whose width granularity is ``head_dim``: ``head_dim``
   and hence the attention scale never change; ``num_heads`` does. Swin's relative-position bias
   table is sliced with the heads.
+* The conv variants ``Conv2dSame`` (TF "SAME" padding computed from the input size, then a
+  conv), ``StdConv2d`` / ``StdConv2dSame`` (BiT ResNet-V2: each output channel's weight row
+  standardised over its ``C_in * kh * kw`` entries, then a conv) and ``ScaledStdConv2d`` /
+  ``ScaledStdConv2dSame`` (NFNet: the same, times ``gain * scale``): pruned like ``nn.Conv2d``
+  by what they compute (:class:`_MaskedTimmConv`). A weight-standardised conv with fewer input
+  channels standardises its rows over the kept columns only, so the hard network does exactly
+  that (it *is* the exported layer, a plain instance of the same class with the kept channels;
+  ``scale`` keeps its value), and the soft network standardises with every column weighted by
+  its input channel's soft mask: at a 0/1 mask it equals the hard network, at full width the
+  dense layer (see :func:`standardised`).
 """
 
 from __future__ import annotations
@@ -22,17 +34,33 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from timm.layers import BatchNormAct2d, LayerNorm, LayerNorm2d
+from timm.layers import (
+    BatchNormAct2d,
+    Conv2dSame,
+    GroupNormAct,
+    LayerNorm,
+    LayerNorm2d,
+    ScaledStdConv2d,
+    ScaledStdConv2dSame,
+    StdConv2d,
+    StdConv2dSame,
+)
 from timm.layers import Linear as TimmLinear
 from timm.layers.attention import Attention
+from timm.layers.padding import pad_same
 from torch import nn
 
 from . import registry as _registry
 from .nn import (
     MaskedBatchNorm2d,
+    MaskedConv2d,
+    MaskedGroupNorm,
     MaskedLayer,
     MaskedLayerNorm,
     MaskedLinear,
+    _channel_view,
+    _conv_info,
+    _groupnorm_info,
     gather_kept,
     gather_kept_weight,
 )
@@ -140,6 +168,26 @@ class MaskedBatchNormAct2d(MaskedBatchNorm2d, BatchNormAct2d):
                         _sel(self.hard_running_var if use_hard else self.running_var, keep))
             _set_buffer(new, "num_batches_tracked",
                         self.hard_num_batches_tracked if use_hard else self.num_batches_tracked)
+        return new
+
+
+class MaskedGroupNormAct(MaskedGroupNorm, GroupNormAct):
+    """timm ``GroupNormAct`` (group norm, then ``drop`` then ``act``): the kept norm groups in
+    hard mode (see :class:`s2h.nn.MaskedGroupNorm`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = self._hard_keep()
+        if keep is None:
+            return GroupNormAct.forward(self, x)
+        return self.act(self.drop(self._hard_gn(x, keep)))
+
+    @torch.no_grad()
+    def s2h_export(self, in_keep: torch.Tensor | None, out_keep: torch.Tensor | None,
+                   extra: dict[str, torch.Tensor]) -> nn.Module:
+        new = _plain_copy(self, GroupNormAct)
+        new.num_groups, new.num_channels = self._export_sizes(out_keep)
+        _set_param(new, "weight", _sel(self.weight, out_keep))
+        _set_param(new, "bias", _sel(self.bias, out_keep))
         return new
 
 
@@ -353,6 +401,142 @@ if WindowAttention is not None:
             return new
 
 
+# ---------------------------------------------------------------------------- conv variants
+
+
+class _MaskedTimmConv(MaskedConv2d):
+    """A timm conv computing ``pad -> conv``: the pad (TF "SAME", computed from the input's
+    spatial size) acts on each channel alike, so the layer prunes like ``nn.Conv2d``; only the
+    conv call (:meth:`_conv`) and the exported class differ. The lockstep dual ops do not know
+    the pad, so both paths run this class's own code there (``s2h_dual_fused``)."""
+
+    s2h_dual_fused = False
+
+    def _dynamic_pad(self) -> bool:
+        return bool(getattr(self, "same_pad", False))
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              groups: int) -> torch.Tensor:
+        if self._dynamic_pad():
+            x = pad_same(x, self.kernel_size, self.stride, self.dilation)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
+
+    @torch.no_grad()
+    def s2h_export(self, in_keep: torch.Tensor | None, out_keep: torch.Tensor | None,
+                   extra: dict[str, torch.Tensor]) -> nn.Module:
+        """A plain instance of the same timm class with the kept channels (its ``eps``,
+        ``scale``, ``same_pad`` unchanged; a ``gain`` sliced to the kept output channels)."""
+        conv = MaskedConv2d.s2h_export(self, in_keep, out_keep, extra)
+        new = _plain_copy(self, _registry.plain_class(type(self)))
+        new.in_channels, new.out_channels, new.groups = (conv.in_channels, conv.out_channels,
+                                                         conv.groups)
+        _set_param(new, "weight", conv.weight)
+        _set_param(new, "bias", conv.bias)
+        if getattr(self, "gain", None) is not None:
+            _set_param(new, "gain", _sel(self.gain, in_keep if self.passes_group else out_keep))
+        return new
+
+
+class MaskedConv2dSame(_MaskedTimmConv, Conv2dSame):
+    """timm ``Conv2dSame``: ``pad_same`` then a conv with no padding of its own."""
+
+    def _dynamic_pad(self) -> bool:
+        return True
+
+
+def standardised(m: nn.Module, weight: torch.Tensor, gain: torch.Tensor | None,
+                 col_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight a weight-standardised conv ``m`` convolves with: each row of ``weight``
+    ``(C_out, C_in, kh, kw)`` minus its mean, over its standard deviation (biased, ``+ m.eps``),
+    times ``gain * m.scale`` (``gain`` ``(C_out, 1, 1, 1)`` or None).
+
+    ``col_mask`` ``(C_in,)``: the mean and variance are weighted by each input channel's mask
+    (every ``kh * kw`` entry of a column with its channel's weight): at a 0/1 mask they are
+    those of the kept columns, at all ones the plain ones. None: the plain statistics, computed
+    as timm computes them."""
+    o = weight.shape[0]
+    g = None if gain is None else (gain * m.scale).reshape(-1)
+    if col_mask is None:
+        return F.batch_norm(weight.reshape(1, o, -1), None, None, weight=g, training=True,
+                            momentum=0.0, eps=m.eps).reshape_as(weight)
+    flat = weight.reshape(o, -1)
+    a = col_mask.to(weight.dtype).repeat_interleave(weight[0, 0].numel())
+    n = a.sum()
+    mean = (flat * a).sum(1, keepdim=True) / n
+    var = ((flat - mean).square() * a).sum(1, keepdim=True) / n
+    out = (flat - mean) * torch.rsqrt(var + m.eps)
+    if g is not None:
+        out = out * g[:, None]
+    return out.reshape_as(weight)
+
+
+class _MaskedStdConv(_MaskedTimmConv):
+    """A weight-standardised timm conv (``eps``; ``gain`` and ``scale`` for the scaled ones).
+
+    Soft: ``conv(x ⊙ m, standardised(W, gain, m))`` -- the statistics weighted by the input
+    mask ``m`` (a depthwise / grouped conv that passes its group through: the plain statistics,
+    each row's columns are its own conv group's, kept or dropped with the row). Hard: the
+    block ``W[out_keep][:, in_keep]`` standardised over its own columns, ``gain[out_keep]``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mode = self._mode()
+        if mode == "dense":
+            return _registry.plain_class(type(self)).forward(self, x)
+        rt, in_gate, out_gate = self._s2h.runtime, self._s2h.in_gate, self._s2h.out_gate
+        gain = getattr(self, "gain", None)
+        if mode == "soft":
+            col = None
+            if in_gate is not None:
+                self._check_width(x, 1, self.in_channels, "input")
+                mask = rt.state(in_gate).soft_mask
+                x = x * _channel_view(mask, x.ndim, 1, x.dtype)
+                col = None if self.passes_group else mask
+            return self._conv(x, standardised(self, self.weight, gain, col), self.bias,
+                              self.groups)
+        in_state = rt.state(in_gate) if in_gate is not None else None
+        out_state = rt.state(out_gate) if out_gate is not None else None
+        if in_state is not None:
+            self._check_width(x, 1, in_state.keep.numel(), "input")
+            x = x * _channel_view(in_state.hard_mask, x.ndim, 1, x.dtype)
+        groups = self.groups
+        if self.passes_group:
+            in_keep, out_keep = None, None if in_state is None else in_state.keep
+            if out_keep is not None:
+                groups = self._kept_groups(out_keep)
+        else:
+            in_keep = None if in_state is None else in_state.keep
+            out_keep = None if out_state is None else out_state.keep
+        weight, bias = self.kept_weight_bias(in_keep, out_keep)
+        if gain is not None:
+            gain = gather_kept(gain, out_keep, 0)
+        return self._conv(x, standardised(self, weight, gain), bias, groups)
+
+
+class MaskedStdConv2d(_MaskedStdConv, StdConv2d):
+    """timm ``StdConv2d`` (static padding)."""
+
+
+class MaskedStdConv2dSame(_MaskedStdConv, StdConv2dSame):
+    """timm ``StdConv2dSame`` (dynamic "SAME" padding where ``same_pad``)."""
+
+
+class MaskedScaledStdConv2d(_MaskedStdConv, ScaledStdConv2d):
+    """timm ``ScaledStdConv2d`` (``gain * scale`` per output channel)."""
+
+
+class MaskedScaledStdConv2dSame(_MaskedStdConv, ScaledStdConv2dSame):
+    """timm ``ScaledStdConv2dSame``."""
+
+
+def _std_conv_importance(m: nn.Module, role: str) -> torch.Tensor:
+    """L1 norms of the rows of the weight the layer convolves with (standardised, times its
+    gain): every raw row standardises to the same norm, so the raw weight would not rank them."""
+    gain = getattr(m, "gain", None)
+    w = standardised(m, m.weight.detach().float(), None if gain is None else gain.detach().float())
+    return w.abs().flatten(1).sum(1).cpu()
+
+
 # ---------------------------------------------------------------------------- handlers
 
 
@@ -362,6 +546,14 @@ def _batchnorm_act_info(m: nn.Module) -> LayerInfo:
         return LayerInfo("fixed", 1, f"its {bad[0]} ({type(getattr(m, bad[0])).__name__}) is "
                                      "not a known elementwise module")
     return LayerInfo("batchnorm", 1)
+
+
+def _groupnorm_act_info(m: nn.Module) -> LayerInfo:
+    bad = [n for n in ("drop", "act") if not _elementwise(getattr(m, n))]
+    if bad:
+        return LayerInfo("fixed", 1, f"its {bad[0]} ({type(getattr(m, bad[0])).__name__}) is "
+                                     "not a known elementwise module")
+    return _groupnorm_info(m)
 
 
 def _layernorm_info(m: nn.Module) -> LayerInfo:
@@ -423,6 +615,12 @@ _registry.register(LayerHandler(LayerNorm, MaskedTimmLayerNorm, _layernorm_info)
 _registry.register(LayerHandler(LayerNorm2d, MaskedLayerNorm2d,
                                 lambda m: LayerInfo("layernorm", 1)))
 _registry.register(_attention_handler(Attention, MaskedAttention, _attention_info))
+_registry.register(LayerHandler(GroupNormAct, MaskedGroupNormAct, _groupnorm_act_info))
+_registry.register(LayerHandler(Conv2dSame, MaskedConv2dSame, _conv_info))
+for _plain, _masked in ((StdConv2d, MaskedStdConv2d), (StdConv2dSame, MaskedStdConv2dSame),
+                        (ScaledStdConv2d, MaskedScaledStdConv2d),
+                        (ScaledStdConv2dSame, MaskedScaledStdConv2dSame)):
+    _registry.register(LayerHandler(_plain, _masked, _conv_info, importance=_std_conv_importance))
 if WindowAttention is not None:
     _registry.register(_attention_handler(WindowAttention, MaskedWindowAttention,
                                           _window_attention_info))

@@ -203,8 +203,35 @@ def test_gate_gradient_reaches_the_flattened_group():
     assert torch.allclose(hard_mask.grad.double(), want, rtol=1e-4, atol=1e-6)
 
 
+def test_channels_last_flatten_reads_copies_of_the_channels():
+    """``x.permute(0, 2, 3, 1).flatten(1)``: columns ``(h, w, c)``, the channel innermost, so
+    fc1 reads ``h * w`` copies of conv2's channels one after the other (a concat of the same
+    group, the rule of Swin's patch merging): conv2 is pruned, each copy keeps the kept
+    channels. Reference: the dense float64 model with the removed channels' columns zeroed
+    through the ``(out, h, w, C)`` view of fc1's weight."""
+    pruner, dense, x, msgs = _setup("channels_last")
+    assert set(pruner.widths()) == {"conv1", "conv2", "fc1"}
+    assert not [m for m in msgs if "conv2" in m]
+    pruner.set_widths({"conv1": 4, "conv2": 6, "fc1": 10})
+    k1, k2, k3 = _keep(pruner, "conv1"), _keep(pruner, "conv2"), _keep(pruner, "fc1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an export mismatch warning fails the test
+        exported = pruner.export()
+    out = exported(x)
+    assert (out - _hard(pruner, x)).abs().max() <= 1e-5
+    cols = [p * 16 + c for p in range(HW * HW) for c in k2]
+    assert torch.equal(exported.fc1.weight, dense.fc1.weight[k3][:, cols])
+    z = copy.deepcopy(dense).double().eval()
+    with torch.no_grad():
+        z.conv2.weight[:, [c for c in range(8) if c not in k1]] = 0
+        z.fc1.weight.view(24, HW, HW, 16)[..., [c for c in range(16) if c not in k2]] = 0
+        z.fc2.weight[:, [c for c in range(24) if c not in k3]] = 0
+    assert torch.allclose(out.double(), z(x.double()), atol=1e-5, rtol=0)
+    assert pruner.hard_flops_ratio() == pytest.approx(
+        count_flops(exported, x) / count_flops(dense, x), rel=1e-9, abs=0)
+
+
 @pytest.mark.parametrize("kind,reason", [
-    ("channels_last", "merges or splits the channel dim"),
     ("constant", "written as a number"),
 ])
 def test_other_flattens_keep_the_group_whole(kind, reason):
