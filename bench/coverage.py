@@ -72,6 +72,13 @@ MODELS: list[tuple[str, int, dict]] = [
     ("vit_tiny_patch16_224", 64, {"img_size": 64}),
     ("repvgg_a0", 32, {}),
     ("dla34", 32, {}),
+    ("resnetv2_50x1_bit", 32, {}),  # StdConv2d + GroupNormAct
+    ("nfnet_l0", 32, {}),  # ScaledStdConv2d
+    ("res2net50_14w_8s", 32, {}),  # split along channels
+    ("cspresnet50", 32, {}),
+    ("skresnet18", 32, {}),
+    ("pvt_v2_b0", 64, {}),  # reshapes that read a width
+    ("mixer_b16_224", 64, {"img_size": 64}),
     # torchvision (weights=None, num_classes=10): the architectures of issue 18
     ("torchvision.resnet50", 64, {}),
     ("torchvision.resnext50_32x4d", 64, {}),
