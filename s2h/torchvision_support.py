@@ -40,7 +40,14 @@ from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
 from torchvision.models.swin_transformer import ShiftedWindowAttention
 
 from . import registry as _registry
-from .nn import MaskedLayer, MaskedLayerNorm, gather_kept, gather_kept_weight
+from .nn import (
+    MaskedLayer,
+    MaskedLayerNorm,
+    gather_kept,
+    gather_kept_weight,
+    soft_masked,
+    straight_through,
+)
 from .registry import LayerCall, LayerHandler, LayerInfo
 from .torch_attention import _head_rows, _whole_heads
 
@@ -156,6 +163,48 @@ class PrunedShiftedWindowAttention(nn.Module):
                                 self.dropout, self.training)
 
 
+def _masked_head_params(layer: MaskedLayer, mode: str, x: torch.Tensor, in_width: int,
+                        heads: int, hd: int, qkv: nn.Linear, out: nn.Linear,
+                        table: torch.Tensor) -> tuple:
+    """The soft or hard operands of a windowed attention pruned by whole heads (Swin's and
+    MaxViT's): ``(x, w_qkv, b_qkv, w_out, b_out, bias table, heads, head multiplier)``, the
+    input masked (soft) or straight-through scaled with the kept rows, columns and heads
+    gathered (hard)."""
+    rt = layer._s2h.runtime
+    in_gate, out_gate, head_gate = layer.in_gate, layer.out_gate, layer.extra_gate("heads")
+    w_qkv, b_qkv, w_out, b_out = qkv.weight, qkv.bias, out.weight, out.bias
+    head_mul = None
+    if mode == "soft":
+        if in_gate is not None:
+            layer._check_width(x, -1, in_width, "input")
+            x = soft_masked(x, rt.state(in_gate).soft_mask, -1)
+        if head_gate is not None:
+            head_mul = rt.state(head_gate).soft_mask
+        return x, w_qkv, b_qkv, w_out, b_out, table, heads, head_mul
+    attn_width = heads * hd
+    in_keep = out_keep = head_keep = None
+    if in_gate is not None:
+        st = rt.state(in_gate)
+        layer._check_width(x, -1, st.keep.numel(), "input")
+        x, in_keep = straight_through(x, st.hard_mask, -1), st.keep
+    if out_gate is not None:
+        out_keep = rt.state(out_gate).keep
+    if head_gate is not None:
+        st = rt.state(head_gate)
+        head_keep, head_mul = st.keep, st.hard_mask
+        index = _whole_heads(head_keep, hd, layer._s2h.name)
+        heads = index.numel()
+        table = gather_kept(table, index, 1)
+    rows = None if head_keep is None else _head_rows(head_keep, attn_width)
+    w_qkv = gather_kept_weight(w_qkv, rows, in_keep)
+    if b_qkv is not None:
+        b_qkv = gather_kept(b_qkv, rows, 0)
+    w_out = gather_kept_weight(w_out, out_keep, head_keep)
+    if b_out is not None:
+        b_out = gather_kept(b_out, out_keep, 0)
+    return x, w_qkv, b_qkv, w_out, b_out, table, heads, head_mul
+
+
 class MaskedShiftedWindowAttention(MaskedLayer, ShiftedWindowAttention):
     """torchvision ``ShiftedWindowAttention`` with masked input, output and heads."""
 
@@ -163,40 +212,11 @@ class MaskedShiftedWindowAttention(MaskedLayer, ShiftedWindowAttention):
         mode = self._mode()
         if mode == "dense":
             return ShiftedWindowAttention.forward(self, x)
-        rt = self._s2h.runtime
-        in_gate, out_gate, head_gate = self.in_gate, self.out_gate, self.extra_gate("heads")
         c = self.qkv.in_features
-        heads, hd = self.num_heads, c // self.num_heads
-        w_qkv, b_qkv, w_proj, b_proj = (self.qkv.weight, self.qkv.bias, self.proj.weight,
-                                        self.proj.bias)
-        table, head_mul = self.relative_position_bias_table, None
-        if mode == "soft":
-            if in_gate is not None:
-                self._check_width(x, -1, c, "input")
-                x = x * rt.state(in_gate).soft_mask.to(x.dtype)
-            if head_gate is not None:
-                head_mul = rt.state(head_gate).soft_mask
-        else:
-            in_keep = out_keep = head_keep = None
-            if in_gate is not None:
-                st = rt.state(in_gate)
-                self._check_width(x, -1, st.keep.numel(), "input")
-                x, in_keep = x * st.hard_mask.to(x.dtype), st.keep
-            if out_gate is not None:
-                out_keep = rt.state(out_gate).keep
-            if head_gate is not None:
-                st = rt.state(head_gate)
-                head_keep, head_mul = st.keep, st.hard_mask
-                index = _whole_heads(head_keep, hd, self._s2h.name)
-                heads = index.numel()
-                table = gather_kept(table, index, 1)
-            rows = None if head_keep is None else _head_rows(head_keep, c)
-            w_qkv = gather_kept_weight(w_qkv, rows, in_keep)
-            if b_qkv is not None:
-                b_qkv = gather_kept(b_qkv, rows, 0)
-            w_proj = gather_kept_weight(w_proj, out_keep, head_keep)
-            if b_proj is not None:
-                b_proj = gather_kept(b_proj, out_keep, 0)
+        hd = c // self.num_heads
+        x, w_qkv, b_qkv, w_proj, b_proj, table, heads, head_mul = _masked_head_params(
+            self, mode, x, c, self.num_heads, hd, self.qkv, self.proj,
+            self.relative_position_bias_table)
         bias = _relative_bias(table, self.relative_position_index, self.window_size)
         return window_attention(x, w_qkv, b_qkv, w_proj, b_proj, bias, self.window_size,
                                 self.shift_size, heads, hd, self.attention_dropout, self.dropout,
@@ -372,40 +392,10 @@ class MaskedRelativePositionalMultiHeadAttention(MaskedLayer,
         mode = self._mode()
         if mode == "dense":
             return RelativePositionalMultiHeadAttention.forward(self, x)
-        rt = self._s2h.runtime
-        in_gate, out_gate, head_gate = self.in_gate, self.out_gate, self.extra_gate("heads")
         heads, hd = self.n_heads, self.head_dim
-        a = heads * hd
-        w_qkv, b_qkv = self.to_qkv.weight, self.to_qkv.bias
-        w_m, b_m = self.merge.weight, self.merge.bias
-        table, head_mul = self.relative_position_bias_table, None
-        if mode == "soft":
-            if in_gate is not None:
-                self._check_width(x, -1, self.to_qkv.in_features, "input")
-                x = x * rt.state(in_gate).soft_mask.to(x.dtype)
-            if head_gate is not None:
-                head_mul = rt.state(head_gate).soft_mask
-        else:
-            in_keep = out_keep = head_keep = None
-            if in_gate is not None:
-                st = rt.state(in_gate)
-                self._check_width(x, -1, st.keep.numel(), "input")
-                x, in_keep = x * st.hard_mask.to(x.dtype), st.keep
-            if out_gate is not None:
-                out_keep = rt.state(out_gate).keep
-            if head_gate is not None:
-                st = rt.state(head_gate)
-                head_keep, head_mul = st.keep, st.hard_mask
-                index = _whole_heads(head_keep, hd, self._s2h.name)
-                heads = index.numel()
-                table = gather_kept(table, index, 1)
-            rows = None if head_keep is None else _head_rows(head_keep, a)
-            w_qkv = gather_kept_weight(w_qkv, rows, in_keep)
-            if b_qkv is not None:
-                b_qkv = gather_kept(b_qkv, rows, 0)
-            w_m = gather_kept_weight(w_m, out_keep, head_keep)
-            if b_m is not None:
-                b_m = gather_kept(b_m, out_keep, 0)
+        x, w_qkv, b_qkv, w_m, b_m, table, heads, head_mul = _masked_head_params(
+            self, mode, x, self.to_qkv.in_features, heads, hd, self.to_qkv, self.merge,
+            self.relative_position_bias_table)
         return relative_attention(x, w_qkv, b_qkv, w_m, b_m, table, self.relative_position_index,
                                   heads, hd, self.scale_factor, head_mul)
 
