@@ -64,3 +64,20 @@ def check_exact(pruner, model, x, dense, model_fn=None, name="net"):
         with torch.no_grad():
             assert torch.equal(loaded(x), out)
     return exported
+
+
+def soft_gate_grads(pruner, x) -> tuple:
+    """``(soft output, gate-logit gradients)`` of ``soft_forward(x).square().sum()`` with every
+    gate's logits set
+    to ``linspace(-0.5, 0.5)`` (every soft mask below 1 somewhere), model in train mode; the
+    gradients are cleared afterwards so a reference can be computed from the same gates."""
+    with torch.no_grad():
+        for gate in pruner.gates.values():
+            gate.logits.copy_(torch.linspace(-0.5, 0.5, gate.logits.numel()))
+    pruner.model.train()
+    out = pruner.soft_forward(x)
+    out.square().sum().backward()
+    got = {k: g.logits.grad.clone() for k, g in pruner.gates.items()}
+    for g in pruner.gates.values():
+        g.logits.grad = None
+    return out.detach(), got

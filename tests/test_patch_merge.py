@@ -17,7 +17,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from _exact import check_exact, prune
+from _exact import check_exact, prune, soft_gate_grads
 from torch import nn
 
 
@@ -124,15 +124,7 @@ def test_merged_width_written_as_a_number_is_kept_whole():
 
 def test_soft_path_and_gate_gradients_match_float64_autograd():
     pruner, model, dense, x, _ = _setup()
-    with torch.no_grad():  # gates in the middle: every soft mask below 1 somewhere
-        for gate in pruner.gates.values():
-            gate.logits.copy_(torch.linspace(-0.5, 0.5, gate.logits.numel()))
-    model.train()
-    out = pruner.soft_forward((x,))
-    out.square().sum().backward()
-    got = {k: g.logits.grad.clone() for k, g in pruner.gates.items()}
-    for g in pruner.gates.values():
-        g.logits.grad = None
+    out, got = soft_gate_grads(pruner, (x,))
 
     def mask(producer):
         return pruner.gate_of(_stream(pruner, producer)).soft_mask().double()

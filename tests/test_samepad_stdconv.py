@@ -20,7 +20,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from _exact import check_exact, prune
+from _exact import check_exact, prune, soft_gate_grads
 from torch import nn
 
 timm = pytest.importorskip("timm")
@@ -171,15 +171,7 @@ def test_hard_layers_equal_the_kept_block_standardised_by_hand():
 
 def test_soft_path_and_gate_gradients_match_float64_autograd():
     pruner, model, dense, x, _ = _setup()
-    with torch.no_grad():  # gates in the middle: every soft mask below 1 somewhere
-        for gate in pruner.gates.values():
-            gate.logits.copy_(torch.linspace(-0.5, 0.5, gate.logits.numel()))
-    model.train()
-    out = pruner.soft_forward((x,))
-    out.square().sum().backward()
-    got = {k: g.logits.grad.clone() for k, g in pruner.gates.items()}
-    for g in pruner.gates.values():
-        g.logits.grad = None
+    out, got = soft_gate_grads(pruner, (x,))
     # reference: the network by hand in float64, each layer's input times its gate's soft mask,
     # the standardisation's statistics weighted by it
     h = x.double()
