@@ -388,35 +388,59 @@ def _plain_attrs(m: nn.Module) -> dict:
             and isinstance(v, (bool, int, float, str, tuple, list, type(None)))}
 
 
-def _mismatch(model: nn.Module, cand: nn.Module) -> list[str] | None:
-    """None if ``cand`` (built on meta) has ``model``'s tree: the same module paths, each of
-    ``model``'s modules an instance of ``cand``'s class there with the same plain attributes,
-    and ``cand``'s tensors in ``model`` with the same shapes (``model`` may hold more: s2h's
-    hard-path BatchNorm statistics). Otherwise the tensor names whose shape differs (empty when
-    something else differs)."""
+class _Signature:
+    """What :func:`_mismatch` compares of a candidate architecture: its class, each module's
+    class and plain attributes by path, each tensor's shape by name (kept instead of the
+    module, so that a cached candidate holds no weights)."""
+
+    def __init__(self, cand: nn.Module) -> None:
+        self.type = type(cand)
+        self.modules = {n: (type(c), _plain_attrs(c)) for n, c in cand.named_modules()}
+        self.shapes = {k: tuple(t.shape) for k, t in cand.state_dict().items()}
+
+
+def _mismatch(model: nn.Module, cand: _Signature) -> list[str] | None:
+    """None if ``cand`` (a candidate's signature) has ``model``'s tree: the same module paths,
+    each of ``model``'s modules an instance of ``cand``'s class there with the same plain
+    attributes, and ``cand``'s tensors in ``model`` with the same shapes (``model`` may hold
+    more: s2h's hard-path BatchNorm statistics). Otherwise the tensor names whose shape differs
+    (empty when something else differs)."""
     mods = dict(model.named_modules())
-    cand_mods = dict(cand.named_modules())
-    if set(mods) != set(cand_mods):
+    if set(mods) != set(cand.modules):
         return []
-    if any(not isinstance(mods[n], type(c)) for n, c in cand_mods.items()):
+    if any(not isinstance(mods[n], t) for n, (t, _) in cand.modules.items()):
         return []
     state = model.state_dict()
     wrong = []
-    for k, t in cand.state_dict().items():
+    for k, shape in cand.shapes.items():
         if k not in state:
             return []
-        if tuple(state[k].shape) != tuple(t.shape):
+        if tuple(state[k].shape) != shape:
             wrong.append(k)
     if wrong:
         return wrong
-    for n, c in cand_mods.items():
+    for n, (_, attrs) in cand.modules.items():
         own = vars(mods[n])
-        if any(k not in own or own[k] != v for k, v in _plain_attrs(c).items()):
+        if any(k not in own or own[k] != v for k, v in attrs.items()):
             return []
     return None
 
 
-def _torchvision_candidate(name: str, kwargs: dict, numel: int) -> nn.Module | None:
+_CANDIDATES: dict[tuple, _Signature | None] = {}
+
+
+def _torchvision_candidate(name: str, kwargs: dict, numel: int) -> _Signature | None:
+    """The signature of torchvision's ``name`` with ``kwargs``, remembered for the process
+    (each detection would otherwise build every builder of the model's module again: 0.4-1.3 s
+    per pruner of a torchvision model)."""
+    key = (name, json.dumps(kwargs, sort_keys=True), numel)
+    if key not in _CANDIDATES:
+        cand = _build_candidate(name, kwargs, numel)
+        _CANDIDATES[key] = None if cand is None else _Signature(cand)
+    return _CANDIDATES[key]
+
+
+def _build_candidate(name: str, kwargs: dict, numel: int) -> nn.Module | None:
     """torchvision's ``name`` built on the meta device, or for real (on the CPU) when its
     builder computes with tensors (RegNet's widths) and its published parameter count is
     within twice ``numel`` (no large model is built to be compared and thrown away)."""
@@ -462,16 +486,15 @@ def _detect_torchvision(model: nn.Module, example_inputs: tuple) -> dict | None:
             cand = _torchvision_candidate(name, kwargs, numel)
             if cand is None:
                 break
-            if type(cand) is not type(model):
+            if cand.type is not type(model):
                 break
             wrong = _mismatch(model, cand)
             if wrong is None:
                 return {"kind": "torchvision", "name": name, "kwargs": kwargs}
-            shapes = cand.state_dict()
             # only the classifier's rows differ: the number of classes
             rows = {state[k].shape[0] for k in wrong}
             if not wrong or "num_classes" in kwargs or len(rows) != 1 or any(
-                    state[k].shape[1:] != shapes[k].shape[1:] for k in wrong):
+                    tuple(state[k].shape[1:]) != cand.shapes[k][1:] for k in wrong):
                 break
             kwargs["num_classes"] = int(rows.pop())
     return None

@@ -250,6 +250,30 @@ def test_torchvision_detection_needs_the_same_tree():
         "kind": "torchvision", "name": "resnet18", "kwargs": {"num_classes": 10}}
 
 
+def test_torchvision_detection_builds_each_candidate_once(monkeypatch):
+    """A second pruner of the same torchvision architecture reuses the candidates' signatures
+    (no builder runs again), and a remembered candidate still compares the whole tree."""
+    tv = pytest.importorskip("torchvision")
+    from s2h import export
+
+    built = []
+    real = export._build_from
+    monkeypatch.setattr(export, "_build_from", lambda b: built.append(b["name"]) or real(b))
+    monkeypatch.setattr(export, "_CANDIDATES", {})
+    want = {"kind": "torchvision", "name": "resnet18", "kwargs": {"num_classes": 10}}
+    assert export.detect_builder(tv.models.resnet18(num_classes=10)) == want
+    first = len(built)
+    assert "resnet18" in built
+    assert export.detect_builder(tv.models.resnet18(num_classes=10)) == want
+    assert len(built) == first
+    m = tv.models.resnet18(num_classes=10)
+    m.layer1[0].conv1.stride = (2, 2)  # same shapes, another computation: no builder matches
+    assert export.detect_builder(m) is None
+    every = len(built)  # the builders after resnet18 in torchvision's list were tried too
+    assert export.detect_builder(m) is None
+    assert len(built) == every
+
+
 def _tamper(d, edit):
     path = os.path.join(d, "architecture.json")
     with open(path) as f:
