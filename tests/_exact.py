@@ -4,6 +4,7 @@ counter on the dense model and on the export, a save / load round trip)."""
 
 from __future__ import annotations
 
+import copy
 import tempfile
 import warnings
 
@@ -81,3 +82,17 @@ def soft_gate_grads(pruner, x) -> tuple:
     for g in pruner.gates.values():
         g.logits.grad = None
     return out.detach(), got
+
+
+def lockstep_pair(model, x, divisor):
+    """Two pruners of identical copies of ``model``: lockstep (``fused=True``) and two passes
+    (``fused=False``), with the same random gate logits (``randn * 1.5``, seed 1)."""
+    twin = copy.deepcopy(model)
+    a = s2h.S2HPruner(model, x[:2], 0.5, divisor=divisor, fused=True)
+    b = s2h.S2HPruner(twin, x[:2], 0.5, divisor=divisor, fused=False)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for pa, pb in zip(a.gate_parameters(), b.gate_parameters(), strict=True):
+            pa.copy_(torch.randn(pa.shape, generator=g) * 1.5)
+            pb.copy_(pa)
+    return a, b

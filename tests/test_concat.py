@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from _exact import lockstep_pair
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -337,16 +338,8 @@ def test_soft_path_masks_each_segment_and_its_gradient_reaches_every_gate():
 def test_lockstep_dual_forward_equals_two_passes():
     torch.manual_seed(0)
     x = torch.randn(4, 3, 8, 8)
-    a_model = DenseBlock().eval()
-    b_model = copy.deepcopy(a_model)
-    a = s2h.S2HPruner(a_model, x[:2], 0.5, divisor=2, fused=True)
-    b = s2h.S2HPruner(b_model, x[:2], 0.5, divisor=2, fused=False)
+    a, b = lockstep_pair(DenseBlock().eval(), x, divisor=2)
     assert a.lockstep and not b.lockstep
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for pa, pb in zip(a.gate_parameters(), b.gate_parameters(), strict=True):
-            pa.copy_(torch.randn(pa.shape, generator=g) * 1.5)
-            pb.copy_(pa)
     sa, ha = a.dual_forward(x)
     sb, hb = b.dual_forward(x)
     assert torch.allclose(sa, sb, atol=1e-5) and torch.allclose(ha, hb, atol=1e-5)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import textwrap
@@ -155,7 +154,7 @@ _FAULTS = textwrap.dedent("""
     opt = torch.optim.SGD([{{"params": list(pr.weight_parameters())}},
                            {{"params": list(pr.gate_parameters()), "lr": 0.0}}], lr=1e-3)
     x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
-    for _ in range(3):
+    for _ in range(5):
         pr.train_step(x, y, opt)
     faults = []
     for _ in range(4):
@@ -183,16 +182,18 @@ def test_tuned_allocator_keeps_the_s2h_step_from_faulting_in_pages(tmp_path):
         assert res.returncode == 0, res.stderr[-2000:]
         out[mode] = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["tuned"]["state"]["tuned"] is True
-    # a page is 4 KiB: one S2H step allocates ~100 MB of activations and gradients (the
-    # heap may still grow once in the first tuned steps: medians)
-    assert statistics.median(out["default"]["faults"]) > 1000, out
-    assert statistics.median(out["tuned"]["faults"]) < 50, out
+    # a page is 4 KiB: one S2H step allocates ~100 MB of activations and gradients. Measured:
+    # 26,000-48,000 faults per default step; tuned, the heap may still grow by a few hundred
+    # pages in a step while it settles, then 0-3
+    default, tuned = out["default"]["faults"], out["tuned"]["faults"]
+    assert min(default) > 5000, out
+    assert sum(tuned) < min(default) / 5 and min(tuned) < 50, out
 
 
 def test_tune_allocator_can_be_turned_off(tmp_path):
-    code = ("import json, sys; sys.path.insert(0, %r); from s2h.cpu import tune_allocator, "
-            "allocator_state; a = allocator_state(); b = tune_allocator(); "
-            "print(json.dumps([a, b, tune_allocator()]))" % ROOT)
+    code = (f"import json, sys; sys.path.insert(0, {ROOT!r}); from s2h.cpu import "
+            "tune_allocator, allocator_state; a = allocator_state(); b = tune_allocator(); "
+            "print(json.dumps([a, b, tune_allocator()]))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "S2H_TUNE_MALLOC": "0"}, timeout=120)
     assert res.returncode == 0, res.stderr

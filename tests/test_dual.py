@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from _exact import lockstep_pair
 from torch import nn
 
 import s2h
@@ -42,14 +43,7 @@ def _case(name):
 def _pair(name):
     """Two identical pruned models, one with lockstep, one with two passes."""
     model, x = _case(name)
-    twin = copy.deepcopy(model)
-    a = s2h.S2HPruner(model, x[:2], 0.5, divisor=4, fused=True)
-    b = s2h.S2HPruner(twin, x[:2], 0.5, divisor=4, fused=False)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for pa, pb in zip(a.gate_parameters(), b.gate_parameters(), strict=True):
-            pa.copy_(torch.randn(pa.shape, generator=g) * 1.5)
-            pb.copy_(pa)
+    a, b = lockstep_pair(model, x, divisor=4)
     return a, b, x
 
 

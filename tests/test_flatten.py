@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from _exact import lockstep_pair
 from torch import nn
 
 import s2h
@@ -315,16 +316,9 @@ def test_lockstep_dual_forward_equals_two_passes():
     """The fused dual ops read the repeated gate's columns like the masked layer does, and a
     training step moves the flattened group's gate the same way in both."""
     torch.manual_seed(0)
-    a_model, x = VGGish().eval(), torch.randn(4, 3, 2 * HW, 2 * HW)
-    b_model = copy.deepcopy(a_model)
-    a = s2h.S2HPruner(a_model, x[:2], 0.5, divisor=2, fused=True)
-    b = s2h.S2HPruner(b_model, x[:2], 0.5, divisor=2, fused=False)
+    x = torch.randn(4, 3, 2 * HW, 2 * HW)
+    a, b = lockstep_pair(VGGish().eval(), x, divisor=2)
     assert a.lockstep and not b.lockstep
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for pa, pb in zip(a.gate_parameters(), b.gate_parameters(), strict=True):
-            pa.copy_(torch.randn(pa.shape, generator=g) * 1.5)
-            pb.copy_(pa)
     pb_before = b.gates["conv2"].logits.detach().clone()
     sa, ha = a.dual_forward(x)
     sb, hb = b.dual_forward(x)
