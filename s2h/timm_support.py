@@ -16,6 +16,12 @@ model is made of timm's own modules and needs no s2h code to run.
   the matching input columns of ``proj``) whose width granularity is ``head_dim``: ``head_dim``
   and hence the attention scale never change; ``num_heads`` does. Swin's relative-position bias
   table is sliced with the heads.
+* PVT v2's ``Attention`` (``timm.models.pvt_v2``): q from the tokens, k and v from tokens
+  reduced by a strided conv ``sr`` + ``norm`` (or pool + 1x1 conv + norm + GELU), by whole
+  heads like ViT's, with a fourth group: ``sr``'s output channels (``norm``'s, ``kv``'s input).
+  timm's forward reshapes with the *input's* width, so a pruned layer whose input, heads and
+  ``sr`` widths differ exports to :class:`PrunedPvtAttention` (timm's class, with a forward that
+  reads the widths off its weights); timm's own class where none of them changed.
 * The conv variants ``Conv2dSame`` (TF "SAME" padding computed from the input size, then a
   conv), ``StdConv2d`` / ``StdConv2dSame`` (BiT ResNet-V2: each output channel's weight row
   standardised over its ``C_in * kh * kw`` entries, then a conv) and ``ScaledStdConv2d`` /
@@ -512,11 +518,15 @@ if PvtAttention is not None:
                              f"rebuilt layer ({dense.num_heads} heads of {dense.head_dim})")
         linear = dense.pool is not None
         ratio = 1 if dense.sr is None or linear else dense.sr.kernel_size[0]
-        return PrunedPvtAttention(
+        new = PrunedPvtAttention(
             sizes["dim"], sizes["num_heads"], sizes["head_dim"], sr_dim=sizes["sr_dim"],
             out_dim=sizes["out_dim"], sr_ratio=ratio, linear_attn=linear,
             qkv_bias=dense.q.bias is not None, attn_drop=dense.attn_drop.p,
             proj_drop=dense.proj_drop.p, dtype=dense.q.weight.dtype)
+        new.fused_attn = dense.fused_attn  # a runtime switch: as the layer it replaces
+        if dense.norm is not None:
+            new.norm.eps = dense.norm.eps
+        return new
 
     class MaskedPvtAttention(MaskedLayer, PvtAttention):
         """timm PVT v2 ``Attention`` with masked input, output, heads and spatial-reduction
@@ -597,14 +607,12 @@ if PvtAttention is not None:
                 "sr_dim": sr_c if sr_keep is None else sr_keep.numel(),
                 "out_dim": self.proj.out_features if out_keep is None else out_keep.numel()})
             new = new.to(ref.device).train(self.training)
-            new.fused_attn = self.fused_attn
             kv_rows = None if head_keep is None else torch.cat([head_keep, head_keep + a])
             pairs = [(new.q, self.q, head_keep, in_keep), (new.proj, self.proj, out_keep,
                                                              head_keep),
                      (new.kv, self.kv, kv_rows, in_keep if self.sr is None else sr_keep)]
             if self.sr is not None:
                 pairs += [(new.sr, self.sr, sr_keep, in_keep)]
-                new.norm.eps = self.norm.eps
                 new.norm.weight.copy_(_sel(self.norm.weight, sr_keep))
                 new.norm.bias.copy_(_sel(self.norm.bias, sr_keep))
             for dst, src, rows, cols in pairs:
