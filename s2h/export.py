@@ -15,7 +15,8 @@ A saved model is a directory with
   another class (``nn.MultiheadAttention`` ->
   :class:`~s2h.torch_attention.PrunedMultiheadAttention`, torchvision's
   ``ShiftedWindowAttention`` -> ``PrunedShiftedWindowAttention``, MaxViT's
-  ``RelativePositionalMultiHeadAttention`` -> ``PrunedRelativePositionalMultiHeadAttention``),
+  ``RelativePositionalMultiHeadAttention`` -> ``PrunedRelativePositionalMultiHeadAttention``,
+  timm's PVT v2 ``Attention`` -> :class:`~s2h.timm_support.PrunedPvtAttention`),
   rebuilt from the dense layer at the same path and the recorded sizes.
 
 Loading imports no name from the file: builders are looked up in fixed tables and module types in
@@ -196,6 +197,18 @@ def _maxvit_build(dense: nn.Module, sizes: dict) -> nn.Module:
         dense.scale_factor, out_dim=sizes["out_dim"], dtype=dense.to_qkv.weight.dtype)
 
 
+def _pvt_sizes(m: nn.Module) -> dict:
+    from .timm_support import pvt_swap_sizes
+
+    return pvt_swap_sizes(m)
+
+
+def _pvt_build(dense: nn.Module, sizes: dict) -> nn.Module:
+    from .timm_support import pvt_swap_build
+
+    return pvt_swap_build(dense, sizes)
+
+
 #: layers whose pruned form is another class (the dense class cannot hold the pruned sizes):
 #: pruned class -> (the dense class it replaces, its sizes as JSON, builder from the dense layer
 #: at the same path and those sizes). Only these swaps are ever made on loading.
@@ -208,6 +221,8 @@ _SWAPS: dict[str, tuple[str, Callable[[nn.Module], dict],
     "s2h.torchvision_support.PrunedRelativePositionalMultiHeadAttention": (
         "torchvision.models.maxvit.RelativePositionalMultiHeadAttention", _maxvit_sizes,
         _maxvit_build),
+    "s2h.timm_support.PrunedPvtAttention": (
+        "timm.models.pvt_v2.Attention", _pvt_sizes, _pvt_build),
 }
 #: the keys of each swap's sizes: source_heads a list of ints, every other an int
 _SWAP_KEYS = {
@@ -217,6 +232,7 @@ _SWAP_KEYS = {
         "dim", "num_heads", "head_dim", "out_dim"),
     "s2h.torchvision_support.PrunedRelativePositionalMultiHeadAttention": (
         "feat_dim", "n_heads", "head_dim", "out_dim"),
+    "s2h.timm_support.PrunedPvtAttention": ("dim", "num_heads", "head_dim", "sr_dim", "out_dim"),
 }
 
 

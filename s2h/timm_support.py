@@ -16,6 +16,12 @@ model is made of timm's own modules and needs no s2h code to run.
   the matching input columns of ``proj``) whose width granularity is ``head_dim``: ``head_dim``
   and hence the attention scale never change; ``num_heads`` does. Swin's relative-position bias
   table is sliced with the heads.
+* PVT v2's ``Attention`` (``timm.models.pvt_v2``): q from the tokens, k and v from tokens
+  reduced by a strided conv ``sr`` + ``norm`` (or pool + 1x1 conv + norm + GELU), by whole
+  heads like ViT's, with a fourth group: ``sr``'s output channels (``norm``'s, ``kv``'s input).
+  timm's forward reshapes with the *input's* width, so a pruned layer whose input, heads and
+  ``sr`` widths differ exports to :class:`PrunedPvtAttention` (timm's class, with a forward that
+  reads the widths off its weights); timm's own class where none of them changed.
 * The conv variants ``Conv2dSame`` (TF "SAME" padding computed from the input size, then a
   conv), ``StdConv2d`` / ``StdConv2dSame`` (BiT ResNet-V2: each output channel's weight row
   standardised over its ``C_in * kh * kw`` entries, then a conv) and ``ScaledStdConv2d`` /
@@ -70,6 +76,11 @@ try:
     from timm.models.swin_transformer import WindowAttention
 except Exception:  # pragma: no cover - older/newer timm layout
     WindowAttention = None
+try:
+    from timm.layers import use_fused_attn
+    from timm.models.pvt_v2 import Attention as PvtAttention
+except Exception:  # pragma: no cover - older/newer timm layout
+    PvtAttention = None
 
 # ---------------------------------------------------------------------------- helpers
 
@@ -401,6 +412,218 @@ if WindowAttention is not None:
             return new
 
 
+# ---------------------------------------------------------------------------- PVT v2 attention
+
+
+def pvt_attention(m: nn.Module, x: torch.Tensor, feat_size: tuple[int, int] | list[int],
+                  w: dict[str, torch.Tensor | None], heads: int,
+                  sr_mul: torch.Tensor | None = None,
+                  head_mul: torch.Tensor | None = None) -> torch.Tensor:
+    """timm's PVT v2 attention (``timm.models.pvt_v2.Attention.forward``) computed from the
+    weights ``w`` (keys ``q_w q_b kv_w kv_b proj_w proj_b sr_w sr_b norm_w norm_b``) with
+    ``heads`` heads of ``m.head_dim``: the widths are read off the weights, never from the
+    input's channel count as timm does (``reshape(B, C, ...)``), so the input, the heads and the
+    spatial-reduction channels may each have their own width. ``m`` gives the layout (``sr``'s
+    stride / padding, ``pool``, ``norm.eps``, ``act``, ``fused_attn``, the dropouts).
+
+    ``x`` ``(B, N, C_in)``, ``feat_size`` ``(H, W)`` with ``H * W == N``. ``sr_mul``: multiplies
+    the reduced tokens (after ``norm`` / ``act``: the input of ``kv``); ``head_mul``: the
+    attention output (the input of ``proj``)."""
+    B, N, C = x.shape
+    H, W = feat_size
+    hd = m.head_dim
+    q = F.linear(x, w["q_w"], w["q_b"]).reshape(B, N, heads, hd).permute(0, 2, 1, 3)
+    t = x
+    if m.sr is not None:
+        t = x.permute(0, 2, 1).reshape(B, C, H, W)
+        if m.pool is not None:
+            t = m.pool(t)
+        t = F.conv2d(t, w["sr_w"], w["sr_b"], m.sr.stride, m.sr.padding, m.sr.dilation)
+        t = t.flatten(2).transpose(1, 2)
+        t = F.layer_norm(t, (t.shape[-1],), w["norm_w"], w["norm_b"], m.norm.eps)
+        if m.act is not None:
+            t = m.act(t)
+        if sr_mul is not None:
+            t = t * sr_mul.to(t.dtype)
+    kv = F.linear(t, w["kv_w"], w["kv_b"]).reshape(B, -1, 2, heads, hd).permute(2, 0, 3, 1, 4)
+    k, v = kv.unbind(0)
+    if m.fused_attn:
+        o = F.scaled_dot_product_attention(q, k, v,
+                                           dropout_p=m.attn_drop.p if m.training else 0.0)
+    else:
+        attn = (q * m.scale) @ k.transpose(-2, -1)
+        o = m.attn_drop(attn.softmax(dim=-1)) @ v
+    o = o.transpose(1, 2).reshape(B, N, heads * hd)
+    if head_mul is not None:
+        o = o * head_mul.to(o.dtype)
+    return m.proj_drop(F.linear(o, w["proj_w"], w["proj_b"]))
+
+
+def _pvt_weights(m: nn.Module) -> dict[str, torch.Tensor | None]:
+    sr, norm = m.sr, m.norm
+    return {"q_w": m.q.weight, "q_b": m.q.bias, "kv_w": m.kv.weight, "kv_b": m.kv.bias,
+            "proj_w": m.proj.weight, "proj_b": m.proj.bias,
+            "sr_w": None if sr is None else sr.weight, "sr_b": None if sr is None else sr.bias,
+            "norm_w": None if norm is None else norm.weight,
+            "norm_b": None if norm is None else norm.bias}
+
+
+if PvtAttention is not None:
+
+    class PrunedPvtAttention(PvtAttention):
+        """What a pruned PVT v2 ``Attention`` exports to: timm's layer (same submodules,
+        parameter names and ``head_dim``, so the same attention scale) with ``num_heads`` heads,
+        an input of ``dim`` channels, ``sr_dim`` spatial-reduction channels (``sr`` / ``norm``
+        / ``kv``'s input) and ``out_dim`` outputs, which timm's own forward cannot hold: it
+        reshapes with the input's channel count (see :func:`pvt_attention`)."""
+
+        def __init__(self, dim: int, num_heads: int, head_dim: int, sr_dim: int | None = None,
+                     out_dim: int | None = None, sr_ratio: int = 1, linear_attn: bool = False,
+                     qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                     device: torch.device | str | None = None,
+                     dtype: torch.dtype | None = None) -> None:
+            nn.Module.__init__(self)
+            kw = {"device": device, "dtype": dtype}
+            a = num_heads * head_dim
+            sr_dim = dim if sr_dim is None else sr_dim
+            self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
+            self.scale = head_dim ** -0.5
+            self.fused_attn = use_fused_attn()
+            has_sr = linear_attn or sr_ratio > 1
+            self.q = nn.Linear(dim, a, bias=qkv_bias, **kw)
+            self.kv = nn.Linear(sr_dim if has_sr else dim, 2 * a, bias=qkv_bias, **kw)
+            self.attn_drop = nn.Dropout(attn_drop)
+            self.proj = nn.Linear(a, dim if out_dim is None else out_dim, **kw)
+            self.proj_drop = nn.Dropout(proj_drop)
+            self.pool = nn.AdaptiveAvgPool2d(7) if linear_attn else None
+            self.act = nn.GELU() if linear_attn else None
+            k = 1 if linear_attn else sr_ratio
+            self.sr = nn.Conv2d(dim, sr_dim, kernel_size=k, stride=k, **kw) if has_sr else None
+            self.norm = nn.LayerNorm(sr_dim, **kw) if has_sr else None
+
+        def forward(self, x: torch.Tensor, feat_size: list[int]) -> torch.Tensor:
+            return pvt_attention(self, x, feat_size, _pvt_weights(self), self.num_heads)
+
+    def pvt_swap_sizes(m: nn.Module) -> dict[str, int]:
+        """The sizes ``save_exported`` records for a :class:`PrunedPvtAttention`."""
+        return {"dim": m.q.in_features, "num_heads": m.num_heads, "head_dim": m.head_dim,
+                "sr_dim": m.q.in_features if m.sr is None else m.sr.out_channels,
+                "out_dim": m.proj.out_features}
+
+    def pvt_swap_build(dense: nn.Module, sizes: dict[str, int]) -> nn.Module:
+        """A :class:`PrunedPvtAttention` of ``sizes`` (:func:`pvt_swap_sizes`) in place of
+        timm's dense ``dense`` (its layout, biases and dropouts)."""
+        if sizes["head_dim"] != dense.head_dim or not 0 < sizes["num_heads"] <= dense.num_heads:
+            raise ValueError(f"{sizes['num_heads']} heads of {sizes['head_dim']} do not fit the "
+                             f"rebuilt layer ({dense.num_heads} heads of {dense.head_dim})")
+        linear = dense.pool is not None
+        ratio = 1 if dense.sr is None or linear else dense.sr.kernel_size[0]
+        new = PrunedPvtAttention(
+            sizes["dim"], sizes["num_heads"], sizes["head_dim"], sr_dim=sizes["sr_dim"],
+            out_dim=sizes["out_dim"], sr_ratio=ratio, linear_attn=linear,
+            qkv_bias=dense.q.bias is not None, attn_drop=dense.attn_drop.p,
+            proj_drop=dense.proj_drop.p, dtype=dense.q.weight.dtype)
+        new.fused_attn = dense.fused_attn  # a runtime switch: as the layer it replaces
+        if dense.norm is not None:
+            new.norm.eps = dense.norm.eps
+        return new
+
+    class MaskedPvtAttention(MaskedLayer, PvtAttention):
+        """timm PVT v2 ``Attention`` with masked input, output, heads and spatial-reduction
+        channels.
+
+        Groups: ``in`` (the input: ``q``'s columns and ``sr``'s input channels, or ``kv``'s
+        columns without ``sr``), ``out`` (``proj``'s rows), ``heads`` (``num_heads * head_dim``
+        channels in head-major order, divisor ``head_dim``: the rows of ``q`` and of ``kv``'s
+        k and v halves, ``proj``'s columns) and, with ``sr``, ``sr`` (``sr``'s output channels,
+        ``norm``'s channels, ``kv``'s columns). Soft: ``x ⊙ w_in``, the reduced tokens after
+        ``norm`` / ``act`` ``⊙ w_sr``, the attention output ``⊙ w_heads``; hard: every weight
+        gathered to its kept rows and columns, the layer norm over the kept ``sr`` channels,
+        attention over the kept heads (:func:`pvt_attention`)."""
+
+        def forward(self, x: torch.Tensor, feat_size: list[int]) -> torch.Tensor:
+            mode = self._mode()
+            if mode == "dense":
+                return PvtAttention.forward(self, x, feat_size)
+            rt = self._s2h.runtime
+            in_gate, out_gate = self.in_gate, self.out_gate
+            head_gate, sr_gate = self.extra_gate("heads"), self.extra_gate("sr")
+            w, heads = _pvt_weights(self), self.num_heads
+            if mode == "soft":
+                if in_gate is not None:
+                    self._check_width(x, -1, self.q.in_features, "input")
+                    x = x * rt.state(in_gate).soft_mask.to(x.dtype)
+                head_mul = None if head_gate is None else rt.state(head_gate).soft_mask
+                sr_mul = None if sr_gate is None else rt.state(sr_gate).soft_mask
+                return pvt_attention(self, x, feat_size, w, heads, sr_mul, head_mul)
+            in_keep = out_keep = head_keep = sr_keep = head_mul = sr_mul = None
+            if in_gate is not None:
+                st = rt.state(in_gate)
+                self._check_width(x, -1, st.keep.numel(), "input")
+                x, in_keep = x * st.hard_mask.to(x.dtype), st.keep
+            if out_gate is not None:
+                out_keep = rt.state(out_gate).keep
+            if head_gate is not None:
+                st = rt.state(head_gate)
+                head_keep, head_mul = st.keep, st.hard_mask
+                heads = _whole_heads(head_keep, self.head_dim, self._s2h.name).numel()
+            if sr_gate is not None:
+                st = rt.state(sr_gate)
+                sr_keep, sr_mul = st.keep, st.hard_mask
+            a = self.num_heads * self.head_dim
+            kv_rows = None if head_keep is None else torch.cat([head_keep, head_keep + a])
+            w["q_w"] = gather_kept_weight(w["q_w"], head_keep, in_keep)
+            w["kv_w"] = gather_kept_weight(w["kv_w"], kv_rows,
+                                           in_keep if self.sr is None else sr_keep)
+            w["proj_w"] = gather_kept_weight(w["proj_w"], out_keep, head_keep)
+            if self.sr is not None:
+                w["sr_w"] = gather_kept_weight(w["sr_w"], sr_keep, in_keep)
+            for name, rows in (("q_b", head_keep), ("kv_b", kv_rows), ("proj_b", out_keep),
+                               ("sr_b", sr_keep), ("norm_w", sr_keep), ("norm_b", sr_keep)):
+                if w[name] is not None:
+                    w[name] = gather_kept(w[name], rows, 0)
+            return pvt_attention(self, x, feat_size, w, heads, sr_mul, head_mul)
+
+        @torch.no_grad()
+        def s2h_export(self, in_keep: torch.Tensor | None, out_keep: torch.Tensor | None,
+                       extra: dict[str, torch.Tensor]) -> nn.Module:
+            """timm's own ``Attention`` (``proj`` sliced to the kept outputs) when no input,
+            head or spatial-reduction channel was removed, else a :class:`PrunedPvtAttention`
+            with the kept heads and channels."""
+            head_keep, sr_keep = extra.get("heads"), extra.get("sr")
+            c, a = self.q.in_features, self.num_heads * self.head_dim
+            sr_c = c if self.sr is None else self.sr.out_channels
+            if all(k is None or k.numel() == n for k, n in (
+                    (head_keep, a), (in_keep, c), (sr_keep, sr_c))):
+                new = _plain_copy(self, PvtAttention)
+                new.proj = _sliced_linear(self.proj, out_keep, None)
+                return new
+            ref = self.q.weight
+            new = pvt_swap_build(self, {
+                "dim": c if in_keep is None else in_keep.numel(),
+                "num_heads": (self.num_heads if head_keep is None
+                              else head_keep.numel() // self.head_dim),
+                "head_dim": self.head_dim,
+                "sr_dim": sr_c if sr_keep is None else sr_keep.numel(),
+                "out_dim": self.proj.out_features if out_keep is None else out_keep.numel()})
+            new = new.to(ref.device).train(self.training)
+            kv_rows = None if head_keep is None else torch.cat([head_keep, head_keep + a])
+            pairs = [(new.q, self.q, head_keep, in_keep), (new.proj, self.proj, out_keep,
+                                                             head_keep),
+                     (new.kv, self.kv, kv_rows, in_keep if self.sr is None else sr_keep)]
+            if self.sr is not None:
+                pairs += [(new.sr, self.sr, sr_keep, in_keep)]
+                new.norm.weight.copy_(_sel(self.norm.weight, sr_keep))
+                new.norm.bias.copy_(_sel(self.norm.bias, sr_keep))
+            for dst, src, rows, cols in pairs:
+                dst.weight.copy_(_sel(_sel(src.weight, rows, 0), cols, 1))
+                if src.bias is not None:
+                    dst.bias.copy_(_sel(src.bias, rows))
+            if not ref.requires_grad:
+                new.requires_grad_(False)
+            return new
+
+
 # ---------------------------------------------------------------------------- conv variants
 
 
@@ -624,3 +847,72 @@ for _plain, _masked in ((StdConv2d, MaskedStdConv2d), (StdConv2dSame, MaskedStdC
 if WindowAttention is not None:
     _registry.register(_attention_handler(WindowAttention, MaskedWindowAttention,
                                           _window_attention_info))
+
+
+# ---------------------------------------------------------------------------- PVT v2 handler
+
+
+def _pvt_attention_info(m: nn.Module) -> LayerInfo:
+    if any(type(getattr(m, n)) is not nn.Linear for n in ("q", "kv", "proj")):
+        return LayerInfo("fixed", -1, "q/kv/proj are not plain nn.Linear")
+    if m.q.out_features != m.num_heads * m.head_dim:
+        return LayerInfo("fixed", -1, "q's rows are not num_heads * head_dim")
+    if m.sr is not None:
+        if type(m.sr) is not nn.Conv2d or m.sr.groups != 1 or m.sr.padding_mode != "zeros":
+            return LayerInfo("fixed", -1, "sr is not a plain ungrouped nn.Conv2d")
+        if type(m.norm) is not nn.LayerNorm or len(m.norm.normalized_shape) != 1 \
+                or m.norm.weight is None or m.norm.bias is None:
+            return LayerInfo("fixed", -1, "norm is not an affine nn.LayerNorm over the channels")
+        if m.act is not None and not _elementwise(m.act):
+            return LayerInfo("fixed", -1, f"its act ({type(m.act).__name__}) is not a known "
+                                          "elementwise module")
+        if m.pool is not None and type(m.pool) is not nn.AdaptiveAvgPool2d:
+            return LayerInfo("fixed", -1, "its pool is not nn.AdaptiveAvgPool2d")
+    return LayerInfo("attention", -1)
+
+
+def _pvt_attention_flops(m: nn.Module, info: LayerInfo,
+                         flops_of) -> list[tuple[int, tuple[str, ...]]]:
+    """The counted FLOPs of a PVT v2 attention split by the groups they scale with: ``q`` (in x
+    heads), ``sr`` (in x sr), ``kv`` (sr -- or in without ``sr`` -- x heads), ``proj`` (heads x
+    out) and the rest -- q@k^T and attn@v where the counter counts them -- (heads)."""
+    q, kv, proj = flops_of("q"), flops_of("kv"), flops_of("proj")
+    sr = 0 if m.sr is None else flops_of("sr")
+    parts = [(q, ("in", "heads")), (kv, ("in" if m.sr is None else "sr", "heads")),
+             (flops_of("") - q - kv - proj - sr, ("heads",)), (proj, ("heads", "out"))]
+    if m.sr is not None:
+        parts.append((sr, ("in", "sr")))
+    return parts
+
+
+def _pvt_attention_importance(m: nn.Module, role: str) -> torch.Tensor:
+    """``heads``: per head, the mean over its channels of the L1 norms of its q, k, v rows plus
+    its proj input columns, repeated ``head_dim`` times; ``sr``: the L1 norms of ``sr``'s rows;
+    ``out``: the L1 norms of ``proj``'s rows."""
+    if role == "out":
+        return m.proj.weight.detach().float().abs().sum(1).cpu()
+    if role == "sr":
+        return m.sr.weight.detach().float().abs().flatten(1).sum(1).cpu()
+    heads, hd = m.num_heads, m.head_dim
+    a = heads * hd
+    w = m.q.weight.detach().float().abs().sum(1)
+    w = w + m.kv.weight.detach().float().abs().sum(1).view(2, a).sum(0)
+    w = w + m.proj.weight.detach().float().abs().sum(0)
+    return w.view(heads, hd).mean(1).repeat_interleave(hd).cpu()
+
+
+def _pvt_attention_groups(m: nn.Module) -> dict[str, tuple[int, int | None]]:
+    """``heads`` (whole heads: divisor ``head_dim``) and, with ``sr``, its output channels
+    (``sr``; the pruner's divisor)."""
+    groups: dict[str, tuple[int, int | None]] = {"heads": (m.num_heads * m.head_dim,
+                                                           m.head_dim)}
+    if m.sr is not None:
+        groups["sr"] = (m.sr.out_channels, None)
+    return groups
+
+
+if PvtAttention is not None:
+    _registry.register(LayerHandler(PvtAttention, MaskedPvtAttention, _pvt_attention_info,
+                                    flop_parts=_pvt_attention_flops,
+                                    importance=_pvt_attention_importance,
+                                    inner_groups=_pvt_attention_groups))
