@@ -362,6 +362,8 @@ def _timm_size_kwargs(model: nn.Module) -> dict:
     Swin's window size."""
     kwargs = {}
     pe = getattr(model, "patch_embed", None)
+    if pe is None:  # MLP-Mixer / ResMLP call theirs `stem`
+        pe = getattr(model, "stem", None)
     img = getattr(pe, "img_size", None)
     if isinstance(img, (tuple, list)) and len(img) == 2 and all(isinstance(v, int) for v in img):
         kwargs["img_size"] = int(img[0]) if img[0] == img[1] else [int(v) for v in img]

@@ -274,6 +274,21 @@ def test_torchvision_detection_builds_each_candidate_once(monkeypatch):
     assert len(built) == every
 
 
+def test_timm_builder_records_the_image_size_of_a_stem_patch_embedding(tmp_path):
+    """MLP-Mixer's patch embedding is `stem`, not `patch_embed`: its image size must be in the
+    builder, or the reloaded model refuses the input it was pruned for."""
+    timm = pytest.importorskip("timm")
+    from s2h.export import detect_builder
+
+    model = timm.create_model("mixer_s16_224", num_classes=10, img_size=32)
+    assert detect_builder(model)["kwargs"]["img_size"] == 32
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    d = s2h.save_exported(model, str(tmp_path / "m"))
+    with torch.no_grad():
+        assert torch.equal(s2h.load_exported(d)(x), model(x))
+
+
 def _tamper(d, edit):
     path = os.path.join(d, "architecture.json")
     with open(path) as f:
