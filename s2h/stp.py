@@ -134,6 +134,8 @@ class STPPruner:
                  warn: bool = True) -> None:
         if trials < 1 or width_step < 1 or commits_per_round < 1 or probe_size < 1:
             raise ValueError("trials, width_step, commits_per_round and probe_size must be >= 1")
+        if not 0.0 <= expand_prob <= 1.0:
+            raise ValueError(f"expand_prob must be in [0, 1], got {expand_prob}")
         if scoring not in ("probe", "trial"):
             raise ValueError(f"scoring must be 'probe' or 'trial', got {scoring!r}")
         self.scoring = scoring
