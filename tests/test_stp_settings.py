@@ -1,0 +1,125 @@
+"""STP's settings from the command line / PruneConfig to STPPruner (issue 13 item 5), and the
+Fashion-MNIST bench's ``--stp-set`` (recorded in the results, checked by ``--merge``)."""
+
+import argparse
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from s2h.cli import _add_prune_args, _config
+from s2h.prune_config import PruneConfig, validate_config
+from s2h.trainer import build_model, build_pruner
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli_config(*flags):
+    p = argparse.ArgumentParser()
+    _add_prune_args(p)
+    return _config(p.parse_args(["--method", "stp", *flags]))
+
+
+def _resnet20_pruner(cfg):
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10, 1)
+    return model, build_pruner(cfg, model, torch.randn(1, 1, 28, 28), warn=False)
+
+
+def test_cli_stp_flags_reach_the_pruner():
+    cfg = _cli_config("--stp-expand-prob", "0.25", "--no-stp-depth", "--stp-kd-weight", "2")
+    assert (cfg.stp_expand_prob, cfg.stp_depth, cfg.stp_kd_weight) == (0.25, False, 2.0)
+    _, p = _resnet20_pruner(cfg)
+    assert p.expand_prob == 0.25 and p.kd_weight == 2.0
+    assert p.blocks == {}  # width only: no block is ever a candidate
+    assert all(kind == "width" for kind, _ in p.candidates(p.full))
+
+    # the defaults: depth on. ResNet-20 has 3 stages of 3 blocks; every block but a stage's
+    # first (which changes the shape or starts the stage) can be dropped
+    d = _cli_config()
+    assert (d.stp_expand_prob, d.stp_depth, d.stp_kd_weight) == (
+        PruneConfig.stp_expand_prob, PruneConfig.stp_depth, PruneConfig.stp_kd_weight)
+    _, p = _resnet20_pruner(d)
+    assert sorted(p.blocks) == [f"layer{s}.{b}" for s in (1, 2, 3) for b in (1, 2)]
+    assert p.expand_prob == d.stp_expand_prob
+
+
+def test_kd_weight_and_expand_prob_shape_the_training_loss():
+    # expand_prob 0: never a second sub-network; the loss is perf + kd_weight * kd
+    cfg = PruneConfig(method="stp", target_flops=0.5, stp_expand_prob=0.0, stp_kd_weight=3.0)
+    model, p = _resnet20_pruner(cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    for _ in range(3):
+        out = p.train_step(x, y, opt)
+        assert "expand_kd" not in out
+        assert out["loss"] == pytest.approx(out["perf"] + 3.0 * out["kd"], rel=1e-5)
+    # expand_prob 1: once the base is below the full network, every step adds the expansion
+    cfg = PruneConfig(method="stp", target_flops=0.5, stp_expand_prob=1.0, stp_kd_weight=1.0)
+    model, p = _resnet20_pruner(cfg)
+    p.base = p.apply(p.full, ("depth", "layer2.1"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    for _ in range(3):
+        out = p.train_step(x, y, opt)
+        assert out["loss"] == pytest.approx(out["perf"] + out["kd"] + out["expand_kd"], rel=1e-5)
+
+
+def test_bad_stp_settings_are_refused():
+    for kw, msg in (({"stp_expand_prob": 1.5}, "probability"),
+                    ({"stp_kd_weight": -1.0}, "stp-kd-weight")):
+        with pytest.raises(ValueError, match=msg):
+            validate_config(PruneConfig(method="stp", **kw))
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location(
+        "bench_fashion_mnist", os.path.join(ROOT, "bench", "fashion_mnist.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_stp_set_is_typed_and_reaches_the_stp_row_config():
+    bench = _bench()
+    p = argparse.ArgumentParser()
+    got = bench._settings(p, ["stp_depth=false", "stp_expand_prob=1", "stp_width_step=2"],
+                          "--stp-set")
+    assert got == {"stp_depth": False, "stp_expand_prob": 1.0, "stp_width_step": 2}
+    assert type(got["stp_expand_prob"]) is float and type(got["stp_width_step"]) is int
+    args = argparse.Namespace(data_dir=None, batch_size=64, device="cpu", eval_batches=None,
+                              workers=0, split="test", holdout=5000)
+    cfg = bench._cfg(args, 0, method="stp", **got)
+    assert (cfg.stp_depth, cfg.stp_expand_prob, cfg.stp_width_step) == (False, 1.0, 2)
+    with pytest.raises(SystemExit):  # only stp_* keys
+        bench.main(["--stp-set", "gate_lr=0.1", "--merge", "x.json"])
+
+
+def _result(tmp_path, name, seed, stp_set):
+    res = {"steps": 300, "batch_size": 64, "split": "val", "eval": "v", "s2h_set": {},
+           "minutes": 1.0, "started": 0.0, "command": f"run {name}", "date": "d",
+           "rows": [{"method": "stp", "target": 0.35, "seed": seed, "steps": 300,
+                     "exported": 80.0 + seed, "flops_ratio": 0.34, "params": 1000}]}
+    if stp_set is not None:
+        res["stp_set"] = stp_set
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(res))
+    return str(path)
+
+
+def test_bench_merge_refuses_different_stp_settings(tmp_path):
+    bench = _bench()
+    a = _result(tmp_path, "a", 0, {"stp_depth": False})
+    b = _result(tmp_path, "b", 1, {"stp_depth": True})
+    with pytest.raises(SystemExit, match="stp_set differs"):
+        bench.merge([a, b])
+    c = _result(tmp_path, "c", 1, {"stp_depth": False})
+    merged = bench.merge([a, c])
+    assert merged["stp_set"] == {"stp_depth": False} and merged["seeds"] == [0, 1]
+    assert merged["summary"][0]["exported"] == pytest.approx(80.5)
+    # a run from before --stp-set (no stp_set key) ran STP's defaults: it merges with {} only
+    old = _result(tmp_path, "old", 2, None)
+    assert bench.merge([old, _result(tmp_path, "d", 0, {})])["stp_set"] == {}
+    with pytest.raises(SystemExit, match="stp_set differs"):
+        bench.merge([old, a])
