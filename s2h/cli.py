@@ -91,6 +91,10 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="STP: also explore dropping residual blocks (--no-stp-depth: width only)")
     p.add_argument("--stp-kd-weight", type=float, default=d.stp_kd_weight,
                    help="STP: weight of the sub-network(s)' KL terms")
+    p.add_argument("--stp-rank", default=d.stp_rank, choices=["kd", "kd_per_flop"],
+                   help="STP: how a round's candidates are ranked for a commit: kd (their KD "
+                        "loss, METHOD §8) or kd_per_flop (the KD loss they add to the base's per "
+                        "FLOPs ratio they save; probe scoring only)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay,
                    help="AdamW weight decay of the weights (gates: none)")
     p.add_argument("--alpha", type=float, default=d.alpha, help="gap (distillation) weight")
@@ -134,7 +138,7 @@ def _config(args):
         method=args.method, stp_trials=args.stp_trials, stp_width_step=args.stp_width_step,
         stp_commits_per_round=args.stp_commits_per_round, stp_scoring=args.stp_scoring,
         stp_probe_size=args.stp_probe_size, stp_expand_prob=args.stp_expand_prob,
-        stp_depth=args.stp_depth, stp_kd_weight=args.stp_kd_weight,
+        stp_depth=args.stp_depth, stp_kd_weight=args.stp_kd_weight, stp_rank=args.stp_rank,
         ckpt_every=args.ckpt_every, tensorboard=args.tensorboard, plots=not args.no_plots,
         log_every=args.log_every,
         amp=args.amp, device=args.device, out=args.out, resume=args.resume, seed=args.seed,

@@ -76,6 +76,9 @@ from .utils import Inputs, as_tuple, set_submodule
 
 __all__ = ["Arch", "STPPruner"]
 
+#: the key of the base's own probe KD losses in a round's scores (``rank="kd_per_flop"``)
+_BASE = ("base", "")
+
 
 @dataclass(frozen=True)
 class Arch:
@@ -122,6 +125,10 @@ class STPPruner:
             explore faster on short budgets).
         commits_per_round: how many of the best candidates of a round are committed (1 =
             METHOD §8); they never conflict (one change per group or block).
+        rank: how a round's candidates are ranked for a commit. ``"kd"`` (METHOD §8): by their
+            mean KD loss. ``"kd_per_flop"`` (probe scoring only): by the KD loss they add to
+            the base's (the base is probed too, one more forward) per FLOPs ratio they save,
+            so a narrowing that saves many FLOPs for a little KD wins over one that saves few.
         floor: how far below the target the base may land (the last round and the projection
             never go below ``target - floor`` when a smaller step exists).
     """
@@ -131,13 +138,19 @@ class STPPruner:
                  kd_weight: float = 1.0, expand_prob: float = 0.5, depth: bool = True,
                  seed: int = 0, width_step: int = 1, commits_per_round: int = 1,
                  floor: float = 0.03, scoring: str = "probe", probe_size: int = 32,
-                 warn: bool = True) -> None:
+                 rank: str = "kd", warn: bool = True) -> None:
         if trials < 1 or width_step < 1 or commits_per_round < 1 or probe_size < 1:
             raise ValueError("trials, width_step, commits_per_round and probe_size must be >= 1")
         if not 0.0 <= expand_prob <= 1.0:
             raise ValueError(f"expand_prob must be in [0, 1], got {expand_prob}")
         if scoring not in ("probe", "trial"):
             raise ValueError(f"scoring must be 'probe' or 'trial', got {scoring!r}")
+        if rank not in ("kd", "kd_per_flop"):
+            raise ValueError(f"rank must be 'kd' or 'kd_per_flop', got {rank!r}")
+        if rank == "kd_per_flop" and scoring != "probe":
+            raise ValueError("rank='kd_per_flop' needs scoring='probe' (the base's KD loss is "
+                             "measured on the probe batches)")
+        self.rank = rank
         self.scoring = scoring
         self.probe_size = int(probe_size)
         if floor < 0:
@@ -324,6 +337,8 @@ class STPPruner:
         if not self._round:
             self._round = self.candidates(self.base)
             self._scores = {c: [] for c in self._round}
+            if self.rank == "kd_per_flop":
+                self._scores[_BASE] = []
             self._cursor = 0
             if not self._round:
                 self._end_exploration()
@@ -361,18 +376,32 @@ class STPPruner:
                 full = self.soft_forward(probe)
                 teacher = torch.softmax(full.float(), dim=-1)
                 n = full.numel() // full.shape[-1]
-                for cand in self._round:
+                for cand in self._probed():
                     torch.manual_seed(seed)
-                    sub = self._run(self.apply(self.base, cand), probe)
-                    sums.append(self._kd(sub, teacher).double() * n)
+                    arch = self.base if cand == _BASE else self.apply(self.base, cand)
+                    sums.append(self._kd(self._run(arch, probe), teacher).double() * n)
         finally:
             for b, v in saved:
                 b.copy_(v)
         stats = all_reduce_sum(torch.stack(
             [*sums, torch.tensor(float(n), dtype=torch.float64, device=sums[0].device)]))
         values = stats.tolist()
-        for cand, total in zip(self._round, values[:-1], strict=True):
+        for cand, total in zip(self._probed(), values[:-1], strict=True):
             self._scores[cand].append(total / values[-1])
+
+    def _probed(self) -> list[tuple[str, str]]:
+        """What a probe scores: the round's candidates (and the base, for ``kd_per_flop``)."""
+        return self._round + ([_BASE] if self.rank == "kd_per_flop" else [])
+
+    def _rank_keys(self, scores: dict[tuple[str, str], float]) -> dict[tuple[str, str], float]:
+        """The commit ranking's key per candidate (lower first): the mean KD loss (``rank="kd"``)
+        or the KD loss added to the base's per FLOPs ratio saved (``"kd_per_flop"``)."""
+        base_kd = scores.pop(_BASE, None)
+        if self.rank != "kd_per_flop" or base_kd is None:
+            return scores
+        r0 = self.ratio(self.base)
+        return {c: (kd - base_kd) / max(r0 - self.ratio(self.apply(self.base, c)), 1e-9)
+                for c, kd in scores.items()}
 
     def _record(self, kd_sum: torch.Tensor, count: int) -> None:
         """The bookkeeping of an exploring step. Trial scoring records the tried candidate's
@@ -403,13 +432,15 @@ class STPPruner:
                              "kd": kd, "ratio": self.ratio(self.base)})
 
     def commit(self) -> tuple[str, str] | None:
-        """Commit the tried candidates with the lowest mean KD loss to the base architecture,
+        """Commit the tried candidates with the lowest mean KD loss (with ``rank="kd_per_flop"``:
+        the lowest KD loss added per FLOPs saved) to the base architecture,
         up to ``commits_per_round`` of them, best first, each only if the base stays above the
         target after it. When none does (the last round), commit the one candidate landing
         closest to the target from above, at or above ``target - floor``; the exploration ends
         and the base is projected onto the budget if still above it (``self.projection``).
         Returns the best-scored candidate."""
-        scores = {c: sum(v) / len(v) for c, v in self._scores.items() if v}
+        kd = {c: sum(v) / len(v) for c, v in self._scores.items() if v}
+        scores = self._rank_keys(dict(kd))
         ranked = sorted(scores, key=lambda c: (scores[c], c))
         target = self.target_flops
         committed = 0
@@ -417,14 +448,14 @@ class STPPruner:
             if committed >= self.commits_per_round:
                 break
             if self.ratio(self.apply(self.base, cand)) > target:
-                self._commit_one(cand, scores[cand])
+                self._commit_one(cand, kd[cand])
                 committed += 1
         if ranked and committed == 0:  # the last round: every candidate reaches the target
             landing = [(self.ratio(self.apply(self.base, c)), c) for c in ranked]
             ok = [(r, c) for r, c in landing if r >= target - self.floor]
             if ok:
                 _, cand = max(ok, key=lambda rc: (rc[0], -scores[rc[1]]))
-                self._commit_one(cand, scores[cand])
+                self._commit_one(cand, kd[cand])
             self._end_exploration()
         self._last_scores = scores
         self._round, self._scores, self._cursor = [], {}, 0
