@@ -46,6 +46,7 @@ class PruneConfig:
     stp_depth: bool = True  # STP: also explore dropping residual blocks
     stp_kd_weight: float = 1.0  # STP: weight of the sub-network(s)' KL terms
     stp_rank: str = "kd"  # STP commit ranking: kd (METHOD §8) | kd_per_flop (KD added / FLOP saved)
+    stp_label_weight: float = 0.0  # STP: weight of the sub-network's own loss on the labels
     ckpt_every: int | None = None  # also checkpoint every N steps (mid-epoch)
     max_grad_norm: float | None = 5.0
     amp: str = "none"  # none | bf16 | fp16
@@ -96,6 +97,8 @@ def validate_config(cfg: PruneConfig) -> None:
          f"--stp-expand-prob is a probability, got {cfg.stp_expand_prob}"),
         (math.isfinite(cfg.stp_kd_weight) and cfg.stp_kd_weight >= 0,
          f"--stp-kd-weight must be >= 0, got {cfg.stp_kd_weight}"),
+        (math.isfinite(cfg.stp_label_weight) and cfg.stp_label_weight >= 0,
+         f"--stp-label-weight must be >= 0, got {cfg.stp_label_weight}"),
         (cfg.stp_rank in ("kd", "kd_per_flop"),
          f"--stp-rank must be 'kd' or 'kd_per_flop', got {cfg.stp_rank!r}"),
         (cfg.importance_from in ("warmup", "init"),

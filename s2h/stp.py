@@ -129,6 +129,8 @@ class STPPruner:
             mean KD loss. ``"kd_per_flop"`` (probe scoring only): by the KD loss they add to
             the base's (the base is probed too, one more forward) per FLOPs ratio they save,
             so a narrowing that saves many FLOPs for a little KD wins over one that saves few.
+        label_weight: weight of the trained sub-network's own task loss on the labels (0 =
+            METHOD §8: the sub-network learns from the full network's output only).
         floor: how far below the target the base may land (the last round and the projection
             never go below ``target - floor`` when a smaller step exists).
     """
@@ -138,7 +140,7 @@ class STPPruner:
                  kd_weight: float = 1.0, expand_prob: float = 0.5, depth: bool = True,
                  seed: int = 0, width_step: int = 1, commits_per_round: int = 1,
                  floor: float = 0.03, scoring: str = "probe", probe_size: int = 32,
-                 rank: str = "kd", warn: bool = True) -> None:
+                 rank: str = "kd", label_weight: float = 0.0, warn: bool = True) -> None:
         if trials < 1 or width_step < 1 or commits_per_round < 1 or probe_size < 1:
             raise ValueError("trials, width_step, commits_per_round and probe_size must be >= 1")
         if not 0.0 <= expand_prob <= 1.0:
@@ -164,6 +166,9 @@ class STPPruner:
         self.target_flops = self.core.target_flops
         self.trials = int(trials)
         self.kd_weight = float(kd_weight)
+        if label_weight < 0:
+            raise ValueError(f"label_weight must be >= 0, got {label_weight}")
+        self.label_weight = float(label_weight)
         self.expand_prob = float(expand_prob)
         self.rng = random.Random(seed)
         self._gate_of = {g.name: self.core.gate_of(g) for g in self.core.groups}
@@ -568,6 +573,10 @@ class STPPruner:
         sub = self._run(sub_arch, inputs)
         kd = self._kd(sub, teacher)
         loss = perf + self.kd_weight * kd
+        sub_perf = None
+        if self.label_weight > 0:
+            sub_perf = (loss_fn or F.cross_entropy)(sub.float(), targets)
+            loss = loss + self.label_weight * sub_perf
         expand_kd = None
         if self.expand_prob > 0 and self.rng.random() < self.expand_prob and self.base != self.full:
             mid = self._sample_between(self.base, self.full)
@@ -590,6 +599,8 @@ class STPPruner:
                    "exploring": float(not self.explore_done)}
             if expand_kd is not None:
                 out["expand_kd"] = float(expand_kd)
+            if sub_perf is not None:
+                out["sub_perf"] = float(sub_perf)
         return out
 
     # ------------------------------------------------------------------ results

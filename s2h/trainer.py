@@ -189,7 +189,8 @@ def build_pruner(cfg: PruneConfig, model: nn.Module, example: torch.Tensor,
                          commits_per_round=cfg.stp_commits_per_round, scoring=cfg.stp_scoring,
                          probe_size=cfg.stp_probe_size, expand_prob=cfg.stp_expand_prob,
                          depth=cfg.stp_depth, kd_weight=cfg.stp_kd_weight,
-                         rank=cfg.stp_rank, seed=cfg.seed,
+                         rank=cfg.stp_rank, label_weight=cfg.stp_label_weight,
+                         seed=cfg.seed,
                          warn=warn)
     if cfg.method != "s2h":
         raise ValueError(f"method must be 's2h' or 'stp', got {cfg.method!r}")

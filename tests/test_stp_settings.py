@@ -30,11 +30,13 @@ def _resnet20_pruner(cfg):
 
 def test_cli_stp_flags_reach_the_pruner():
     cfg = _cli_config("--stp-expand-prob", "0.25", "--no-stp-depth", "--stp-kd-weight", "2",
-                      "--stp-rank", "kd_per_flop")
+                      "--stp-rank", "kd_per_flop", "--stp-label-weight", "0.5")
+    assert cfg.stp_label_weight == 0.5
     assert (cfg.stp_expand_prob, cfg.stp_depth, cfg.stp_kd_weight, cfg.stp_rank) == (
         0.25, False, 2.0, "kd_per_flop")
     _, p = _resnet20_pruner(cfg)
     assert p.expand_prob == 0.25 and p.kd_weight == 2.0 and p.rank == "kd_per_flop"
+    assert p.label_weight == 0.5
     assert p.blocks == {}  # width only: no block is ever a candidate
     assert all(kind == "width" for kind, _ in p.candidates(p.full))
 
@@ -46,6 +48,7 @@ def test_cli_stp_flags_reach_the_pruner():
     _, p = _resnet20_pruner(d)
     assert sorted(p.blocks) == [f"layer{s}.{b}" for s in (1, 2, 3) for b in (1, 2)]
     assert p.expand_prob == d.stp_expand_prob and p.rank == d.stp_rank
+    assert p.label_weight == d.stp_label_weight
 
 
 def test_kd_weight_and_expand_prob_shape_the_training_loss():
@@ -68,9 +71,27 @@ def test_kd_weight_and_expand_prob_shape_the_training_loss():
         assert out["loss"] == pytest.approx(out["perf"] + out["kd"] + out["expand_kd"], rel=1e-5)
 
 
+def test_label_weight_adds_the_subnetwork_task_loss():
+    cfg = PruneConfig(method="stp", target_flops=0.5, stp_expand_prob=0.0, stp_kd_weight=1.0,
+                      stp_label_weight=0.5)
+    model, p = _resnet20_pruner(cfg)
+    assert p.label_weight == 0.5
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    p._ensure_round()
+    arch = p.apply(p.base, p._round[0])  # the first step trains the round's first candidate
+    with torch.no_grad():  # train mode: BatchNorm on the batch's statistics, as in the step
+        ref = torch.nn.functional.cross_entropy(p._run(arch, (x,)).double(), y)
+    out = p.train_step(x, y, opt)
+    assert out["sub_flops_ratio"] == p.ratio(arch)
+    assert out["sub_perf"] == pytest.approx(float(ref), rel=1e-4)
+    assert out["loss"] == pytest.approx(out["perf"] + out["kd"] + 0.5 * out["sub_perf"], rel=1e-5)
+
+
 def test_bad_stp_settings_are_refused():
     for kw, msg in (({"stp_expand_prob": 1.5}, "probability"),
-                    ({"stp_kd_weight": -1.0}, "stp-kd-weight")):
+                    ({"stp_kd_weight": -1.0}, "stp-kd-weight"),
+                    ({"stp_label_weight": -1.0}, "stp-label-weight")):
         with pytest.raises(ValueError, match=msg):
             validate_config(PruneConfig(method="stp", **kw))
 
