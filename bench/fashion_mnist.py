@@ -332,6 +332,9 @@ def run(args) -> dict:
         "command": ("python bench/fashion_mnist.py " + " ".join(sys.argv[1:])).strip(),
         "seeds": args.seeds, "steps": steps, "batch_size": args.batch_size,
         "s2h_set": args.s2h_set, "stp_set": args.stp_set,
+        # every STP setting the STP row ran with (its defaults of this commit + --stp-set)
+        "stp_config": {k: v for k, v in vars(_cfg(args, 0, **args.stp_set)).items()
+                       if k.startswith("stp_")},
         "targets": args.targets, "split": args.split,
         "eval": (f"validation: the last {args.holdout} training images"
                  if args.split == "val" else "the 10k test images")
@@ -463,6 +466,13 @@ def merge(paths: list[str]) -> dict:
             if setting(res, k) != setting(parts[0], k):
                 raise SystemExit(f"--merge: {k} differs between the runs: "
                                  f"{setting(parts[0], k)!r} vs {setting(res, k)!r}")
+    # STP's defaults change between commits: runs with STP rows must have run the same STP
+    # settings (a run from before stp_config was recorded has none: it merges only with such)
+    stp_runs = [res for res in parts if any(r["method"] == "stp" for r in res["rows"])]
+    for res in stp_runs[1:]:
+        if res.get("stp_config") != stp_runs[0].get("stp_config"):
+            raise SystemExit("--merge: the STP rows ran with different STP settings: "
+                             f"{stp_runs[0].get('stp_config')!r} vs {res.get('stp_config')!r}")
     rows, dense_seen = [], set()
     for res in parts:
         for r in res["rows"]:
@@ -489,7 +499,9 @@ def merge(paths: list[str]) -> dict:
             os.path.basename(p) for p in paths),
         commands=[r["command"] for r in parts],
         merged_from=[os.path.basename(p) for p in paths],
-        stp_set=setting(parts[0], "stp_set"), rows=rows, summary=aggregate(rows))
+        stp_set=setting(parts[0], "stp_set"),
+        stp_config=stp_runs[0].get("stp_config") if stp_runs else parts[0].get("stp_config"),
+        rows=rows, summary=aggregate(rows))
     return out
 
 

@@ -96,8 +96,9 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                         "loss, METHOD §8) or kd_per_flop (the KD loss they add to the base's per "
                         "FLOPs ratio they save; probe scoring only)")
     p.add_argument("--stp-label-weight", type=float, default=d.stp_label_weight,
-                   help="STP: weight of the trained sub-network's own loss on the labels (0: "
-                        "it learns from the full network's output only, METHOD §8)")
+                   help="STP: weight of the trained sub-network's own loss on the labels, added "
+                        "to its KD term (0: it learns from the full network's output only, "
+                        "METHOD §8)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay,
                    help="AdamW weight decay of the weights (gates: none)")
     p.add_argument("--alpha", type=float, default=d.alpha, help="gap (distillation) weight")

@@ -46,7 +46,9 @@ class PruneConfig:
     stp_depth: bool = True  # STP: also explore dropping residual blocks
     stp_kd_weight: float = 1.0  # STP: weight of the sub-network(s)' KL terms
     stp_rank: str = "kd"  # STP commit ranking: kd (METHOD §8) | kd_per_flop (KD added / FLOP saved)
-    stp_label_weight: float = 0.0  # STP: weight of the sub-network's own loss on the labels
+    # STP: weight of the sub-network's own loss on the labels (0: METHOD §8's KD only); 1 was
+    # chosen on --split val (bench/results/fashion_mnist-2026-11-29-stp-val-sweep.md)
+    stp_label_weight: float = 1.0
     ckpt_every: int | None = None  # also checkpoint every N steps (mid-epoch)
     max_grad_norm: float | None = 5.0
     amp: str = "none"  # none | bf16 | fp16

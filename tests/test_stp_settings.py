@@ -53,7 +53,8 @@ def test_cli_stp_flags_reach_the_pruner():
 
 def test_kd_weight_and_expand_prob_shape_the_training_loss():
     # expand_prob 0: never a second sub-network; the loss is perf + kd_weight * kd
-    cfg = PruneConfig(method="stp", target_flops=0.5, stp_expand_prob=0.0, stp_kd_weight=3.0)
+    cfg = PruneConfig(method="stp", target_flops=0.5, stp_expand_prob=0.0, stp_kd_weight=3.0,
+                      stp_label_weight=0.0)
     model, p = _resnet20_pruner(cfg)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
@@ -62,7 +63,8 @@ def test_kd_weight_and_expand_prob_shape_the_training_loss():
         assert "expand_kd" not in out
         assert out["loss"] == pytest.approx(out["perf"] + 3.0 * out["kd"], rel=1e-5)
     # expand_prob 1: once the base is below the full network, every step adds the expansion
-    cfg = PruneConfig(method="stp", target_flops=0.5, stp_expand_prob=1.0, stp_kd_weight=1.0)
+    cfg = PruneConfig(method="stp", target_flops=0.5, stp_expand_prob=1.0, stp_kd_weight=1.0,
+                      stp_label_weight=0.0)
     model, p = _resnet20_pruner(cfg)
     p.base = p.apply(p.full, ("depth", "layer2.1"))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
@@ -119,13 +121,15 @@ def test_bench_stp_set_is_typed_and_reaches_the_stp_row_config():
         bench.main(["--stp-set", "gate_lr=0.1", "--merge", "x.json"])
 
 
-def _result(tmp_path, name, seed, stp_set):
+def _result(tmp_path, name, seed, stp_set, label_weight=1.0):
     res = {"steps": 300, "batch_size": 64, "split": "val", "eval": "v", "s2h_set": {},
            "minutes": 1.0, "started": 0.0, "command": f"run {name}", "date": "d",
            "rows": [{"method": "stp", "target": 0.35, "seed": seed, "steps": 300,
                      "exported": 80.0 + seed, "flops_ratio": 0.34, "params": 1000}]}
-    if stp_set is not None:
+    if stp_set is not None:  # a run from before --stp-set records neither
         res["stp_set"] = stp_set
+        res["stp_config"] = {"stp_depth": stp_set.get("stp_depth", True),
+                             "stp_label_weight": label_weight}
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(res))
     return str(path)
@@ -140,66 +144,18 @@ def test_bench_merge_refuses_different_stp_settings(tmp_path):
     c = _result(tmp_path, "c", 1, {"stp_depth": False})
     merged = bench.merge([a, c])
     assert merged["stp_set"] == {"stp_depth": False} and merged["seeds"] == [0, 1]
+    assert merged["stp_config"] == {"stp_depth": False, "stp_label_weight": 1.0}
     assert merged["summary"][0]["exported"] == pytest.approx(80.5)
-    # a run from before --stp-set (no stp_set key) ran STP's defaults: it merges with {} only
+    # the same --stp-set (none) under different STP defaults (another commit): refused
+    d = _result(tmp_path, "d", 0, {})
+    e = _result(tmp_path, "e", 1, {}, label_weight=0.0)
+    with pytest.raises(SystemExit, match="different STP settings"):
+        bench.merge([d, e])
+    # a run from before --stp-set / stp_config merges only with such runs
     old = _result(tmp_path, "old", 2, None)
-    assert bench.merge([old, _result(tmp_path, "d", 0, {})])["stp_set"] == {}
+    old2 = _result(tmp_path, "old2", 1, None)
+    assert bench.merge([old, old2])["seeds"] == [1, 2]
+    with pytest.raises(SystemExit, match="different STP settings"):
+        bench.merge([old, d])
     with pytest.raises(SystemExit, match="stp_set differs"):
         bench.merge([old, a])
-
-
-def test_kd_per_flop_ranks_by_kd_added_per_flops_saved():
-    from test_stp_budget import _resnet, _torch_flops
-
-    _, dense, p, x = _resnet(target=0.2, scoring="probe", rank="kd_per_flop")
-    _, _, q, _ = _resnet(target=0.2, scoring="probe", rank="kd")
-    dense_flops = _torch_flops(dense, x[:2])
-
-    def saved(pruner, cand):  # FLOPs fraction a candidate saves, by torch's counter
-        base = pruner.base
-        r0 = _torch_flops(pruner.export(), x[:2])
-        pruner.base = pruner.apply(base, cand)
-        r1 = _torch_flops(pruner.export(), x[:2])
-        pruner.base = base
-        return (r0 - r1) / dense_flops
-
-    wide, deep = ("width", "stage.0.conv1"), ("depth", "stage.1")
-    s_wide, s_deep = saved(p, wide), saved(p, deep)
-    assert s_deep > 2 * s_wide > 0  # dropping a block saves far more than one width step
-    # the width step adds less KD (0.10 vs 0.15) but per FLOP saved the block drop is cheaper
-    base_kd, kd_wide, kd_deep = 0.05, 0.10, 0.15
-    assert (kd_deep - base_kd) / s_deep < (kd_wide - base_kd) / s_wide
-    for pr in (p, q):
-        pr._ensure_round()
-        pr._round = [wide, deep]
-        pr._scores = {wide: [kd_wide], deep: [kd_deep]}
-        if pr.rank == "kd_per_flop":
-            pr._scores[("base", "")] = [base_kd]
-    assert q.commit() == wide and q.base.dropped == frozenset()
-    assert p.commit() == deep and p.base.dropped == {"stage.1"}
-    assert p.commits[-1]["kd"] == kd_deep  # the commit log keeps the raw KD loss
-    assert p._last_scores[deep] == pytest.approx((kd_deep - base_kd) / s_deep, rel=1e-6)
-    with pytest.raises(ValueError, match="needs scoring='probe'"):
-        _resnet(scoring="trial", rank="kd_per_flop")
-
-
-def test_kd_per_flop_probes_the_base_and_lands_on_the_budget():
-    from test_stp_budget import _exported_ratio, _resnet, _run_exploration
-
-    p, dense, x, steps = _run_exploration(0.35, rank="kd_per_flop", commits_per_round=3,
-                                          width_step=2)
-    assert p.explore_done, f"exploration still running after {steps} steps"
-    r = _exported_ratio(p, dense, x[:2])
-    assert 0.35 - 0.03 <= r <= 0.35 + 0.005, (r, p.commits, p.projection)
-    # every round scored the base too: it never shows up as a candidate or a commit
-    assert all(c["kind"] in ("width", "depth") for c in p.commits)
-    assert ("base", "") not in p._last_scores
-    # mid-round (trials 2, one step done) the round's scores hold the base's probe KD, and a
-    # resumed pruner continues the round with them
-    _, _, q, x = _resnet(target=0.35, divisor=2, trials=2, rank="kd_per_flop")
-    opt = torch.optim.SGD(q.weight_parameters(), lr=0.01)
-    q.train_step(x, torch.randint(0, 5, (8,), generator=torch.Generator().manual_seed(1)), opt)
-    assert len(q._scores[("base", "")]) == 1 and len(q._scores) == len(q._round) + 1
-    _, _, r2, _ = _resnet(target=0.35, divisor=2, trials=2, rank="kd_per_flop")
-    r2.load_state_dict(q.state_dict())
-    assert r2._scores == q._scores and r2._round == q._round
