@@ -159,3 +159,60 @@ def test_bench_merge_refuses_different_stp_settings(tmp_path):
         bench.merge([old, d])
     with pytest.raises(SystemExit, match="stp_set differs"):
         bench.merge([old, a])
+
+
+def test_kd_per_flop_ranks_by_kd_added_per_flops_saved():
+    from test_stp_budget import _resnet, _torch_flops
+
+    _, dense, p, x = _resnet(target=0.2, scoring="probe", rank="kd_per_flop")
+    _, _, q, _ = _resnet(target=0.2, scoring="probe", rank="kd")
+    dense_flops = _torch_flops(dense, x[:2])
+
+    def saved(pruner, cand):  # FLOPs fraction a candidate saves, by torch's counter
+        base = pruner.base
+        r0 = _torch_flops(pruner.export(), x[:2])
+        pruner.base = pruner.apply(base, cand)
+        r1 = _torch_flops(pruner.export(), x[:2])
+        pruner.base = base
+        return (r0 - r1) / dense_flops
+
+    wide, deep = ("width", "stage.0.conv1"), ("depth", "stage.1")
+    s_wide, s_deep = saved(p, wide), saved(p, deep)
+    assert s_deep > 2 * s_wide > 0  # dropping a block saves far more than one width step
+    # the width step adds less KD (0.10 vs 0.15) but per FLOP saved the block drop is cheaper
+    base_kd, kd_wide, kd_deep = 0.05, 0.10, 0.15
+    assert (kd_deep - base_kd) / s_deep < (kd_wide - base_kd) / s_wide
+    for pr in (p, q):
+        pr._ensure_round()
+        pr._round = [wide, deep]
+        pr._scores = {wide: [kd_wide], deep: [kd_deep]}
+        if pr.rank == "kd_per_flop":
+            pr._scores[("base", "")] = [base_kd]
+    assert q.commit() == wide and q.base.dropped == frozenset()
+    assert p.commit() == deep and p.base.dropped == {"stage.1"}
+    assert p.commits[-1]["kd"] == kd_deep  # the commit log keeps the raw KD loss
+    assert p._last_scores[deep] == pytest.approx((kd_deep - base_kd) / s_deep, rel=1e-6)
+    with pytest.raises(ValueError, match="needs scoring='probe'"):
+        _resnet(scoring="trial", rank="kd_per_flop")
+
+
+def test_kd_per_flop_probes_the_base_and_lands_on_the_budget():
+    from test_stp_budget import _exported_ratio, _resnet, _run_exploration
+
+    p, dense, x, steps = _run_exploration(0.35, rank="kd_per_flop", commits_per_round=3,
+                                          width_step=2)
+    assert p.explore_done, f"exploration still running after {steps} steps"
+    r = _exported_ratio(p, dense, x[:2])
+    assert 0.35 - 0.03 <= r <= 0.35 + 0.005, (r, p.commits, p.projection)
+    # every round scored the base too: it never shows up as a candidate or a commit
+    assert all(c["kind"] in ("width", "depth") for c in p.commits)
+    assert ("base", "") not in p._last_scores
+    # mid-round (trials 2, one step done) the round's scores hold the base's probe KD, and a
+    # resumed pruner continues the round with them
+    _, _, q, x = _resnet(target=0.35, divisor=2, trials=2, rank="kd_per_flop")
+    opt = torch.optim.SGD(q.weight_parameters(), lr=0.01)
+    q.train_step(x, torch.randint(0, 5, (8,), generator=torch.Generator().manual_seed(1)), opt)
+    assert len(q._scores[("base", "")]) == 1 and len(q._scores) == len(q._round) + 1
+    _, _, r2, _ = _resnet(target=0.35, divisor=2, trials=2, rank="kd_per_flop")
+    r2.load_state_dict(q.state_dict())
+    assert r2._scores == q._scores and r2._round == q._round
