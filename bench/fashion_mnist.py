@@ -252,9 +252,10 @@ def run_seed(args, seed: int, device) -> list[dict]:
 
     for target in args.targets:
         if "stp" in methods:  # METHOD §8, the same budget, `s2h prune --method stp` defaults
+            # (with --stp-set's changes)
             out = os.path.join(args.work, f"seed{seed}", f"stp-{target:g}")
             cfg = _cfg(args, seed, target_flops=target, method="stp", epochs=epochs,
-                       steps_per_epoch=spe, out=out)
+                       steps_per_epoch=spe, out=out, **args.stp_set)
             t0 = time.time()
             summary = T.run_prune(cfg)
             last = summary["last_epoch"]
@@ -330,7 +331,10 @@ def run(args) -> dict:
         "date": datetime.date.today().isoformat(),
         "command": ("python bench/fashion_mnist.py " + " ".join(sys.argv[1:])).strip(),
         "seeds": args.seeds, "steps": steps, "batch_size": args.batch_size,
-        "s2h_set": args.s2h_set,
+        "s2h_set": args.s2h_set, "stp_set": args.stp_set,
+        # every STP setting the STP row ran with (its defaults of this commit + --stp-set)
+        "stp_config": {k: v for k, v in vars(_cfg(args, 0, **args.stp_set)).items()
+                       if k.startswith("stp_")},
         "targets": args.targets, "split": args.split,
         "eval": (f"validation: the last {args.holdout} training images"
                  if args.split == "val" else "the 10k test images")
@@ -366,7 +370,10 @@ def markdown(res: dict) -> str:
            f"{res['minutes']:.0f} min in all. ")
         + (f"Runs (one process per seed, target and rows, merged with `--merge`), e.g. "
            f"`{res['commands'][0]}`." if res.get("commands") else
-           f"Command: `{res['command']}`."),
+           f"Command: `{res['command']}`.")
+        + (" STP settings (`--stp-set`): " + ", ".join(f"{k}={v}" for k, v in
+                                                      res["stp_set"].items()) + "."
+           if res.get("stp_set") else ""),
         "",
         "| target | method | steps | exported acc | gap (soft−hard) | FLOPs ratio | params (k) |",
         "|---|---|---|---|---|---|---|",
@@ -424,14 +431,15 @@ def write_readme(path: str, table: str) -> bool:
     return True
 
 
-def _settings(parser: argparse.ArgumentParser, items: list[str]) -> dict:
+def _settings(parser: argparse.ArgumentParser, items: list[str],
+              flag: str = "--s2h-set") -> dict:
     """``["gate_lr=0.1", ...]`` -> ``{"gate_lr": 0.1}``, typed like PruneConfig's defaults."""
     defaults = T.PruneConfig()
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not hasattr(defaults, key):
-            parser.error(f"--s2h-set {item!r}: expected KEY=VALUE with KEY a PruneConfig field")
+            parser.error(f"{flag} {item!r}: expected KEY=VALUE with KEY a PruneConfig field")
         kind = type(getattr(defaults, key))
         out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else (
             kind(value) if kind in (int, float, str) else float(value))
@@ -441,18 +449,30 @@ def _settings(parser: argparse.ArgumentParser, items: list[str]) -> dict:
 def merge(paths: list[str]) -> dict:
     """One result from several runs of this script (e.g. one process per seed and target, run
     side by side): their rows together, re-aggregated. The runs must share the settings that
-    make rows comparable (steps, batch size, split, S2H settings); a dense row is kept once per
-    seed."""
+    make rows comparable (steps, batch size, split, S2H and STP settings; a run without
+    ``stp_set`` predates the option and ran STP's defaults of its time: it counts as ``{}``); a
+    dense row is kept once per seed."""
     parts = []
     for path in paths:
         with open(path) as f:
             parts.append(json.load(f))
-    same = ("steps", "batch_size", "split", "eval", "s2h_set")
+    same = ("steps", "batch_size", "split", "eval", "s2h_set", "stp_set")
+
+    def setting(res, k):
+        return res.get(k, {}) if k == "stp_set" else res.get(k)
+
     for res in parts[1:]:
         for k in same:
-            if res.get(k) != parts[0].get(k):
+            if setting(res, k) != setting(parts[0], k):
                 raise SystemExit(f"--merge: {k} differs between the runs: "
-                                 f"{parts[0].get(k)!r} vs {res.get(k)!r}")
+                                 f"{setting(parts[0], k)!r} vs {setting(res, k)!r}")
+    # STP's defaults change between commits: runs with STP rows must have run the same STP
+    # settings (a run from before stp_config was recorded has none: it merges only with such)
+    stp_runs = [res for res in parts if any(r["method"] == "stp" for r in res["rows"])]
+    for res in stp_runs[1:]:
+        if res.get("stp_config") != stp_runs[0].get("stp_config"):
+            raise SystemExit("--merge: the STP rows ran with different STP settings: "
+                             f"{stp_runs[0].get('stp_config')!r} vs {res.get('stp_config')!r}")
     rows, dense_seen = [], set()
     for res in parts:
         for r in res["rows"]:
@@ -479,6 +499,8 @@ def merge(paths: list[str]) -> dict:
             os.path.basename(p) for p in paths),
         commands=[r["command"] for r in parts],
         merged_from=[os.path.basename(p) for p in paths],
+        stp_set=setting(parts[0], "stp_set"),
+        stp_config=stp_runs[0].get("stp_config") if stp_runs else parts[0].get("stp_config"),
         rows=rows, summary=aggregate(rows))
     return out
 
@@ -503,6 +525,9 @@ def main(argv=None) -> int:
     p.add_argument("--s2h-set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="PruneConfig settings of the S2H rows (s2h and its ablations), e.g. "
                         "gate_lr=0.1: choose them with --split val, never on the test set")
+    p.add_argument("--stp-set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="PruneConfig settings of the STP row, e.g. stp_depth=false "
+                        "stp_expand_prob=1: choose them with --split val, never on the test set")
     p.add_argument("--tp-reg", type=float, default=5e-4,
                    help="Torch-Pruning Group-SL: group-norm regularisation strength")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
@@ -525,6 +550,9 @@ def main(argv=None) -> int:
                         "never with --split val)")
     args = p.parse_args(argv)
     args.s2h_set = _settings(p, args.s2h_set)
+    args.stp_set = _settings(p, args.stp_set, "--stp-set")
+    if any(not k.startswith("stp_") for k in args.stp_set):
+        p.error("--stp-set takes STP settings only (stp_*); the others are shared by every row")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     # every row with float32 denormals flushed, as `s2h prune` runs on the CPU

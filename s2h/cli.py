@@ -84,6 +84,21 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                         "candidate in turn (a round then lasts trials x candidates steps)")
     p.add_argument("--stp-probe-size", type=int, default=d.stp_probe_size,
                    help="STP: samples per batch the candidates are scored on (probe scoring)")
+    p.add_argument("--stp-expand-prob", type=float, default=d.stp_expand_prob, metavar="P",
+                   help="STP: probability per step of also training a sub-network sampled "
+                        "between the base and the full network (subnet mutating expansion)")
+    p.add_argument("--stp-depth", action=argparse.BooleanOptionalAction, default=d.stp_depth,
+                   help="STP: also explore dropping residual blocks (--no-stp-depth: width only)")
+    p.add_argument("--stp-kd-weight", type=float, default=d.stp_kd_weight,
+                   help="STP: weight of the sub-network(s)' KL terms")
+    p.add_argument("--stp-rank", default=d.stp_rank, choices=["kd", "kd_per_flop"],
+                   help="STP: how a round's candidates are ranked for a commit: kd (their KD "
+                        "loss, METHOD §8) or kd_per_flop (the KD loss they add to the base's per "
+                        "FLOPs ratio they save; probe scoring only)")
+    p.add_argument("--stp-label-weight", type=float, default=d.stp_label_weight,
+                   help="STP: weight of the trained sub-network's own loss on the labels, added "
+                        "to its KD term (0: it learns from the full network's output only, "
+                        "METHOD §8)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay,
                    help="AdamW weight decay of the weights (gates: none)")
     p.add_argument("--alpha", type=float, default=d.alpha, help="gap (distillation) weight")
@@ -126,7 +141,9 @@ def _config(args):
         max_grad_norm=args.max_grad_norm or None, variant=args.variant,
         method=args.method, stp_trials=args.stp_trials, stp_width_step=args.stp_width_step,
         stp_commits_per_round=args.stp_commits_per_round, stp_scoring=args.stp_scoring,
-        stp_probe_size=args.stp_probe_size,
+        stp_probe_size=args.stp_probe_size, stp_expand_prob=args.stp_expand_prob,
+        stp_depth=args.stp_depth, stp_kd_weight=args.stp_kd_weight, stp_rank=args.stp_rank,
+        stp_label_weight=args.stp_label_weight,
         ckpt_every=args.ckpt_every, tensorboard=args.tensorboard, plots=not args.no_plots,
         log_every=args.log_every,
         amp=args.amp, device=args.device, out=args.out, resume=args.resume, seed=args.seed,

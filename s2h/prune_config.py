@@ -42,6 +42,13 @@ class PruneConfig:
     stp_commits_per_round: int = 1  # STP: best candidates committed per exploration round
     stp_scoring: str = "probe"  # STP: probe (no-grad forwards on the round's batches) | trial
     stp_probe_size: int = 32  # STP: samples of each batch the candidates are scored on
+    stp_expand_prob: float = 0.5  # STP: probability of a second sub-network between base and full
+    stp_depth: bool = True  # STP: also explore dropping residual blocks
+    stp_kd_weight: float = 1.0  # STP: weight of the sub-network(s)' KL terms
+    stp_rank: str = "kd"  # STP commit ranking: kd (METHOD §8) | kd_per_flop (KD added / FLOP saved)
+    # STP: weight of the sub-network's own loss on the labels (0: METHOD §8's KD only); 1 was
+    # chosen on --split val (bench/results/fashion_mnist-2026-11-29-stp-val-sweep.md)
+    stp_label_weight: float = 1.0
     ckpt_every: int | None = None  # also checkpoint every N steps (mid-epoch)
     max_grad_norm: float | None = 5.0
     amp: str = "none"  # none | bf16 | fp16
@@ -88,6 +95,14 @@ def validate_config(cfg: PruneConfig) -> None:
          "(1: the architecture is fixed at the end)"),
         (cfg.gate_warmup_steps >= 0,
          f"gate_warmup_steps must be >= 0, got {cfg.gate_warmup_steps}"),
+        (0.0 <= cfg.stp_expand_prob <= 1.0,
+         f"--stp-expand-prob is a probability, got {cfg.stp_expand_prob}"),
+        (math.isfinite(cfg.stp_kd_weight) and cfg.stp_kd_weight >= 0,
+         f"--stp-kd-weight must be >= 0, got {cfg.stp_kd_weight}"),
+        (math.isfinite(cfg.stp_label_weight) and cfg.stp_label_weight >= 0,
+         f"--stp-label-weight must be >= 0, got {cfg.stp_label_weight}"),
+        (cfg.stp_rank in ("kd", "kd_per_flop"),
+         f"--stp-rank must be 'kd' or 'kd_per_flop', got {cfg.stp_rank!r}"),
         (cfg.importance_from in ("warmup", "init"),
          f"importance_from must be 'warmup' or 'init', got {cfg.importance_from!r}"),
     ]

@@ -188,7 +188,11 @@ def build_pruner(cfg: PruneConfig, model: nn.Module, example: torch.Tensor,
         return STPPruner(model, (example,), cfg.target_flops, divisor=cfg.divisor,
                          trials=cfg.stp_trials, width_step=cfg.stp_width_step,
                          commits_per_round=cfg.stp_commits_per_round, scoring=cfg.stp_scoring,
-                         probe_size=cfg.stp_probe_size, seed=cfg.seed, warn=warn)
+                         probe_size=cfg.stp_probe_size, expand_prob=cfg.stp_expand_prob,
+                         depth=cfg.stp_depth, kd_weight=cfg.stp_kd_weight,
+                         rank=cfg.stp_rank, label_weight=cfg.stp_label_weight,
+                         seed=cfg.seed,
+                         warn=warn)
     if cfg.method != "s2h":
         raise ValueError(f"method must be 's2h' or 'stp', got {cfg.method!r}")
     return S2HPruner(model, (example,), cfg.target_flops, divisor=cfg.divisor, tau=cfg.tau,

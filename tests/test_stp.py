@@ -137,8 +137,9 @@ def _tiny_resnet_forward(model: TinyResNet, x: torch.Tensor, keep: torch.Tensor)
     return F.linear(h.mean((2, 3)), model.fc.weight, model.fc.bias)
 
 
-def test_train_step_is_full_on_labels_plus_kd_of_the_subnetwork():
-    model, p, x = _pruner(expand_prob=0.0, trials=1)
+@pytest.mark.parametrize("label_weight", [0.0, 1.0])  # METHOD §8 and the default
+def test_train_step_is_full_on_labels_plus_kd_of_the_subnetwork(label_weight):
+    model, p, x = _pruner(expand_prob=0.0, trials=1, label_weight=label_weight)
     y = torch.randint(0, 5, (8,))
     # the first candidate tried: the residual stream (stem.0's group) one divisor step narrower,
     # keeping its 12 most important channels: the mean over its producers (the stem and every
@@ -152,7 +153,7 @@ def test_train_step_is_full_on_labels_plus_kd_of_the_subnetwork():
     sub = _tiny_resnet_forward(model, x, keep)
     log_t = torch.log_softmax(full.detach().double(), -1)
     kd = (log_t.exp() * (log_t - torch.log_softmax(sub.double(), -1))).sum(-1).mean()
-    loss = F.cross_entropy(full, y) + kd
+    loss = F.cross_entropy(full, y) + kd + label_weight * F.cross_entropy(sub, y)
     params = list(p.weight_parameters())
     expected = torch.autograd.grad(loss, params, allow_unused=True)
 
