@@ -96,3 +96,14 @@ def lockstep_pair(model, x, divisor):
             pa.copy_(torch.randn(pa.shape, generator=g) * 1.5)
             pb.copy_(pa)
     return a, b
+
+
+def full_width_matches_dense(pruner, model, dense, x) -> None:
+    """With every group at full width, the soft and the hard network both equal ``dense``
+    (1e-5)."""
+    pruner.set_widths({g.name: g.channels for g in pruner.groups})
+    with torch.no_grad():
+        ref = dense(x)
+        for mode in ("soft", "hard"):
+            with pruner.mode(mode):
+                assert torch.allclose(model(x), ref, rtol=1e-5, atol=1e-5), mode

@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _exact import check_exact, prune
+from _exact import check_exact, full_width_matches_dense, prune
 from torch import nn
 
 tv = pytest.importorskip("torchvision")
@@ -158,12 +158,7 @@ def test_reduced_maxvit_prunes_heads_and_the_residual_stream_exactly():
     stream = "blocks.1.layers.0.layers.MBconv.proj.1"  # block 1's residual stream (64)
     assert stream in names and "blocks.1.layers.1.layers.grid_attention.attn_layer.1.heads" in names
     model.eval()
-    pruner.set_widths({g.name: g.channels for g in pruner.groups})
-    with torch.no_grad():
-        ref = dense(x)
-        for mode in ("soft", "hard"):
-            with pruner.mode(mode):
-                assert torch.allclose(model(x), ref, rtol=1e-5, atol=1e-5)
+    full_width_matches_dense(pruner, model, dense, x)
     heads = {"blocks.0.layers.0.layers.window_attention.attn_layer.1.heads": 16,
              "blocks.1.layers.1.layers.grid_attention.attn_layer.1.heads": 24}
     pruner.set_widths(heads)

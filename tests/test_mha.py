@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from _exact import counted, prune
+from _exact import counted, full_width_matches_dense, prune
 from torch import nn
 
 import s2h
@@ -383,12 +383,7 @@ def test_torchvision_swin_window_attention_heads():
     assert groups["features.3.1.attn.heads"].channels == 64
     assert "features.1.1.mlp.0" in groups
     model.eval()
-    pruner.set_widths({g.name: g.channels for g in pruner.groups})
-    with torch.no_grad():
-        ref = dense(x)
-        for mode in ("soft", "hard"):
-            with pruner.mode(mode):
-                assert torch.allclose(model(x), ref, rtol=1e-5, atol=1e-5)
+    full_width_matches_dense(pruner, model, dense, x)
     pruner.set_widths({"features.1.1.attn.heads": 16, "features.3.0.attn.heads": 32})
     zeroed = copy.deepcopy(dense)
     with torch.no_grad():
