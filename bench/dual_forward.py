@@ -204,6 +204,7 @@ def _environment() -> dict:
         ).stdout.strip()  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
+    commit = os.environ.get("S2H_BENCH_COMMIT") or commit  # a copy without .git (the GPU host)
     try:
         import triton
 
@@ -327,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                             "baseline": "eager",
                             "baseline_ms": base,
                             "speedup": base / ms,
+                            "autotune": os.environ.get("S2H_AUTOTUNE", "1") != "0",
                             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(
                                 timespec="seconds"
                             ),

@@ -1,30 +1,90 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one call (issue 7): build, `pytest -m gpu`, every benchmark,
-# rows appended to bench/results/<date>-<gpu>.jsonl, a short table at the end.
-# Runs on the GPU host as it is (torch >= 2.11 preinstalled, no package registry):
+# Everything that needs a GPU, in one call: build, `pytest -m gpu`, the benchmarks, a short
+# table last. Runs on the GPU host as it is (torch >= 2.11 preinstalled, no package registry):
+#
 #     bash bench/run_gpu.sh [--quick]
+#
+# --quick (issue 14: <= 8 minutes on an H100/H200, build included): the build for this GPU's
+# arch only; kernels run their first kept config (S2H_AUTOTUNE=0: no autotuning, rows say
+# "autotune": false); the benchmarks at p ~ 0.15 only, on the issue's shapes. Each stage has its
+# own time limit, so one that hangs or compiles for too long cannot take the later ones with it.
+#
+# Rows go to $OUT/rows.jsonl when $OUT is set (the device tool's folder), else to
+# bench/results/<date>-<gpu>.jsonl; logs beside them. S2H_BENCH_COMMIT names the commit when the
+# copy has no .git.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" PYTHONUNBUFFERED=1
 QUICK="${1:-}"
-python -m pip install -e . --no-build-isolation --no-deps -q || { echo "build failed"; exit 1; }
-python -m s2h info
-gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
-out="bench/results/$(date +%F)-${gpu}.jsonl"
-mkdir -p bench/results
-echo "== pytest -m gpu"; python -m pytest -q -m gpu tests/ 2>&1 | tail -25
-echo "== dual kernels on CUDA (full files)"; python -m pytest -q tests/test_functional.py tests/test_dual.py 2>&1 | tail -5
-echo "== gather"; python bench/gather.py --out "$out"
-if [ "$QUICK" = "--quick" ]; then compile=none; else compile=max-autotune; fi
-echo "== dual_forward"; python bench/dual_forward.py --out "$out" --compile "$compile"
-echo "== s2h_step"; python bench/s2h_step.py --out "$out"
-if [ -f bench/export_latency.py ]; then echo "== export_latency"; python bench/export_latency.py --out "$out"; fi
-echo "== rows in $out"
-python - "$out" <<'PY'
+PY="${PYTHON:-python3}"
+START=$(date +%s)
+if [ -n "${OUT:-}" ]; then dir="$OUT"; else dir="bench/results/gpu-$(date +%F-%H%M)"; fi
+mkdir -p "$dir"
+rows="$dir/rows.jsonl"
+: > "$dir/summary.txt"
+
+stage() {  # stage NAME LIMIT_S CMD...: run with a time limit, full output to $dir/run.log
+    local name=$1 limit=$2 t0 rc
+    shift 2
+    t0=$(date +%s)
+    echo "== $name (limit ${limit}s, at +$((t0 - START))s)" | tee -a "$dir/run.log"
+    timeout -k 10 "$limit" "$@" >> "$dir/run.log" 2>&1
+    rc=$?
+    echo "$name rc=$rc $(( $(date +%s) - t0 ))s" | tee -a "$dir/summary.txt" "$dir/run.log"
+    return $rc
+}
+
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu \
+    --format=csv > "$dir/nvidia-smi.txt" 2>&1
+cat "$dir/nvidia-smi.txt"
+arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+if [ "$QUICK" = "--quick" ]; then
+    export TORCH_CUDA_ARCH_LIST="$arch" S2H_AUTOTUNE=0
+fi
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+stage build 240 "$PY" -m pip install -e . --no-build-isolation --no-deps -q || {
+    tail -40 "$dir/run.log"; echo "build failed"; exit 1; }
+"$PY" -m s2h info 2>&1 | tee -a "$dir/run.log" | head -20
+
+xdist=()
+"$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
+if [ "$QUICK" = "--quick" ]; then
+    stage pytest_gpu 170 "$PY" -m pytest -q -p no:cacheprovider -m gpu "${xdist[@]}" tests/ \
+        -rfE --junitxml="$dir/pytest.xml"
+    stage s2h_step 170 "$PY" bench/s2h_step.py --keep 0.15 --reps 10 --out "$rows"
+    stage export_latency 60 "$PY" bench/export_latency.py --no-cpu --keeps 0.15 \
+        --models resnet50,vit_small_patch16_224 --gpu-batches 256 --out "$rows"
+    stage dual_forward 60 "$PY" bench/dual_forward.py --compile none --keep 0.15 \
+        --cases r50.l1.conv3x3_64_64 r50.l1.conv1x1_256_64 vit.qkv vit.fc1 --out "$rows"
+    stage gather 40 "$PY" bench/gather.py --keep 0.15,0.35 --reps 20 --out "$rows"
+else
+    stage pytest_gpu 600 "$PY" -m pytest -q -p no:cacheprovider -m gpu "${xdist[@]}" tests/ \
+        -rfE --junitxml="$dir/pytest.xml"
+    stage kernel_tests 900 "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" \
+        tests/test_functional.py tests/test_dual.py tests/test_ops.py
+    stage gather 300 "$PY" bench/gather.py --out "$rows"
+    stage dual_forward 1800 "$PY" bench/dual_forward.py --compile max-autotune --out "$rows"
+    stage s2h_step 1200 "$PY" bench/s2h_step.py --out "$rows"
+    stage export_latency 600 "$PY" bench/export_latency.py --no-cpu --out "$rows"
+fi
+
+echo "== failures and errors (pytest)"
+grep -E "^(FAILED|ERROR)" "$dir/run.log" | head -30
+grep -E "Error|error:|Traceback|warn" "$dir/run.log" | grep -v "^FAILED\|^ERROR" | sort | uniq -c \
+    | sort -rn | head -15
+echo "== stages"; cat "$dir/summary.txt"
+echo "== rows in $rows"
+[ -f "$rows" ] && "$PY" - "$rows" <<'PY'
 import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
+rows = [json.loads(line) for line in open(sys.argv[1])]
 for r in rows[-60:]:
-    extra = {k: r[k] for k in ("speedup", "copy_fraction", "ratio_to_dense", "peak_mem_ratio") if k in r}
-    print(f"{r['bench']:15s} {str(r.get('case'))[:34]:34s} keep={r.get('keep')} ms={r.get('ms'):.3f} "
-          + " ".join(f"{k}={v:.2f}" for k, v in extra.items() if isinstance(v, (int, float))))
+    extra = {k: r[k] for k in ("speedup", "copy_fraction", "ratio_to_dense", "floor",
+                               "peak_mem_ratio", "reference_ms", "dense_ms")
+             if isinstance(r.get(k), (int, float))}
+    print(f"{r['bench'][:12]:12s} {str(r.get('case'))[:26]:26s} {str(r.get('impl', ''))[:6]:6s}"
+          f"{str(r.get('mode', ''))[:7]:7s} b={r.get('batch')} keep={r.get('keep')} "
+          f"ms={r.get('ms', float('nan')):.3f} "
+          + " ".join(f"{k}={v:.3g}" for k, v in extra.items())
+          + ("" if r.get("lockstep", True) else " LOCKSTEP=False"))
 PY
+echo "total $(( $(date +%s) - START ))s"

@@ -58,6 +58,8 @@ import s2h  # noqa: E402
 
 
 def _commit():
+    if os.environ.get("S2H_BENCH_COMMIT"):  # a copy without .git (the GPU host)
+        return os.environ["S2H_BENCH_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
                                        cwd=os.path.dirname(__file__),
@@ -155,7 +157,7 @@ def run_case(name, img, batch, keep, dtype, device, reps):
             "dtype": str(dtype).replace("torch.", ""), "keep": round(p, 4), "batch": batch,
             "ms": ms, "dense_ms": dense_ms, "ratio_to_dense": ms / dense_ms,
             "floor": (4 + 3 * p) / 3, "reference_ms": ref_ms, "speedup": ref_ms / ms,
-            "lockstep": lockstep,
+            "lockstep": lockstep, "autotune": os.environ.get("S2H_AUTOTUNE", "1") != "0",
             "peak_mem_ratio": (peak / dense_peak) if peak and dense_peak else None}
 
 

@@ -40,6 +40,8 @@ import s2h  # noqa: E402
 
 
 def _commit() -> str | None:
+    if os.environ.get("S2H_BENCH_COMMIT"):  # a copy without .git (the GPU host)
+        return os.environ["S2H_BENCH_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"],
                                        cwd=os.path.dirname(__file__), text=True,

@@ -25,6 +25,12 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # implementation doubles as the fake kernel, which only works when ``wrap_triton`` recognises
 # the kernel: interpreted kernels are not recognised. Under the interpreter (and on torch
 # without triton_op) we register an opaque ``custom_op`` with an explicit fake instead.
+# ``S2H_AUTOTUNE=0``: every kernel runs its first kept config (the one CI's compile check
+# compiles) instead of benchmarking its keep-list at each new width bucket. For a short GPU run
+# (``bench/run_gpu.sh --quick``), where compiling every candidate would take most of the time;
+# rows timed this way record ``autotune: false``.
+AUTOTUNE: bool = os.environ.get("S2H_AUTOTUNE", "1") != "0"
+
 USE_TRITON_OP: bool = hasattr(torch.library, "triton_op") and not INTERPRET
 
 # Row granularity of the mask-gradient partial sums (one fp32 row of partials per PARTIAL_ROWS
@@ -81,10 +87,13 @@ def wgrad_candidates() -> list[triton.Config]:
 def pick_configs(
     candidates: list[triton.Config], keep: tuple[int, ...], interpret: dict[str, int]
 ) -> list[triton.Config]:
-    """The configs a kernel autotunes over: ``candidates[i] for i in keep`` (in that order), or
-    under the interpreter the single config ``interpret``."""
+    """The configs a kernel autotunes over: ``candidates[i] for i in keep`` (in that order),
+    only the first of them with ``S2H_AUTOTUNE=0``, or under the interpreter the single config
+    ``interpret``."""
     if INTERPRET:
         return [triton.Config(interpret)]
+    if not AUTOTUNE:
+        return [candidates[keep[0]]]
     return [candidates[i] for i in keep]
 
 

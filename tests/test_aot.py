@@ -247,3 +247,28 @@ def test_the_compile_check_sees_every_autotuned_kernel_and_its_configs():
         if "dgrad" in name:
             for config in configs:
                 assert config["BLOCK_M"] % result["rows"] == 0, (name, config)
+
+
+@pytest.mark.parametrize("setting", ["0", "1"])
+def test_autotune_switch_keeps_the_first_config_only_when_off(setting):
+    """``S2H_AUTOTUNE=0`` (short GPU runs) leaves each kernel its first kept config -- the one
+    CI's compile check compiles -- and the default tunes over the whole keep-list."""
+    code = """
+        import json, os
+        os.environ["S2H_AUTOTUNE"] = SETTING
+        from s2h.kernels import _common, dual_conv2d, dual_depthwise, dual_linear
+        out = {}
+        for mod, cands in ((dual_linear, _common.gemm_candidates()),
+                           (dual_conv2d, _common.gemm_candidates()),
+                           (dual_depthwise, dual_depthwise.depthwise_candidates())):
+            kernel = next(v for k, v in vars(mod).items() if k.endswith("_fwd_kernel")
+                          or k == "_fwd")
+            want = [cands[i] for i in mod.FWD_KEEP]
+            have = [str(c) for c in kernel.configs]
+            out[mod.__name__] = [len(have), len(want), have == [str(c) for c in want][:len(have)]]
+        print(json.dumps(out))
+    """.replace("SETTING", repr(setting))
+    result = _run(code)
+    for name, (n, full, same) in result.items():
+        assert same, name
+        assert n == (1 if setting == "0" else full), (name, n, full)

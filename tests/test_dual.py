@@ -305,3 +305,67 @@ def test_fused_step_flops_are_counted_like_the_two_pass_step(monkeypatch):
         torch.ops.s2h_kernels.dual_linear(xs, xh, w, None, torch.ones(12), torch.ones(8),
                                           torch.arange(8), torch.arange(4), True)
     assert fc.get_total_flops() == 2 * 5 * 12 * 6 + 2 * 5 * 8 * 4
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 on CUDA as IEEE fp32: the kernels follow torch's TF32 switches (``dot_precision``),
+    so with both off the fused and the plain path round alike."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _cuda_case(name: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    if name == "dense":
+        return plain_cnn(widths=(32, 64, 64)), torch.randn(8, 3, 16, 16)
+    if name == "depthwise":
+        return DepthwiseNet(), torch.randn(8, 3, 16, 16)
+    timm = pytest.importorskip("timm")
+    return timm.create_model(name, num_classes=10), torch.randn(8, 3, 32, 32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["dense", "depthwise", "resnet18"])
+def test_lockstep_with_compiled_kernels_on_cuda(no_tf32, name):
+    """The compiled Triton kernels inside the S2H step on a GPU (fp32, TF32 off): outputs,
+    weight gradients and gate-logit gradients equal the plain-PyTorch two-pass step's."""
+    model, x = _cuda_case(name)
+    model, x = model.cuda(), x.cuda()
+    a, b = lockstep_pair(model, x, divisor=8)
+    assert a.lockstep and not b.lockstep
+    assert s2h.functional.backend_for("cuda") == "triton"  # the compiled kernels, not a fallback
+    y = torch.randint(0, 10, (x.shape[0],), device="cuda")
+    sa, ha = a.dual_forward(x)
+    sb, hb = b.dual_forward(x)
+    for have, want in ((sa, sb), (ha, hb)):
+        assert float((have - want).norm() / want.norm()) < 1e-5
+    got = _routed_grads(a, a.losses(sa, ha, y))
+    want = _routed_grads(b, b.losses(sb, hb, y))
+    for label, have, expect in zip(("gap gate", "weight", "gate"), got, want, strict=True):
+        _assert_grads_close(have, expect, label, 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv3_small_050"])
+def test_fused_training_steps_on_cuda_in_bf16(name):
+    """``fused=True`` on a GPU: the pruner's own check against a float64 two-pass reference
+    (forward and backward, raised on disagreement) passes, and bf16 autocast steps train: the
+    loss stays finite and falls on a repeated batch."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10).cuda()
+    x = torch.randn(32, 3, 32, 32, device="cuda")
+    y = torch.randint(0, 10, (32,), device="cuda")
+    p = s2h.S2HPruner(model, x[:2], 0.35, fused=True, warn=False)
+    assert p.lockstep
+    opt = torch.optim.AdamW([{"params": p.weight_parameters()},
+                             {"params": p.gate_parameters()}], lr=1e-3)
+    losses = []
+    for _ in range(6):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            losses.append(p.train_step(x, y, opt)["loss"])
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    assert losses[-1] < losses[0], losses
