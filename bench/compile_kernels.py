@@ -31,7 +31,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 import torch  # noqa: E402
 
-DTYPE = torch.bfloat16
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE = torch.bfloat16  # the default; --dtype chooses (fp32: what the pruner's self-check runs)
 KEEPS = (0.15, 0.35, 0.55)
 TARGETS = ((90, "sm_90"), (80, "sm_80"))
 TOKENS = 64 * 197
@@ -60,9 +61,11 @@ def _keep_index(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randperm(n, generator=gen)[:k].sort().values
 
 
-def capture_case(case: str, keep: float) -> list:
+def capture_case(case: str, keep: float, dtype: torch.dtype = DTYPE) -> list:
     """The kernel launches of one layer's forward, data gradient and weight gradient."""
     from s2h.kernels import aot
+
+    DTYPE = dtype  # noqa: N806 - the module default, overridden per job
 
     ops = torch.ops.s2h_kernels
     gen = torch.Generator().manual_seed(0)
@@ -113,14 +116,15 @@ def compile_case(job: tuple) -> list[dict]:
 
     case, keep, quick = job[:3]
     allow_spills = job[3] if len(job) > 3 else False
+    dtype = DTYPES[job[4]] if len(job) > 4 else DTYPE
     rows = []
-    for launch in capture_case(case, keep):
+    for launch in capture_case(case, keep, dtype):
         configs = launch.configs()[:1] if quick else launch.configs()
         for ci, config in enumerate(configs):
             for arch, arch_name in TARGETS:
                 row = {
                     "case": case, "keep": keep, "kernel": launch.name, "arch": arch_name,
-                    "config": ci, "config_str": str(config), "dtype": str(DTYPE).split(".")[-1],
+                    "config": ci, "config_str": str(config), "dtype": str(dtype).split(".")[-1],
                 }  # fmt: skip
                 t0 = time.perf_counter()
                 try:
@@ -172,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="only the first (default) autotune config of each kernel (CI)")
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES),
+                    help="operand dtype of the captured launches (fp32: the pruner's fp32 "
+                         "self-check and fp32 training)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--allow-spills", action="store_true",
                     help="report register spills without failing")
@@ -179,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="write the rows (JSONL) and the table (.md) here; default: "
                          "bench/results/compile_kernels[-quick].{jsonl,md} unless --quick")
     args = ap.parse_args(argv)
-    jobs = [(case, keep, args.quick, args.allow_spills)
+    jobs = [(case, keep, args.quick, args.allow_spills, args.dtype)
             for case in (*LINEARS, *CONVS) for keep in KEEPS]
     t0 = time.perf_counter()
     rows: list[dict] = []
@@ -209,10 +216,10 @@ def main(argv: list[str] | None = None) -> int:
             f.write(
                 f"# Dual kernels compiled for sm_90 / sm_80 without a GPU\n\n"
                 f"`python bench/compile_kernels.py{' --quick' if args.quick else ''}`, "
-                f"triton {triton.__version__}, torch {torch.__version__}, bf16. Columns: registers "
-                f"per thread and spill bytes (ptxas -v), shared memory, tensor-core "
-                f"instructions (wgmma / mma.sync), asynchronous copies, 16-byte and 2-byte global "
-                f"loads in the PTX.\n\n```\n{table}\n```\n"
+                f"triton {triton.__version__}, torch {torch.__version__}, {args.dtype}. "
+                f"Columns: registers per thread and spill bytes (ptxas -v), shared memory, "
+                f"tensor-core instructions (wgmma / mma.sync), asynchronous copies, 16-byte and "
+                f"2-byte global loads in the PTX.\n\n```\n{table}\n```\n"
             )
         print(f"rows written to {out}.jsonl, table to {out}.md")
     for r in failed:

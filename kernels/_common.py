@@ -223,22 +223,60 @@ def with_align_hint(kernel: Any, args: tuple, kwargs: dict) -> dict:
     return {**kwargs, "ALIGN": ALIGN_ELEMS if ok else 1}
 
 
+def add_wide_variant(kernel: Any, reduce_block: str) -> None:
+    """Give an autotuned kernel ``kernel.wide``: the same kernel over its configs with the
+    reduction block ``reduce_block`` halved (at least 16), for 4-byte (fp32) operands.
+
+    The candidate lists are sized and checked for 2-byte operands (bf16 / fp16): with fp32
+    operands the same tiles need twice the shared memory per pipeline stage (the linear weight
+    gradient's 64x128x128 tile: 288 KB on sm_90, over its 227 KB; the conv GEMMs': 192 KB, over
+    sm_80's 163 KB), and a config that does not fit fails at launch ("out of resource: shared
+    memory") -- the autotuner skips such a config only when it has others to try. Halving the
+    reduction step halves each stage's operand tiles and keeps the output tile, the pipeline
+    depth and ``BLOCK_M``'s multiple of ``PARTIAL_ROWS`` for the GEMM kernels. fp32 launches
+    come with the pruner's fp32 self-check and with fp32 training. (Under the interpreter there
+    is one config and no shared memory: no variant.)
+    """
+    if INTERPRET:
+        return
+    configs = []
+    for c in kernel.configs:
+        kw = dict(c.kwargs)
+        kw[reduce_block] = max(16, kw[reduce_block] // 2)
+        configs.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
+    wide = triton.autotune(configs=configs, key=list(kernel.keys))(kernel.fn)
+    wide.align_args = getattr(kernel, "align_args", None)
+    kernel.wide = wide
+
+
+def kernel_for(kernel: Any, args: tuple) -> Any:
+    """``kernel.wide`` (see :func:`add_wide_variant`) when the launch's first floating-point
+    tensor argument has 4-byte elements, else ``kernel``."""
+    wide = getattr(kernel, "wide", None)
+    if wide is None:
+        return kernel
+    first = next((a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
+    return wide if first is not None and first.element_size() >= 4 else kernel
+
+
 class _Launcher:
-    def __init__(self, kernel: Any, inner: Any) -> None:
-        self.kernel, self.inner = kernel, inner
+    def __init__(self, kernel: Any) -> None:
+        self.kernel = kernel
 
     def __getitem__(self, grid: Any) -> Callable[..., Any]:
         def launch(*args: Any, **kwargs: Any) -> Any:
-            return self.inner[grid](*args, **with_align_hint(self.kernel, args, kwargs))
+            kernel = kernel_for(self.kernel, args)
+            inner = torch.library.wrap_triton(kernel) if USE_TRITON_OP else kernel
+            return inner[grid](*args, **with_align_hint(kernel, args, kwargs))
 
         return launch
 
 
 def launcher(kernel: Any) -> Any:
     """The kernel as it must be called inside an op body (``wrap_triton`` when tracing works),
-    with its alignment hint (:func:`with_align_hint`) filled in."""
-    inner = torch.library.wrap_triton(kernel) if USE_TRITON_OP else kernel
-    return _Launcher(kernel, inner)
+    with its alignment hint (:func:`with_align_hint`) filled in and its fp32 variant
+    (:func:`kernel_for`) chosen by the arguments."""
+    return _Launcher(kernel)
 
 
 def register_op(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., Any]], Any]:

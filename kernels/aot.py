@@ -71,8 +71,9 @@ class _Recorder:
 
     def __getitem__(self, grid: Any) -> Callable[..., None]:
         def record(*args: Any, **kwargs: Any) -> None:
-            kwargs = _common.with_align_hint(self.kernel, args, kwargs)
-            self.sink.append(Launch(self.kernel, args, kwargs))
+            kernel = _common.kernel_for(self.kernel, args)
+            kwargs = _common.with_align_hint(kernel, args, kwargs)
+            self.sink.append(Launch(kernel, args, kwargs))
 
         return record
 

@@ -53,6 +53,7 @@ from ._autograd import register_dual_autograd
 from ._common import (
     PARTIAL_ROWS,
     PARTIAL_ROWS_C,
+    add_wide_variant,
     dot_precision,
     dual_grid,
     gemm_configs,
@@ -208,6 +209,7 @@ _dual_conv_fwd_kernel.align_args = (  # sizes and strides ALIGN asserts are mult
     "s_ys_b", "s_ys_h", "s_ys_w", "s_yh_b", "s_yh_h", "s_yh_w", "s_w_o", "s_w_r", "s_w_s",
     "s_wh_o", "s_wh_r", "s_wh_s",
 )
+add_wide_variant(_dual_conv_fwd_kernel, "BLOCK_K")  # fp32 operands: half the reduction step
 
 
 @triton.jit
@@ -365,6 +367,7 @@ _dual_conv_dgrad_kernel.align_args = (  # sizes and strides ALIGN asserts are mu
     "s_xs_b", "s_xs_h", "s_xs_w", "s_xh_b", "s_xh_h", "s_xh_w", "s_dxs_b", "s_dxs_h", "s_dxs_w",
     "s_dxh_b", "s_dxh_h", "s_dxh_w", "s_w_o", "s_w_r", "s_w_s", "s_wh_o", "s_wh_r", "s_wh_s",
 )
+add_wide_variant(_dual_conv_dgrad_kernel, "BLOCK_K")  # fp32 operands: half the reduction step
 
 
 @triton.jit
@@ -485,6 +488,7 @@ _dual_conv_wgrad_kernel.align_args = (  # sizes and strides ALIGN asserts are mu
     "C", "O", "C_h", "O_h", "s_dys_b", "s_dys_h", "s_dys_w", "s_dyh_b", "s_dyh_h", "s_dyh_w",
     "s_xs_b", "s_xs_h", "s_xs_w", "s_xh_b", "s_xh_h", "s_xh_w",
 )
+add_wide_variant(_dual_conv_wgrad_kernel, "BLOCK_M")  # fp32 operands: half the reduction step
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from torch.utils.flop_counter import register_flop_formula
 from ._autograd import register_dual_autograd
 from ._common import (
     PARTIAL_ROWS,
+    add_wide_variant,
     dot_precision,
     dual_grid,
     gemm_configs,
@@ -154,6 +155,7 @@ _dual_linear_fwd_kernel.align_args = (  # sizes and strides that ALIGN asserts a
     "N", "K", "N_h", "K_h", "stride_xs_m", "stride_xh_m", "stride_w_n", "stride_wh_n",
     "stride_ys_m", "stride_yh_m",
 )
+add_wide_variant(_dual_linear_fwd_kernel, "BLOCK_K")  # fp32 operands: half the reduction step
 
 
 @triton.jit
@@ -241,6 +243,7 @@ _dual_linear_dgrad_kernel.align_args = (  # sizes and strides that ALIGN asserts
     "N", "K", "N_h", "K_h", "stride_dys_m", "stride_dyh_m", "stride_w_n", "stride_wh_n",
     "stride_xs_m", "stride_xh_m",
 )
+add_wide_variant(_dual_linear_dgrad_kernel, "BLOCK_K")  # fp32 operands: half the reduction step
 
 
 @triton.jit
@@ -330,6 +333,7 @@ def _dual_linear_wgrad_kernel(
 _dual_linear_wgrad_kernel.align_args = (  # sizes and strides that ALIGN asserts are multiples of it
     "N", "K", "N_h", "K_h", "stride_dys_m", "stride_dyh_m", "stride_xs_m", "stride_xh_m",
 )
+add_wide_variant(_dual_linear_wgrad_kernel, "BLOCK_M")  # fp32 operands: half the reduction step
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,3 +30,12 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def pytest_runtest_logreport(report):
+    """``S2H_FAILURE_LOG=path``: append each failure's report as it happens (a GPU run's stage
+    can be cut by its time limit before pytest prints its summary)."""
+    path = os.environ.get("S2H_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a") as f:
+            f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext[-4000:]}\n")

@@ -1,0 +1,150 @@
+"""Where one S2H step's time goes: torch.profiler over a few steps, launch and sync counts.
+
+    python bench/profile_step.py [--model resnet50] [--img 32] [--batch 256] [--keep 0.15]
+                                 [--fused auto,false] [--steps 3] [--out rows.jsonl]
+
+Per path (``fused``): the step's wall time with and without waiting for the device (when the
+two are close, the host -- Python and the launches -- is what the step waits for), the number
+of kernel launches and of host syncs per step (``cudaLaunchKernel`` / ``cuLaunchKernel``,
+``cudaStreamSynchronize`` / ``cudaDeviceSynchronize`` / device-to-host copies), and the
+operators with the most host time. The dense step of the same model is profiled the same way,
+as the reference. Runs on the CPU too (no launch counts there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import s2h  # noqa: E402
+
+LAUNCH = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
+SYNC = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def _model(name, img, device):
+    import timm
+
+    kw = {"img_size": img} if "vit" in name else {}
+    m = timm.create_model(name, pretrained=False, num_classes=100, **kw).to(device)
+    return m.to(memory_format=torch.channels_last) if device.type == "cuda" else m
+
+
+def _profile(step, device, steps):
+    for _ in range(3):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    host = (time.perf_counter() - t0) / steps  # without waiting for the device at the end
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / steps
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    ka = prof.key_averages()
+    launches = sum(e.count for e in ka if e.key in LAUNCH) / steps
+    syncs = sum(e.count for e in ka if e.key in SYNC) / steps
+    d2h = sum(e.count for e in ka if e.key in ("cudaMemcpyAsync", "cudaMemcpy")) / steps
+    ops = sorted((e for e in ka if not e.key.startswith("cuda") and not e.key.startswith("cu")),
+                 key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    top = [(e.key, e.count / steps, e.self_cpu_time_total / steps / 1e3) for e in ops]
+    dev_ms = None
+    if device.type == "cuda":
+        dev_ms = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
+                     for e in ka) / steps / 1e3
+    return {"wall_ms": wall * 1e3, "host_ms": host * 1e3, "launches": launches, "syncs": syncs,
+            "memcpy": d2h, "device_busy_ms": dev_ms, "top_host_ops": top}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet50")
+    ap.add_argument("--img", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--keep", type=float, default=0.15)
+    ap.add_argument("--fused", default="auto,false")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batch = args.batch if device.type == "cuda" else min(args.batch, 4)
+    amp = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16"
+           else contextlib.nullcontext())
+    x = torch.randn(batch, 3, args.img, args.img, device=device)
+    if device.type == "cuda":
+        x = x.to(memory_format=torch.channels_last)
+    y = torch.randint(0, 100, (batch,), device=device)
+    rows = []
+    torch.manual_seed(0)
+    dense = _model(args.model, args.img, device)
+    opt = torch.optim.SGD(dense.parameters(), lr=0.0, momentum=0.9)
+
+    def dense_step(dense=dense, opt=opt):
+        opt.zero_grad(set_to_none=True)
+        with amp:
+            loss = F.cross_entropy(dense(x).float(), y)
+        loss.backward()
+        opt.step()
+
+    rows.append({"path": "dense", **_profile(dense_step, device, args.steps)})
+    del dense, opt
+    for fused in args.fused.split(","):
+        f = {"auto": "auto", "false": False, "true": True}[fused]
+        torch.manual_seed(0)
+        model = _model(args.model, args.img, device)
+        pruner = s2h.S2HPruner(model, x[:2], args.keep, warn=False, fused=f)
+        pruner.set_widths(args.keep)
+        sopt = torch.optim.SGD([{"params": pruner.weight_parameters()},
+                                {"params": pruner.gate_parameters()}], lr=0.0, momentum=0.9)
+
+        def step(pruner=pruner, sopt=sopt):
+            with amp:
+                pruner.train_step(x, y, sopt)
+
+        rows.append({"path": f"s2h fused={fused} lockstep={pruner.lockstep}",
+                     **_profile(step, device, args.steps)})
+        del model, pruner, sopt, step
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"\nS2H step profile: {args.model}@{args.img} b{batch} p={args.keep} {args.dtype} "
+          f"on {name}")
+    print(f"{'path':36s}{'wall ms':>9s}{'host ms':>9s}{'dev ms':>8s}{'launch':>8s}{'sync':>6s}"
+          f"{'memcpy':>7s}")
+    for r in rows:
+        dev = "-" if r["device_busy_ms"] is None else f"{r['device_busy_ms']:.1f}"
+        print(f"{r['path'][:36]:36s}{r['wall_ms']:9.1f}{r['host_ms']:9.1f}{dev:>8s}"
+              f"{r['launches']:8.0f}{r['syncs']:6.0f}{r['memcpy']:7.0f}")
+    for r in rows:
+        print(f"-- {r['path']}: top host ops (calls/step, host ms/step)")
+        for k, n, ms in r["top_host_ops"][:8]:
+            print(f"   {k[:48]:48s} {n:7.0f} {ms:8.2f}")
+    if args.out:
+        with open(args.out, "a") as fh:
+            for r in rows:
+                fh.write(json.dumps({"bench": "profile_step", "case": f"{args.model}@{args.img}",
+                                     "device": name, "batch": batch, "keep": args.keep,
+                                     "commit": os.environ.get("S2H_BENCH_COMMIT"),
+                                     "torch": torch.__version__, **r}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
