@@ -1,7 +1,7 @@
 """Where one S2H step's time goes: torch.profiler over a few steps, launch and sync counts.
 
     python bench/profile_step.py [--model resnet50] [--img 32] [--batch 256] [--keep 0.15]
-                                 [--fused auto,false] [--steps 3] [--out rows.jsonl]
+                                 [--fused true,false] [--steps 3] [--out rows.jsonl]
 
 Per path (``fused``): the step's wall time with and without waiting for the device (when the
 two are close, the host -- Python and the launches -- is what the step waits for), the number
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--img", type=int, default=32)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--keep", type=float, default=0.15)
-    ap.add_argument("--fused", default="auto,false")
+    ap.add_argument("--fused", default="true,false")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--out", default=None)
@@ -111,7 +111,13 @@ def main(argv=None) -> int:
         f = {"auto": "auto", "false": False, "true": True}[fused]
         torch.manual_seed(0)
         model = _model(args.model, args.img, device)
-        pruner = s2h.S2HPruner(model, x[:2], args.keep, warn=False, fused=f)
+        try:
+            pruner = s2h.S2HPruner(model, x[:2], args.keep, warn=False, fused=f)
+        except ValueError as exc:  # fused=True refused: say why, profile two passes instead
+            print(f"fused={fused}: {exc}", file=sys.stderr)
+            torch.manual_seed(0)
+            model = _model(args.model, args.img, device)
+            pruner = s2h.S2HPruner(model, x[:2], args.keep, warn=False, fused=False)
         pruner.set_widths(args.keep)
         sopt = torch.optim.SGD([{"params": pruner.weight_parameters()},
                                 {"params": pruner.gate_parameters()}], lr=0.0, momentum=0.9)

@@ -71,7 +71,7 @@ xdist=()
 if [ "$QUICK" = "--quick" ]; then
     stage s2h_step 150 "$PY" bench/s2h_step.py --keep 0.15 --reps 10 --out "$rows"
     stage profile 120 "$PY" bench/profile_step.py --model resnet50 --img 32 --batch 256 \
-        --keep 0.15 --fused auto,false --out "$rows"
+        --keep 0.15 --fused true,false --out "$rows"
     stage export_latency 60 "$PY" bench/export_latency.py --no-cpu --keeps 0.15 \
         --models resnet50,vit_small_patch16_224 --gpu-batches 256 --out "$rows"
     stage dual_forward 60 "$PY" bench/dual_forward.py --compile none --keep 0.15 \

@@ -97,28 +97,27 @@ namespace {
 
 void check_index_arg(const char* op, const char* tname, const at::Tensor& t, const char* name,
                      const at::Tensor& index) {
-  TORCH_CHECK(index.device() == t.device(), op, ": ", tname, " and ", name,
+  TORCH_CHECK(index.device() == t.device(), s2h::msg(op, ": ", tname, " and ", name,
               " must be on the same device, got ", t.device().str(), " and ",
-              index.device().str());
-  TORCH_CHECK_TYPE(index.scalar_type() == at::kInt || index.scalar_type() == at::kLong, op, ": ",
+              index.device().str()));
+  TORCH_CHECK_TYPE(index.scalar_type() == at::kInt || index.scalar_type() == at::kLong, s2h::msg(op, ": ",
                    name, " must be an int32 or int64 tensor, got ",
-                   dtype_name(index.scalar_type()));
-  TORCH_CHECK_VALUE(index.dim() == 1, op, ": ", name, " must be 1-D, got a ", index.dim(),
-                    "-D tensor");
+                   dtype_name(index.scalar_type())));
+  TORCH_CHECK_VALUE(index.dim() == 1, s2h::msg(op, ": ", name, " must be 1-D, got a ", index.dim(),
+                    "-D tensor"));
 }
 
 void check_float_grad(const char* op, const at::Tensor& grad) {
   const auto t = grad.scalar_type();
-  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
-                   op, ": grad must be float64, float32, float16 or bfloat16, got ",
-                   dtype_name(t));
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, s2h::msg(op, ": grad must be float64, float32, float16 or bfloat16, got ",
+                   dtype_name(t)));
 }
 
 int64_t wrap_dim(const char* op, const char* tname, const at::Tensor& t, int64_t dim) {
   const int64_t n = t.dim();
-  TORCH_CHECK_VALUE(n >= 1, op, ": ", tname, " must have at least one dimension, got a 0-D tensor");
-  TORCH_CHECK_INDEX(dim >= -n && dim < n, op, ": dim ", dim, " is out of range for a ", n,
-                    "-D tensor (expected ", -n, " to ", n - 1, ")");
+  TORCH_CHECK_VALUE(n >= 1, s2h::msg(op, ": ", tname, " must have at least one dimension, got a 0-D tensor"));
+  TORCH_CHECK_INDEX(dim >= -n && dim < n, s2h::msg(op, ": dim ", dim, " is out of range for a ", n,
+                    "-D tensor (expected ", -n, " to ", n - 1, ")"));
   return dim < 0 ? dim + n : dim;
 }
 
@@ -137,17 +136,17 @@ int64_t check_scatter_channels(const at::Tensor& grad, const at::Tensor& index, 
   dim = wrap_dim(op, "grad", grad, dim);
   check_index_arg(op, "grad", grad, "index", index);
   check_float_grad(op, grad);
-  TORCH_CHECK_VALUE(size >= 0, op, ": size must be >= 0, got ", size);
-  TORCH_CHECK_VALUE(grad.size(dim) == index.numel(), op, ": grad.size(", dim, ") is ",
-                    grad.size(dim), " but index has ", index.numel(), " entries");
+  TORCH_CHECK_VALUE(size >= 0, s2h::msg(op, ": size must be >= 0, got ", size));
+  TORCH_CHECK_VALUE(grad.size(dim) == index.numel(), s2h::msg(op, ": grad.size(", dim, ") is ",
+                    grad.size(dim), " but index has ", index.numel(), " entries"));
   return dim;
 }
 
 void check_gather_weight(const at::Tensor& w, const at::Tensor& out_index,
                          const at::Tensor& in_index) {
   const char* op = "s2h.gather_weight";
-  TORCH_CHECK_VALUE(w.dim() >= 2, op, ": w must have at least 2 dims (out, in, ...), got a ",
-                    w.dim(), "-D tensor");
+  TORCH_CHECK_VALUE(w.dim() >= 2, s2h::msg(op, ": w must have at least 2 dims (out, in, ...), got a ",
+                    w.dim(), "-D tensor"));
   check_index_arg(op, "w", w, "out_index", out_index);
   check_index_arg(op, "w", w, "in_index", in_index);
 }
@@ -155,32 +154,32 @@ void check_gather_weight(const at::Tensor& w, const at::Tensor& out_index,
 void check_scatter_weight(const at::Tensor& grad, const at::Tensor& out_index,
                           const at::Tensor& in_index, at::IntArrayRef full_shape) {
   const char* op = "s2h.scatter_weight";
-  TORCH_CHECK_VALUE(grad.dim() >= 2, op,
+  TORCH_CHECK_VALUE(grad.dim() >= 2, s2h::msg(op,
                     ": grad must have at least 2 dims (out, in, ...), got a ", grad.dim(),
-                    "-D tensor");
+                    "-D tensor"));
   check_index_arg(op, "grad", grad, "out_index", out_index);
   check_index_arg(op, "grad", grad, "in_index", in_index);
   check_float_grad(op, grad);
-  TORCH_CHECK_VALUE(static_cast<int64_t>(full_shape.size()) == grad.dim(), op, ": full_shape has ",
-                    full_shape.size(), " entries but grad has ", grad.dim(), " dims");
-  TORCH_CHECK_VALUE(full_shape[0] >= 0 && full_shape[1] >= 0, op,
-                    ": full_shape must not be negative, got ", full_shape);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(full_shape.size()) == grad.dim(), s2h::msg(op, ": full_shape has ",
+                    full_shape.size(), " entries but grad has ", grad.dim(), " dims"));
+  TORCH_CHECK_VALUE(full_shape[0] >= 0 && full_shape[1] >= 0, s2h::msg(op,
+                    ": full_shape must not be negative, got ", full_shape));
   for (int64_t d = 2; d < grad.dim(); ++d) {
-    TORCH_CHECK_VALUE(full_shape[d] == grad.size(d), op, ": full_shape[", d, "] is ",
-                      full_shape[d], " but grad.size(", d, ") is ", grad.size(d));
+    TORCH_CHECK_VALUE(full_shape[d] == grad.size(d), s2h::msg(op, ": full_shape[", d, "] is ",
+                      full_shape[d], " but grad.size(", d, ") is ", grad.size(d)));
   }
-  TORCH_CHECK_VALUE(grad.size(0) == out_index.numel(), op, ": grad.size(0) is ", grad.size(0),
-                    " but out_index has ", out_index.numel(), " entries");
-  TORCH_CHECK_VALUE(grad.size(1) == in_index.numel(), op, ": grad.size(1) is ", grad.size(1),
-                    " but in_index has ", in_index.numel(), " entries");
+  TORCH_CHECK_VALUE(grad.size(0) == out_index.numel(), s2h::msg(op, ": grad.size(0) is ", grad.size(0),
+                    " but out_index has ", out_index.numel(), " entries"));
+  TORCH_CHECK_VALUE(grad.size(1) == in_index.numel(), s2h::msg(op, ": grad.size(1) is ", grad.size(1),
+                    " but in_index has ", in_index.numel(), " entries"));
 }
 
 void throw_if_out_of_range(const char* op, const char* name, int64_t dim, int64_t size,
                            int64_t min_value, int64_t max_value) {
-  TORCH_CHECK_INDEX(min_value >= 0, op, ": ", name, " contains a negative entry (", min_value,
-                    "); entries must lie in [0, ", size, ") for dim ", dim);
-  TORCH_CHECK_INDEX(max_value < size, op, ": ", name, " entry ", max_value,
-                    " is out of range; entries must lie in [0, ", size, ") for dim ", dim);
+  TORCH_CHECK_INDEX(min_value >= 0, s2h::msg(op, ": ", name, " contains a negative entry (", min_value,
+                    "); entries must lie in [0, ", size, ") for dim ", dim));
+  TORCH_CHECK_INDEX(max_value < size, s2h::msg(op, ": ", name, " entry ", max_value,
+                    " is out of range; entries must lie in [0, ", size, ") for dim ", dim));
 }
 
 std::pair<int64_t, int64_t> cpu_index_min_max(const at::Tensor& index) {
@@ -729,18 +728,17 @@ std::tuple<at::Tensor, at::Tensor> channel_mask_backward_cpu(const at::Tensor& g
                                                              const at::Tensor& x,
                                                              const at::Tensor& mask, int64_t dim,
                                                              bool need_grad_x) {
-  TORCH_CHECK(grad.sizes() == x.sizes(), "s2h.channel_mask_backward: grad has shape ",
-              grad.sizes(), ", x has ", x.sizes());
+  TORCH_CHECK(grad.sizes() == x.sizes(), s2h::msg("s2h.channel_mask_backward: grad has shape ",
+              grad.sizes(), ", x has ", x.sizes()));
   TORCH_CHECK(grad.scalar_type() == x.scalar_type() && mask.scalar_type() == x.scalar_type(),
               "s2h.channel_mask_backward: grad, x and mask must have one dtype");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "s2h.channel_mask_backward: float32 or float64 only, got ",
-              dtype_name(x.scalar_type()));
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, s2h::msg("s2h.channel_mask_backward: float32 or float64 only, got ",
+              dtype_name(x.scalar_type())));
   TORCH_CHECK(x.dim() >= 1, "s2h.channel_mask_backward: x must have a dim");
   dim = c10::maybe_wrap_dim(dim, x.dim());
   const int64_t C = x.size(dim);
-  TORCH_CHECK(mask.dim() == 1 && mask.size(0) == C, "s2h.channel_mask_backward: mask must be (",
-              C, ",), got ", mask.sizes());
+  TORCH_CHECK(mask.dim() == 1 && mask.size(0) == C, s2h::msg("s2h.channel_mask_backward: mask must be (",
+              C, ",), got ", mask.sizes()));
   const at::Tensor g = grad.contiguous();
   const at::Tensor xc = x.contiguous();
   const at::Tensor mc = mask.contiguous();
@@ -851,8 +849,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         } else if (mode == "always") {
           s2h::set_index_check_mode(s2h::IndexCheck::kAlways);
         } else {
-          TORCH_CHECK_VALUE(false, "s2h.set_index_check: mode must be 'cached', 'always' or "
-                                   "'off', got '", mode, "'");
+          TORCH_CHECK_VALUE(false, s2h::msg("s2h.set_index_check: mode must be 'cached', 'always' or "
+                                   "'off', got '", mode, "'"));
         }
         s2h::index_cache_clear();
       },

@@ -18,9 +18,34 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace s2h {
+
+// Error messages are built by string concatenation, not by c10::str's std::ostringstream: on
+// the H200 host (GCC 13 build, torch 2.11) formatting an integer through an ostream inside this
+// extension crashed (segfault in std::ostream::_M_insert<long>, called from a TORCH_CHECK's
+// message) instead of raising the check's error. A single std::string argument reaches
+// TORCH_CHECK's message unformatted.
+inline void msg_part(std::string& s, const char* v) { s += v; }
+inline void msg_part(std::string& s, const std::string& v) { s += v; }
+template <typename T, typename = std::enable_if_t<std::is_integral<T>::value>>
+inline void msg_part(std::string& s, T v) { s += std::to_string(v); }
+inline void msg_part(std::string& s, at::IntArrayRef v) {
+  s += "[";
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(v[i]);
+  }
+  s += "]";
+}
+template <typename... Args>
+std::string msg(const Args&... args) {
+  std::string s;
+  (msg_part(s, args), ...);
+  return s;
+}
 
 // Layout of one tensor as the kernels see it.
 struct View4 {

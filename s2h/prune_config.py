@@ -15,7 +15,7 @@ class PruneConfig:
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
     target_flops: float = 0.35
-    epochs: int = 3
+    epochs: int = 2
     steps_per_epoch: int | None = None
     batch_size: int = 128
     lr: float = 2e-3

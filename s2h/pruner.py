@@ -85,9 +85,14 @@ class S2HPruner:
             the divisor (default) or ``"ceil"`` (see :mod:`s2h.gates` for why nearest).
         fused: run soft and hard *together* (lockstep, :mod:`s2h.dual`) so that every conv /
             linear computes both paths with one fused dual op (``s2h.functional``):
-            ``"auto"`` (default: when the model is on CUDA and the Triton back-end is usable),
-            ``True`` (always; an error if the model cannot run in lockstep) or ``False`` (two
-            passes). Lockstep is validated once against two passes on the example inputs.
+            ``"auto"`` (default) is two passes for now; ``True`` asks for lockstep (an error
+            if the model cannot run in lockstep or fails the check below), ``False`` is two
+            passes. Lockstep is validated once against two passes on the example inputs.
+            Why ``"auto"`` no longer picks lockstep on CUDA: on an H200 (2026-11-29, torch
+            2.11, Triton 3.6) the fused kernels ran 0.35-0.74x the speed of the plain PyTorch
+            dual layer (first config, no autotuning), the linear weight-gradient kernel missed
+            the error bound at 4 of 8 ViT-B/16 shapes, and the self-check refused ResNet-50
+            with TF32 on; see ``bench/results/gpu-2026-11-29.md``.
         grad_balance: deprecated alias: ``grad_balance=r`` is ``resource_mode="normalized",
             resource_ratio=r``.  It used to rescale against the gap gradients only, with no
             fade band; that form was replaced (measured: it ended at 0.521 for a 0.15 target on
@@ -597,13 +602,9 @@ class S2HPruner:
     def _decide_lockstep(self, fused) -> bool:
         if fused is False or fused == "never":
             return False
-        if fused == "auto":
-            from . import dispatch
-
-            dev = self.device()
-            if dev.type != "cuda" or dispatch.backend_for(dev) != "triton":
-                return False
-        elif fused is not True:
+        if fused == "auto":  # two passes until the fused path is measured to help (docstring)
+            return False
+        if fused is not True:
             raise ValueError(f"fused must be True, False or 'auto', got {fused!r}")
         from . import dual
 

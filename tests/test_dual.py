@@ -349,6 +349,10 @@ def test_lockstep_with_compiled_kernels_on_cuda(no_tf32, name):
 
 
 @pytest.mark.gpu
+@pytest.mark.xfail(strict=False, reason=(
+    "H200, 2026-11-29 (torch 2.11, Triton 3.6): the fp32 self-check refused lockstep for both "
+    "models with TF32 on ('its soft output differs from the two-pass forward'); fused=True is "
+    "opt-in until that is understood (bench/results/gpu-2026-11-29.md)"))
 @pytest.mark.parametrize("name", ["resnet18", "mobilenetv3_small_050"])
 def test_fused_training_steps_on_cuda_in_bf16(name):
     """``fused=True`` on a GPU: the pruner's own check against a float64 two-pass reference
@@ -369,3 +373,29 @@ def test_fused_training_steps_on_cuda_in_bf16(name):
             losses.append(p.train_step(x, y, opt)["loss"])
     assert all(torch.isfinite(torch.tensor(losses))), losses
     assert losses[-1] < losses[0], losses
+
+
+def test_self_check_runs_with_tf32_off_and_restores_it(monkeypatch):
+    """The lockstep self-check compares the kernels with TF32 off (cuDNN / cuBLAS use TF32 for
+    some layers only, so with it on the two paths' errors differ for reasons unrelated to the
+    kernels), and puts the user's switches back."""
+    from s2h import dual
+
+    seen = []
+    real = dual.dual_forward
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dual, "dual_forward", spy)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        model, x = _case("cnn")
+        assert s2h.S2HPruner(model, x[:2], 0.5, divisor=4, fused=True).lockstep
+        assert seen and all(s == (False, False) for s in seen), seen
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True,
+                                                                                            True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
