@@ -9,16 +9,24 @@ of kernel launches and of host syncs per step (``cudaLaunchKernel`` / ``cuLaunch
 ``cudaStreamSynchronize`` / ``cudaDeviceSynchronize`` / device-to-host copies), and the
 operators with the most host time. The dense step of the same model is profiled the same way,
 as the reference. Runs on the CPU too (no launch counts there).
+
+``--count-ops``: instead, count the aten operators one S2H step dispatches (a
+``TorchDispatchMode``; on a GPU nearly every one is a kernel launch: 7,403 ops on the CPU
+against 7,494 launches on an H200 for the ResNet-50 two-pass step), grouped by the line of
+s2h that issued them (operators the autograd engine runs for a backward count under the
+forward line that built them only when Python is on the stack, else under "(engine)").
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import os
 import sys
 import time
+import traceback
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +82,27 @@ def _profile(step, device, steps):
             "memcpy": d2h, "device_busy_ms": dev_ms, "top_host_ops": top}
 
 
+def count_ops(step, top: int = 30) -> tuple[int, list]:
+    """``(total aten ops, [(count, op, s2h line)])`` of one call of ``step``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    by_site: collections.Counter = collections.Counter()
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            frames = traceback.extract_stack(limit=16)[:-1]
+            site = next((f"{os.path.basename(f.filename)}:{f.lineno} {f.name}"
+                         for f in reversed(frames) if f"{os.sep}s2h{os.sep}" in f.filename),
+                        "(engine)")
+            by_site[(func.overloadpacket.__name__, site)] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        step()
+    rows = [(c, op, site) for (op, site), c in by_site.most_common(top)]
+    return sum(by_site.values()), rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet50")
@@ -84,6 +113,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--count-ops", action="store_true",
+                    help="count the aten ops of one S2H step by s2h source line instead")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch = args.batch if device.type == "cuda" else min(args.batch, 4)
@@ -126,6 +157,14 @@ def main(argv=None) -> int:
             with amp:
                 pruner.train_step(x, y, sopt)
 
+        if args.count_ops:
+            step()  # warm: caches and optimizer state as in a steady step
+            total, top = count_ops(step)
+            print(f"\n{args.model} S2H step (fused={fused}, lockstep={pruner.lockstep}): "
+                  f"{total} aten ops; by s2h line:")
+            for c, op, site in top:
+                print(f"{c:7d}  {op:24s} {site}")
+            continue
         rows.append({"path": f"s2h fused={fused} lockstep={pruner.lockstep}",
                      **_profile(step, device, args.steps)})
         del model, pruner, sopt, step

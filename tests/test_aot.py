@@ -201,7 +201,9 @@ def test_the_compile_check_sees_every_autotuned_kernel_and_its_configs():
     in a module the capture does not patch would go unchecked), and each launch carries the
     GPU configs of that kernel's keep-list; the data-gradient kernels' ``BLOCK_M`` is a
     multiple of ``PARTIAL_ROWS`` (their mask-gradient partial sums need exactly one writer
-    per buffer row, whatever the config)."""
+    per buffer row, whatever the config). fp32 launches of the GEMM kernels carry the same
+    configs with the reduction step halved (``BLOCK_K``; ``BLOCK_M`` for the weight gradients),
+    the depthwise kernels' are unchanged."""
     result = _run(
         """
         import importlib, json, pkgutil, torch
@@ -215,37 +217,53 @@ def test_the_compile_check_sees_every_autotuned_kernel_and_its_configs():
                 if isinstance(obj, Autotuner) and name.startswith("_dual"):
                     tuners[name] = [c.all_kwargs() for c in obj.configs]
         ops = torch.ops.s2h_kernels
-        xs, xh = torch.randn(2, 16, 8, 8), torch.randn(2, 8, 8, 8)
-        ms, mh = torch.rand(16), torch.rand(8)
-        ik = torch.arange(0, 16, 2)
-        geo = ([1, 1], [1, 1], [1, 1])
-        with aot.capture_launches() as launches:
-            for w, groups in ((torch.randn(24, 16, 3, 3), 1), (torch.randn(16, 1, 3, 3), 16)):
-                ok = ik if groups > 1 else torch.arange(0, 24, 2)
-                gs = torch.randn(2, w.shape[0], 8, 8)
-                gh = torch.randn(2, ok.numel(), 8, 8)
-                ops.dual_conv2d(xs, xh, w, None, ms, mh, ik, ok, *geo, groups, True)
-                ops.dual_conv2d_dgrad(gs, gh, xs, xh, w, ms, mh, ik, ok, *geo, groups,
-                                      True, True, True, True)
-                ops.dual_conv2d_wgrad(gs, gh, xs, xh, w, ms, mh, ik, ok, *geo, groups, True)
-            x2, xh2, w2 = torch.randn(64, 16), torch.randn(64, 8), torch.randn(24, 16)
-            ok2, g2, gh2 = torch.arange(0, 24, 2), torch.randn(64, 24), torch.randn(64, 12)
-            ops.dual_linear(x2, xh2, w2, None, ms, mh, ik, ok2, True)
-            ops.dual_linear_dgrad(g2, gh2, x2, xh2, w2, ms, mh, ik, ok2, True, True, True, True)
-            ops.dual_linear_wgrad(g2, gh2, x2, xh2, w2, ms, mh, ik, ok2, False)
-        captured = {l.name: [c.all_kwargs() for c in l.configs()] for l in launches}
+        captured = {}
+        for dt in (torch.bfloat16, torch.float32):
+            def r(*shape):
+                return torch.randn(*shape).to(dt)
+            xs, xh = r(2, 16, 8, 8), r(2, 8, 8, 8)
+            ms, mh = torch.rand(16), torch.rand(8)
+            ik = torch.arange(0, 16, 2)
+            geo = ([1, 1], [1, 1], [1, 1])
+            with aot.capture_launches() as launches:
+                for w, groups in ((r(24, 16, 3, 3), 1), (r(16, 1, 3, 3), 16)):
+                    ok = ik if groups > 1 else torch.arange(0, 24, 2)
+                    gs = r(2, w.shape[0], 8, 8)
+                    gh = r(2, ok.numel(), 8, 8)
+                    ops.dual_conv2d(xs, xh, w, None, ms, mh, ik, ok, *geo, groups, True)
+                    ops.dual_conv2d_dgrad(gs, gh, xs, xh, w, ms, mh, ik, ok, *geo, groups,
+                                          True, True, True, True)
+                    ops.dual_conv2d_wgrad(gs, gh, xs, xh, w, ms, mh, ik, ok, *geo, groups, True)
+                x2, xh2, w2 = r(64, 16), r(64, 8), r(24, 16)
+                ok2, g2, gh2 = torch.arange(0, 24, 2), r(64, 24), r(64, 12)
+                ops.dual_linear(x2, xh2, w2, None, ms, mh, ik, ok2, True)
+                ops.dual_linear_dgrad(g2, gh2, x2, xh2, w2, ms, mh, ik, ok2, True, True, True,
+                                      True)
+                ops.dual_linear_wgrad(g2, gh2, x2, xh2, w2, ms, mh, ik, ok2, False)
+            captured[str(dt)] = {l.name: [c.all_kwargs() for c in l.configs()]
+                                 for l in launches}
         print(json.dumps({"tuners": tuners, "captured": captured,
                           "rows": _common.PARTIAL_ROWS}))
         """
     )
     tuners, captured = result["tuners"], result["captured"]
     assert len(tuners) == 9, sorted(tuners)  # fwd, dgrad, wgrad of linear, conv, depthwise
-    assert captured == tuners
+    assert captured["torch.bfloat16"] == tuners
     for name, configs in tuners.items():
         assert configs, name
         assert len({json.dumps(c, sort_keys=True) for c in configs}) == len(configs), name
         if "dgrad" in name:
             for config in configs:
+                assert config["BLOCK_M"] % result["rows"] == 0, (name, config)
+        wide = captured["torch.float32"][name]
+        if "_dw_" in name:
+            assert wide == configs, name
+            continue
+        block = "BLOCK_M" if "wgrad" in name else "BLOCK_K"
+        halved = [{**c, block: max(16, c[block] // 2)} for c in configs]
+        assert wide == halved, name
+        if "dgrad" in name:
+            for config in wide:
                 assert config["BLOCK_M"] % result["rows"] == 0, (name, config)
 
 
