@@ -175,9 +175,15 @@ def test_stp_two_gloo_processes_commit_what_one_process_commits(tmp_path, scorin
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [ROOT, os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")]),
         "OMP_NUM_THREADS": "1"}
+    # os._exit once the worker has written its result and destroyed its process group: it
+    # skips interpreter finalization, where torch's gloo teardown aborts now and then
+    # ("terminate called without an active exception", SIGABRT; in CI on 2026-11-29 after a
+    # finished run). This test is about what STP commits; the product's own exit path is
+    # tested under torchrun (test_two_gloo_processes_match_one_process).
     procs = [subprocess.Popen(
-        [sys.executable, "-c", "import sys, test_distributed as t; "
-         "t._stp_worker(int(sys.argv[1]), 2, int(sys.argv[2]), sys.argv[3], sys.argv[4])",
+        [sys.executable, "-c", "import os, sys, test_distributed as t; "
+         "t._stp_worker(int(sys.argv[1]), 2, int(sys.argv[2]), sys.argv[3], sys.argv[4]); "
+         "sys.stdout.flush(); os._exit(0)",
          str(r), str(port), str(tmp_path / f"rank{r}.json"), scoring], cwd=ROOT, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
     for proc in procs:
