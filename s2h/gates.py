@@ -142,10 +142,16 @@ class ChannelGate(nn.Module):
         return (self.probs() * self.widths_table.to(self.logits.device)).sum()
 
     # ------------------------------------------------------------------ hard network
-    def hard_width(self) -> int:
-        """Kept channels of the hard network: ``E`` rounded to a multiple of ``d`` in ``[d, C]``."""
-        with torch.no_grad():
-            e = float(self.expected_width())
+    def hard_width(self, expected: float | None = None) -> int:
+        """Kept channels of the hard network: ``E`` rounded to a multiple of ``d`` in ``[d, C]``.
+
+        ``expected``: ``E`` already read to the host (``float(self.expected_width())``), so that
+        many gates' widths cost one host read together (:meth:`s2h.runtime.GateRuntime.prepare`)
+        instead of a device sync each."""
+        if expected is None:
+            with torch.no_grad():
+                expected = float(self.expected_width())
+        e = float(expected)
         if self.rounding == "ceil":
             # guard the float rounding of E just above a multiple of d (e.g. 16.000001)
             k = math.ceil(e / self.divisor - 1e-6) * self.divisor

@@ -197,9 +197,13 @@ class GateRuntime:
     def prepare(self, gates: Iterable[ChannelGate], device: torch.device | None = None) -> None:
         """Compute every gate's soft mask, kept set and STE mask for the coming forward(s)."""
         self.states = {}
-        for gate in gates:
+        gates = list(gates)
+        with torch.no_grad():  # every gate's E in one host read, not a device sync per gate
+            expected = (torch.stack([g.expected_width() for g in gates]).tolist()
+                        if gates else [])
+        for gate, e in zip(gates, expected, strict=True):
             soft = gate.soft_mask()
-            keep = gate.keep_index()
+            keep = gate.keep_index(gate.hard_width(e))
             if device is not None:
                 soft, keep = soft.to(device), keep.to(device)
             self.states[id(gate)] = GateState(soft, keep, gate.hard_mask(soft, keep))

@@ -538,3 +538,29 @@ def test_conv_models_go_channels_last_on_cuda_only():
     p = s2h.S2HPruner(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)),
                       torch.randn(2, 3, 6, 6), 0.5, divisor=4)
     assert not p.channels_last and p.model[0].weight.is_contiguous()
+
+
+def test_prepare_reads_every_gate_width_in_one_host_transfer():
+    """Preparing a step reads the gates' expected widths to the host together (one transfer,
+    no per-gate scalar read: each is a device sync on CUDA), and keeps the same channels as
+    each gate's own ``hard_width()``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(0)
+    p = s2h.S2HPruner(plain_cnn(), torch.randn(2, 3, 8, 8), 0.5)
+    with torch.no_grad():
+        for g in p.gate_parameters():
+            g.copy_(torch.randn(g.shape))
+    scalar_reads = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("_local_scalar_dense", "item"):
+                scalar_reads.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        p.runtime.prepare(p.gates.values(), p.device())
+    assert scalar_reads == []
+    for gate in p.gates.values():
+        assert p.runtime.state(gate).keep.numel() == gate.hard_width()
