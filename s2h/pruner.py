@@ -548,13 +548,34 @@ class S2HPruner:
             total = total + flops * f
         return total / self.dense_flops
 
+    def _gate_widths(self) -> dict[int, tuple[torch.Tensor, int]]:
+        """``{id(gate): (expected width E, hard width)}`` for every gate, with one host read for
+        all of them (``hard_width()`` alone reads ``E`` with a device sync per gate)."""
+        gates = list(self.gates.values())
+        if not gates:
+            return {}
+        es = [g.expected_width() for g in gates]
+        host = torch.stack([e.detach() for e in es]).tolist()
+        return {id(g): (e, g.hard_width(h)) for g, e, h in zip(gates, es, host, strict=True)}
+
     def hard_flops_ratio(self) -> float:
         """FLOPs of the current hard network over the dense model (as the exported model counts)."""
-        return float(self.flops_ratio(lambda g: float(g.hard_width())))
+        with torch.no_grad():
+            widths = self._gate_widths()
+        return float(self.flops_ratio(
+            lambda g: float(widths[id(g)][1] if id(g) in widths else g.hard_width())))
 
     def soft_flops_ratio(self) -> torch.Tensor:
         """Differentiable FLOPs ratio: value of the hard widths, gradient of the expected widths."""
-        return self.flops_ratio(lambda g: g.hard_width_ste())
+        widths = self._gate_widths()
+
+        def ste(g: ChannelGate) -> torch.Tensor:  # == g.hard_width_ste(), E read once for all
+            if id(g) not in widths:
+                return g.hard_width_ste()
+            e, k = widths[id(g)]
+            return e + (float(k) - e).detach()
+
+        return self.flops_ratio(ste)
 
     def widths(self) -> dict[str, int]:
         """Kept channels per group (keyed by the group's first producing layer)."""

@@ -564,3 +564,36 @@ def test_prepare_reads_every_gate_width_in_one_host_transfer():
     assert scalar_reads == []
     for gate in p.gates.values():
         assert p.runtime.state(gate).keep.numel() == gate.hard_width()
+
+
+def test_flops_ratios_read_the_gate_widths_once_and_equal_the_per_gate_form():
+    """``soft_flops_ratio`` / ``hard_flops_ratio`` read every gate's width in one transfer (no
+    per-gate scalar read, a device sync each on CUDA) and equal the per-gate form
+    ``flops_ratio(hard_width_ste)`` -- value and gate-logit gradients -- and
+    ``flops_ratio(hard_width)``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(0)
+    p = s2h.S2HPruner(plain_cnn(), torch.randn(2, 3, 8, 8), 0.5)
+    with torch.no_grad():
+        for g in p.gate_parameters():
+            g.copy_(torch.randn(g.shape) * 2)
+    reads = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("_local_scalar_dense", "item"):
+                reads.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        soft = p.soft_flops_ratio()
+        hard = p.hard_flops_ratio()
+    assert reads == []
+    want = p.flops_ratio(lambda g: g.hard_width_ste())
+    assert float(soft.detach()) == float(want.detach())
+    assert hard == float(p.flops_ratio(lambda g: float(g.hard_width())))
+    gates = list(p.gate_parameters())
+    for a, b in zip(torch.autograd.grad(soft, gates), torch.autograd.grad(want, gates),
+                    strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
