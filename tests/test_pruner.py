@@ -540,44 +540,11 @@ def test_conv_models_go_channels_last_on_cuda_only():
     assert not p.channels_last and p.model[0].weight.is_contiguous()
 
 
-def test_prepare_reads_every_gate_width_in_one_host_transfer():
-    """Preparing a step reads the gates' expected widths to the host together (one transfer,
-    no per-gate scalar read: each is a device sync on CUDA), and keeps the same channels as
-    each gate's own ``hard_width()``."""
+def _scalar_reads(fn) -> list:
+    """The per-value host reads (``item`` / ``_local_scalar_dense``: a device sync each on
+    CUDA) that ``fn()`` dispatches."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    torch.manual_seed(0)
-    p = s2h.S2HPruner(plain_cnn(), torch.randn(2, 3, 8, 8), 0.5)
-    with torch.no_grad():
-        for g in p.gate_parameters():
-            g.copy_(torch.randn(g.shape))
-    scalar_reads = []
-
-    class Count(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket.__name__ in ("_local_scalar_dense", "item"):
-                scalar_reads.append(func)
-            return func(*args, **(kwargs or {}))
-
-    with Count():
-        p.runtime.prepare(p.gates.values(), p.device())
-    assert scalar_reads == []
-    for gate in p.gates.values():
-        assert p.runtime.state(gate).keep.numel() == gate.hard_width()
-
-
-def test_flops_ratios_read_the_gate_widths_once_and_equal_the_per_gate_form():
-    """``soft_flops_ratio`` / ``hard_flops_ratio`` read every gate's width in one transfer (no
-    per-gate scalar read, a device sync each on CUDA) and equal the per-gate form
-    ``flops_ratio(hard_width_ste)`` -- value and gate-logit gradients -- and
-    ``flops_ratio(hard_width)``."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    torch.manual_seed(0)
-    p = s2h.S2HPruner(plain_cnn(), torch.randn(2, 3, 8, 8), 0.5)
-    with torch.no_grad():
-        for g in p.gate_parameters():
-            g.copy_(torch.randn(g.shape) * 2)
     reads = []
 
     class Count(TorchDispatchMode):
@@ -587,9 +554,38 @@ def test_flops_ratios_read_the_gate_widths_once_and_equal_the_per_gate_form():
             return func(*args, **(kwargs or {}))
 
     with Count():
-        soft = p.soft_flops_ratio()
-        hard = p.hard_flops_ratio()
-    assert reads == []
+        fn()
+    return reads
+
+
+def _random_gates_pruner():
+    torch.manual_seed(0)
+    p = s2h.S2HPruner(plain_cnn(), torch.randn(2, 3, 8, 8), 0.5)
+    with torch.no_grad():
+        for g in p.gate_parameters():
+            g.copy_(torch.randn(g.shape) * 2)
+    return p
+
+
+def test_prepare_reads_every_gate_width_in_one_host_transfer():
+    """Preparing a step reads the gates' expected widths to the host together (one transfer,
+    no per-gate scalar read), and keeps the same channels as each gate's own
+    ``hard_width()``."""
+    p = _random_gates_pruner()
+    assert _scalar_reads(lambda: p.runtime.prepare(p.gates.values(), p.device())) == []
+    for gate in p.gates.values():
+        assert p.runtime.state(gate).keep.numel() == gate.hard_width()
+
+
+def test_flops_ratios_read_the_gate_widths_once_and_equal_the_per_gate_form():
+    """``soft_flops_ratio`` / ``hard_flops_ratio`` read every gate's width in one transfer (no
+    per-gate scalar read) and equal the per-gate form ``flops_ratio(hard_width_ste)`` -- value
+    and gate-logit gradients -- and ``flops_ratio(hard_width)``."""
+    p = _random_gates_pruner()
+    out = {}
+    assert _scalar_reads(lambda: out.update(soft=p.soft_flops_ratio(),
+                                            hard=p.hard_flops_ratio())) == []
+    soft, hard = out["soft"], out["hard"]
     want = p.flops_ratio(lambda g: g.hard_width_ste())
     assert float(soft.detach()) == float(want.detach())
     assert hard == float(p.flops_ratio(lambda g: float(g.hard_width())))
