@@ -63,6 +63,22 @@ def gather_kept_weight(w: torch.Tensor, out_keep: torch.Tensor | None,
     return _ops.gather_weight(w, out_keep, in_keep)
 
 
+def gather_qkv_out(w_qkv: torch.Tensor, b_qkv: torch.Tensor | None, w_out: torch.Tensor,
+                   b_out: torch.Tensor | None, rows: torch.Tensor | None,
+                   in_keep: torch.Tensor | None, out_keep: torch.Tensor | None,
+                   head_keep: torch.Tensor | None) -> tuple:
+    """The kept blocks of an attention's packed q / k / v projection (rows ``rows``, inputs
+    ``in_keep``) and of its output projection (rows ``out_keep``, inputs ``head_keep``);
+    ``(w_qkv, b_qkv, w_out, b_out)``, a ``None`` bias staying ``None``."""
+    w_qkv = gather_kept_weight(w_qkv, rows, in_keep)
+    if b_qkv is not None:
+        b_qkv = gather_kept(b_qkv, rows, 0)
+    w_out = gather_kept_weight(w_out, out_keep, head_keep)
+    if b_out is not None:
+        b_out = gather_kept(b_out, out_keep, 0)
+    return w_qkv, b_qkv, w_out, b_out
+
+
 class MaskedLayer:
     """Common gate plumbing of the masked layers."""
 

@@ -69,8 +69,10 @@ from .nn import (
     _groupnorm_info,
     gather_kept,
     gather_kept_weight,
+    gather_qkv_out,
 )
 from .registry import LayerHandler, LayerInfo
+from .torch_attention import _head_rows, _whole_heads
 
 try:
     from timm.models.swin_transformer import WindowAttention
@@ -291,31 +293,15 @@ class _MaskedAttentionBase(MaskedLayer):
             head_keep, head_mul = st.keep, st.hard_mask
             head_index = _whole_heads(head_keep, hd, self._s2h.name)
             n_heads = head_index.numel()
-        rows = None
-        if head_keep is not None:
-            rows = torch.cat([head_keep + i * attn_dim for i in range(3)])
-        w_qkv = gather_kept_weight(w_qkv, rows, in_keep)
-        if b_qkv is not None:
-            b_qkv = gather_kept(b_qkv, rows, 0)
-        w_proj = gather_kept_weight(w_proj, out_keep, head_keep)
-        if b_proj is not None:
-            b_proj = gather_kept(b_proj, out_keep, 0)
+        rows = None if head_keep is None else _head_rows(head_keep, attn_dim)
+        w_qkv, b_qkv, w_proj, b_proj = gather_qkv_out(w_qkv, b_qkv, w_proj, b_proj, rows,
+                                                      in_keep, out_keep, head_keep)
         return x, w_qkv, b_qkv, w_proj, b_proj, n_heads, head_mul, head_index
 
     def _finish(self, x, w_proj, b_proj, head_mul):
         if head_mul is not None:
             x = x * head_mul.to(x.dtype)
         return self.proj_drop(F.linear(x, w_proj, b_proj))
-
-
-def _whole_heads(keep: torch.Tensor, hd: int, name: str) -> torch.Tensor:
-    """``(h,)`` kept head indices from the kept channels ``keep`` (``(h*hd,)``, ascending)."""
-    heads = keep[::hd] // hd
-    expect = (heads[:, None] * hd + torch.arange(hd, device=keep.device)).flatten()
-    if keep.numel() % hd or not torch.equal(keep, expect):
-        raise RuntimeError(f"{name}: the kept channels of the heads group are not whole heads "
-                           f"(head_dim={hd}); was the gate's importance order changed by hand?")
-    return heads
 
 
 class MaskedAttention(_MaskedAttentionBase, Attention):

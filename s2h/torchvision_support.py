@@ -45,6 +45,7 @@ from .nn import (
     MaskedLayerNorm,
     gather_kept,
     gather_kept_weight,
+    gather_qkv_out,
     soft_masked,
     straight_through,
 )
@@ -196,12 +197,8 @@ def _masked_head_params(layer: MaskedLayer, mode: str, x: torch.Tensor, in_width
         heads = index.numel()
         table = gather_kept(table, index, 1)
     rows = None if head_keep is None else _head_rows(head_keep, attn_width)
-    w_qkv = gather_kept_weight(w_qkv, rows, in_keep)
-    if b_qkv is not None:
-        b_qkv = gather_kept(b_qkv, rows, 0)
-    w_out = gather_kept_weight(w_out, out_keep, head_keep)
-    if b_out is not None:
-        b_out = gather_kept(b_out, out_keep, 0)
+    w_qkv, b_qkv, w_out, b_out = gather_qkv_out(w_qkv, b_qkv, w_out, b_out, rows, in_keep,
+                                                out_keep, head_keep)
     return x, w_qkv, b_qkv, w_out, b_out, table, heads, head_mul
 
 
