@@ -13,8 +13,8 @@
 # bench/results/gpu-<date>/; logs beside them (run.log, failures.txt: each failing test's report
 # as it happens). S2H_BENCH_COMMIT names the commit when the copy has no .git.
 # S2H_GPU_STAGES: a comma list of the stages to run (default all: build, segv, s2h_step,
-# profile, export_latency, dual_forward, gather, pytest); S2H_GPU_DEADLINE: seconds from the
-# start after which no stage runs on (each stage's limit is cut to what is left).
+# profile, export_latency, dual_forward, gather, wgrad_check, pytest); S2H_GPU_DEADLINE: seconds
+# from the start after which no stage runs on (each stage's limit is cut to what is left).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" PYTHONUNBUFFERED=1
@@ -26,7 +26,7 @@ mkdir -p "$dir"
 rows="$dir/rows.jsonl"
 : > "$dir/summary.txt"
 
-STAGES=",${S2H_GPU_STAGES:-build,segv,s2h_step,profile,export_latency,dual_forward,gather,pytest},"
+STAGES=",${S2H_GPU_STAGES:-build,segv,s2h_step,profile,export_latency,dual_forward,gather,wgrad_check,pytest},"
 DEADLINE=$(( START + ${S2H_GPU_DEADLINE:-100000} ))
 want() { [[ "$STAGES" == *",$1,"* ]]; }
 
@@ -77,6 +77,7 @@ if [ "$QUICK" = "--quick" ]; then
     stage dual_forward 60 "$PY" bench/dual_forward.py --compile none --keep 0.15 \
         --cases r50.l1.conv3x3_64_64 r50.l1.conv1x1_256_64 vit.qkv vit.fc1 --out "$rows"
     stage gather 40 "$PY" bench/gather.py --keep 0.15,0.35 --reps 20 --out "$rows"
+    stage wgrad_check 150 "$PY" bench/wgrad_check.py --dtypes bf16,fp16 --out "$rows"
     stage pytest 400 "$PY" -m pytest -q -p no:cacheprovider -p no:benchmark -m gpu \
         "${xdist[@]}" tests/ -rfE --tb=short --timeout 150
 else
@@ -95,6 +96,7 @@ grep -E "^(FAILED|ERROR)|^=== " "$dir/run.log" "$dir/failures.txt" 2>/dev/null |
 grep -E "^E  |Error|error:|warn" "$dir/run.log" "$dir/failures.txt" 2>/dev/null \
     | grep -v "^FAILED\|^ERROR" | cut -c1-220 | sort | uniq -c | sort -rn | head -20
 echo "== segv backtrace"; grep -E "^#[0-9]+ " "$dir/run.log" | cut -c1-200 | head -14
+echo "== wgrad_check"; grep -E "BAD|wgrad_check:|index_put|Error" "$dir/run.log" | cut -c1-400 | head -24
 echo "== profile"; sed -n '/S2H step profile/,/^== /p' "$dir/run.log" | head -40
 echo "== stages"; cat "$dir/summary.txt"
 echo "== rows in $rows"
