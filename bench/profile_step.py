@@ -125,6 +125,19 @@ def main(argv=None) -> int:
         x = x.to(memory_format=torch.channels_last)
     y = torch.randint(0, 100, (batch,), device=device)
     rows = []
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+
+    def emit(row: dict) -> None:  # each row as soon as it is measured (a run may be cut short)
+        rows.append(row)
+        print(f"measured {row['path']}: wall {row['wall_ms']:.1f} ms, {row['launches']:.0f} "
+              f"launches, {row['syncs']:.0f} syncs", flush=True)
+        if args.out:
+            with open(args.out, "a") as fh:
+                fh.write(json.dumps({"bench": "profile_step", "case": f"{args.model}@{args.img}",
+                                     "device": name, "batch": batch, "keep": args.keep,
+                                     "commit": os.environ.get("S2H_BENCH_COMMIT"),
+                                     "torch": torch.__version__, **row}) + "\n")
+
     torch.manual_seed(0)
     dense = _model(args.model, args.img, device)
     opt = torch.optim.SGD(dense.parameters(), lr=0.0, momentum=0.9)
@@ -136,7 +149,7 @@ def main(argv=None) -> int:
         loss.backward()
         opt.step()
 
-    rows.append({"path": "dense", **_profile(dense_step, device, args.steps)})
+    emit({"path": "dense", **_profile(dense_step, device, args.steps)})
     del dense, opt
     for fused in args.fused.split(","):
         f = {"auto": "auto", "false": False, "true": True}[fused]
@@ -165,10 +178,9 @@ def main(argv=None) -> int:
             for c, op, site in top:
                 print(f"{c:7d}  {op:24s} {site}")
             continue
-        rows.append({"path": f"s2h fused={fused} lockstep={pruner.lockstep}",
-                     **_profile(step, device, args.steps)})
+        emit({"path": f"s2h fused={fused} lockstep={pruner.lockstep}",
+              **_profile(step, device, args.steps)})
         del model, pruner, sopt, step
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\nS2H step profile: {args.model}@{args.img} b{batch} p={args.keep} {args.dtype} "
           f"on {name}")
     print(f"{'path':36s}{'wall ms':>9s}{'host ms':>9s}{'dev ms':>8s}{'launch':>8s}{'sync':>6s}"
@@ -181,13 +193,6 @@ def main(argv=None) -> int:
         print(f"-- {r['path']}: top host ops (calls/step, host ms/step)")
         for k, n, ms in r["top_host_ops"][:8]:
             print(f"   {k[:48]:48s} {n:7.0f} {ms:8.2f}")
-    if args.out:
-        with open(args.out, "a") as fh:
-            for r in rows:
-                fh.write(json.dumps({"bench": "profile_step", "case": f"{args.model}@{args.img}",
-                                     "device": name, "batch": batch, "keep": args.keep,
-                                     "commit": os.environ.get("S2H_BENCH_COMMIT"),
-                                     "torch": torch.__version__, **r}) + "\n")
     return 0
 
 
