@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import subprocess
@@ -95,6 +96,9 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="STP: how a round's candidates are ranked for a commit: kd (their KD "
                         "loss, METHOD §8) or kd_per_flop (the KD loss they add to the base's per "
                         "FLOPs ratio they save; probe scoring only)")
+    p.add_argument("--stp-full-weight-after", type=float, default=d.stp_full_weight_after,
+                   help="STP: weight of the full network's loss on the labels once the "
+                        "architecture is fixed (1: trained as during the exploration)")
     p.add_argument("--stp-label-weight", type=float, default=d.stp_label_weight,
                    help="STP: weight of the trained sub-network's own loss on the labels, added "
                         "to its KD term (0: it learns from the full network's output only, "
@@ -144,6 +148,7 @@ def _config(args):
         stp_probe_size=args.stp_probe_size, stp_expand_prob=args.stp_expand_prob,
         stp_depth=args.stp_depth, stp_kd_weight=args.stp_kd_weight, stp_rank=args.stp_rank,
         stp_label_weight=args.stp_label_weight,
+        stp_full_weight_after=args.stp_full_weight_after,
         ckpt_every=args.ckpt_every, tensorboard=args.tensorboard, plots=not args.no_plots,
         log_every=args.log_every,
         amp=args.amp, device=args.device, out=args.out, resume=args.resume, seed=args.seed,
@@ -317,5 +322,22 @@ def main(argv: list[str] | None = None) -> int:
     return args.func(args)
 
 
+def entry() -> None:
+    """The ``s2h`` command and ``python -m s2h``: :func:`main`, then exit with its status.
+
+    Under torchrun (``WORLD_SIZE`` > 1) the process leaves without the interpreter's teardown:
+    the run is finished, its files written and its process group destroyed, but gloo's worker
+    threads can still abort the teardown ("terminate called without an active exception",
+    SIGABRT, about one run in 25 on CPU), turning a finished run into a failed exit status.
+    """
+    rc = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc if isinstance(rc, int) else 1)
+    raise SystemExit(rc)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

@@ -49,6 +49,7 @@ class PruneConfig:
     # STP: weight of the sub-network's own loss on the labels (0: METHOD §8's KD only); 1 was
     # chosen on --split val (bench/results/fashion_mnist-2026-11-29-stp-val-sweep.md)
     stp_label_weight: float = 1.0
+    stp_full_weight_after: float = 1.0  # STP: the full network's loss weight once the arch is fixed
     ckpt_every: int | None = None  # also checkpoint every N steps (mid-epoch)
     max_grad_norm: float | None = 5.0
     amp: str = "none"  # none | bf16 | fp16
@@ -99,6 +100,8 @@ def validate_config(cfg: PruneConfig) -> None:
          f"--stp-expand-prob is a probability, got {cfg.stp_expand_prob}"),
         (math.isfinite(cfg.stp_kd_weight) and cfg.stp_kd_weight >= 0,
          f"--stp-kd-weight must be >= 0, got {cfg.stp_kd_weight}"),
+        (math.isfinite(cfg.stp_full_weight_after) and cfg.stp_full_weight_after >= 0,
+         f"--stp-full-weight-after must be >= 0, got {cfg.stp_full_weight_after}"),
         (math.isfinite(cfg.stp_label_weight) and cfg.stp_label_weight >= 0,
          f"--stp-label-weight must be >= 0, got {cfg.stp_label_weight}"),
         (cfg.stp_rank in ("kd", "kd_per_flop"),

@@ -60,6 +60,7 @@ masked BatchNorms, recalibrated with :meth:`STPPruner.recalibrate_bn`), so the e
 
 from __future__ import annotations
 
+import math
 import random
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -134,6 +135,10 @@ class STPPruner:
             to its KD term (default 1, chosen on a validation split: on Fashion-MNIST's short
             budget the sub-network then ends as accurate as the full network instead of 1-3
             points below it; 0 = METHOD §8: it learns from the full network's output only).
+        full_weight_after: weight of the full network's task loss once the architecture is
+            fixed (exploration ended, or frozen by the trainer); 1 (default) keeps training it
+            as before; lower values leave the shared weights more to the sub-network that is
+            exported (the full network still runs, as the KD teacher).
         floor: how far below the target the base may land (the last round and the projection
             never go below ``target - floor`` when a smaller step exists).
     """
@@ -143,7 +148,8 @@ class STPPruner:
                  kd_weight: float = 1.0, expand_prob: float = 0.5, depth: bool = True,
                  seed: int = 0, width_step: int = 1, commits_per_round: int = 1,
                  floor: float = 0.03, scoring: str = "probe", probe_size: int = 32,
-                 rank: str = "kd", label_weight: float = 1.0, warn: bool = True) -> None:
+                 rank: str = "kd", label_weight: float = 1.0, full_weight_after: float = 1.0,
+                 warn: bool = True) -> None:
         if trials < 1 or width_step < 1 or commits_per_round < 1 or probe_size < 1:
             raise ValueError("trials, width_step, commits_per_round and probe_size must be >= 1")
         if not 0.0 <= expand_prob <= 1.0:
@@ -172,6 +178,9 @@ class STPPruner:
         if label_weight < 0:
             raise ValueError(f"label_weight must be >= 0, got {label_weight}")
         self.label_weight = float(label_weight)
+        if not (math.isfinite(full_weight_after) and full_weight_after >= 0):
+            raise ValueError(f"full_weight_after must be >= 0, got {full_weight_after}")
+        self.full_weight_after = float(full_weight_after)
         self.expand_prob = float(expand_prob)
         self.rng = random.Random(seed)
         self._gate_of = {g.name: self.core.gate_of(g) for g in self.core.groups}
@@ -569,13 +578,15 @@ class STPPruner:
         if self.scoring == "probe" and self._ensure_round():
             self._score_round(inputs)
         optimizer.zero_grad(set_to_none=True)
-        full = self.soft_forward(inputs)
+        w_full = self.full_weight_after if self.explore_done else 1.0
+        with torch.set_grad_enabled(w_full > 0):
+            full = self.soft_forward(inputs)
         perf = (loss_fn or F.cross_entropy)(full.float(), targets)
         teacher = torch.softmax(full.detach().float(), dim=-1)
         sub_arch = self._next_candidate()
         sub = self._run(sub_arch, inputs)
         kd = self._kd(sub, teacher)
-        loss = perf + self.kd_weight * kd
+        loss = (perf * w_full if w_full != 1.0 else perf) + self.kd_weight * kd
         sub_perf = None
         if self.label_weight > 0:
             sub_perf = (loss_fn or F.cross_entropy)(sub.float(), targets)

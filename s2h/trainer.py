@@ -191,6 +191,7 @@ def build_pruner(cfg: PruneConfig, model: nn.Module, example: torch.Tensor,
                          probe_size=cfg.stp_probe_size, expand_prob=cfg.stp_expand_prob,
                          depth=cfg.stp_depth, kd_weight=cfg.stp_kd_weight,
                          rank=cfg.stp_rank, label_weight=cfg.stp_label_weight,
+                         full_weight_after=cfg.stp_full_weight_after,
                          seed=cfg.seed,
                          warn=warn)
     if cfg.method != "s2h":

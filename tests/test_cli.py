@@ -100,6 +100,20 @@ def test_info_and_module_entry_point():
     assert "torch:" in out and "channel_ops" in out
 
 
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_module_entry_exits_with_mains_status_and_flushes_under_torchrun(tmp_path, world):
+    """``python -m s2h`` under torchrun's ``WORLD_SIZE`` leaves by ``os._exit`` (no
+    interpreter teardown, where gloo's threads could abort a finished run): its output is
+    complete all the same, and a failing command still exits non-zero."""
+    env = {**os.environ, "WORLD_SIZE": world}
+    ok = subprocess.run([sys.executable, "-m", "s2h", "info"], capture_output=True, text=True,
+                        env=env)
+    assert ok.returncode == 0 and "torch:" in ok.stdout and "channel_ops" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "s2h", "export", str(tmp_path / "missing.pt"),
+                          "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "missing.pt" in bad.stderr
+
+
 def test_bench_runs_a_script_or_says_where_the_scripts_are(tmp_path, monkeypatch, capsys):
     from s2h import cli
 

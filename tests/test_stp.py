@@ -137,6 +137,43 @@ def _tiny_resnet_forward(model: TinyResNet, x: torch.Tensor, keep: torch.Tensor)
     return F.linear(h.mean((2, 3)), model.fc.weight, model.fc.bias)
 
 
+@pytest.mark.parametrize("full_weight_after", [0.0, 0.5])
+def test_full_weight_after_scales_the_full_networks_loss_once_the_arch_is_fixed(
+        full_weight_after):
+    """Once the exploration has ended, the step's loss is ``w * CE(full) + KD(base) + CE(base)``
+    (the base: here the stream narrowed to its 12 most important channels), checked against
+    the plain-functional network's autograd gradients; before, ``w`` is 1 (the test above)."""
+    model, p, x = _pruner(expand_prob=0.0, trials=1, full_weight_after=full_weight_after)
+    y = torch.randint(0, 5, (8,))
+    p.base = p.apply(p.full, ("width", "stem.0"))
+    p.explore_done = True
+    producers = [model.stem[0]] + [b.conv2 for b in model.stage]
+    score = torch.stack([m.weight.detach().abs().sum((1, 2, 3)) for m in producers]).mean(0)
+    keep = torch.sort(torch.topk(score, 12).indices).values
+    full = _tiny_resnet_forward(model, x, torch.arange(16))
+    sub = _tiny_resnet_forward(model, x, keep)
+    log_t = torch.log_softmax(full.detach().double(), -1)
+    kd = (log_t.exp() * (log_t - torch.log_softmax(sub.double(), -1))).sum(-1).mean()
+    loss = full_weight_after * F.cross_entropy(full, y) + kd + F.cross_entropy(sub, y)
+    params = list(p.weight_parameters())
+    expected = torch.autograd.grad(loss, params, allow_unused=True)
+    opt = torch.optim.SGD(params, lr=0.0)
+    seen = []
+    opt.step = lambda closure=None: seen.extend(  # capture the gradients the step leaves
+        q.grad.clone() if q.grad is not None else None for q in params)
+    p.train_step(x, y, opt)
+    for got, exp in zip(seen, expected, strict=True):
+        if exp is None or float(exp.abs().sum()) == 0:
+            assert got is None or float(got.abs().sum()) == 0
+        else:
+            assert torch.allclose(got, exp, atol=1e-6)
+
+
+def test_full_weight_after_must_be_non_negative():
+    with pytest.raises(ValueError, match="full_weight_after"):
+        _pruner(full_weight_after=-0.5)
+
+
 @pytest.mark.parametrize("label_weight", [0.0, 1.0])  # METHOD §8 and the default
 def test_train_step_is_full_on_labels_plus_kd_of_the_subnetwork(label_weight):
     model, p, x = _pruner(expand_prob=0.0, trials=1, label_weight=label_weight)

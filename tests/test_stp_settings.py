@@ -30,13 +30,14 @@ def _resnet20_pruner(cfg):
 
 def test_cli_stp_flags_reach_the_pruner():
     cfg = _cli_config("--stp-expand-prob", "0.25", "--no-stp-depth", "--stp-kd-weight", "2",
-                      "--stp-rank", "kd_per_flop", "--stp-label-weight", "0.5")
-    assert cfg.stp_label_weight == 0.5
+                      "--stp-rank", "kd_per_flop", "--stp-label-weight", "0.5",
+                      "--stp-full-weight-after", "0.25")
+    assert cfg.stp_label_weight == 0.5 and cfg.stp_full_weight_after == 0.25
     assert (cfg.stp_expand_prob, cfg.stp_depth, cfg.stp_kd_weight, cfg.stp_rank) == (
         0.25, False, 2.0, "kd_per_flop")
     _, p = _resnet20_pruner(cfg)
     assert p.expand_prob == 0.25 and p.kd_weight == 2.0 and p.rank == "kd_per_flop"
-    assert p.label_weight == 0.5
+    assert p.label_weight == 0.5 and p.full_weight_after == 0.25
     assert p.blocks == {}  # width only: no block is ever a candidate
     assert all(kind == "width" for kind, _ in p.candidates(p.full))
 
@@ -49,6 +50,7 @@ def test_cli_stp_flags_reach_the_pruner():
     assert sorted(p.blocks) == [f"layer{s}.{b}" for s in (1, 2, 3) for b in (1, 2)]
     assert p.expand_prob == d.stp_expand_prob and p.rank == d.stp_rank
     assert p.label_weight == d.stp_label_weight
+    assert p.full_weight_after == d.stp_full_weight_after == 1.0
 
 
 def test_kd_weight_and_expand_prob_shape_the_training_loss():
@@ -93,7 +95,8 @@ def test_label_weight_adds_the_subnetwork_task_loss():
 def test_bad_stp_settings_are_refused():
     for kw, msg in (({"stp_expand_prob": 1.5}, "probability"),
                     ({"stp_kd_weight": -1.0}, "stp-kd-weight"),
-                    ({"stp_label_weight": -1.0}, "stp-label-weight")):
+                    ({"stp_label_weight": -1.0}, "stp-label-weight"),
+                    ({"stp_full_weight_after": -1.0}, "stp-full-weight-after")):
         with pytest.raises(ValueError, match=msg):
             validate_config(PruneConfig(method="stp", **kw))
 
