@@ -79,6 +79,9 @@ def broadcast_state(modules: Iterable[nn.Module], info: DistInfo) -> None:
     for module in modules:
         for t in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(t.data, src=0)
+            # written through .data: tell the caches keyed on version counters (a gate's kept
+            # index, the gate bank's mask index) that the tensor changed
+            torch.autograd.graph.increment_version(t)
 
 
 @torch.no_grad()

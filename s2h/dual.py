@@ -237,7 +237,7 @@ def validate(pruner: S2HPruner) -> str | None:
                                else t for t in pruner.example_inputs)
                 for _, p in params:
                     p.grad = None
-                pruner.runtime.prepare(pruner.gates.values(), pruner.device())
+                pruner.runtime.prepare(pruner.gates.values(), pruner.device(), pruner.gate_bank())
                 if lockstep:
                     s, h = dual_forward(pruner.model, list(pruner.masked_layers.values()), inputs)
                 else:

@@ -32,6 +32,7 @@ step; target 0.5: 1.000 -> 0.509 at step 1).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -202,3 +203,117 @@ class ChannelGate(nn.Module):
             f"name={self.name!r}, channels={self.channels}, divisor={self.divisor}, "
             f"widths={self.num_widths}, tau={self.tau}, rounding={self.rounding!r}"
         )
+
+
+class GateBank:
+    """Every gate's expected width at once: one padded softmax over all the gates' logits.
+
+    A step needs every gate's ``E`` several times (the hard widths, the differentiable FLOPs
+    ratio, the metrics). Per gate that is a softmax, a division, a product and a sum: on a GPU,
+    four kernel launches per gate per use (ResNet-50's 37 gates: ~600 launches a step, on a
+    host-bound step). Here the logits are concatenated into one ``(G, K_max)`` table padded
+    with ``-inf`` (probability 0), so ``E`` for all gates costs a handful of ops, forward and
+    backward, whatever the number of gates. ``expected()[i] == gates[i].expected_width()`` up
+    to float rounding (the sums may run in another order).
+    """
+
+    def __init__(self, gates: Iterable[ChannelGate]) -> None:
+        self.gates = list(gates)
+        ks = [g.num_widths for g in self.gates]
+        self.k_max = max(ks, default=1)
+        rows = torch.repeat_interleave(torch.arange(len(ks)), torch.tensor(ks, dtype=torch.long))
+        cols = torch.cat([torch.arange(k) for k in ks]) if ks else torch.zeros(0, dtype=torch.long)
+        self._flat = rows * self.k_max + cols
+        table = torch.zeros(len(ks), self.k_max)
+        if ks:
+            table[rows, cols] = torch.cat([(torch.arange(1, k + 1) * g.divisor).float()
+                                           for k, g in zip(ks, self.gates, strict=True)])
+        self._table = table
+        self._tau = torch.cat([torch.full((k,), float(g.tau)) for k, g in
+                               zip(ks, self.gates, strict=True)]) if ks else torch.zeros(0)
+        self._on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    def __len__(self) -> int:
+        return len(self.gates)
+
+    def _tensors(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        t = self._on.get(device)
+        if t is None:
+            t = self._on[device] = tuple(x.to(device) for x in (self._flat, self._table, self._tau))
+        return t
+
+    def probs(self) -> torch.Tensor:
+        """``(G, K_max)`` float32: row ``i`` is ``gates[i].probs()`` padded with zeros."""
+        device = self.gates[0].logits.device
+        flat_index, _table, tau = self._tensors(device)
+        u = torch.cat([g.logits for g in self.gates]).float() / tau
+        padded = u.new_full((len(self.gates) * self.k_max,), float("-inf"))
+        padded = padded.index_put((flat_index,), u).view(len(self.gates), self.k_max)
+        return torch.softmax(padded, dim=1)
+
+    def expected(self, probs: torch.Tensor | None = None) -> torch.Tensor:
+        """``(G,)`` float32: ``E`` of every gate (differentiable w.r.t. every gate's logits);
+        ``probs``: :meth:`probs` already computed this step."""
+        if not self.gates:
+            return torch.zeros(0)
+        p = self.probs() if probs is None else probs
+        return (p * self._tensors(p.device)[1]).sum(1)
+
+    def _mask_index(self, device: torch.device) -> torch.Tensor:
+        """``(Σ C,)``: for every gate's channels in channel order, the entry of the flattened
+        ``(G, K_max)`` survival table that is its soft mask (``q[i, rank // d]`` with ``rank``
+        the channel's place in the gate's importance order). Rebuilt when an order changes
+        (tracked by the order buffers' version counters)."""
+        key = (device, *((id(g.order), g.order._version, g.order.data_ptr()) for g in self.gates))
+        cached = getattr(self, "_mask_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        parts = []
+        for i, g in enumerate(self.gates):
+            order = g.order.detach().cpu()
+            src = torch.empty(g.channels, dtype=torch.long)
+            src[order] = i * self.k_max + torch.arange(g.channels) // g.divisor
+            parts.append(src)
+        index = torch.cat(parts).to(device)
+        self._mask_cache = (key, index)
+        return index
+
+    def soft_masks(self, probs: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Every gate's :meth:`ChannelGate.soft_mask` (``(C_i,)``, channel order), computed for
+        all gates at once: views of one tensor, differentiable w.r.t. every gate's logits."""
+        if not self.gates:
+            return []
+        p = self.probs() if probs is None else probs
+        q = torch.flip(torch.cumsum(torch.flip(p, (1,)), 1), (1,))  # P(width >= c_k)
+        flat = q.reshape(-1).index_select(0, self._mask_index(p.device))
+        return list(flat.split([g.channels for g in self.gates]))
+
+    def hard_masks(self, soft: list[torch.Tensor], keeps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Every gate's :meth:`ChannelGate.hard_mask` of ``soft[i]`` (from :meth:`soft_masks`,
+        views of one tensor) at ``keeps[i]`` (each gate's cached ``keep_index``) in three
+        ops for all gates: value 1, gradient to the soft masks' kept entries."""
+        if not soft:
+            return []
+        base = soft[0]._base if soft[0]._base is not None else None
+        if base is None or any(t._base is not base for t in soft):
+            return [g.hard_mask(m, k) for g, m, k in zip(self.gates, soft, keeps, strict=True)]
+        key = tuple(id(k) for k in keeps)
+        cached = getattr(self, "_keep_cache", None)
+        if cached is None or cached[0] != key or cached[1].device != base.device:
+            offsets, off = [], 0
+            for g in self.gates:
+                offsets.append(off)
+                off += g.channels
+            flat_keep = torch.cat([k.to(base.device) + o for k, o in
+                                   zip(keeps, offsets, strict=True)])
+            cached = self._keep_cache = (key, flat_keep, keeps)  # keeps: the ids stay theirs
+        kept = base.index_select(0, cached[1])
+        return list((kept + (1.0 - kept).detach()).split([k.numel() for k in keeps]))
+
+    def hard_widths(self, expected: torch.Tensor | None = None) -> list[int]:
+        """Every gate's :meth:`ChannelGate.hard_width`, with one host read for all of them."""
+        if expected is None:
+            with torch.no_grad():
+                expected = self.expected()
+        host = expected.detach().tolist()
+        return [g.hard_width(e) for g, e in zip(self.gates, host, strict=True)]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .gates import ChannelGate
+from .gates import ChannelGate, GateBank
 
 __all__ = ["MODES", "Binding", "GateRuntime", "GateState", "RepeatedGate", "SegmentedGate",
            "WidthAttr"]
@@ -194,16 +194,28 @@ class GateRuntime:
         self.width_attrs: list[tuple[nn.Module, str, WidthAttr]] = []
         self._installed = False
 
-    def prepare(self, gates: Iterable[ChannelGate], device: torch.device | None = None) -> None:
-        """Compute every gate's soft mask, kept set and STE mask for the coming forward(s)."""
+    def prepare(self, gates: Iterable[ChannelGate], device: torch.device | None = None,
+                bank: GateBank | None = None) -> None:
+        """Compute every gate's soft mask, kept set and STE mask for the coming forward(s).
+        ``bank``: a :class:`~s2h.gates.GateBank` of the same gates (their widths in a few ops)."""
         self.states = {}
         gates = list(gates)
-        with torch.no_grad():  # every gate's E in one host read, not a device sync per gate
-            expected = (torch.stack([g.expected_width() for g in gates]).tolist()
-                        if gates else [])
-        for gate, e in zip(gates, expected, strict=True):
-            soft = gate.soft_mask()
-            keep = gate.keep_index(gate.hard_width(e))
+        if bank is None or len(bank.gates) != len(gates) or any(
+                a is not b for a, b in zip(bank.gates, gates, strict=True)):
+            bank = GateBank(gates)
+        # every gate's distribution once, E read in one host transfer (not a sync per gate), and
+        # the soft and hard masks of all gates in a few ops (not a few per gate)
+        probs = bank.probs() if gates else None
+        with torch.no_grad():
+            widths = bank.hard_widths(bank.expected(probs.detach())) if gates else []
+        softs = bank.soft_masks(probs)
+        keeps = [g.keep_index(w) for g, w in zip(gates, widths, strict=True)]
+        if device is None or all(k.device == device for k in keeps):
+            hards = bank.hard_masks(softs, keeps)
+            for gate, soft, keep, hard in zip(gates, softs, keeps, hards, strict=True):
+                self.states[id(gate)] = GateState(soft, keep, hard)
+            return
+        for gate, soft, keep in zip(gates, softs, keeps, strict=True):
             if device is not None:
                 soft, keep = soft.to(device), keep.to(device)
             self.states[id(gate)] = GateState(soft, keep, gate.hard_mask(soft, keep))

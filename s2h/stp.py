@@ -313,7 +313,8 @@ class STPPruner:
         with torch.no_grad():
             for g, w in arch.widths:
                 self._gate_of[g].set_width(w)
-            self.core.runtime.prepare(self.core.gates.values(), self.core.device())
+            self.core.runtime.prepare(self.core.gates.values(), self.core.device(),
+                                      self.core.gate_bank())
         for b in list(self._patched):
             if b not in arch.dropped:
                 del self._patched.pop(b).forward

@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import s2h
 from s2h.nn import MaskedBatchNorm2d
 
-from _models import DepthwiseNet, mlp, plain_cnn
+from _models import ConcatNet, DepthwiseNet, mlp, plain_cnn
 
 
 def _randomise_gates(pruner, scale=1.5, seed=0):
@@ -593,3 +593,102 @@ def test_flops_ratios_read_the_gate_widths_once_and_equal_the_per_gate_form():
     for a, b in zip(torch.autograd.grad(soft, gates), torch.autograd.grad(want, gates),
                     strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _aten_ops(fn) -> int:
+    """How many ATen ops other than views ``fn()`` dispatches (on a GPU, about its kernel
+    launches; a view -- a slice, a detach -- launches nothing)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    n = [0]
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            rets = func._schema.returns
+            view = bool(rets) and all(r.alias_info is not None and not r.alias_info.is_write
+                                      for r in rets)
+            n[0] += not view
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return n[0]
+
+
+def _deep_cnn(depth: int) -> nn.Sequential:
+    layers = [nn.Conv2d(3, 16, 3, padding=1), nn.ReLU()]
+    for _ in range(depth):
+        layers += [nn.Conv2d(16, 24, 3, padding=1), nn.ReLU(), nn.Conv2d(24, 16, 1), nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+
+def test_soft_flops_ratio_costs_the_same_few_ops_whatever_the_number_of_gates():
+    """The step's differentiable FLOPs ratio and the gates' widths are computed for all gates
+    at once (``GateBank``): the ops they dispatch, forward and backward, do not grow with the
+    number of gates (per gate they were ~4 forward + ~8 backward per use: on a GPU, launches
+    of a host-bound step)."""
+    counts = []
+    for depth in (2, 8):
+        torch.manual_seed(0)
+        p = s2h.S2HPruner(_deep_cnn(depth), torch.randn(2, 3, 8, 8), 0.5, warn=False)
+        gates = list(p.gate_parameters())
+        p.soft_flops_ratio()  # the first call builds the FLOPs table's tensors (once)
+        fwd = _aten_ops(p.soft_flops_ratio)
+        r = p.soft_flops_ratio()
+        bwd = _aten_ops(lambda r=r, gates=gates: torch.autograd.grad(r, gates))
+        counts.append((len(gates), fwd, bwd, _aten_ops(p.hard_flops_ratio)))
+    (g2, *ops2), (g8, *ops8) = counts
+    assert g8 >= g2 + 6, counts
+    assert ops8 == ops2, counts  # the same ops for 4x the gates (terms differ, not op counts)
+    assert max(ops8) <= 40, counts
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_vectorised_flops_ratio_equals_the_per_gate_form_on_concats(autocast):
+    """With concat (segmented) gates, random logits, and under bf16 autocast (the widths must
+    not be rounded to bf16: 1,000 is not a bf16 value), ``soft_flops_ratio`` equals the
+    per-gate ``flops_ratio(hard_width_ste)`` in value and gate gradients, and
+    ``hard_flops_ratio`` equals torch's FLOP counter on the exported model."""
+    torch.manual_seed(0)
+    model = ConcatNet()
+    x = torch.randn(2, 3, 8, 8)
+    p = s2h.S2HPruner(model, x, 0.5, warn=False)
+    assert p._flops_tensors(p.device())[1].shape[0] > 0  # a concat's row: segmented gates
+    with torch.no_grad():
+        for g in p.gate_parameters():
+            g.copy_(torch.randn(g.shape) * 2)
+    gates = list(p.gate_parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        soft = p.soft_flops_ratio()
+        want = p.flops_ratio(lambda g: g.hard_width_ste())
+    assert soft.dtype == torch.float32
+    assert float(soft) == pytest.approx(float(want), rel=1e-6)
+    for a, b in zip(torch.autograd.grad(soft, gates), torch.autograd.grad(want, gates),
+                    strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+    exported = p.export()
+    with FlopCounterMode(display=False) as fc:
+        exported.eval()(x)
+    assert p.hard_flops_ratio() == pytest.approx(fc.get_total_flops() / p.dense_flops, rel=1e-9)
+
+
+def test_gate_bank_expected_widths_equal_each_gates_own():
+    from s2h.gates import ChannelGate, GateBank
+
+    torch.manual_seed(0)
+    gates = [ChannelGate(c, d, tau=t, name=str(i))
+             for i, (c, d, t) in enumerate([(16, 8, 1.0), (64, 8, 0.5), (24, 8, 1.0), (8, 8, 1.0),
+                                            (96, 16, 2.0)])]
+    with torch.no_grad():
+        for g in gates:
+            g.logits.normal_()
+    bank = GateBank(gates)
+    e = bank.expected()
+    want = torch.stack([g.expected_width() for g in gates])
+    torch.testing.assert_close(e, want, rtol=1e-6, atol=1e-5)
+    assert bank.hard_widths() == [g.hard_width() for g in gates]
+    w = torch.arange(1.0, 6.0)
+    logits = [g.logits for g in gates]
+    for a, b in zip(torch.autograd.grad((e * w).sum(), logits, allow_unused=True),
+                    torch.autograd.grad((want * w).sum(), logits, allow_unused=True), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
