@@ -98,7 +98,8 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                         "FLOPs ratio they save; probe scoring only)")
     p.add_argument("--stp-full-weight-after", type=float, default=d.stp_full_weight_after,
                    help="STP: weight of the full network's loss on the labels once the "
-                        "architecture is fixed (1: trained as during the exploration)")
+                        "architecture is fixed (1: trained as during the exploration, METHOD "
+                        "§8; the default 0.5 was chosen on a validation split)")
     p.add_argument("--stp-label-weight", type=float, default=d.stp_label_weight,
                    help="STP: weight of the trained sub-network's own loss on the labels, added "
                         "to its KD term (0: it learns from the full network's output only, "

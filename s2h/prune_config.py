@@ -49,7 +49,9 @@ class PruneConfig:
     # STP: weight of the sub-network's own loss on the labels (0: METHOD §8's KD only); 1 was
     # chosen on --split val (bench/results/fashion_mnist-2026-11-29-stp-val-sweep.md)
     stp_label_weight: float = 1.0
-    stp_full_weight_after: float = 1.0  # STP: the full network's loss weight once the arch is fixed
+    # STP: the full network's loss weight once the architecture is fixed (1 = METHOD §8); 0.5 was
+    # chosen on --split val (bench/results/fashion_mnist-2026-11-30-stp-val-sweep.md)
+    stp_full_weight_after: float = 0.5
     ckpt_every: int | None = None  # also checkpoint every N steps (mid-epoch)
     max_grad_norm: float | None = 5.0
     amp: str = "none"  # none | bf16 | fp16

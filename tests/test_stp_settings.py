@@ -50,7 +50,7 @@ def test_cli_stp_flags_reach_the_pruner():
     assert sorted(p.blocks) == [f"layer{s}.{b}" for s in (1, 2, 3) for b in (1, 2)]
     assert p.expand_prob == d.stp_expand_prob and p.rank == d.stp_rank
     assert p.label_weight == d.stp_label_weight
-    assert p.full_weight_after == d.stp_full_weight_after == 1.0
+    assert p.full_weight_after == d.stp_full_weight_after == 0.5
 
 
 def test_kd_weight_and_expand_prob_shape_the_training_loss():
