@@ -182,7 +182,8 @@ class _SoftMask(torch.autograd.Function):
         if not ctx.needs_input_grad[1]:
             return grad * _channel_view(mask, grad.ndim, ctx.dim, grad.dtype), None, None
         gx, gm = _ops.channel_mask_backward(grad, x, mask.to(x.dtype), ctx.dim,
-                                            need_grad_x=ctx.needs_input_grad[0])
+                                            need_grad_x=ctx.needs_input_grad[0],
+                                            grad_mask_dtype=mask.dtype)
         return gx, gm.to(mask.dtype), None
 
 
@@ -204,7 +205,7 @@ class _StraightThrough(torch.autograd.Function):
         grad_mask = None
         if ctx.needs_input_grad[1]:
             _, gm = _ops.channel_mask_backward(grad, x, mask.to(x.dtype), ctx.dim,
-                                               need_grad_x=False)
+                                               need_grad_x=False, grad_mask_dtype=mask.dtype)
             grad_mask = gm.to(mask.dtype)
         return grad, grad_mask, None
 

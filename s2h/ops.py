@@ -499,13 +499,16 @@ def scatter_weight(
 
 
 def channel_mask_backward(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, dim: int,
-                          need_grad_x: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+                          need_grad_x: bool = True, grad_mask_dtype: torch.dtype | None = None,
+                          ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The backward of ``y = x * mask`` with ``mask`` ``(C,)`` along ``dim`` of ``x``:
     ``(grad * mask, Σ grad * x over every dim but dim)`` (the first ``None`` without
     ``need_grad_x``). On CPU float32 / float64 tensors the extension does both in one pass
     over ``grad`` and ``x`` (``torch.ops.s2h.channel_mask_backward``; the sums accumulate in
     float64); otherwise, and under ``create_graph`` (this path is not differentiable), the
-    same with torch ops."""
+    same with torch ops, the sums in float32 (float64 for float64 inputs) returned in
+    ``grad_mask_dtype`` (default ``mask``'s dtype: pass the gate's float32 when ``mask`` was
+    cast to bf16 activations, so the mask gradient is not rounded to bf16 and back)."""
     dim = dim % x.dim()
     if (_HAS_MASK_OP and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
             and grad.dtype == x.dtype and mask.dtype == x.dtype and not torch.is_grad_enabled()
@@ -523,7 +526,7 @@ def channel_mask_backward(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tenso
     shape[dim] = -1
     dims = [d for d in range(x.dim()) if d != dim]
     gm = (grad * x).sum(dims, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-    return (grad * mask.view(shape) if need_grad_x else None), gm.to(mask.dtype)
+    return (grad * mask.view(shape) if need_grad_x else None), gm.to(grad_mask_dtype or mask.dtype)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -161,3 +161,22 @@ def test_batchnorm_hard_statistics_are_separate():
     expected = 0.1 * x[:, keep].mean((0, 2, 3))
     assert torch.allclose(bn.hard_running_mean[keep], expected, atol=1e-6)
     assert torch.equal(bn.hard_running_mean[:4], torch.zeros(4))  # pruned entries untouched
+
+
+@pytest.mark.parametrize("straight", [False, True])
+def test_mask_gradient_of_bf16_activations_is_not_rounded_to_bf16(straight):
+    """With bf16 activations and a float32 gate mask, the mask's gradient ``Σ grad ⊙ x`` is
+    accumulated and returned in float32 (not cast to bf16 and back): it equals the float64 sum
+    of the same bf16 products to float32 precision, far inside bf16's rounding (2^-9)."""
+    from s2h.nn import soft_masked, straight_through
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 24, 5, 5).bfloat16()
+    g = torch.randn(4, 24, 5, 5).bfloat16()
+    mask = (torch.rand(24) + 0.5).requires_grad_()
+    y = straight_through(x, mask, 1) if straight else soft_masked(x, mask, 1)
+    (gm,) = torch.autograd.grad(y, mask, g)
+    assert gm.dtype == torch.float32
+    want = (g * x).double().sum((0, 2, 3))  # the products as the kernel forms them (bf16)
+    rel = ((gm.double() - want).abs() / want.abs().clamp_min(1e-3)).max().item()
+    assert rel < 1e-5, rel
