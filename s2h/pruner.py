@@ -920,6 +920,12 @@ class S2HPruner:
                 g.set_width(width[id(g)])
                 narrowed[names[id(g)]] = [old[id(g)], width[id(g)]]
         after = self.hard_flops_ratio()
+        if steps and after < target - floor - 1e-9:
+            warnings.warn(
+                f"project_to_budget: no divisor step lands in [{target - floor:.4f}, "
+                f"{target:.4f}]; the FLOPs ratio is {after:.4f}, {target - floor - after:.4f} "
+                f"below that window (the groups' divisor steps are too coarse here: use a "
+                f"smaller divisor)", stacklevel=2)
         return {"needed": steps > 0, "ratio_before": before, "ratio_after": after,
                 "steps": steps, "narrowed": narrowed}
 

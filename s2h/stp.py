@@ -557,6 +557,12 @@ class STPPruner:
             arch = self.apply(arch, pick, steps=1)
             steps += 1
             r = self.ratio(arch)
+        if steps and r < lo - 1e-9:
+            warnings.warn(
+                f"STP project_to_budget: no architecture one step away lands in [{lo:.4f}, "
+                f"{target:.4f}]; the FLOPs ratio is {r:.4f}, {lo - r:.4f} below that window (the "
+                f"width steps of the divisor are too coarse here: explore depth too, or use a "
+                f"smaller divisor)", stacklevel=2)
         old = dict(self.base.widths)
         narrowed = {g: [old[g], w] for g, w in arch.widths if w != old[g]}
         dropped = sorted(arch.dropped - self.base.dropped)

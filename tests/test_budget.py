@@ -82,6 +82,36 @@ def test_budget_is_met_on_timm_models(name, size, kw, target):
     _check_budget(model, torch.randn(2, 3, size, size), target, steps=1)
 
 
+def test_projection_warns_when_no_divisor_step_lands_in_the_window():
+    """A window narrower than any divisor step (floor 1e-6, a target between the full network
+    and every one-step child): the projection goes below it and says so, naming the window;
+    a target that a step reaches exactly gives no warning."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    pruner = s2h.S2HPruner(plain_cnn(), x, 0.9, divisor=4)
+    with torch.no_grad():
+        for gate in pruner.gates.values():
+            gate.set_width(gate.channels)
+    gates = list(pruner.gates.values())
+    full = {id(g): float(g.channels) for g in gates}
+
+    def one_step(gate):
+        return float(pruner.flops_ratio(
+            lambda g: full[id(g)] - (g.divisor if g is gate else 0)))
+
+    best = max(one_step(g) for g in gates)  # the highest ratio one divisor step reaches
+    with pytest.warns(UserWarning, match="no divisor step lands in"):
+        info = pruner.project_to_budget(target=(1.0 + best) / 2, floor=1e-6)
+    assert info["steps"] == 1 and info["ratio_after"] < (1.0 + best) / 2 - 1e-6
+    with torch.no_grad():
+        for gate in gates:
+            gate.set_width(gate.channels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        info = pruner.project_to_budget(target=best, floor=1e-6)
+    assert info["ratio_after"] == pytest.approx(best, rel=1e-12)
+
+
 def test_projection_narrows_the_least_certain_group_first():
     """Two groups; the one with less probability mass on its current width loses a block,
     the other is untouched; the ratio ends at or below the target."""

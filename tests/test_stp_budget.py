@@ -4,6 +4,7 @@ Every ratio is checked against torch's own counter (``torch.utils.flop_counter``
 exported plain model and on an untouched dense copy of the model."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -244,6 +245,25 @@ def test_exploration_lands_on_the_budget(target, commits, width_step):
     proj = p.projection
     assert proj["ratio_after"] == pytest.approx(r, rel=1e-9)
     assert proj["needed"] == (proj["ratio_before"] > target)
+
+
+def test_projection_warns_when_no_step_lands_in_the_window():
+    """When every architecture one step away jumps below ``target - floor`` (a space too coarse
+    for the window: Fashion-MNIST's ResNet-20 with depth off at 0.15 has nothing between 0.117
+    and 0.210), the projection takes the step that lands highest and says so."""
+    _, dense, p, x = _resnet(target=0.35)
+    r0 = p.hard_flops_ratio()
+    steps = sorted({p.ratio(p.apply(p.base, c, steps=1)) for c in p.candidates(p.base)
+                    if c[0] == "width"}, reverse=True)
+    target = (r0 + steps[0]) / 2  # between the full network and its highest one-step child
+    with pytest.warns(UserWarning, match="no architecture one step away lands in"):
+        info = p.project_to_budget(target=target, floor=1e-6)
+    assert info["steps"] == 1 and info["ratio_after"] == pytest.approx(steps[0], rel=1e-12)
+    assert info["ratio_after"] == pytest.approx(_exported_ratio(p, dense, x[:2]), rel=1e-9)
+    with warnings.catch_warnings():  # landing in the window: no warning
+        warnings.simplefilter("error")
+        _, _, q, _ = _resnet(target=0.35)
+        q.project_to_budget(target=steps[0], floor=1e-6)
 
 
 def test_projection_survives_a_state_round_trip():
