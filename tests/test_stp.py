@@ -137,6 +137,21 @@ def _tiny_resnet_forward(model: TinyResNet, x: torch.Tensor, keep: torch.Tensor)
     return F.linear(h.mean((2, 3)), model.fc.weight, model.fc.bias)
 
 
+def _full_sub_kd(model: TinyResNet, x: torch.Tensor):
+    """The full network, the sub-network with the stream cut to its 12 most important channels
+    (the mean over its producers -- the stem and every block's conv2 -- of the L1 norms of
+    their output channels, METHOD §2), and the KL of the second to the first's detached output,
+    in plain torch."""
+    producers = [model.stem[0]] + [b.conv2 for b in model.stage]
+    score = torch.stack([m.weight.detach().abs().sum((1, 2, 3)) for m in producers]).mean(0)
+    keep = torch.sort(torch.topk(score, 12).indices).values
+    full = _tiny_resnet_forward(model, x, torch.arange(16))
+    sub = _tiny_resnet_forward(model, x, keep)
+    log_t = torch.log_softmax(full.detach().double(), -1)
+    kd = (log_t.exp() * (log_t - torch.log_softmax(sub.double(), -1))).sum(-1).mean()
+    return full, sub, kd
+
+
 @pytest.mark.parametrize("full_weight_after", [0.0, 0.5])
 def test_full_weight_after_scales_the_full_networks_loss_once_the_arch_is_fixed(
         full_weight_after):
@@ -147,13 +162,7 @@ def test_full_weight_after_scales_the_full_networks_loss_once_the_arch_is_fixed(
     y = torch.randint(0, 5, (8,))
     p.base = p.apply(p.full, ("width", "stem.0"))
     p.explore_done = True
-    producers = [model.stem[0]] + [b.conv2 for b in model.stage]
-    score = torch.stack([m.weight.detach().abs().sum((1, 2, 3)) for m in producers]).mean(0)
-    keep = torch.sort(torch.topk(score, 12).indices).values
-    full = _tiny_resnet_forward(model, x, torch.arange(16))
-    sub = _tiny_resnet_forward(model, x, keep)
-    log_t = torch.log_softmax(full.detach().double(), -1)
-    kd = (log_t.exp() * (log_t - torch.log_softmax(sub.double(), -1))).sum(-1).mean()
+    full, sub, kd = _full_sub_kd(model, x)
     loss = full_weight_after * F.cross_entropy(full, y) + kd + F.cross_entropy(sub, y)
     params = list(p.weight_parameters())
     expected = torch.autograd.grad(loss, params, allow_unused=True)
@@ -183,13 +192,7 @@ def test_train_step_is_full_on_labels_plus_kd_of_the_subnetwork(label_weight):
     # block's conv2) of the L1 norms of their output channels (METHOD §2)
     assert p.candidates(p.full)[0] == ("width", "stem.0")
     assert p.apply(p.full, ("width", "stem.0")).width("stem.0") == 12
-    producers = [model.stem[0]] + [b.conv2 for b in model.stage]
-    score = torch.stack([m.weight.detach().abs().sum((1, 2, 3)) for m in producers]).mean(0)
-    keep = torch.sort(torch.topk(score, 12).indices).values
-    full = _tiny_resnet_forward(model, x, torch.arange(16))
-    sub = _tiny_resnet_forward(model, x, keep)
-    log_t = torch.log_softmax(full.detach().double(), -1)
-    kd = (log_t.exp() * (log_t - torch.log_softmax(sub.double(), -1))).sum(-1).mean()
+    full, sub, kd = _full_sub_kd(model, x)
     loss = F.cross_entropy(full, y) + kd + label_weight * F.cross_entropy(sub, y)
     params = list(p.weight_parameters())
     expected = torch.autograd.grad(loss, params, allow_unused=True)
