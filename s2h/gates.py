@@ -206,15 +206,18 @@ class ChannelGate(nn.Module):
 
 
 class GateBank:
-    """Every gate's expected width at once: one padded softmax over all the gates' logits.
+    """Every gate's per-step quantities at once: one padded softmax over all the gates' logits.
 
     A step needs every gate's ``E`` several times (the hard widths, the differentiable FLOPs
-    ratio, the metrics). Per gate that is a softmax, a division, a product and a sum: on a GPU,
-    four kernel launches per gate per use (ResNet-50's 37 gates: ~600 launches a step, on a
-    host-bound step). Here the logits are concatenated into one ``(G, K_max)`` table padded
-    with ``-inf`` (probability 0), so ``E`` for all gates costs a handful of ops, forward and
-    backward, whatever the number of gates. ``expected()[i] == gates[i].expected_width()`` up
-    to float rounding (the sums may run in another order).
+    ratio, the metrics), and every gate's soft and straight-through masks. Per gate that is a
+    few ops each (a softmax, a division, a product and a sum for ``E``; a cumulative sum, two
+    flips, a repeat and a scatter for the mask): on a GPU, kernel launches of a host-bound step
+    (ResNet-50's 37 gates: ~3,000 ATen ops a step). Here the logits are concatenated into one
+    ``(G, K_max)`` table padded with ``-inf`` (probability 0), so the distributions, ``E``,
+    the soft masks (one gather from the survival table) and the straight-through masks (one
+    ``index_select``) of all gates cost a handful of ops, forward and backward, whatever the
+    number of gates. Each result equals the gate's own method up to float rounding (sums may
+    run in another order).
     """
 
     def __init__(self, gates: Iterable[ChannelGate]) -> None:
