@@ -157,12 +157,8 @@ def main() -> None:
             ms, mh = c["ms"].float(), c["mh"].float()
             for ci, cfg in enumerate(candidates if dev.type == "cuda" else tuner.configs):
                 kern = tuner.wide if (dtype == torch.float32 and hasattr(tuner, "wide")) else tuner
-                if dtype == torch.float32:
-                    kw = dict(cfg.kwargs)
-                    kw["BLOCK_M"] = max(16, kw["BLOCK_M"] // 2)
-                    import triton
-
-                    cfg = triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                if kern is not tuner:  # fp32 launches run the variant with half the row step
+                    cfg = _common.wide_config(cfg, "BLOCK_M")
                 kern.configs, kern.cache = [cfg], {}
                 bn, bk = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
                 for path in exact:

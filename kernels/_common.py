@@ -240,14 +240,18 @@ def add_wide_variant(kernel: Any, reduce_block: str) -> None:
     """
     if INTERPRET:
         return
-    configs = []
-    for c in kernel.configs:
-        kw = dict(c.kwargs)
-        kw[reduce_block] = max(16, kw[reduce_block] // 2)
-        configs.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
+    configs = [wide_config(c, reduce_block) for c in kernel.configs]
     wide = triton.autotune(configs=configs, key=list(kernel.keys))(kernel.fn)
     wide.align_args = getattr(kernel, "align_args", None)
     kernel.wide = wide
+
+
+def wide_config(config: triton.Config, reduce_block: str) -> triton.Config:
+    """``config`` with its reduction block ``reduce_block`` halved (at least 16): the config
+    of :func:`add_wide_variant`'s fp32 variant."""
+    kw = dict(config.kwargs)
+    kw[reduce_block] = max(16, kw[reduce_block] // 2)
+    return triton.Config(kw, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def kernel_for(kernel: Any, args: tuple) -> Any:

@@ -239,6 +239,11 @@ class GateBank:
     def __len__(self) -> int:
         return len(self.gates)
 
+    def holds(self, gates: list[ChannelGate]) -> bool:
+        """Whether this bank is of exactly ``gates`` (the same objects, in order)."""
+        return len(self.gates) == len(gates) and all(
+            a is b for a, b in zip(self.gates, gates, strict=True))
+
     def _tensors(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         t = self._on.get(device)
         if t is None:
@@ -297,7 +302,7 @@ class GateBank:
         ops for all gates: value 1, gradient to the soft masks' kept entries."""
         if not soft:
             return []
-        base = soft[0]._base if soft[0]._base is not None else None
+        base = soft[0]._base
         if base is None or any(t._base is not base for t in soft):
             return [g.hard_mask(m, k) for g, m, k in zip(self.gates, soft, keeps, strict=True)]
         key = tuple(id(k) for k in keeps)

@@ -184,7 +184,7 @@ class _SoftMask(torch.autograd.Function):
         gx, gm = _ops.channel_mask_backward(grad, x, mask.to(x.dtype), ctx.dim,
                                             need_grad_x=ctx.needs_input_grad[0],
                                             grad_mask_dtype=mask.dtype)
-        return gx, gm.to(mask.dtype), None
+        return gx, gm, None
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -206,7 +206,7 @@ class _StraightThrough(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             _, gm = _ops.channel_mask_backward(grad, x, mask.to(x.dtype), ctx.dim,
                                                need_grad_x=False, grad_mask_dtype=mask.dtype)
-            grad_mask = gm.to(mask.dtype)
+            grad_mask = gm
         return grad, grad_mask, None
 
 

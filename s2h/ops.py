@@ -506,9 +506,16 @@ def channel_mask_backward(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tenso
     ``need_grad_x``). On CPU float32 / float64 tensors the extension does both in one pass
     over ``grad`` and ``x`` (``torch.ops.s2h.channel_mask_backward``; the sums accumulate in
     float64); otherwise, and under ``create_graph`` (this path is not differentiable), the
-    same with torch ops, the sums in float32 (float64 for float64 inputs) returned in
-    ``grad_mask_dtype`` (default ``mask``'s dtype: pass the gate's float32 when ``mask`` was
-    cast to bf16 activations, so the mask gradient is not rounded to bf16 and back)."""
+    same with torch ops, the sums in float32 (float64 for float64 inputs). The mask gradient
+    is returned in ``grad_mask_dtype`` (default ``mask``'s dtype: pass the gate's float32 when
+    ``mask`` was cast to bf16 activations, so it is not rounded to bf16 and back)."""
+    gx, gm = _channel_mask_backward(grad, x, mask, dim, need_grad_x)
+    return gx, gm.to(grad_mask_dtype or mask.dtype)
+
+
+def _channel_mask_backward(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, dim: int,
+                           need_grad_x: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """:func:`channel_mask_backward` with the mask gradient in the dtype it was summed in."""
     dim = dim % x.dim()
     if (_HAS_MASK_OP and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
             and grad.dtype == x.dtype and mask.dtype == x.dtype and not torch.is_grad_enabled()
@@ -526,7 +533,7 @@ def channel_mask_backward(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tenso
     shape[dim] = -1
     dims = [d for d in range(x.dim()) if d != dim]
     gm = (grad * x).sum(dims, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-    return (grad * mask.view(shape) if need_grad_x else None), gm.to(grad_mask_dtype or mask.dtype)
+    return (grad * mask.view(shape) if need_grad_x else None), gm
 
 
 # ------------------------------------------------------------------------------------------------

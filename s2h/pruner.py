@@ -553,8 +553,7 @@ class S2HPruner:
         step's widths and FLOPs ratio; rebuilt if the gates change."""
         gates = list(self.gates.values())
         bank = getattr(self, "_bank", None)
-        if bank is None or len(bank.gates) != len(gates) or any(
-                a is not b for a, b in zip(bank.gates, gates, strict=True)):
+        if bank is None or not bank.holds(gates):
             bank = self._bank = GateBank(gates)
             self._flops_vec = None
         return bank
@@ -629,11 +628,12 @@ class S2HPruner:
         over each term's gates), the same value as ``flops_ratio(gate.hard_width_ste)`` in a
         few ops instead of a few per FLOPs term and gate."""
         bank = self.gate_bank()
-        tensors = self._flops_tensors(self.device()) if len(bank) else None
+        device = self.device()
+        tensors = self._flops_tensors(device) if len(bank) else None
         if tensors is None:
             return self.flops_ratio(lambda g: g.hard_width_ste())
         index, seg_matrix, seg_fixed, channels, flops = tensors
-        with torch.autocast(self.device().type, enabled=False):  # widths exact, not bf16
+        with torch.autocast(device.type, enabled=False):  # widths exact, not bf16
             e = bank.expected()
             k = torch.tensor(bank.hard_widths(e), dtype=e.dtype, device=e.device)
             w = e + (k - e).detach()  # straight-through: the hard widths' value, E's gradient

@@ -200,8 +200,7 @@ class GateRuntime:
         ``bank``: a :class:`~s2h.gates.GateBank` of the same gates (their widths in a few ops)."""
         self.states = {}
         gates = list(gates)
-        if bank is None or len(bank.gates) != len(gates) or any(
-                a is not b for a, b in zip(bank.gates, gates, strict=True)):
+        if bank is None or not bank.holds(gates):
             bank = GateBank(gates)
         # every gate's distribution once, E read in one host transfer (not a sync per gate), and
         # the soft and hard masks of all gates in a few ops (not a few per gate)

@@ -595,7 +595,7 @@ class STPPruner:
         sub_arch = self._next_candidate()
         sub = self._run(sub_arch, inputs)
         kd = self._kd(sub, teacher)
-        loss = (perf * w_full if w_full != 1.0 else perf) + self.kd_weight * kd
+        loss = w_full * perf + self.kd_weight * kd
         sub_perf = None
         if self.label_weight > 0:
             sub_perf = (loss_fn or F.cross_entropy)(sub.float(), targets)
