@@ -17,7 +17,10 @@ A saved model is a directory with
   ``ShiftedWindowAttention`` -> ``PrunedShiftedWindowAttention``, MaxViT's
   ``RelativePositionalMultiHeadAttention`` -> ``PrunedRelativePositionalMultiHeadAttention``,
   timm's PVT v2 ``Attention`` -> :class:`~s2h.timm_support.PrunedPvtAttention`),
-  rebuilt from the dense layer at the same path and the recorded sizes.
+  rebuilt from the dense layer at the same path and the recorded sizes; and the *routed*
+  blocks: torchvision's ShuffleNetV2 ``InvertedResidual`` with its channel shuffle routed by
+  index (:class:`~s2h.torchvision_support.RoutedInvertedResidual`, the kept-channel split and
+  order recorded as integers).
 
 Loading imports no name from the file: builders are looked up in fixed tables and module types in
 an allow-list, so an untrusted directory cannot run code (unlike ``torch.load`` of a pickled
@@ -238,6 +241,56 @@ _SWAP_KEYS = {
 
 def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def routed_swap(block: nn.Module, routed: type, split: int | None, order: torch.Tensor) -> None:
+    """Turn ``block`` into ``routed`` (its :class:`s2h.registry.Router` subclass) in place, with
+    the routing of its kept channels: ``s2h_split`` and the non-persistent ``s2h_order``."""
+    block.__class__ = routed
+    block.s2h_split = split
+    p = next(iter(block.parameters()), None)
+    dev = p.device if p is not None else order.device
+    block.register_buffer("s2h_order", order.detach().to(dev, torch.long).clone(),
+                          persistent=False)
+
+
+def _routed_classes() -> dict[str, type]:
+    """qualified name of each routed class -> the router's plain class and the routed one."""
+    from . import registry as _registry
+
+    _registry._load_builtin()
+    return {_qualname(r.routed): r for r in _registry._ROUTERS.values()}
+
+
+def _apply_routed(model: nn.Module, routed: dict) -> None:
+    """architecture.json's routed blocks (a channel shuffle routed by index): each the dense
+    block at that path turned into its routed class with the saved split and order."""
+    if not isinstance(routed, dict):
+        raise ValueError("architecture.json: routed must be an object")
+    known = _routed_classes()
+    for name, spec in routed.items():
+        if not isinstance(spec, dict) or spec.get("type") not in known:
+            raise ValueError(f"architecture.json routes {name!r} through a class that is not "
+                             f"allowed: {spec!r}"[:300])
+        router = known[spec["type"]]
+        try:
+            block = model.get_submodule(name)
+        except AttributeError:
+            block = None
+        if block is None or type(block) is not router.plain \
+                or spec.get("from") != _qualname(router.plain):
+            raise ValueError(f"architecture.json names a {_qualname(router.plain)} at {name!r}, "
+                             "which the rebuilt model does not have (another model version?)")
+        split, order = spec.get("split"), spec.get("order")
+        if split is not None and (isinstance(split, bool) or not isinstance(split, int)
+                                  or split < 0):
+            raise ValueError(f"architecture.json: bad split {split!r} of {name!r}")
+        if not isinstance(order, list) or sorted(order) != list(range(len(order))) \
+                or any(isinstance(v, bool) for v in order) or not order:
+            raise ValueError(f"architecture.json: the order of {name!r} is not a permutation")
+        if split is not None and split > len(order):
+            raise ValueError(f"architecture.json: split {split} of {name!r} exceeds its width")
+        routed_swap(block, router.routed, split, torch.tensor(order, dtype=torch.long))
 
 
 def _int_value(v):
@@ -574,6 +627,11 @@ def save_exported(model: nn.Module, directory: str, builder: dict | None = None)
             "dense model>)"
         )
     layers, resized, swapped, in_layers = {}, {}, {}, set()
+    routed_cls = _routed_classes()
+    routed = {name: {"type": _qualname(type(m)), "from": _qualname(routed_cls[
+                  _qualname(type(m))].plain), "split": m.s2h_split,
+                     "order": [int(v) for v in m.s2h_order.tolist()]}
+              for name, m in model.named_modules() if _qualname(type(m)) in routed_cls}
     inside: tuple[str, ...] = ()  # prefixes of swapped layers: their sublayers come with them
     for name, m in model.named_modules():
         if inside and name.startswith(inside):
@@ -608,7 +666,8 @@ def save_exported(model: nn.Module, directory: str, builder: dict | None = None)
                    for name, attrs in getattr(model, "s2h_split_sizes", {}).items()}
     arch = {"format": FORMAT, "version": VERSION, "builder": builder, "layers": layers,
             "resized": resized, "swapped": swapped, "channel_params": channel_params,
-            "identities": identities, "split_sizes": split_sizes, "torch": torch.__version__}
+            "identities": identities, "split_sizes": split_sizes, "routed": routed,
+            "torch": torch.__version__}
     os.makedirs(directory, exist_ok=True)
     tensors = {k: v.detach().contiguous().clone().cpu() for k, v in model.state_dict().items()}
     tag = f"{os.getpid()}.{os.urandom(4).hex()}.tmp"  # unique: concurrent writers never share
@@ -679,6 +738,7 @@ def _assemble(arch: dict, model: nn.Module, shapes: dict) -> nn.Module:
         raise ValueError("architecture.json: swapped must be an object")
     for name, spec in swapped.items():
         _swap(model, name, spec)
+    _apply_routed(model, arch.get("routed", {}))
     for name, spec in layers.items():
         if not isinstance(spec, dict) or not isinstance(spec.get("args", {}), dict):
             raise ValueError(f"architecture.json: layer {name!r} is not an object with 'args'")

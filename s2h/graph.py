@@ -8,11 +8,13 @@ broadcasting, pooling, reductions over other dims, views that keep the dim, perm
 merged (union-find) where two streams meet (residual adds, squeeze-excite multiplies). A concat
 along channels makes a label of *segments*, each owned by its input's group, and a split / chunk
 of the channel dim cuts a label into pieces, each a group (the producer's output rows are then
-segments): see ``_resolve_concats`` and ``_resolve_slices``. A label that reaches something the
-analysis cannot prune exactly — a grouped conv, a reshape that splits or merges the channel dim
-(a channel shuffle), a slice with bounds written as numbers, an op it does not know, the model
-output, an ignored layer — is *frozen*: its group keeps all channels and a warning names the
-place.
+segments): see ``_resolve_concats`` and ``_resolve_slices``. A channel shuffle (a view that
+splits the channel dim, a transpose, a view back) makes a *mixed* label, each position one
+channel of one label, pruned where the shuffle runs in a module s2h routes (``_resolve_mixed``).
+A label that reaches something the analysis cannot prune exactly — a grouped conv, any other
+reshape that splits or merges the channel dim, a shuffle in code s2h does not route, a slice
+with bounds written as numbers, an op it does not know, the model output, an ignored layer — is
+*frozen*: its group keeps all channels and a warning names the place.
 
 Running the real model (instead of symbolic tracing) handles Python control flow and timm's
 helpers without special cases; the price is one forward pass at construction.
@@ -183,10 +185,14 @@ class Group:
     #: group is kept and dropped in whole blocks of ``block`` channels (their conv groups'
     #: widths, aligned at channel 0); 1 = any channels
     block: int = 1
+    #: mixed channels (a channel shuffle's output, a piece of it): per position ``(group index
+    #: or None, channel of that group)``. Like a concat's, such a group has no gate of its own
+    positions: list[tuple[int | None, int]] = field(default_factory=list)
 
     @property
     def prunable(self) -> bool:
-        return not self.frozen and bool(self.consumers) and not self.segments
+        return not self.frozen and bool(self.consumers) and not self.segments \
+            and not self.positions
 
 
 @dataclass
@@ -214,6 +220,12 @@ class GraphAnalysis:
     #: "list" (each, in order)
     width_attrs: list[tuple[str, str, str, object, list[tuple[int | None, int]]]] = field(
         default_factory=list)
+    #: modules whose channel shuffle (and cuts of shuffled channels) the hard network and the
+    #: export route by index (:func:`s2h.registry.router_for`): module name -> what ran there,
+    #: ``[(kind, input positions, output positions, data)]`` with positions as in
+    #: :attr:`Group.positions`; ``kind`` "shuffle" (``data``: output position -> input
+    #: position) or "cut" (``data``: ``(start, stop)`` of the input)
+    routes: dict[str, list[tuple[str, list, list, object]]] = field(default_factory=dict)
 
 
 class _ReshapeCalls(TorchFunctionMode):
@@ -372,6 +384,23 @@ class _Analyzer:
         #: piece labels)``, ``how`` = "piece" (each piece's width), "total" (the pieces' sum) or
         #: "list" (every piece's width, in order); rewritten to the kept widths
         self.width_attrs: list[tuple[str, str, str, object, list[int]]] = []
+        #: a *mixed* label: channels drawn one by one from other labels, in an order no group
+        #: has (a channel shuffle's output, a piece of it, a concat with it): label -> per
+        #: position ``(label or None for an unpruned tensor, channel of that label)``, see
+        #: :meth:`_resolve_mixed`
+        self.mix_of: dict[int, list[tuple[int | None, int]]] = {}
+        #: a view that splits a labelled channel dim into ``(n, m)`` makes a fresh label for
+        #: the inner dim; whether it is the first half of a channel shuffle (view, transpose,
+        #: view back) or a chunk-then-stack (:meth:`_resolve_pending_splits`) is decided at the
+        #: end: inner label -> ``{"src", "n", "m", "dim", "call", "at", "shuffles"}``
+        self.pending_split: dict[int, dict] = {}
+        #: tensors carrying such a split: id -> ``(outer dim, inner dim, inner label,
+        #: transposed)``
+        self.split_marks: dict[int, tuple[int, int, int, bool]] = {}
+        #: the modules running a shuffle or a cut of mixed channels, with what ran there:
+        #: ``(module, module name, kind, input label, output label(s), data)``
+        self.route_sites: list[tuple] = []
+        self.module_objs: list[nn.Module] = []
 
     # ----------------------------------------------------------------- label helpers
     def get(self, t: torch.Tensor) -> list[int | None]:
@@ -445,6 +474,10 @@ class _Analyzer:
                     self.set(o, src)
         elif torch.Tag.pointwise in func.tags or name in _EXTRA_POINTWISE:
             self._pointwise(tensors_in, outs, name)
+            mark = self.split_marks.get(id(args[0])) if args else None
+            if mark is not None and name in self._COPY_OPS and outs \
+                    and outs[0].shape == args[0].shape:
+                self.split_marks[id(outs[0])] = mark  # .contiguous() of a shuffle's transpose
         elif name in _VIEW_OPS:
             self._view(args[0], outs[0], name)
         elif name in ("permute",):
@@ -456,6 +489,9 @@ class _Analyzer:
             d0, d1 = args[1] % len(src), args[2] % len(src)
             src[d0], src[d1] = src[d1], src[d0]
             self.set(outs[0], src)
+            mark = self.split_marks.get(id(args[0]))
+            if mark is not None and {d0, d1} == {mark[0], mark[1]}:
+                self.split_marks[id(outs[0])] = (mark[1], mark[0], mark[2], not mark[3])
         elif name == "t":
             self.set(outs[0], list(reversed(self.get(args[0]))))
         elif name in _REDUCE_OPS:
@@ -476,6 +512,55 @@ class _Analyzer:
             self._dim_op(name, args, kwargs, outs)
         else:
             self.freeze_inputs(args, kwargs, f"op aten.{name} (not channel-preserving)")
+
+    _COPY_OPS = {"clone", "contiguous", "_to_copy", "alias", "detach", "lift_fresh_copy"}
+
+    def _map_of(self, lab: int | None, width: int) -> list[tuple[int | None, int]]:
+        """Per position ``(label, channel)`` of the channels a tensor dim labelled ``lab``
+        holds: a mixed label's map, a concat's segments channel by channel, else ``lab``'s own
+        channels in order."""
+        if lab is None:
+            return [(None, i) for i in range(width)]
+        if lab in self.mix_of:
+            return list(self.mix_of[lab])
+        if lab in self.concat_of:
+            out: list[tuple[int | None, int]] = []
+            for seg, w in self.concat_of[lab]:
+                out.extend(self._map_of(seg, w))
+            return out
+        return [(lab, i) for i in range(width)]
+
+    def _mixed(self, entries: list[tuple[int | None, int]]) -> int:
+        lab = self.uf.new(len(entries))
+        self.mix_of[lab] = entries
+        return lab
+
+    def _shuffle_merge(self, src_t, src, in_dims, big_in, big_out, out_shape) -> int | None:
+        """The view back of a channel shuffle (``view(b, n, m, ...)``, ``transpose(1, 2)``,
+        ``view(b, n * m, ...)``): a mixed label whose channel ``i * n + j`` is channel
+        ``j * m + i`` of the split input. None if this view is not one."""
+        mark = self.split_marks.get(id(src_t))
+        if mark is None or len(big_out) != 1 or len(big_in) != 2 or not mark[3]:
+            return None
+        outer, inner, lab, _ = mark
+        pend = self.pending_split.get(lab)
+        if pend is None or big_in != [inner, outer] or src[inner] != lab \
+                or src[outer] is not None:
+            return None
+        n, m = pend["n"], pend["m"]
+        sigma = [j * m + i for i in range(m) for j in range(n)]
+        full = self._map_of(pend["src"], n * m)
+        mixed = self._mixed([full[q] for q in sigma])
+        pend["shuffles"].append(mixed)
+        self._route_site("shuffle", pend["src"], mixed, sigma)
+        return mixed
+
+    def _route_site(self, kind: str, src: int, out, data) -> None:
+        mod = self.module_objs[-1] if self.module_objs else self.model
+        name = self.module_stack[-1] if self.module_stack else ""
+        if mod is self.model:
+            name = ""
+        self.route_sites.append((mod, name, kind, src, out, data, self.where()))
 
     def _pointwise(self, tensors_in, outs, name) -> None:
         if not outs:
@@ -580,15 +665,20 @@ class _Analyzer:
             elif len(big_in) == 1 and len(big_out) == 2 and src[big_in[0]] is not None \
                     and len(labs) == 1:
                 # (C) -> (n, C/n), the pieces outermost: n equal contiguous pieces, one group
-                # (a chunk(n) then a stack): the inner dim is the pieces' channels
+                # (a chunk(n) then a stack), unless a transpose and a view back make it a
+                # channel shuffle: decided at the end (_resolve_pending_splits)
                 n, m = out_shape[big_out[0]], out_shape[big_out[1]]
                 call = {"id": -len(self.slices) - 1, "kind": "chunk", "value": n,
                         "module": self.module_stack[-1] if self.module_stack else ""}
-                piece = None
-                for k in range(n):
-                    p = self._piece(src[big_in[0]], k * m, (k + 1) * m, big_in[0], call)
-                    piece = p if piece is None else self.uf.union(piece, p)
-                result[big_out[1]] = piece
+                inner = self.uf.new(m)
+                self.pending_split[inner] = {"src": src[big_in[0]], "n": n, "m": m,
+                                             "dim": big_in[0], "call": call, "shuffles": [],
+                                             "at": len(self.slices)}
+                self.split_marks[id(out)] = (big_out[0], big_out[1], inner, False)
+                result[big_out[1]] = inner
+            elif (shuffled := self._shuffle_merge(src_t, src, in_dims, big_in, big_out,
+                                                  out_shape)) is not None:
+                result[big_out[0]] = shuffled
             else:
                 for lab in labs:
                     self.freeze_label(
@@ -858,7 +948,12 @@ class _Analyzer:
 
     def _piece(self, lab: int, start: int, stop: int, dim: int, call: dict | None = None
                ) -> int:
-        """A new label for the channels ``[start, stop)`` of ``lab``'s (see _resolve_slices)."""
+        """A new label for the channels ``[start, stop)`` of ``lab``'s (see _resolve_slices).
+        A piece of mixed channels is mixed: its part of the map (:meth:`_resolve_mixed`)."""
+        if lab in self.mix_of:
+            piece = self._mixed(self.mix_of[lab][start:stop])
+            self._route_site("cut", lab, piece, (start, stop))
+            return piece
         piece = self.uf.new(stop - start)
         if call is None:
             call = self.split_calls[-1] if self.split_calls else None
@@ -933,6 +1028,9 @@ class _Analyzer:
         if any(lab is not None for lab, _ in segments):
             if len(segments) == 1:  # a concat of one tensor: a copy
                 result[dim] = segments[0][0]
+            elif any(lab in self.mix_of for lab, _ in segments):
+                # mixed channels in it: the concat is mixed too, position by position
+                result[dim] = self._mixed([e for lab, w in segments for e in self._map_of(lab, w)])
             else:
                 cat_lab = self.uf.new(int(out.shape[dim]))
                 self.concat_of[cat_lab] = segments
@@ -1184,6 +1282,99 @@ class _Analyzer:
                 out.append((lab, width))
         return out
 
+    def _resolve_pending_splits(self) -> None:
+        """A view that split a labelled channel dim into ``(n, m)`` and was not exactly the first
+        half of a channel shuffle: its inner dim holds ``n`` equal contiguous pieces of the
+        channels, one group (a chunk(n) then a stack), as :meth:`_resolve_slices` cuts them."""
+        uf = self.uf
+        members: dict[int, list[int]] = {}
+        for lab in range(len(uf.parent)):
+            members.setdefault(uf.find(lab), []).append(lab)
+        self.bad_mixed: dict[int, str] = {}
+        for inner, pend in sorted(self.pending_split.items(), key=lambda kv: -kv[1]["at"]):
+            if pend["shuffles"] and members[uf.find(inner)] == [inner] \
+                    and not uf.frozen[uf.find(inner)] and len(pend["shuffles"]) == 1:
+                continue
+            for mixed in pend["shuffles"]:
+                self.bad_mixed[mixed] = (f"the split view of the channel shuffle in "
+                                         f"{pend['call']['module'] or 'the model'} is used by "
+                                         "other ops too")
+            n, m, at = pend["n"], pend["m"], pend["at"]
+            saved, self.slices = self.slices, []
+            piece = None
+            for k in range(n):
+                p = self._piece(pend["src"], k * m, (k + 1) * m, pend["dim"], pend["call"])
+                piece = p if piece is None else uf.union(piece, p)
+            uf.union(inner, piece)
+            self.slices = saved[:at] + self.slices + saved[at:]
+
+    def _resolve_mixed(self) -> None:
+        """Decide, for every mixed label (a channel shuffle's output, a piece of it, a concat
+        with it), whether its channels stay prunable, each with its own group.
+
+        The hard network and the export cannot run the model's own shuffle (it interleaves the
+        kept channels by rank, not by identity): each shuffle and cut of mixed channels must run
+        in a module whose class s2h *routes* (:func:`s2h.registry.router_for`: the kept channels
+        moved by index). A mixed class must also be only mixed labels of one map (no add with
+        other channels), and its channels plain groups. Otherwise the mixed channels are kept
+        whole, and with them every group they come from."""
+        if not self.mix_of:
+            return
+        uf = self.uf
+        bad = dict(getattr(self, "bad_mixed", {}))
+        by_module: dict[int, list] = {}
+        for site in self.route_sites:
+            by_module.setdefault(id(site[0]), []).append(site)
+        self.routed: dict[int, tuple[nn.Module, str, list]] = {}
+        for sites in by_module.values():
+            mod, name = sites[0][0], sites[0][1]
+            router = _registry.router_for(type(mod))
+            kinds = [(kind, data) for _, _, kind, _, _, data, _ in sites]
+            why = (f"s2h routes the kept channels of a channel shuffle only in "
+                   f"{_registry.routed_names()}, not in {type(mod).__name__}'s own code"
+                   if router is None else router.check(mod, kinds))
+            if why is not None:
+                for site in sites:
+                    what = ("a channel shuffle (a view, transpose and view back of the channel "
+                            "dim)" if site[2] == "shuffle" else "a cut of shuffled channels")
+                    bad.setdefault(site[4], f"{what} in {site[6]}: {why}")
+            else:
+                self.routed[id(mod)] = (mod, name, sites)
+        members: dict[int, list[int]] = {}
+        for lab in range(len(uf.parent)):
+            members.setdefault(uf.find(lab), []).append(lab)
+        roots: dict[int, list[int]] = {}
+        for mixed in self.mix_of:
+            roots.setdefault(uf.find(mixed), []).append(mixed)
+        concat_roots = {uf.find(c) for c in self.concat_of}
+
+        def resolved(mixed: int) -> list:
+            return [(None if lab is None else uf.find(lab), ch) for lab, ch in self.mix_of[mixed]]
+
+        for r, ms in roots.items():
+            ref = resolved(ms[0])
+            if sorted(members[r]) != sorted(ms) or any(resolved(x) != ref for x in ms[1:]):
+                bad.setdefault(ms[0], "the shuffled channels meet other channels (an add, or a "
+                                      "layer called on other inputs too)")
+            elif any(lab is not None and (lab in roots or lab in concat_roots)
+                     for lab, _ in ref):
+                bad.setdefault(ms[0], "shuffled channels of a concatenation that is cut again")
+        changed = True
+        while changed:  # a whole mixed label keeps every channel it holds whole
+            changed = False
+            for r, ms in roots.items():
+                why = next((bad[x] for x in ms if x in bad), None)
+                if why is None and not uf.frozen[uf.find(r)]:
+                    continue
+                if why is not None and not uf.frozen[uf.find(r)]:
+                    uf.freeze(r, why)
+                why = why or (uf.reasons[uf.find(r)] or ["it is kept whole"])[0]
+                for x in ms:
+                    for lab, _ in self.mix_of[x]:
+                        if lab is not None and not uf.frozen[uf.find(lab)]:
+                            uf.freeze(lab, f"shuffled into channels that are kept whole: {why}")
+                            changed = True
+
     def _resolve_concats(self) -> None:
         """Decide, for every concat along a labelled dim, whether its segments stay prunable.
 
@@ -1405,6 +1596,7 @@ class _Analyzer:
                 self.flops.enter(m)
                 name = names[m]
                 self.module_stack.append(name or type(m).__name__)
+                self.module_objs.append(m)
                 if is_layer[m]:
                     self.opaque_depth += 1
             finally:
@@ -1416,6 +1608,7 @@ class _Analyzer:
                 self.flops.exit(m)
                 name = names[m]
                 self.module_stack.pop()
+                self.module_objs.pop()
                 if is_layer[m]:
                     self.opaque_depth -= 1
                     if self.opaque_depth == 0:
@@ -1455,8 +1648,10 @@ class _Analyzer:
                     self.freeze_label(lab, f"{lname} is read outside its own call ({what}, in "
                                            f"{where}): the exported model would differ")
         self._resolve_repeats()
+        self._resolve_pending_splits()
         self._resolve_slices()
         self._resolve_concats()
+        self._resolve_mixed()
         self._resolve_reshape_attrs()
 
     def _resolve_reshape_attrs(self) -> None:
@@ -1604,6 +1799,28 @@ def analyze(
                     seg.producer_ranges.setdefault(n, []).append((off, off + width))
             off += width
         g.producers, g.depthwise = [], []
+    # mixed channels (a channel shuffle): each position a channel of its group, whose consumers
+    # these are too
+    def positions_of(entries: list) -> list[tuple[int | None, int]]:
+        out = []
+        for lab, ch in entries:
+            g = None if lab is None else roots.get(an.uf.find(lab))
+            out.append((None if g is None else index[id(g)], ch))
+        return out
+
+    for mixed, entries in an.mix_of.items():
+        g = roots.get(an.uf.find(mixed))
+        if g is None or g.frozen or g.positions:
+            continue
+        g.positions = positions_of(entries)
+        for i in {i for i, _ in g.positions if i is not None}:
+            seg = groups[i]
+            seg.consumers.extend(n for n in g.consumers if n not in seg.consumers)
+    routes: dict[str, list] = {}
+    for _mod, mname, sites in getattr(an, "routed", {}).values():
+        routes[mname] = [(kind, positions_of(an._map_of(src, an.uf.size[src])),
+                          positions_of(an.mix_of[out]), data)
+                         for _, _, kind, src, out, data, _ in sites]
     _resolve_grouped_convs(groups, an.layers)
     # unique names (the gates are keyed by them): a group named after a layer that it is only
     # the input of (a piece of a cut, a concat) yields to the layer's own output group
@@ -1624,7 +1841,7 @@ def analyze(
                 else index[id(roots[an.uf.find(lab)])], an.uf.size[lab]) for lab in labs]
         width_attrs.append((mname, attr, how, orig, idx))
     for g in groups:
-        if not g.consumers and not g.frozen and not g.segments:
+        if not g.consumers and not g.frozen and not g.segments and not g.positions:
             g.reasons.append("no conv/linear consumes these channels")
     layer_extra_group: dict[str, dict[str, int]] = {}
     layer_row_groups: dict[str, list[int]] = {}
@@ -1689,6 +1906,7 @@ def analyze(
         layer_in_repeat=layer_in_repeat,
         module_flops={n: an.flops.of(m) for n, m in model.named_modules()},
         width_attrs=width_attrs,
+        routes=routes,
     )
 
 

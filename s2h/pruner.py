@@ -31,7 +31,13 @@ from torch import nn
 from . import graph as _graph
 from . import losses as _losses
 from . import registry as _registry
-from .export import EXPORT_TOLERANCE, ExportMismatchWarning, detect_builder, export_difference
+from .export import (
+    EXPORT_TOLERANCE,
+    ExportMismatchWarning,
+    detect_builder,
+    export_difference,
+    routed_swap,
+)
 from .gates import ChannelGate, GateBank, effective_divisor
 from .losses import RESOURCE_MODES, VARIANTS
 from .nn import MaskedBatchNorm2d, MaskedLayer
@@ -42,7 +48,7 @@ from .numerics import (
     first_non_finite,
     optimizer_step,
 )
-from .runtime import GateRuntime, RepeatedGate, SegmentedGate, WidthAttr
+from .runtime import GateRuntime, IndexedGate, RepeatedGate, Route, SegmentedGate, WidthAttr
 from .utils import Inputs, as_tuple, channels_last_inputs, set_submodule, use_channels_last
 
 __all__ = ["EXPORT_TOLERANCE", "ExportMismatchWarning", "NonFiniteGradientError",
@@ -441,6 +447,11 @@ class S2HPruner:
         if idx is None:
             return None
         group = self.analysis.groups[idx]
+        if group.positions and not group.frozen:
+            if idx not in self._segmented:
+                gate = self._indexed_gate(group.positions, f"mix:{group.name}")
+                self._segmented[idx] = gate if gate.gates else None
+            return self._segmented[idx]
         if not group.segments or group.frozen:
             return self._group_gate.get(id(group))
         if idx not in self._segmented:
@@ -449,6 +460,30 @@ class S2HPruner:
             self._segmented[idx] = (SegmentedGate(segs, f"cat:{group.name}")
                                     if any(g is not None for g, _ in segs) else None)
         return self._segmented[idx]
+
+    def _indexed_gate(self, positions: list, name: str) -> IndexedGate:
+        """An :class:`IndexedGate` over ``(group index or None, channel)`` positions."""
+        pos = []
+        for i, c in positions:
+            g = self._gate_of_group_index(i)
+            if g is not None and not isinstance(g, ChannelGate):
+                raise AssertionError(f"{name}: mixed channels of a concat or of mixed channels")
+            pos.append((g, c))
+        return IndexedGate(pos, name)
+
+    def _build_routes(self) -> None:
+        """The modules whose channel shuffle the hard network routes (:class:`Route`)."""
+        for mname, sites in self.analysis.routes.items():
+            owner = self.model.get_submodule(mname)
+            router = _registry.router_for(type(owner))
+            cuts = sorted((d, out) for kind, _, out, d in sites if kind == "cut")
+            shuffle = next(s for s in sites if s[0] == "shuffle")
+            _, cat, out, sigma = shuffle
+            self.runtime.routes.append(Route(
+                owner, router.routed,
+                self._indexed_gate(cuts[0][1], f"{mname}.cut") if cuts else None,
+                self._indexed_gate(cat, f"{mname}.cat"), self._indexed_gate(out, f"{mname}.out"),
+                list(sigma)))
 
     def _swap_layers(self) -> None:
         an = self.analysis
@@ -479,6 +514,7 @@ class S2HPruner:
             if any(g is not None for g, _ in wa.pieces) \
                     and (id(owner), attr) not in self._dropped_width_attrs:
                 self.runtime.width_attrs.append((owner, attr, wa))
+        self._build_routes()
         # per-channel parameters outside the layers (layer-scale gamma): sliced in hard mode
         self._param_slices: list[tuple[str, int, ChannelGate]] = []
         for g in self.groups:
@@ -526,9 +562,11 @@ class S2HPruner:
 
     # ------------------------------------------------------------------ widths and FLOPs
     def flops_ratio(self, width_of: Callable[[ChannelGate], Any],
-                    skip: Iterable[str] = frozenset()) -> Any:
+                    skip: Iterable[str] = frozenset(),
+                    mask_of: Callable[[ChannelGate], torch.Tensor] | None = None) -> Any:
         """FLOPs over dense with each gate at ``width_of(gate)``; layers in ``skip`` do not run
-        (STP's dropped blocks)."""
+        (STP's dropped blocks). ``mask_of``: each gate's soft mask, for the gradient of mixed
+        channels' widths (:meth:`IndexedGate.width`)."""
         total = self._const_flops
         widths: dict[int, Any] = {}
 
@@ -543,7 +581,10 @@ class S2HPruner:
                 continue
             f = 1.0
             for gate in gates:
-                w = gate.width(once) if isinstance(gate, SegmentedGate) else once(gate)
+                if isinstance(gate, IndexedGate):
+                    w = gate.width(once, mask_of)
+                else:
+                    w = gate.width(once) if isinstance(gate, SegmentedGate) else once(gate)
                 f = f * (w / gate.channels)
             total = total + flops * f
         return total / self.dense_flops
@@ -587,6 +628,9 @@ class S2HPruner:
         for _name, _flops, gates in self._flop_terms:
             term = []
             for g in gates:
+                if isinstance(g, IndexedGate):  # mixed channels: the per-gate path
+                    self._flops_vec = (device, None)
+                    return None
                 if isinstance(g, SegmentedGate):
                     if id(g) not in segmented:
                         segmented[id(g)] = len(rows)
@@ -631,6 +675,10 @@ class S2HPruner:
         device = self.device()
         tensors = self._flops_tensors(device) if len(bank) else None
         if tensors is None:
+            if self.runtime.routes and len(bank):  # mixed channels: their expected counts
+                masks = dict(zip((id(g) for g in bank.gates), bank.soft_masks(), strict=True))
+                return self.flops_ratio(lambda g: g.hard_width_ste(),
+                                        mask_of=lambda g: masks[id(g)])
             return self.flops_ratio(lambda g: g.hard_width_ste())
         index, seg_matrix, seg_fixed, channels, flops = tensors
         with torch.autocast(device.type, enabled=False):  # widths exact, not bf16
@@ -698,6 +746,9 @@ class S2HPruner:
         if self.runtime.width_attrs:  # both halves would be cut at the same (full) sizes
             names = sorted({f"{type(o).__name__}.{a}" for o, a, _ in self.runtime.width_attrs})
             reason = f"a split reads its sizes from {', '.join(names)}"
+        elif self.runtime.routes:  # the halves need different code (the hard one routed)
+            reason = (f"the channel shuffle of {type(self.runtime.routes[0].owner).__name__} is "
+                      "routed by index in the hard network only")
         else:
             reason = dual.validate(self)
         if reason is None:
@@ -1002,6 +1053,8 @@ class S2HPruner:
                 return gate.expand_keep(keep_of(gate.gate))
             if isinstance(gate, SegmentedGate):  # a concat: each segment's kept at its offset
                 return gate.combine_keep([keep[id(g)] for g in gate.gates])
+            if isinstance(gate, IndexedGate):  # mixed channels: the kept positions
+                return gate.combine_keep([keep[id(g)] for g in gate.gates])
             return keep[id(gate)]
 
         exported = copy.deepcopy(self.model)  # masked layers drop their gates when copied
@@ -1024,6 +1077,10 @@ class S2HPruner:
             split_sizes.setdefault(names[id(owner)], {})[attr] = value
         if split_sizes:  # save_exported records them
             exported.s2h_split_sizes = split_sizes
+        for route in self.runtime.routes:  # a channel shuffle: routed by index in the export
+            split, order = route.values(lambda g: keep[id(g)], torch.device("cpu"))
+            block = exported.get_submodule(names[id(route.owner)])
+            routed_swap(block, route.routed, split, order)
         leftovers = [n for n, m in exported.named_modules() if isinstance(m, MaskedLayer)]
         if leftovers:  # layers swapped but not recorded: turn them back into their parents
             for n in leftovers:

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["LayerCall", "LayerHandler", "LayerInfo", "handler_for", "layer_call", "layer_info",
-           "masked_class", "register"]
+__all__ = ["LayerCall", "LayerHandler", "LayerInfo", "Router", "handler_for", "layer_call",
+           "layer_info", "masked_class", "register", "register_router", "router_for"]
 
 
 @dataclass(frozen=True)
@@ -156,6 +156,45 @@ def handler_for(cls: type) -> LayerHandler | None:
     """The handler of the plain or masked class ``cls`` (exact class, no subclasses)."""
     _load_builtin()
     return _HANDLERS.get(cls) or _BY_MASKED.get(cls)
+
+
+@dataclass(frozen=True)
+class Router:
+    """A module class whose channel shuffle s2h *routes*: the hard network and the export run
+    ``routed`` (a subclass of ``plain``) instead, which moves the kept channels by index --
+    ``s2h_split`` (where a cut of the kept stream falls) and ``s2h_order`` (the shuffle as a
+    gather of the kept channels) -- because the model's own shuffle interleaves the kept
+    channels by rank, which is right only when every group keeps all of them.
+
+    check(module, sites): None if the shuffles and cuts seen in one call of ``module`` (``[(kind,
+    data)]``, see :attr:`s2h.graph.GraphAnalysis.routes`) are the ones ``routed`` computes, else
+    why not (its channels are then kept whole).
+    """
+
+    plain: type
+    routed: type
+    check: Callable[[nn.Module, list], str | None]
+
+
+_ROUTERS: dict[type, Router] = {}
+
+
+def register_router(router: Router) -> Router:
+    _ROUTERS[router.plain] = router
+    return router
+
+
+def router_for(cls: type) -> Router | None:
+    """The :class:`Router` of the module class ``cls`` (exact class), or None."""
+    _load_builtin()
+    return _ROUTERS.get(cls)
+
+
+def routed_names() -> str:
+    """The classes s2h routes, for messages."""
+    _load_builtin()
+    names = sorted(f"{c.__module__}.{c.__qualname__}" for c in _ROUTERS)
+    return ", ".join(names) if names else "no module class (none registered)"
 
 
 def layer_info(m: nn.Module) -> LayerInfo | None:

@@ -9,6 +9,7 @@ hard mask once (:class:`GateState`); the layers read them through their :class:`
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,8 +19,8 @@ from torch import nn
 
 from .gates import ChannelGate, GateBank
 
-__all__ = ["MODES", "Binding", "GateRuntime", "GateState", "RepeatedGate", "SegmentedGate",
-           "WidthAttr"]
+__all__ = ["MODES", "Binding", "GateRuntime", "GateState", "IndexedGate", "RepeatedGate",
+           "Route", "SegmentedGate", "WidthAttr"]
 
 MODES = ("dense", "soft", "hard")
 
@@ -143,6 +144,150 @@ class SegmentedGate:
         return GateState(torch.cat(soft), keep, torch.cat(hard))
 
 
+class IndexedGate:
+    """Mixed channels (a channel shuffle's output, a piece of it): position ``p`` holds channel
+    ``c_p`` of the group of gate ``g_p`` (None: a channel kept whole). The hard network holds
+    the kept positions in ascending order (the routed modules put them there, see
+    :class:`s2h.registry.Router`), so a masked layer bound to it masks and gathers as it does
+    for one gate: :meth:`expand` gives the per-position state.
+    """
+
+    def __init__(self, positions: list[tuple[ChannelGate | None, int]], name: str = "") -> None:
+        self.name = name
+        self.channels = len(positions)
+        self.gates: list[ChannelGate] = []
+        where: dict[int, int] = {}
+        pos: list[list[int]] = []
+        chans: list[list[int]] = []
+        fixed: list[int] = []
+        for p, (g, c) in enumerate(positions):
+            if g is None:
+                fixed.append(p)
+                continue
+            if id(g) not in where:
+                where[id(g)] = len(self.gates)
+                self.gates.append(g)
+                pos.append([])
+                chans.append([])
+            pos[where[id(g)]].append(p)
+            chans[where[id(g)]].append(int(c))
+        self._pos = [torch.tensor(x, dtype=torch.long) for x in pos]
+        self._chans = [torch.tensor(x, dtype=torch.long) for x in chans]
+        self._fixed = torch.tensor(fixed, dtype=torch.long)
+        self._keep_cache: tuple[tuple, torch.Tensor] | None = None
+        self._dev: dict = {}
+
+    def _on(self, device: torch.device) -> tuple[list, list, torch.Tensor]:
+        t = self._dev.get(device)
+        if t is None:
+            t = self._dev[device] = ([x.to(device) for x in self._pos],
+                                     [x.to(device) for x in self._chans], self._fixed.to(device))
+        return t
+
+    def _kept(self, gate: ChannelGate, keep: torch.Tensor, chans: torch.Tensor) -> torch.Tensor:
+        flag = torch.zeros(gate.channels, dtype=torch.bool, device=keep.device)
+        flag[keep] = True
+        return flag[chans]
+
+    def combine_keep(self, keeps: list[torch.Tensor], device: torch.device | None = None
+                     ) -> torch.Tensor:
+        """The kept positions ``(k,)`` (ascending) from the kept channels of each gate
+        (``keeps``, in :attr:`gates` order). Cached while ``keeps`` are the same objects."""
+        cached = self._keep_cache
+        if cached is not None and len(cached[0]) == len(keeps) and all(
+                a is b for a, b in zip(cached[0], keeps, strict=True)) and (
+                    device is None or cached[1].device == device):
+            return cached[1]
+        dev = keeps[0].device if keeps else (device or self._fixed.device)
+        pos, chans, fixed = self._on(dev)
+        parts = [fixed] + [p[self._kept(g, k, c)] for g, k, p, c
+                           in zip(self.gates, keeps, pos, chans, strict=True)]
+        keep = torch.sort(torch.cat(parts)).values
+        self._keep_cache = (tuple(keeps), keep)
+        return keep
+
+    def expand(self, state_of: Callable[[ChannelGate], GateState]) -> GateState:
+        """The gates' states as the state of the mixed positions."""
+        states = [state_of(g) for g in self.gates]
+        ref = states[0].soft_mask
+        pos, chans, fixed = self._on(ref.device)
+        soft = torch.ones(self.channels, device=ref.device, dtype=ref.dtype)
+        hard = torch.ones(self.channels, device=ref.device, dtype=ref.dtype)
+        for g, st, p, c in zip(self.gates, states, pos, chans, strict=True):
+            soft = soft.index_put((p,), st.soft_mask.index_select(0, c))
+            full = torch.zeros(g.channels, device=ref.device, dtype=ref.dtype).index_put(
+                (st.keep,), st.hard_mask)
+            hard = hard.index_put((p,), full.index_select(0, c))
+        keep = self.combine_keep([st.keep for st in states])
+        return GateState(soft, keep, hard.index_select(0, keep))
+
+    def width(self, width_of: Callable[[ChannelGate], Any],
+              mask_of: Callable[[ChannelGate], torch.Tensor] | None = None) -> Any:
+        """Kept positions with each gate at ``width_of(gate)``: the count (a float), or, for a
+        tensor width, that count as value with the gradient of the expected count
+        ``Σ_p mask_of(g_p)[c_p]`` (each gate's soft mask; without ``mask_of``, the positions'
+        share of the gate's width)."""
+        total: Any = float(self._fixed.numel())
+        for i, (g, c) in enumerate(zip(self.gates, self._chans, strict=True)):
+            w = width_of(g)
+            k = int(round(float(w.detach() if isinstance(w, torch.Tensor) else w)))
+            count = float((self._ranks(i) < k).sum())
+            if isinstance(w, torch.Tensor) and w.requires_grad:
+                soft = (mask_of(g).index_select(0, self._on(w.device)[1][i]).sum()
+                        if mask_of is not None else w * (c.numel() / g.channels))
+                total = total + (soft + (count - soft).detach())
+            else:
+                total = total + count
+        return total
+
+    def _ranks(self, i: int) -> torch.Tensor:
+        """The importance ranks of gate ``i``'s channels at its positions (cached per order)."""
+        g = self.gates[i]
+        key = (g.order._version, g.order.data_ptr())
+        cache = self.__dict__.setdefault("_rank_cache", {})
+        hit = cache.get(i)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        rank = torch.empty(g.channels, dtype=torch.long)
+        rank[g.order.detach().cpu()] = torch.arange(g.channels)
+        cache[i] = (key, rank[self._chans[i]])
+        return cache[i][1]
+
+
+class Route:
+    """A module whose channel shuffle the hard network routes by index (a
+    :class:`s2h.registry.Router`'s ``routed`` forward runs instead of the module's own):
+    ``s2h_split`` = the kept width of the first piece its input is cut into (``cut``; None
+    without a cut), ``s2h_order`` = for each kept output position (ascending) its index among
+    the kept positions of the shuffle's input (``cat``, ``out``, ``sigma``: output position ->
+    input position)."""
+
+    def __init__(self, owner: nn.Module, routed: type, cut: IndexedGate | None,
+                 cat: IndexedGate, out: IndexedGate, sigma: list[int]) -> None:
+        self.owner, self.routed = owner, routed
+        self.cut, self.cat, self.out = cut, cat, out
+        self.sigma = torch.tensor(sigma, dtype=torch.long)
+        self._cache: tuple | None = None
+
+    @staticmethod
+    def _keep(gate: IndexedGate, keep_of: Callable[[ChannelGate], torch.Tensor],
+              device: torch.device) -> torch.Tensor:
+        return gate.combine_keep([keep_of(g).to(device) for g in gate.gates], device)
+
+    def values(self, keep_of: Callable[[ChannelGate], torch.Tensor], device: torch.device
+               ) -> tuple[int | None, torch.Tensor]:
+        """``(s2h_split, s2h_order)`` with each gate keeping ``keep_of(gate)``."""
+        split = None if self.cut is None else int(self._keep(self.cut, keep_of, device).numel())
+        k_cat = self._keep(self.cat, keep_of, device)
+        k_out = self._keep(self.out, keep_of, device)
+        c = self._cache
+        if c is not None and c[0] is k_cat and c[1] is k_out:
+            return split, c[2]
+        order = torch.searchsorted(k_cat, self.sigma.to(device).index_select(0, k_out))
+        self._cache = (k_cat, k_out, order)
+        return split, order
+
+
 class WidthAttr:
     """A module attribute that holds the sizes of a split of pruned channels: ``how`` =
     ``"piece"`` (one piece's width: ``split(x, self.width)``), ``"total"`` (the sum of the
@@ -192,6 +337,8 @@ class GateRuntime:
         #: of a ``torch.split(x, self.width, 1)``): ``(owner, attribute, value)``, ``value``
         #: a :class:`WidthAttr`; in hard mode the owner sees the kept widths
         self.width_attrs: list[tuple[nn.Module, str, WidthAttr]] = []
+        #: modules whose channel shuffle is routed by index in hard mode (:class:`Route`)
+        self.routes: list[Route] = []
         self._installed = False
 
     def prepare(self, gates: Iterable[ChannelGate], device: torch.device | None = None,
@@ -222,7 +369,7 @@ class GateRuntime:
     def state(self, gate: ChannelGate | RepeatedGate | SegmentedGate) -> GateState:
         if isinstance(gate, RepeatedGate):
             return gate.expand(self.state(gate.gate))
-        if isinstance(gate, SegmentedGate):  # once per prepared step, for all its layers
+        if isinstance(gate, (SegmentedGate, IndexedGate)):  # once per step, for all its layers
             st = self.states.get(id(gate))
             if st is None:
                 st = self.states[id(gate)] = gate.expand(self.state)
@@ -256,11 +403,14 @@ class GateRuntime:
         the full parameter, and ``state_dict`` / ``parameters()`` never see it. Leaving hard
         mode removes it, so nothing of s2h stays on the model (nor on a deep copy of it).
         """
-        want = self.mode == "hard" and bool(self.param_slices or self.width_attrs)
+        want = self.mode == "hard" and bool(self.param_slices or self.width_attrs or self.routes)
         if want == self._installed and not want:
             return
         for owner, attr, _dim, _gate in self.param_slices:
             owner.__dict__.pop(attr, None)
+        for route in self.routes:
+            for attr in ("forward", "s2h_split", "s2h_order"):
+                route.owner.__dict__.pop(attr, None)
         for owner, attr, wa in self.width_attrs:
             owner.__dict__[attr] = wa.original
         self._installed = False
@@ -271,6 +421,12 @@ class GateRuntime:
                 owner.__dict__[attr] = param.index_select(dim, keep.to(param.device))
             for owner, attr, wa in self.width_attrs:
                 owner.__dict__[attr] = wa.value(lambda g: int(self.state(g).keep.numel()))
+            for route in self.routes:
+                dev = next(route.owner.parameters()).device
+                split, order = route.values(lambda g: self.state(g).keep, dev)
+                route.owner.__dict__.update(
+                    forward=types.MethodType(route.routed.forward, route.owner),
+                    s2h_split=split, s2h_order=order)
             self._installed = True
 
 

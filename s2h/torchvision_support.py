@@ -1,4 +1,5 @@
-"""torchvision's Swin window attention and MaxViT attention pruned by whole heads.
+"""torchvision's Swin window attention and MaxViT attention pruned by whole heads; ShuffleNetV2's
+channel shuffle routed by index (:class:`RoutedInvertedResidual`).
 
 Imported by :mod:`s2h.registry` only once torchvision itself is imported. (torchvision's ViT
 needs nothing here: its ``EncoderBlock`` calls ``nn.MultiheadAttention``, see
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.convnext import LayerNorm2d
 from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
+from torchvision.models.shufflenetv2 import InvertedResidual as ShuffleInvertedResidual
 from torchvision.models.swin_transformer import ShiftedWindowAttention
 
 from . import registry as _registry
@@ -54,7 +56,8 @@ from .torch_attention import _head_rows, _whole_heads
 
 __all__ = ["MaskedLayerNorm2d", "MaskedRelativePositionalMultiHeadAttention",
            "MaskedShiftedWindowAttention", "PrunedRelativePositionalMultiHeadAttention",
-           "PrunedShiftedWindowAttention", "relative_attention", "window_attention"]
+           "PrunedShiftedWindowAttention", "RoutedInvertedResidual", "relative_attention",
+           "window_attention"]
 
 
 def _window_regions(hp: int, wp: int, window: Sequence[int], shift: Sequence[int],
@@ -509,3 +512,51 @@ def _layernorm2d_info(m: nn.Module) -> LayerInfo:
 
 
 _registry.register(LayerHandler(LayerNorm2d, MaskedLayerNorm2d, _layernorm2d_info))
+
+
+# ---------------------------------------------------------------------------- ShuffleNetV2
+class RoutedInvertedResidual(ShuffleInvertedResidual):
+    """torchvision's ShuffleNetV2 block with its ``chunk(2)`` and channel shuffle routed by index
+    (:class:`s2h.registry.Router`): the pruned stream holds each kept channel where the dense
+    model's shuffle puts it, for any kept set -- the block's own code interleaves the kept
+    channels by rank, which is right only when every group keeps all of them.
+
+    ``s2h_split``: the kept channels of the stream's first half (a stride-1 block passes them
+    on, the rest go to ``branch2``); ``s2h_order``: the shuffle as a gather of the concatenated
+    kept channels. The export holds them (a plain int and a non-persistent buffer; saved in
+    ``architecture.json``)."""
+
+    s2h_split: int | None
+    s2h_order: torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1:
+            k = self.s2h_split
+            out = torch.cat((x[:, :k], self.branch2(x[:, k:])), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        return out.index_select(1, self.s2h_order.to(out.device))
+
+
+def _shuffle_check(m: nn.Module, sites: list) -> str | None:
+    """The shuffles and cuts of one call of ``InvertedResidual`` are its own: a stride-1 block
+    cuts its input at the middle, then shuffles; a strided block only shuffles. The shuffle is
+    a 2-group one (``channel_shuffle(out, 2)``)."""
+    shuffles = [d for k, d in sites if k == "shuffle"]
+    cuts = [d for k, d in sites if k == "cut"]
+    if len(shuffles) != 1:
+        return f"{len(shuffles)} channel shuffles in one call"
+    sigma = shuffles[0]
+    c = len(sigma)
+    if c % 2 or list(sigma) != [j * (c // 2) + i for i in range(c // 2) for j in range(2)]:
+        return "a channel shuffle of other than 2 groups"
+    if m.stride == 1:
+        if sorted(cuts) != [(0, c // 2), (c // 2, c)]:
+            return f"the input is cut into {sorted(cuts)}, not its two halves"
+    elif cuts:
+        return "a strided block that cuts its input"
+    return None
+
+
+_registry.register_router(_registry.Router(ShuffleInvertedResidual, RoutedInvertedResidual,
+                                           _shuffle_check))

@@ -412,12 +412,12 @@ def test_a_conv_added_to_a_concat_is_cut_by_its_segments():
 
 
 @pytest.mark.parametrize("make, reason", [
-    (Shuffle, "merges or splits the channel dim"),
+    (Shuffle, "channel shuffle"),
     (CatOut, "the model output"),
 ])
 def test_concat_kept_whole_with_its_segments(make, reason):
     pruner, dense, x, msgs = _setup(make)
-    for name in ("a", "b"):  # (the shuffle's view ties a's and b's channels: one group)
+    for name in ("a", "b"):  # (the shuffle in the model's own code: not routed)
         g = next(g for g in pruner.analysis.groups if name in g.producers)
         assert not g.prunable and any(reason in r for r in g.reasons), g.reasons
         # a warning names it (not for the model output, which is never pruned, as expected)
