@@ -40,6 +40,12 @@ SYNC = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"
 
 
 def _model(name, img, device):
+    if name.startswith("torchvision."):  # e.g. torchvision.shufflenet_v2_x1_0 (weights=None)
+        import torchvision
+
+        m = torchvision.models.get_model(name.split(".", 1)[1], weights=None,
+                                         num_classes=100).to(device)
+        return m.to(memory_format=torch.channels_last) if device.type == "cuda" else m
     import timm
 
     kw = {"img_size": img} if "vit" in name else {}

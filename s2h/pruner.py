@@ -581,8 +581,10 @@ class S2HPruner:
                 continue
             f = 1.0
             for gate in gates:
-                if isinstance(gate, IndexedGate):
-                    w = gate.width(once, mask_of)
+                if isinstance(gate, IndexedGate):  # once per call too
+                    w = widths.get(id(gate))
+                    if w is None:
+                        w = widths[id(gate)] = gate.width(once, mask_of)
                 else:
                     w = gate.width(once) if isinstance(gate, SegmentedGate) else once(gate)
                 f = f * (w / gate.channels)

@@ -231,7 +231,7 @@ class IndexedGate:
         for i, (g, c) in enumerate(zip(self.gates, self._chans, strict=True)):
             w = width_of(g)
             k = int(round(float(w.detach() if isinstance(w, torch.Tensor) else w)))
-            count = float((self._ranks(i) < k).sum())
+            count = self._count(i, k)
             if isinstance(w, torch.Tensor) and w.requires_grad:
                 soft = (mask_of(g).index_select(0, self._on(w.device)[1][i]).sum()
                         if mask_of is not None else w * (c.numel() / g.channels))
@@ -239,6 +239,15 @@ class IndexedGate:
             else:
                 total = total + count
         return total
+
+    def _count(self, i: int, k: int) -> float:
+        """How many of gate ``i``'s positions its top ``k`` channels keep (cached per order)."""
+        ranks = self._ranks(i)
+        cache = self.__dict__.setdefault("_count_cache", {})
+        hit = cache.get((i, k))
+        if hit is None or hit[0] is not ranks:
+            hit = cache[(i, k)] = (ranks, float((ranks < k).sum()))
+        return hit[1]
 
     def _ranks(self, i: int) -> torch.Tensor:
         """The importance ranks of gate ``i``'s channels at its positions (cached per order)."""

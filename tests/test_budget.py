@@ -82,6 +82,16 @@ def test_budget_is_met_on_timm_models(name, size, kw, target):
     _check_budget(model, torch.randn(2, 3, size, size), target, steps=1)
 
 
+@pytest.mark.parametrize("target", [0.15, 0.35, 0.55])
+def test_budget_is_met_on_shufflenet(target):
+    """The shuffled streams are mixed groups (issue 18): their FLOPs count per position."""
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = tv.models.shufflenet_v2_x0_5(num_classes=10)
+    info = _check_budget(model, torch.randn(2, 3, 32, 32), target)
+    assert info["needed"] and info["steps"] > 0
+
+
 def test_projection_warns_when_no_divisor_step_lands_in_the_window():
     """A window narrower than any divisor step (floor 1e-6, a target between the full network
     and every one-step child): the projection goes below it and says so, naming the window;
@@ -185,6 +195,25 @@ def test_normalized_resource_reaches_the_target_by_dynamics():
     ratios = [pruner.train_step(x, y, opt)["hard_flops_ratio"] for _ in range(60)]
     tail = ratios[-10:]
     assert all(0.35 - 0.03 <= r <= 0.35 + 0.03 for r in tail), ratios
+
+
+def test_normalized_resource_reaches_the_target_by_dynamics_on_shufflenet():
+    """The same on torchvision's ShuffleNetV2 x0.5, whose shuffled streams are mixed groups
+    (their FLOPs gradient: each position's own soft mask): within the band by the end."""
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = tv.models.shufflenet_v2_x0_5(num_classes=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = s2h.S2HPruner(model, torch.randn(2, 3, 32, 32), 0.35)
+    opt = _opt(pruner, gate_lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
+    ratios = [pruner.train_step(x, y, opt)["hard_flops_ratio"] for _ in range(60)]
+    assert all(0.35 - 0.03 <= r <= 0.35 + 0.03 for r in ratios[-10:]), ratios
+    ratio = _flops(pruner.export(), x[:1]) / _flops(tv.models.shufflenet_v2_x0_5(num_classes=10),
+                                                    x[:1])
+    assert ratio == pytest.approx(ratios[-1], rel=0.01)
 
 
 def test_freeze_phase_keeps_gates_and_trains_the_hard_network():

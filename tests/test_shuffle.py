@@ -418,3 +418,35 @@ def test_torchvision_shufflenet_v2():
         assert _close(model(x), ref)
     exported = check_exact(pruner, model, x, dense)
     assert exported.stage3[4].branch2[0].in_channels < 116
+
+
+def test_saved_routing_is_checked_on_load(tmp_path):
+    """architecture.json's routed blocks: saved as integers, reloaded into the same outputs; an
+    order that is not a permutation, a split beyond the width or a class that is not a
+    registered router is refused."""
+    import json
+
+    net, cls = _tiny_shufflenet()
+    x = torch.randn(2, 3, 16, 16)
+    pruner, _ = prune(net, x, divisor=2)
+    _random_gates(pruner, 1)
+    exported = pruner.export()
+    path = s2h.save_exported(exported, str(tmp_path / "m"), builder={"kind": "custom",
+                                                                    "name": "tiny"})
+    arch_file = tmp_path / "m" / "architecture.json"
+    arch = json.loads(arch_file.read_text())
+    assert set(arch["routed"]) == set(pruner.analysis.routes)
+    spec = arch["routed"]["stage2.1"]
+    assert spec["type"] == "s2h.torchvision_support.RoutedInvertedResidual"
+    assert spec["split"] == exported.stage2[1].s2h_split
+    loaded = s2h.load_exported(path, model_fn=cls)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), exported(x))
+    for bad, match in [({"order": spec["order"][:-1] + spec["order"][:1]}, "permutation"),
+                       ({"split": len(spec["order"]) + 1}, "exceeds"),
+                       ({"type": "torch.nn.modules.container.Sequential"}, "not allowed")]:
+        broken = json.loads(json.dumps(arch))
+        broken["routed"]["stage2.1"].update(bad)
+        arch_file.write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match=match):
+            s2h.load_exported(path, model_fn=cls)
