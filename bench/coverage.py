@@ -79,6 +79,8 @@ MODELS: list[tuple[str, int, dict]] = [
     ("skresnet18", 32, {}),
     ("pvt_v2_b0", 64, {}),  # reshapes that read a width
     ("mixer_b16_224", 64, {"img_size": 64}),
+    ("mobilevit_xxs", 64, {}),  # unfold / fold of the channels with the batch, concat
+    ("mobilevitv2_050", 64, {}),  # GroupNorm1, split([1, self.embed_dim, self.embed_dim])
     # torchvision (weights=None, num_classes=10): the architectures of issue 18
     ("torchvision.resnet50", 64, {}),
     ("torchvision.resnext50_32x4d", 64, {}),

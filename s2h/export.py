@@ -128,6 +128,7 @@ _RESIZED_ATTRS: dict[str, tuple[str, ...]] = {
     "torchvision.models.convnext.LayerNorm2d": ("normalized_shape",),
     "torch.nn.modules.normalization.GroupNorm": ("num_groups", "num_channels"),
     "timm.layers.norm_act.GroupNormAct": ("num_groups", "num_channels"),
+    "timm.layers.norm.GroupNorm1": ("num_groups", "num_channels"),
     "timm.layers.conv2d_same.Conv2dSame": ("in_channels", "out_channels", "groups"),
     "timm.layers.std_conv.StdConv2d": ("in_channels", "out_channels", "groups"),
     "timm.layers.std_conv.StdConv2dSame": ("in_channels", "out_channels", "groups"),

@@ -401,6 +401,12 @@ class _Analyzer:
         #: ``(module, module name, kind, input label, output label(s), data)``
         self.route_sites: list[tuple] = []
         self.module_objs: list[nn.Module] = []
+        #: tensors whose dims merge a labelled channel dim with other dims (MobileViT's unfold
+        #: ``(B, C, H, W) -> (B * C * n_h, p_h, n_w, p_w)``): id -> {dim: atoms}, the dim's
+        #: size as a product of ``(size, label or None)``, outermost first (see
+        #: :meth:`_atoms_view`). Only views, transposes and copies may carry them; anything else
+        #: keeps the labels whole
+        self.factors: dict[int, dict[int, list[tuple[int, int | None]]]] = {}
 
     # ----------------------------------------------------------------- label helpers
     def get(self, t: torch.Tensor) -> list[int | None]:
@@ -447,6 +453,9 @@ class _Analyzer:
                         ("all", f"its tensor {tname!r} is used by aten.{name}", self.where()))
         self._follow_param_align(name, tensors_in, outs)
         self._param_other_uses(func, name, tensors_in, bool(labelled))
+        if any(id(t) in self.factors for t in tensors_in) and self._factored_op(
+                name, args, tensors_in, outs):
+            return
         if not labelled:
             # follow views / casts of parameters, to recognise per-channel scales later
             if name in _PARAM_VIEW_OPS and tensors_in and id(tensors_in[0]) in self.param_of:
@@ -627,6 +636,8 @@ class _Analyzer:
                     self.freeze_label(lab, f"expand in {self.where()}")
             self.set(out, result)
             return
+        fin = self.factors.get(id(src_t), {})
+        out_factors: dict[int, list[tuple[int, int | None]]] = {}
         # match blocks of equal products; a labelled dim survives if its block is 1 <-> 1
         i = j = 0
         while i < len(in_shape) or j < len(out_shape):
@@ -649,7 +660,13 @@ class _Analyzer:
             big_in = [d for d in in_dims if in_shape[d] > 1]
             big_out = [d for d in out_dims if out_shape[d] > 1]
             labs = [src[d] for d in in_dims if src[d] is not None]
-            if (len(big_in) == 1 and len(big_out) == 1
+            if any(d in fin for d in in_dims):  # merged channels (MobileViT's unfold)
+                if not self._atoms_view(src_t, src, in_dims, out_dims, in_shape, out_shape,
+                                        result, out_factors):
+                    self._freeze_atoms([a for d in in_dims for a in fin.get(d, [])] + [
+                        (1, lab) for lab in labs], f"a reshape in {self.where()} that moves "
+                        f"merged channels ({tuple(in_shape)} -> {tuple(out_shape)})")
+            elif (len(big_in) == 1 and len(big_out) == 1
                     and in_shape[big_in[0]] == out_shape[big_out[0]]):
                 result[big_out[0]] = src[big_in[0]]
                 if src[big_in[0]] is not None:
@@ -679,6 +696,9 @@ class _Analyzer:
             elif (shuffled := self._shuffle_merge(src_t, src, in_dims, big_in, big_out,
                                                   out_shape)) is not None:
                 result[big_out[0]] = shuffled
+            elif labs and self._atoms_view(src_t, src, in_dims, out_dims, in_shape, out_shape,
+                                           result, out_factors):
+                pass  # the channels merged with other dims, each atom followed
             else:
                 for lab in labs:
                     self.freeze_label(
@@ -687,6 +707,96 @@ class _Analyzer:
                         f"({tuple(in_shape)} -> {tuple(out_shape)})",
                     )
         self.set(out, result)
+        if out_factors:
+            self.factors[id(out)] = out_factors
+
+    # ----------------------------------------------------------------- merged channels
+    _FACTOR_COPY = {"clone", "contiguous", "_to_copy", "alias", "detach"}
+
+    def _atoms_view(self, src_t, src, in_dims, out_dims, in_shape, out_shape, result,
+                    out_factors) -> bool:
+        """One block of a reshape, dim sizes as products of *atoms* ``(size, label or None)``:
+        the input dims' atoms (a labelled dim is one atom, a merged dim its atoms) are dealt
+        to the output dims in order, an unlabelled atom split where an output dim ends inside
+        it. A labelled atom is never split. An output dim that is exactly one labelled atom is
+        that label again (MobileViT's fold back to ``(B, C, H, W)``, or its ``(B * P, N, C)``
+        tokens); one that holds a labelled atom among others is a merged dim
+        (``out_factors``). False if the block cannot be dealt so."""
+        fin = self.factors.get(id(src_t), {})
+        atoms: list[tuple[int, int | None]] = []
+        for d in in_dims:
+            atoms.extend(fin[d] if d in fin else [(in_shape[d], src[d])])
+        atoms = [a for a in atoms if a[0] != 1 or a[1] is not None]
+        dealt: dict[int, list[tuple[int, int | None]]] = {}
+        k = 0
+        for d in out_dims:
+            want, mine = out_shape[d], []
+            while want > 1 or (k < len(atoms) and atoms[k][0] == 1):
+                if k >= len(atoms):
+                    return False
+                size, lab = atoms[k]
+                if size <= want and want % size == 0:
+                    mine.append(atoms[k])
+                    want //= size
+                    k += 1
+                elif lab is None and size % want == 0:  # split an unlabelled atom
+                    mine.append((want, None))
+                    atoms[k] = (size // want, None)
+                    want = 1
+                else:
+                    return False
+            dealt[d] = mine
+        if k != len(atoms):
+            return False
+        for d, mine in dealt.items():
+            labelled = [a for a in mine if a[1] is not None]
+            if len(mine) == 1 and labelled:
+                result[d] = labelled[0][1]
+            elif labelled:
+                out_factors[d] = mine
+        return True
+
+    def _freeze_atoms(self, atoms, why: str) -> None:
+        for _, lab in atoms:
+            self.freeze_label(lab, why)
+
+    def _freeze_factors(self, t: torch.Tensor, why: str) -> None:
+        for atoms in self.factors.get(id(t), {}).values():
+            self._freeze_atoms(atoms, why)
+
+    def _factored_op(self, name: str, args, tensors_in, outs) -> bool:
+        """An op on a tensor with merged channels (:attr:`factors`): views, transposes and
+        copies carry them (True: handled); anything else keeps them whole (False: the op's
+        own rule runs)."""
+        src_t = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        fin = self.factors.get(id(src_t), {}) if src_t is not None else {}
+        if fin and outs and len(tensors_in) == 1:
+            out = outs[0]
+            if name in _VIEW_OPS and name != "expand":
+                self._view(src_t, out, name)
+                return True
+            if name in ("transpose", "transpose_", "swapaxes", "permute", "t"):
+                nd = src_t.dim()
+                if name == "permute":
+                    dims = [d % nd for d in args[1]]
+                elif name == "t":
+                    dims = list(reversed(range(nd)))
+                else:
+                    dims = list(range(nd))
+                    d0, d1 = args[1] % nd, args[2] % nd
+                    dims[d0], dims[d1] = dims[d1], dims[d0]
+                src = self.get(src_t)
+                self.set(out, [src[d] for d in dims])
+                self.factors[id(out)] = {i: fin[d] for i, d in enumerate(dims) if d in fin}
+                return True
+            if name in self._FACTOR_COPY and out.shape == src_t.shape:
+                self.set(out, self.get(src_t))
+                self.factors[id(out)] = dict(fin)
+                return True
+        for t in tensors_in:
+            self._freeze_factors(t, f"aten.{name} in {self.where()} reads channels merged with "
+                                    "other dims")
+        return False
 
     # ----------------------------------------------------------------- embedding width
     _ALIGN_OPS = {"expand", "_to_copy", "clone", "detach", "alias", "contiguous", "lift_fresh",
@@ -798,8 +908,8 @@ class _Analyzer:
         LayerNorm and reduction) read ``n`` copies of the group's kept channels. The merged
         width must follow the input (a flatten, or ``-1`` in a view / reshape): a width written
         as a number would not. None where the merge is of another kind."""
-        if len(big_out) != 1 or len(big_in) < 2:
-            return None
+        if len(big_out) != 1 or len(big_in) < 2 or any(n > 1 for n in out_shape[big_out[0] + 1:]):
+            return None  # (merging into an outer dim, e.g. the batch: see _atoms_view)
         lab = src[big_in[-1]]
         if lab is None or any(src[d] is not None for d in in_dims if d != big_in[-1]):
             return None
@@ -1136,6 +1246,9 @@ class _Analyzer:
             return f"{what} of unequal pieces ({widths})"
         found = []  # (module, attribute, how, value) for every module that runs a cut
         tied = kind != "split_list"  # the pieces one group (they stay equal)
+        #: split(x, [1, self.c, self.c]) (MobileViT v2's q, k, v): the pieces of an int
+        #: attribute's size are one group, the others (constants) are kept whole
+        attr_pos: list[int] = []
         for mname in dict.fromkeys(c["module"] for c, _, _ in plans):
             if kind == "chunk":
                 break  # the sizes follow the input
@@ -1154,6 +1267,15 @@ class _Analyzer:
                         vars(self.model.get_submodule(mname)).items()
                         if not attr.startswith("_") and type(v) is int and v == widths[0]]
                 tied = tied or bool(here)
+            if not here and kind == "split_list" and len(plans) == 1:
+                ints = {v for a, v in vars(self.model.get_submodule(mname)).items()
+                        if not a.startswith("_") and type(v) is int and v > 1 and v in widths}
+                if len(ints) == 1:
+                    v = ints.pop()
+                    here = [(mname, a, "piece", v) for a, w in
+                            vars(self.model.get_submodule(mname)).items()
+                            if not a.startswith("_") and type(w) is int and w == v]
+                    attr_pos = [i for i, w in enumerate(widths) if w == v]
             if not here:
                 return (f"{what} with sizes {call0['value']} that are not an attribute of "
                         f"{mname or 'the model'} (the pruned model could not follow them)")
@@ -1164,6 +1286,24 @@ class _Analyzer:
             self._claimed[h[:2]] = r
         # the pieces: one group for equal pieces, one per position for a split list
         pieces_by_pos = list(zip(*[p for _, _, p in plans], strict=True))
+        if attr_pos:
+            lab = pieces_by_pos[attr_pos[0]][0]
+            for i in attr_pos:
+                for other in pieces_by_pos[i]:
+                    lab = uf.union(lab, other)
+            labs = []
+            for i, same in enumerate(pieces_by_pos):
+                if i in attr_pos:
+                    labs.append(lab)
+                    continue
+                other = same[0]
+                for o in same[1:]:
+                    other = uf.union(other, o)
+                uf.freeze(other, f"{what}: a piece of constant size ({widths[i]} of "
+                                 f"{call0['value']})")
+                labs.append(other)
+            attrs = [(mname, a, how, v, [lab]) for mname, a, how, v in found]
+            return list(zip(labs, widths, strict=True)), attrs, call0["module"]
         if not tied:
             labs = []
             for same in pieces_by_pos:
@@ -1482,6 +1622,7 @@ class _Analyzer:
         return info
 
     def on_layer(self, name: str, m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+        self._freeze_factors(x, f"{name} reads channels merged with other dims")
         info = self.layer_info(name, m)
         kind = info.kind
         in_lab = self.get(x)
@@ -1635,6 +1776,7 @@ class _Analyzer:
             if isinstance(t, torch.Tensor):
                 for lab in self.get(t):
                     self.freeze_label(lab, "the model output (never pruned)")
+                self._freeze_factors(t, "the model output (never pruned)")
         # a layer whose weights or sizes the model's own code reads outside the layer's call:
         # that code would see other values in the exported (smaller) model, so keep it whole
         for lname, reads in self.outside_reads.items():

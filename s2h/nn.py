@@ -490,9 +490,14 @@ class MaskedGroupNorm(MaskedLayer, nn.GroupNorm):
     norm groups of ``c = num_channels // num_groups`` channels (:attr:`LayerInfo.block`, as a
     grouped conv's): the statistics of a norm group are over its own channels only, so the hard
     layer -- a group norm of the kept norm groups, ``num_groups = k // c`` -- computes on every
-    kept channel exactly what the full layer does (soft, hard and exported layers agree)."""
+    kept channel exactly what the full layer does (soft, hard and exported layers agree).
+    With ``num_groups = 1`` (a layer norm over ``(C, *)``: MobileViT v2's) any channels may go,
+    as for :class:`MaskedLayerNorm`: the hard layer normalises over the kept ones (the soft
+    network is then a proxy)."""
 
     def _kept_norm_groups(self, keep: torch.Tensor) -> int:
+        if self.num_groups == 1:  # one norm group over every channel: over the kept ones
+            return 1
         c = self.num_channels // self.num_groups
         if keep.numel() % c:
             name = self._s2h.name if self._s2h is not None else type(self).__name__
@@ -515,6 +520,8 @@ class MaskedGroupNorm(MaskedLayer, nn.GroupNorm):
         """``(num_groups, num_channels)`` of the layer keeping ``keep`` (whole norm groups)."""
         if keep is None:
             return self.num_groups, self.num_channels
+        if self.num_groups == 1:
+            return 1, keep.numel()
         groups = self._kept_norm_groups(keep)
         c = self.num_channels // self.num_groups
         blocks = keep.view(groups, c).cpu()
@@ -540,8 +547,8 @@ class MaskedGroupNorm(MaskedLayer, nn.GroupNorm):
 
 
 def _groupnorm_info(m: nn.Module) -> LayerInfo:
-    if m.num_groups == 1:
-        return LayerInfo("fixed", 1, "num_groups=1: it normalises over every channel")
+    if m.num_groups == 1:  # a layer norm over (C, *): over the kept channels, as LayerNorm
+        return LayerInfo("layernorm", 1)
     return LayerInfo("batchnorm", 1, block=m.num_channels // m.num_groups)
 
 

@@ -231,13 +231,13 @@ class S2HPruner:
             self._unswap_layers()
             for g, err in failing:
                 g.frozen = True
-                g.reasons.append(f"the model fails when it is one step narrower ({err})")
+                g.reasons.append(f"the model fails when it is narrowed ({err})")
                 if warn:
                     warnings.warn(
                         f"group {g.name!r} ({g.channels} channels) is left unpruned: the hard "
-                        f"network fails when it is {g.channels - self.gate_of(g).divisor} wide "
-                        f"({err}); the model's code probably reads this width as a constant "
-                        "(e.g. in a reshape)", stacklevel=2)
+                        f"network fails when it is narrower ({err}); the model's code probably "
+                        "reads this width as a constant, or another group's width as this "
+                        "one's (e.g. in a reshape)", stacklevel=2)
             self.groups = [g for g in self.groups if not g.frozen]
             if not self.groups:
                 raise ValueError(f"nothing prunable in {type(model).__name__}: every group's "
@@ -301,37 +301,52 @@ class S2HPruner:
 
     @torch.no_grad()
     def _groups_failing_narrower(self) -> list[tuple[_graph.Group, str]]:
-        """Groups whose narrowing by one divisor step makes the hard network raise (the model's
-        code reads their width as a constant, e.g. a reshape): found here, once, rather than
-        at the first training step that narrows them. One hard forward when none fails;
-        otherwise the groups are narrowed one more at a time to find the culprits."""
+        """Groups whose narrowing makes the hard network raise (the model's code reads their
+        width as a constant, e.g. a reshape, or reads one group's width where another's
+        channels are): found here, once, rather than at the first training step that narrows
+        them. The hard network runs with every group one divisor step narrower, then
+        ``ceil(log2(groups))`` times with group ``i`` narrowed by ``1 + bit k of i`` steps, so
+        that any two groups differ in width in some run (code that assumes two groups equally
+        wide fails there). Where a run fails, the groups are narrowed one more at a time, as
+        in that run, to find the culprits."""
         steppable = [g for g in self.groups if g.channels > self.gate_of(g).divisor]
 
-        def error(narrow: list[_graph.Group]) -> str | None:
-            ids = {id(g) for g in narrow}
+        def error(steps: dict[int, int]) -> str | None:
             for g in self.groups:
                 gate = self.gate_of(g)
-                gate.set_width(g.channels - gate.divisor if id(g) in ids else g.channels)
+                gate.set_width(g.channels - steps.get(id(g), 0) * gate.divisor)
             try:
                 self.hard_forward(self.example_inputs)
             except Exception as exc:  # noqa: BLE001 - any failure of the model's own code
                 return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             return None
 
+        def two_steps(g: _graph.Group) -> bool:
+            return g.channels >= 3 * self.gate_of(g).divisor
+
         with self.trial_widths():
             # first which attributes hold split sizes (so that the rest runs with those only)
             failing = self._split_sizes_failing()
             bad = {id(g) for g, _ in failing}
             steppable = [g for g in steppable if id(g) not in bad]
-            if not steppable or error(steppable) is None:
-                return failing
-            ok: list[_graph.Group] = []
-            for g in steppable:
-                err = error([*ok, g])
-                if err is None:
-                    ok.append(g)
-                else:
-                    failing.append((g, err))
+            runs = [{id(g): 1 for g in steppable}]
+            k = 0
+            while (1 << k) < len(steppable):
+                runs.append({id(g): 1 + ((i >> k) & 1 if two_steps(g) else 0)
+                             for i, g in enumerate(steppable)})
+                k += 1
+            for run in runs:
+                steppable = [g for g in steppable if id(g) not in bad]
+                if not steppable or error({i: run[i] for i in map(id, steppable)}) is None:
+                    continue
+                ok: dict[int, int] = {}
+                for g in steppable:
+                    err = error({**ok, id(g): run[id(g)]})
+                    if err is None:
+                        ok[id(g)] = run[id(g)]
+                    else:
+                        failing.append((g, err))
+                        bad.add(id(g))
             return failing
 
     @torch.no_grad()

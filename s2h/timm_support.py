@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from timm.layers import (
     BatchNormAct2d,
     Conv2dSame,
+    GroupNorm1,
     GroupNormAct,
     LayerNorm,
     LayerNorm2d,
@@ -198,6 +199,24 @@ class MaskedGroupNormAct(MaskedGroupNorm, GroupNormAct):
     def s2h_export(self, in_keep: torch.Tensor | None, out_keep: torch.Tensor | None,
                    extra: dict[str, torch.Tensor]) -> nn.Module:
         new = _plain_copy(self, GroupNormAct)
+        new.num_groups, new.num_channels = self._export_sizes(out_keep)
+        _set_param(new, "weight", _sel(self.weight, out_keep))
+        _set_param(new, "bias", _sel(self.bias, out_keep))
+        return new
+
+
+class MaskedGroupNorm1(MaskedGroupNorm, GroupNorm1):
+    """timm ``GroupNorm1`` (a group norm of one group, MobileViT v2): over the kept channels in
+    hard mode (see :class:`s2h.nn.MaskedGroupNorm`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = self._hard_keep()
+        return GroupNorm1.forward(self, x) if keep is None else self._hard_gn(x, keep)
+
+    @torch.no_grad()
+    def s2h_export(self, in_keep: torch.Tensor | None, out_keep: torch.Tensor | None,
+                   extra: dict[str, torch.Tensor]) -> nn.Module:
+        new = _plain_copy(self, GroupNorm1)
         new.num_groups, new.num_channels = self._export_sizes(out_keep)
         _set_param(new, "weight", _sel(self.weight, out_keep))
         _set_param(new, "bias", _sel(self.bias, out_keep))
@@ -825,6 +844,7 @@ _registry.register(LayerHandler(LayerNorm2d, MaskedLayerNorm2d,
                                 lambda m: LayerInfo("layernorm", 1)))
 _registry.register(_attention_handler(Attention, MaskedAttention, _attention_info))
 _registry.register(LayerHandler(GroupNormAct, MaskedGroupNormAct, _groupnorm_act_info))
+_registry.register(LayerHandler(GroupNorm1, MaskedGroupNorm1, _groupnorm_info))
 _registry.register(LayerHandler(Conv2dSame, MaskedConv2dSame, _conv_info))
 for _plain, _masked in ((StdConv2d, MaskedStdConv2d), (StdConv2dSame, MaskedStdConv2dSame),
                         (ScaledStdConv2d, MaskedScaledStdConv2d),

@@ -308,3 +308,53 @@ def test_bit_resnetv2_std_conv_and_group_norm_are_pruned():
     assert (len(pruner.groups), n_all) == (37, 38)
     assert isinstance(pruner.masked_layers["stem.conv"], StdConv2d)
     assert all(g.block > 1 for g in pruner.groups if g.norms)
+
+
+class OneGroupNorms(nn.Module):
+    """``nn.GroupNorm(1, C)`` and timm's ``GroupNorm1`` (MobileViT v2): a layer norm over
+    ``(C, H, W)``, pruned as a LayerNorm is (over the kept channels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.layers import GroupNorm1
+
+        self.c1, self.n1 = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(1, 8)
+        self.c2, self.n2 = nn.Conv2d(8, 12, 1), GroupNorm1(12)
+        self.fc = nn.Linear(12, 5)
+        with torch.no_grad():
+            for n in (self.n1, self.n2):
+                n.weight.uniform_(0.5, 1.5)
+                n.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        x = torch.relu(self.n1(self.c1(x)))
+        return self.fc(torch.relu(self.n2(self.c2(x))).mean((2, 3)))
+
+
+def test_one_group_norms_are_pruned_over_the_kept_channels():
+    """Reference: the norm by hand in float64 over the kept channels only (one norm group)."""
+    from timm.layers import GroupNorm1
+
+    torch.manual_seed(0)
+    model = OneGroupNorms()
+    dense = copy.deepcopy(model)
+    x = torch.randn(2, 3, 8, 8)
+    pruner, msgs = prune(model, x, divisor=2)
+    assert not any("left unpruned" in m for m in msgs), msgs
+    groups = {g.name: g for g in pruner.groups}
+    assert set(groups) == {"c1", "c2"}
+    assert groups["c1"].norms == ["n1"] and groups["c2"].norms == ["n2"]
+    pruner.set_widths({"c1": 6, "c2": 4})
+    exported = check_exact(pruner, model, x, dense, model_fn=OneGroupNorms)
+    assert type(exported.n1) is nn.GroupNorm and type(exported.n2) is GroupNorm1
+    assert (exported.n1.num_groups, exported.n1.num_channels) == (1, 6)
+    assert (exported.n2.num_groups, exported.n2.num_channels) == (1, 4)
+    k1 = pruner.gate_of(groups["c1"]).keep_index()
+    k2 = pruner.gate_of(groups["c2"]).keep_index()
+    with torch.no_grad():
+        h1 = torch.relu(_hand_gn(_hand_conv(dense.c1, x.double(), torch.ones(3,
+                        dtype=torch.float64), k1), dense.n1, k1, 6))
+        h2 = torch.relu(_hand_gn(_hand_conv(dense.c2, h1, torch.ones(6, dtype=torch.float64),
+                                            k2, k1), dense.n2, k2, 4))
+        ref = F.linear(h2.mean((2, 3)), dense.fc.weight.double()[:, k2], dense.fc.bias.double())
+        torch.testing.assert_close(exported(x).double(), ref, rtol=1e-5, atol=1e-5)

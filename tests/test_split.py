@@ -375,3 +375,37 @@ def test_slices_bounded_by_an_attribute_are_pieces():
         pruner.set_widths(_widths(pruner, step))
         exported = _check_exact(pruner, dense, x, SliceAttr.SPEC, SliceAttr.ROWS)
         assert exported.c == pruner.widths()["a[0:6]"]
+
+
+class QKV1(nn.Module):
+    """MobileViT v2's linear attention: ``qkv(y).split([1, self.embed_dim, self.embed_dim])``:
+    the 1-channel query (a softmax over the positions) is a piece of constant size, kept whole;
+    the key and value pieces are the attribute's size, one group (they multiply each other)."""
+
+    G = ("qkv[1:9]", 8)
+    SPEC = {"qkv": ["a"], "out": [G], "fc": ["out"]}
+    ROWS = {"qkv": [1, G, G]}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed_dim = 8
+        self.a = nn.Conv2d(3, 8, 1)
+        self.qkv = nn.Conv2d(8, 17, 1)
+        self.out, self.fc = nn.Conv2d(8, 6, 1), nn.Linear(6, 5)
+
+    def forward(self, x):
+        q, k, v = self.qkv(torch.relu(self.a(x))).split([1, self.embed_dim, self.embed_dim], 1)
+        context = (k * q.flatten(2).softmax(-1).view_as(q)).sum((2, 3), keepdim=True)
+        return self.fc(torch.relu(self.out(torch.relu(v) * context)).mean((2, 3)))
+
+
+def test_split_with_a_constant_piece_and_attribute_pieces():
+    pruner, dense, x, msgs = _setup(QKV1)
+    assert set(pruner.widths()) == {"a", "qkv[1:9]", "out"}
+    query = next(g for g in pruner.analysis.groups if g.name == "qkv[0:1]")
+    assert query.frozen and "a piece of constant size" in query.reasons[0]
+    assert [a for _, a, _ in pruner.runtime.width_attrs] == ["embed_dim"]
+    for step in (0, 1):
+        pruner.set_widths(_widths(pruner, step))
+        exported = _check_exact(pruner, dense, x, QKV1.SPEC, QKV1.ROWS)
+        assert exported.embed_dim == pruner.widths()["qkv[1:9]"] < 8
