@@ -270,15 +270,22 @@ def _hand_gn(h, n, keep, c):
             + n.bias.double()[keep, None, None])
 
 
-def test_group_norm_is_pruned_in_whole_norm_groups():
+def _norm_model(cls):
+    """``(model, dense copy, x, pruner, groups by name)`` of a two-conv ``cls``, both convs'
+    groups pruned (no warning)."""
     torch.manual_seed(0)
-    model = BiTLike()
+    model = cls()
     dense = copy.deepcopy(model)
     x = torch.randn(2, 3, 8, 8)
     pruner, msgs = prune(model, x, divisor=2)
     assert not any("left unpruned" in m for m in msgs), msgs
     groups = {g.name: g for g in pruner.groups}
     assert set(groups) == {"c1", "c2"}
+    return model, dense, x, pruner, groups
+
+
+def test_group_norm_is_pruned_in_whole_norm_groups():
+    model, dense, x, pruner, groups = _norm_model(BiTLike)
     assert (groups["c1"].norms, groups["c1"].block) == (["n1"], 4)
     assert (groups["c2"].norms, groups["c2"].block) == (["n2"], 8)
     pruner.set_widths({"c1": 8, "c2": 16})
@@ -335,14 +342,7 @@ def test_one_group_norms_are_pruned_over_the_kept_channels():
     """Reference: the norm by hand in float64 over the kept channels only (one norm group)."""
     from timm.layers import GroupNorm1
 
-    torch.manual_seed(0)
-    model = OneGroupNorms()
-    dense = copy.deepcopy(model)
-    x = torch.randn(2, 3, 8, 8)
-    pruner, msgs = prune(model, x, divisor=2)
-    assert not any("left unpruned" in m for m in msgs), msgs
-    groups = {g.name: g for g in pruner.groups}
-    assert set(groups) == {"c1", "c2"}
+    model, dense, x, pruner, groups = _norm_model(OneGroupNorms)
     assert groups["c1"].norms == ["n1"] and groups["c2"].norms == ["n2"]
     pruner.set_widths({"c1": 6, "c2": 4})
     exported = check_exact(pruner, model, x, dense, model_fn=OneGroupNorms)
