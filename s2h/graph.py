@@ -1432,7 +1432,7 @@ class _Analyzer:
             members.setdefault(uf.find(lab), []).append(lab)
         self.bad_mixed: dict[int, str] = {}
         for inner, pend in sorted(self.pending_split.items(), key=lambda kv: -kv[1]["at"]):
-            if pend["shuffles"] and members[uf.find(inner)] == [inner] \
+            if pend["shuffles"] and members.get(uf.find(inner)) == [inner] \
                     and not uf.frozen[uf.find(inner)] and len(pend["shuffles"]) == 1:
                 continue
             for mixed in pend["shuffles"]:
