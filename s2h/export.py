@@ -255,8 +255,8 @@ def routed_swap(block: nn.Module, routed: type, split: int | None, order: torch.
                           persistent=False)
 
 
-def _routed_classes() -> dict[str, type]:
-    """qualified name of each routed class -> the router's plain class and the routed one."""
+def _routed_classes() -> dict:
+    """Qualified name of each routed class -> its :class:`s2h.registry.Router`."""
     from . import registry as _registry
 
     _registry._load_builtin()
@@ -628,11 +628,13 @@ def save_exported(model: nn.Module, directory: str, builder: dict | None = None)
             "dense model>)"
         )
     layers, resized, swapped, in_layers = {}, {}, {}, set()
-    routed_cls = _routed_classes()
-    routed = {name: {"type": _qualname(type(m)), "from": _qualname(routed_cls[
-                  _qualname(type(m))].plain), "split": m.s2h_split,
-                     "order": [int(v) for v in m.s2h_order.tolist()]}
-              for name, m in model.named_modules() if _qualname(type(m)) in routed_cls}
+    routers, routed = _routed_classes(), {}
+    for name, m in model.named_modules():  # a channel shuffle routed by index
+        router = routers.get(_qualname(type(m)))
+        if router is not None:
+            routed[name] = {"type": _qualname(type(m)), "from": _qualname(router.plain),
+                            "split": m.s2h_split,
+                            "order": [int(v) for v in m.s2h_order.tolist()]}
     inside: tuple[str, ...] = ()  # prefixes of swapped layers: their sublayers come with them
     for name, m in model.named_modules():
         if inside and name.startswith(inside):

@@ -121,6 +121,13 @@ class _UnionFind:
         self.reasons[ra].extend(self.reasons[rb])
         return ra
 
+    def classes(self) -> dict[int, list[int]]:
+        """Root -> every label of its class (ascending)."""
+        out: dict[int, list[int]] = {}
+        for lab in range(len(self.parent)):
+            out.setdefault(self.find(lab), []).append(lab)
+        return out
+
     def freeze(self, a: int, reason: str) -> None:
         r = self.find(a)
         self.frozen[r] = True
@@ -401,6 +408,10 @@ class _Analyzer:
         #: ``(module, module name, kind, input label, output label(s), data)``
         self.route_sites: list[tuple] = []
         self.module_objs: list[nn.Module] = []
+        #: mixed labels made invalid by their split view (see _resolve_pending_splits) -> why
+        self.bad_mixed: dict[int, str] = {}
+        #: the modules whose shuffles are routed: id -> (module, name, sites), _resolve_mixed
+        self.routed: dict[int, tuple[nn.Module, str, list]] = {}
         #: tensors whose dims merge a labelled channel dim with other dims (MobileViT's unfold
         #: ``(B, C, H, W) -> (B * C * n_h, p_h, n_w, p_w)``): id -> {dim: atoms}, the dim's
         #: size as a product of ``(size, label or None)``, outermost first (see
@@ -489,20 +500,14 @@ class _Analyzer:
                 self.split_marks[id(outs[0])] = mark  # .contiguous() of a shuffle's transpose
         elif name in _VIEW_OPS:
             self._view(args[0], outs[0], name)
-        elif name in ("permute",):
+        elif name in self._REORDER_OPS:
             src = self.get(args[0])
-            dims = [d % len(src) for d in args[1]]
+            dims = self._dim_order(name, args, len(src))
             self.set(outs[0], [src[d] for d in dims])
-        elif name in ("transpose", "transpose_", "swapaxes"):
-            src = list(self.get(args[0]))
-            d0, d1 = args[1] % len(src), args[2] % len(src)
-            src[d0], src[d1] = src[d1], src[d0]
-            self.set(outs[0], src)
             mark = self.split_marks.get(id(args[0]))
-            if mark is not None and {d0, d1} == {mark[0], mark[1]}:
+            if mark is not None and name in self._TRANSPOSE_OPS and {
+                    args[1] % len(src), args[2] % len(src)} == {mark[0], mark[1]}:
                 self.split_marks[id(outs[0])] = (mark[1], mark[0], mark[2], not mark[3])
-        elif name == "t":
-            self.set(outs[0], list(reversed(self.get(args[0]))))
         elif name in _REDUCE_OPS:
             self._reduce(func, args, kwargs, outs, name)
         elif name in _POOL_OPS:
@@ -523,6 +528,20 @@ class _Analyzer:
             self.freeze_inputs(args, kwargs, f"op aten.{name} (not channel-preserving)")
 
     _COPY_OPS = {"clone", "contiguous", "_to_copy", "alias", "detach", "lift_fresh_copy"}
+    _TRANSPOSE_OPS = {"transpose", "transpose_", "swapaxes"}
+    _REORDER_OPS = _TRANSPOSE_OPS | {"permute", "t"}
+
+    @classmethod
+    def _dim_order(cls, name: str, args, nd: int) -> list[int]:
+        """Output dim -> input dim of a permute / transpose / ``t``."""
+        if name == "permute":
+            return [d % nd for d in args[1]]
+        if name == "t":
+            return list(reversed(range(nd)))
+        dims = list(range(nd))
+        d0, d1 = args[1] % nd, args[2] % nd
+        dims[d0], dims[d1] = dims[d1], dims[d0]
+        return dims
 
     def _map_of(self, lab: int | None, width: int) -> list[tuple[int | None, int]]:
         """Per position ``(label, channel)`` of the channels a tensor dim labelled ``lab``
@@ -711,8 +730,6 @@ class _Analyzer:
             self.factors[id(out)] = out_factors
 
     # ----------------------------------------------------------------- merged channels
-    _FACTOR_COPY = {"clone", "contiguous", "_to_copy", "alias", "detach"}
-
     def _atoms_view(self, src_t, src, in_dims, out_dims, in_shape, out_shape, result,
                     out_factors) -> bool:
         """One block of a reshape, dim sizes as products of *atoms* ``(size, label or None)``:
@@ -775,21 +792,13 @@ class _Analyzer:
             if name in _VIEW_OPS and name != "expand":
                 self._view(src_t, out, name)
                 return True
-            if name in ("transpose", "transpose_", "swapaxes", "permute", "t"):
-                nd = src_t.dim()
-                if name == "permute":
-                    dims = [d % nd for d in args[1]]
-                elif name == "t":
-                    dims = list(reversed(range(nd)))
-                else:
-                    dims = list(range(nd))
-                    d0, d1 = args[1] % nd, args[2] % nd
-                    dims[d0], dims[d1] = dims[d1], dims[d0]
+            if name in self._REORDER_OPS:
+                dims = self._dim_order(name, args, src_t.dim())
                 src = self.get(src_t)
                 self.set(out, [src[d] for d in dims])
                 self.factors[id(out)] = {i: fin[d] for i, d in enumerate(dims) if d in fin}
                 return True
-            if name in self._FACTOR_COPY and out.shape == src_t.shape:
+            if name in self._COPY_OPS and out.shape == src_t.shape:
                 self.set(out, self.get(src_t))
                 self.factors[id(out)] = dict(fin)
                 return True
@@ -1427,10 +1436,7 @@ class _Analyzer:
         half of a channel shuffle: its inner dim holds ``n`` equal contiguous pieces of the
         channels, one group (a chunk(n) then a stack), as :meth:`_resolve_slices` cuts them."""
         uf = self.uf
-        members: dict[int, list[int]] = {}
-        for lab in range(len(uf.parent)):
-            members.setdefault(uf.find(lab), []).append(lab)
-        self.bad_mixed: dict[int, str] = {}
+        members = uf.classes()
         for inner, pend in sorted(self.pending_split.items(), key=lambda kv: -kv[1]["at"]):
             if pend["shuffles"] and members.get(uf.find(inner)) == [inner] \
                     and not uf.frozen[uf.find(inner)] and len(pend["shuffles"]) == 1:
@@ -1461,11 +1467,10 @@ class _Analyzer:
         if not self.mix_of:
             return
         uf = self.uf
-        bad = dict(getattr(self, "bad_mixed", {}))
+        bad = dict(self.bad_mixed)
         by_module: dict[int, list] = {}
         for site in self.route_sites:
             by_module.setdefault(id(site[0]), []).append(site)
-        self.routed: dict[int, tuple[nn.Module, str, list]] = {}
         for sites in by_module.values():
             mod, name = sites[0][0], sites[0][1]
             router = _registry.router_for(type(mod))
@@ -1480,9 +1485,7 @@ class _Analyzer:
                     bad.setdefault(site[4], f"{what} in {site[6]}: {why}")
             else:
                 self.routed[id(mod)] = (mod, name, sites)
-        members: dict[int, list[int]] = {}
-        for lab in range(len(uf.parent)):
-            members.setdefault(uf.find(lab), []).append(lab)
+        members = uf.classes()
         roots: dict[int, list[int]] = {}
         for mixed in self.mix_of:
             roots.setdefault(uf.find(mixed), []).append(mixed)
@@ -1959,7 +1962,7 @@ def analyze(
             seg = groups[i]
             seg.consumers.extend(n for n in g.consumers if n not in seg.consumers)
     routes: dict[str, list] = {}
-    for _mod, mname, sites in getattr(an, "routed", {}).values():
+    for _mod, mname, sites in an.routed.values():
         routes[mname] = [(kind, positions_of(an._map_of(src, an.uf.size[src])),
                           positions_of(an.mix_of[out]), data)
                          for _, _, kind, src, out, data, _ in sites]

@@ -692,11 +692,14 @@ class S2HPruner:
         device = self.device()
         tensors = self._flops_tensors(device) if len(bank) else None
         if tensors is None:
-            if self.runtime.routes and len(bank):  # mixed channels: their expected counts
-                masks = dict(zip((id(g) for g in bank.gates), bank.soft_masks(), strict=True))
-                return self.flops_ratio(lambda g: g.hard_width_ste(),
-                                        mask_of=lambda g: masks[id(g)])
-            return self.flops_ratio(lambda g: g.hard_width_ste())
+            masks: dict[int, torch.Tensor] = {}
+
+            def mask_of(g: ChannelGate) -> torch.Tensor:  # mixed channels' expected counts
+                if not masks:  # every gate's soft mask at once, only if some term asks
+                    masks.update(zip(map(id, bank.gates), bank.soft_masks(), strict=True))
+                return masks[id(g)] if id(g) in masks else g.soft_mask()
+
+            return self.flops_ratio(lambda g: g.hard_width_ste(), mask_of=mask_of)
         index, seg_matrix, seg_fixed, channels, flops = tensors
         with torch.autocast(device.type, enabled=False):  # widths exact, not bf16
             e = bank.expected()
@@ -1068,10 +1071,8 @@ class S2HPruner:
                 return None
             if isinstance(gate, RepeatedGate):  # a flatten's columns: h * w per channel
                 return gate.expand_keep(keep_of(gate.gate))
-            if isinstance(gate, SegmentedGate):  # a concat: each segment's kept at its offset
-                return gate.combine_keep([keep[id(g)] for g in gate.gates])
-            if isinstance(gate, IndexedGate):  # mixed channels: the kept positions
-                return gate.combine_keep([keep[id(g)] for g in gate.gates])
+            if isinstance(gate, (SegmentedGate, IndexedGate)):  # a concat, mixed channels:
+                return gate.combine_keep([keep[id(g)] for g in gate.gates])  # kept positions
             return keep[id(gate)]
 
         exported = copy.deepcopy(self.model)  # masked layers drop their gates when copied

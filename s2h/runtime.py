@@ -176,6 +176,8 @@ class IndexedGate:
         self._fixed = torch.tensor(fixed, dtype=torch.long)
         self._keep_cache: tuple[tuple, torch.Tensor] | None = None
         self._dev: dict = {}
+        self._rank_cache: dict[int, tuple[tuple, torch.Tensor]] = {}
+        self._count_cache: dict[tuple[int, int], tuple[torch.Tensor, float]] = {}
 
     def _on(self, device: torch.device) -> tuple[list, list, torch.Tensor]:
         t = self._dev.get(device)
@@ -243,24 +245,22 @@ class IndexedGate:
     def _count(self, i: int, k: int) -> float:
         """How many of gate ``i``'s positions its top ``k`` channels keep (cached per order)."""
         ranks = self._ranks(i)
-        cache = self.__dict__.setdefault("_count_cache", {})
-        hit = cache.get((i, k))
+        hit = self._count_cache.get((i, k))
         if hit is None or hit[0] is not ranks:
-            hit = cache[(i, k)] = (ranks, float((ranks < k).sum()))
+            hit = self._count_cache[(i, k)] = (ranks, float((ranks < k).sum()))
         return hit[1]
 
     def _ranks(self, i: int) -> torch.Tensor:
         """The importance ranks of gate ``i``'s channels at its positions (cached per order)."""
         g = self.gates[i]
         key = (g.order._version, g.order.data_ptr())
-        cache = self.__dict__.setdefault("_rank_cache", {})
-        hit = cache.get(i)
+        hit = self._rank_cache.get(i)
         if hit is not None and hit[0] == key:
             return hit[1]
         rank = torch.empty(g.channels, dtype=torch.long)
         rank[g.order.detach().cpu()] = torch.arange(g.channels)
-        cache[i] = (key, rank[self._chans[i]])
-        return cache[i][1]
+        self._rank_cache[i] = (key, rank[self._chans[i]])
+        return self._rank_cache[i][1]
 
 
 class Route:

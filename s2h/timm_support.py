@@ -198,11 +198,17 @@ class MaskedGroupNormAct(MaskedGroupNorm, GroupNormAct):
     @torch.no_grad()
     def s2h_export(self, in_keep: torch.Tensor | None, out_keep: torch.Tensor | None,
                    extra: dict[str, torch.Tensor]) -> nn.Module:
-        new = _plain_copy(self, GroupNormAct)
-        new.num_groups, new.num_channels = self._export_sizes(out_keep)
-        _set_param(new, "weight", _sel(self.weight, out_keep))
-        _set_param(new, "bias", _sel(self.bias, out_keep))
-        return new
+        return _group_norm_export(self, GroupNormAct, out_keep)
+
+
+def _group_norm_export(m: MaskedGroupNorm, cls: type, out_keep: torch.Tensor | None
+                       ) -> nn.Module:
+    """A plain ``cls`` (a timm group norm) of ``m``'s kept channels."""
+    new = _plain_copy(m, cls)
+    new.num_groups, new.num_channels = m._export_sizes(out_keep)
+    _set_param(new, "weight", _sel(m.weight, out_keep))
+    _set_param(new, "bias", _sel(m.bias, out_keep))
+    return new
 
 
 class MaskedGroupNorm1(MaskedGroupNorm, GroupNorm1):
@@ -216,11 +222,7 @@ class MaskedGroupNorm1(MaskedGroupNorm, GroupNorm1):
     @torch.no_grad()
     def s2h_export(self, in_keep: torch.Tensor | None, out_keep: torch.Tensor | None,
                    extra: dict[str, torch.Tensor]) -> nn.Module:
-        new = _plain_copy(self, GroupNorm1)
-        new.num_groups, new.num_channels = self._export_sizes(out_keep)
-        _set_param(new, "weight", _sel(self.weight, out_keep))
-        _set_param(new, "bias", _sel(self.bias, out_keep))
-        return new
+        return _group_norm_export(self, GroupNorm1, out_keep)
 
 
 class MaskedTimmLinear(MaskedLinear, TimmLinear):
