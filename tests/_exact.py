@@ -67,6 +67,14 @@ def check_exact(pruner, model, x, dense, model_fn=None, name="net"):
     return exported
 
 
+def random_gates(pruner, seed: int, scale: float = 2.0) -> None:
+    """Every gate's logits ``randn * scale`` (seeded): uneven, unbalanced widths."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in pruner.gate_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
 def soft_gate_grads(pruner, x) -> tuple:
     """``(soft output, gate-logit gradients)`` of ``soft_forward(x).square().sum()`` with every
     gate's logits set

@@ -24,7 +24,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from _exact import check_exact, counted, full_width_matches_dense, prune
+from _exact import check_exact, counted, full_width_matches_dense, prune, random_gates
 from torch import nn
 
 import s2h
@@ -215,13 +215,6 @@ def _close(got: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> bool:
     return torch.allclose(got.double(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
 
 
-def _random_gates(pruner, seed: int, scale: float = 2.0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in pruner.gate_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-
-
 def test_routed_shuffle_prunes_every_branch_output_exactly():
     net, cls = _tiny_shufflenet()
     dense = copy.deepcopy(net)
@@ -240,7 +233,7 @@ def test_routed_shuffle_prunes_every_branch_output_exactly():
     assert mixed and all(len(g.positions) == g.channels for g in mixed)
     full_width_matches_dense(pruner, net, dense, x)
     for seed in range(4):  # unbalanced keep sets: the model's own shuffle would misroute them
-        _random_gates(pruner, seed)
+        random_gates(pruner, seed)
         ref = _silenced_reference(pruner, dense, x)
         with pruner.mode("hard"), torch.no_grad():
             hard = net(x)
@@ -301,7 +294,7 @@ def test_routed_shuffle_soft_path_masks_each_channel_by_its_own_gate():
     dense = copy.deepcopy(net)
     x = torch.randn(2, 3, 16, 16)
     pruner, _ = prune(net, x, divisor=2)
-    _random_gates(pruner, 3, scale=1.0)
+    random_gates(pruner, 3, scale=1.0)
     seen = _channel_ids(pruner, dense, x)
     masks = [pruner.gate_of(g).soft_mask().double() for g in pruner.groups]
     flat = torch.cat([torch.ones(1, dtype=torch.float64)] + masks)  # id 0: no gate
@@ -338,7 +331,7 @@ def test_the_model_own_shuffle_would_misroute_the_kept_channels():
     dense = copy.deepcopy(net)
     x = torch.randn(2, 3, 16, 16)
     pruner, _ = prune(net, x, divisor=2)
-    _random_gates(pruner, 0)
+    random_gates(pruner, 0)
     ref = _silenced_reference(pruner, dense, x)
     routes, pruner.runtime.routes = pruner.runtime.routes, []
     try:
@@ -365,7 +358,7 @@ def test_routed_shuffle_trains_and_its_flops_are_the_counters():
     net.train()
     widths = []
     for seed in range(4):  # other widths each step: the routing follows them
-        _random_gates(pruner, seed, scale=1.0)
+        random_gates(pruner, seed, scale=1.0)
         widths.append(pruner.widths())
         stats = pruner.train_step(x, y, opt)
         assert all(v == v for v in stats.values() if isinstance(v, float))  # no NaN
@@ -410,7 +403,7 @@ def test_torchvision_shufflenet_v2():
     assert len(pruner.analysis.routes) == 16
     prunable = sum(f for _, f, gates in pruner._flop_terms if gates)
     assert prunable / pruner.dense_flops >= 0.99
-    _random_gates(pruner, 0)
+    random_gates(pruner, 0)
     assert pruner.hard_flops_ratio() < 0.9
     model.eval()
     ref = _silenced_reference(pruner, dense, x)
@@ -429,7 +422,7 @@ def test_saved_routing_is_checked_on_load(tmp_path):
     net, cls = _tiny_shufflenet()
     x = torch.randn(2, 3, 16, 16)
     pruner, _ = prune(net, x, divisor=2)
-    _random_gates(pruner, 1)
+    random_gates(pruner, 1)
     exported = pruner.export()
     path = s2h.save_exported(exported, str(tmp_path / "m"), builder={"kind": "custom",
                                                                     "name": "tiny"})

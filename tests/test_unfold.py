@@ -15,7 +15,7 @@ import copy
 
 import pytest
 import torch
-from _exact import check_exact, prune
+from _exact import check_exact, prune, random_gates
 from torch import nn
 
 
@@ -79,18 +79,21 @@ def _reference(pruner, dense: Unfolded, x: torch.Tensor) -> torch.Tensor:
     return ref(x.double())
 
 
-def test_unfold_and_fold_keep_each_channel_its_own():
+def _setup(cls):
+    """``(model, dense copy, x, pruner, warnings)`` of ``cls`` at divisor 2."""
     torch.manual_seed(0)
-    net = Unfolded()
+    net = cls()
     dense = copy.deepcopy(net)
     x = torch.randn(2, 3, 8, 8)
     pruner, messages = prune(net, x, divisor=2)
+    return net, dense, x, pruner, messages
+
+
+def test_unfold_and_fold_keep_each_channel_its_own():
+    net, dense, x, pruner, messages = _setup(Unfolded)
     assert {g.name for g in pruner.groups} == {"conv", "fc1", "fc2", "proj"}, messages
     for seed in range(3):
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in pruner.gate_parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 2)
+        random_gates(pruner, seed)
         widths = pruner.widths()
         assert min(widths[n] for n in ("conv", "fc2")) < 8
         ref = _reference(pruner, dense, x)
@@ -107,18 +110,11 @@ def test_a_fold_reading_another_groups_width_is_found_at_construction():
     """Narrowing every group by the same step would not show it (conv and fc2 stay equally
     wide): the construction's narrowing runs also narrow groups by different steps, so both
     are kept whole with a warning, and the hard network never fails later."""
-    torch.manual_seed(0)
-    net = FoldsWithTheOtherWidth()
-    dense = copy.deepcopy(net)
-    x = torch.randn(2, 3, 8, 8)
-    pruner, messages = prune(net, x, divisor=2)
+    net, dense, x, pruner, messages = _setup(FoldsWithTheOtherWidth)
     kept = {g.name for g in pruner.analysis.groups if g.frozen and g.producers}
     assert {"conv", "fc2"} <= kept and "fc1" not in kept, kept
     assert any("'conv'" in m and "fails when it is narrower" in m for m in messages), messages
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in pruner.gate_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 2)
+    random_gates(pruner, 0)
     with pruner.mode("hard"), torch.no_grad():
         net(x)
     check_exact(pruner, net, x, dense, model_fn=FoldsWithTheOtherWidth, name="folds")
@@ -175,10 +171,7 @@ def test_timm_mobilevit_prunes_its_transformer_width(name):
         queries = frozen - {"head.fc"}
         assert queries and all(n.endswith("attn.qkv_proj[0:1]") for n in queries), frozen
         assert all(g.channels == 1 for g in pruner.analysis.groups if g.name in queries)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in pruner.gate_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 2)
+    random_gates(pruner, 0)
     assert pruner.hard_flops_ratio() < 0.9
     exported = check_exact(pruner, model, x, dense)
     blk = exported.stages[2][1]
